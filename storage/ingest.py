@@ -1,0 +1,133 @@
+"""Receiving one instance: durable file first, committed row second.
+
+The Store SCP calls `store_instance` and may answer success only when it
+returns. Policy for a SOP Instance UID that arrives again:
+- same bytes (same sha256): idempotent, nothing is written (`DUPLICATE`);
+- different bytes: the first stored instance is kept and stays the one used
+  for processing; the new content is kept too, under
+  `conflicts/<sop uid>/<sha256>.dcm`, so nothing is lost, and the outcome is
+  `CONFLICT` (the SCP answers success and logs a warning for review).
+Concurrent stores of the same SOP Instance UID are serialised by a striped lock.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from storage.database import Database
+from storage.instance_store import InstanceStore, validate_uid
+from storage.jobs import open_job_on_first_instance
+from storage.models import Instance, Series, Study, utcnow
+
+_LOCKS = [threading.Lock() for _ in range(64)]
+
+
+class StoreOutcome(str, enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """The header values the job store keeps for one received instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    patient_id: str | None = None
+    patient_name: str | None = None
+    study_date: str | None = None
+    accession_number: str | None = None
+    modality: str | None = None
+    series_description: str | None = None
+    calling_ae_title: str | None = None
+
+
+def _get_or_create_series(session, meta: InstanceMeta) -> Series:
+    series = session.scalar(select(Series).where(Series.series_uid == meta.series_uid))
+    if series is not None:
+        return series
+    study = session.scalar(select(Study).where(Study.study_uid == meta.study_uid))
+    if study is None:
+        study = Study(
+            study_uid=meta.study_uid,
+            patient_id=meta.patient_id,
+            patient_name=meta.patient_name,
+            study_date=meta.study_date,
+            accession_number=meta.accession_number,
+        )
+        session.add(study)
+    series = Series(
+        series_uid=meta.series_uid,
+        study=study,
+        modality=meta.modality,
+        series_description=meta.series_description,
+    )
+    session.add(series)
+    return series
+
+
+def store_instance(db: Database, store: InstanceStore, meta: InstanceMeta, data: bytes) -> StoreOutcome:
+    """Persist one encoded instance (file meta + data set) durably; see module doc."""
+    validate_uid(meta.sop_class_uid, "SOP Class UID")
+    validate_uid(meta.transfer_syntax_uid, "Transfer Syntax UID")
+    relative = store.instance_path(meta.study_uid, meta.series_uid, meta.sop_instance_uid)
+    digest = hashlib.sha256(data).hexdigest()
+    lock = _LOCKS[hash(meta.sop_instance_uid) % len(_LOCKS)]
+    with lock:
+        with db.session() as session:
+            existing = session.scalar(
+                select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)
+            )
+            if existing is not None:
+                if existing.sha256 == digest:
+                    return StoreOutcome.DUPLICATE
+                store.write_atomic(f"conflicts/{meta.sop_instance_uid}/{digest}.dcm", data)
+                return StoreOutcome.CONFLICT
+        store.write_atomic(relative, data)
+        try:
+            _commit_row(db, meta, relative, digest, len(data))
+        except BaseException:
+            store.remove(relative)
+            raise
+    return StoreOutcome.STORED
+
+
+def _commit_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:
+    """Insert the instance row; retry once if another thread created the study/series."""
+    for attempt in range(2):
+        try:
+            with db.session() as session:
+                series = _get_or_create_series(session, meta)
+                if series.id is None or (
+                    series.evaluated_at is not None and series.evaluated_at >= series.last_received_at
+                ):  # first instance of the series, or of a new delivery after evaluation
+                    session.flush()
+                    open_job_on_first_instance(session, series, meta.study_uid, meta.patient_id)
+                session.add(
+                    Instance(
+                        sop_instance_uid=meta.sop_instance_uid,
+                        sop_class_uid=meta.sop_class_uid,
+                        series=series,
+                        transfer_syntax_uid=meta.transfer_syntax_uid,
+                        path=relative,
+                        sha256=digest,
+                        size_bytes=size,
+                        calling_ae_title=meta.calling_ae_title,
+                    )
+                )
+                series.instance_count += 1
+                series.last_received_at = utcnow()
+            return
+        except IntegrityError:
+            if attempt == 1:
+                raise

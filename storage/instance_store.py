@@ -1,0 +1,111 @@
+"""The on-disk instance store: durable, atomic writes under UID-validated paths.
+
+Decisions:
+- A file becomes visible only complete: it is written to a temporary name in
+  the same file system, fsync'd, renamed into place, and its directory fsync'd.
+  A crash leaves at worst a `*.partial` file in `tmp/`, which start-up removes.
+- Nothing from a dataset becomes a path unless it passes `validate_uid`
+  (digits and dots, <= 64 characters, no empty or leading-zero components),
+  so `..`, separators or over-long values can never escape the data directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+class InvalidUIDError(ValueError):
+    """A value used as a UID (and so as a path component) is not a valid UID."""
+
+
+def validate_uid(value: object, what: str) -> str:
+    """Return `value` as a str if it is a valid DICOM UID (PS3.5 9.1), else raise."""
+    text = str(value) if value is not None else ""
+    if not text:
+        raise InvalidUIDError(f"{what} is missing")
+    if len(text) > 64:
+        raise InvalidUIDError(f"{what} is longer than 64 characters ({len(text)})")
+    if not _UID_RE.match(text):
+        shown = text if len(text) <= 64 else text[:61] + "..."
+        raise InvalidUIDError(f"{what} {shown!r} is not a valid UID (digits and dots only)")
+    return text
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class InstanceStore:
+    """Files under `root`: `instances/<study>/<series>/<sop>.dcm`, `outputs/`, `tmp/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.tmp_dir = self.root / "tmp"
+        for folder in (self.root, self.tmp_dir, self.root / "instances", self.root / "outputs"):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        """The relative path of an instance, built from validated UIDs only."""
+        parts = [
+            validate_uid(study_uid, "Study Instance UID"),
+            validate_uid(series_uid, "Series Instance UID"),
+            validate_uid(sop_uid, "SOP Instance UID") + ".dcm",
+        ]
+        return "/".join(["instances", *parts])
+
+    def absolute(self, relative: str) -> Path:
+        """Absolute path of a stored file; refuses anything outside the root."""
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root):
+            raise InvalidUIDError(f"path {relative!r} escapes the data directory")
+        return path
+
+    def write_atomic(self, relative: str, data: bytes) -> str:
+        """Durably write `data` at `relative`; return its sha256 hex digest."""
+        target = self.absolute(relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.tmp_dir / f"{uuid.uuid4().hex}.partial"
+        try:
+            with open(partial, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+        return hashlib.sha256(data).hexdigest()
+
+    def remove(self, relative: str) -> None:
+        self.absolute(relative).unlink(missing_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def remove_partials(self) -> int:
+        """Delete leftovers of interrupted writes; return how many were removed."""
+        removed = 0
+        for leftover in self.tmp_dir.glob("*.partial"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
