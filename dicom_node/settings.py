@@ -1,0 +1,430 @@
+"""Typed node configuration: one TOML file, validated by pydantic, overridable
+from the environment.
+
+Decisions recorded here:
+
+- Sources, lowest to highest precedence: built-in defaults, the TOML file
+  (``path`` argument, else ``$DICOM_NODE_CONFIG``), then environment overrides
+  ``DICOM_NODE__SECTION__KEY=value`` (``__`` separates levels, names are
+  case-insensitive; a numeric level indexes a list, e.g.
+  ``DICOM_NODE__DESTINATIONS__0__HOST``). A value is parsed as TOML when it is a
+  quoted string, an array or an inline table; otherwise it is kept as text and
+  pydantic converts it to the field's type (so ``DICOM_NODE__NODE__PORT=11200``
+  is an int, while an AE title ``123`` stays the string ``"123"``). An empty
+  value removes the key, restoring its built-in default.
+- Every model forbids unknown keys: a typo is an error, never silently ignored.
+- Every problem surfaces as one :class:`ConfigError` whose one-line message names
+  the file (or environment variable) and the dotted key, e.g.
+  ``config/node.toml: node.port: Input should be less than or equal to 65535 (got 70000)``.
+- Relative paths (``storage.data_dir``, TLS files) are resolved against the
+  current working directory when the settings are built, and stored absolute.
+  So ``dicom-node serve --config config/node.example.toml`` run from the
+  repository root keeps its data under ``./var/``; under systemd the unit's
+  ``WorkingDirectory`` plays that role.
+- Routing patterns (``rules[].match``) are anchored: ``"MR"`` means the whole
+  value is ``MR``. A pattern starting with ``~`` is searched instead (``"~T1"``
+  matches any value containing ``T1``). Patterns are case-sensitive; write
+  ``(?i)`` for case-insensitive matching. Keys are DICOM keywords (``Modality``,
+  ``SeriesDescription``), checked against pydicom's dictionary. Regexes are
+  compiled here so a broken rule stops start-up with its name in the message.
+- TLS: the node's own TLS (``node.tls``) needs a certificate and key when
+  enabled. For a destination, the client certificate is optional (sent only if
+  configured, both or neither) and ``ca_file`` None means the system trust store.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_CONFIG_PATH = "DICOM_NODE_CONFIG"
+ENV_PREFIX = "DICOM_NODE__"
+SEARCH_PREFIX = "~"
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message names the source and the key(s)."""
+
+
+def _check_ae_title(value: str) -> str:
+    """DICOM AE title (PS3.5 VR AE): 1-16 characters, no backslash or control
+    characters, not only spaces. Surrounding spaces are insignificant and removed."""
+    stripped = value.strip(" ")
+    if not stripped:
+        raise ValueError("AE title must not be empty or only spaces")
+    if len(stripped) > 16:
+        raise ValueError(f"AE title {stripped!r} is longer than 16 characters")
+    if "\\" in stripped or any(ord(c) < 32 or ord(c) == 127 for c in stripped):
+        raise ValueError(f"AE title {stripped!r} contains a backslash or control character")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+def _absolute(path: Path | None) -> Path | None:
+    """Resolve a relative path against the current working directory (the
+    documented contract), without following symlinks."""
+    if path is None:
+        return None
+    return Path(os.path.abspath(path.expanduser()))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsSettings(_Section):
+    """TLS for the SCP (``node.tls``) or for one destination's SCU."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    _absolute_paths = field_validator("cert_file", "key_file", "ca_file")(_absolute)
+
+    @model_validator(mode="after")
+    def _check_files(self) -> TlsSettings:
+        if not self.enabled:
+            return self
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        for name in ("cert_file", "key_file", "ca_file"):
+            path: Path | None = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} does not exist or is not a file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file to verify client certificates")
+        return self
+
+
+class NodeSettings(_Section):
+    """The node's own DICOM identity, listener and association policy."""
+
+    ae_title: AETitle = "DICOMNODE"
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=11112, ge=0, le=65535)  # 0: the OS picks a free port
+    max_associations: int = Field(default=10, ge=1)
+    allowed_calling_aets: list[AETitle] = []
+    allowed_source_addresses: list[str] = []
+    acse_timeout_s: float = Field(default=30, gt=0)
+    dimse_timeout_s: float = Field(default=60, gt=0)
+    network_timeout_s: float = Field(default=60, gt=0)
+    min_free_disk_mb: int = Field(default=500, ge=0)
+    tls: TlsSettings = TlsSettings()
+
+    @field_validator("allowed_source_addresses")
+    @classmethod
+    def _check_networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address or CIDR network") from None
+        return values
+
+    @model_validator(mode="after")
+    def _server_tls_needs_certificate(self) -> NodeSettings:
+        if self.tls.enabled and self.tls.cert_file is None:
+            raise ValueError("tls.enabled needs tls.cert_file and tls.key_file for the SCP")
+        return self
+
+    def is_calling_aet_allowed(self, ae_title: str) -> bool:
+        """Association policy: an empty allow-list admits every calling AE."""
+        return not self.allowed_calling_aets or ae_title.strip(" ") in self.allowed_calling_aets
+
+    def is_source_allowed(self, address: str) -> bool:
+        """Association policy: an empty allow-list admits every source address."""
+        if not self.allowed_source_addresses:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(n, strict=False) for n in self.allowed_source_addresses)
+
+
+class StorageSettings(_Section):
+    """Where instances, outputs and the job database live, and for how long."""
+
+    data_dir: Path = Field(default=Path("var"), validate_default=True)
+    database_url: str | None = None
+    retention_days: float | None = Field(default=None, gt=0)  # None: keep forever
+    retention_check_interval_min: float = Field(default=60, gt=0)
+
+    _absolute_data_dir = field_validator("data_dir")(_absolute)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The configured URL, else a SQLite file inside the data directory."""
+        return self.database_url or f"sqlite:///{self.data_dir}/dicom-node.db"
+
+
+class SeriesSettings(_Section):
+    """Series completion: a series is complete after a quiet period without instances."""
+
+    quiet_period_s: float = Field(default=30, gt=0)
+    check_interval_s: float = Field(default=5, gt=0)
+
+
+class Destination(_Section):
+    """A C-STORE SCP (PACS, TPS) that receives the node's results."""
+
+    name: str = Field(min_length=1)
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: AETitle | None = None  # None: the node's own ae_title
+    tls: TlsSettings = TlsSettings()
+
+
+class RoutingRule(_Section):
+    """Which series a model runs on and where its results go (see module docstring
+    for the pattern syntax)."""
+
+    name: str = Field(min_length=1)
+    model: str = Field(default="default", min_length=1)
+    match: dict[str, str] = {}
+    destinations: list[str] = []
+
+    @model_validator(mode="after")
+    def _check_patterns(self) -> RoutingRule:
+        from pydicom.datadict import tag_for_keyword
+
+        for keyword, pattern in self.match.items():
+            if tag_for_keyword(keyword) is None:
+                raise ValueError(f"match: {keyword!r} is not a DICOM keyword")
+            try:
+                re.compile(pattern.removeprefix(SEARCH_PREFIX))
+            except re.error as exc:
+                raise ValueError(f"match.{keyword}: invalid regex {pattern!r} ({exc})") from None
+        return self
+
+
+class WorkerSettings(_Section):
+    """Inference workers in this process (0: workers run on other hosts)."""
+
+    count: int = Field(default=1, ge=0)
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    batch_size: int = Field(default=8, ge=1)
+    poll_interval_s: float = Field(default=1.0, gt=0)
+
+
+class ExportSettings(_Section):
+    """C-STORE SCU retries: exponential backoff, then give up (job failed)."""
+
+    retry_initial_s: float = Field(default=5, gt=0)
+    retry_max_interval_s: float = Field(default=300, gt=0)
+    give_up_after_s: float = Field(default=86400, gt=0)
+
+    @model_validator(mode="after")
+    def _check_order(self) -> ExportSettings:
+        if self.retry_max_interval_s < self.retry_initial_s:
+            raise ValueError("retry_max_interval_s must be >= retry_initial_s")
+        return self
+
+
+class LoggingSettings(_Section):
+    """Log rendering; ``auto`` means JSON unless stderr is a terminal."""
+
+    format: Literal["auto", "json", "console"] = "auto"
+    level: str = "INFO"
+    log_patient_names: bool = False
+
+    @field_validator("level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {value!r} (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
+        return level
+
+
+class Settings(_Section):
+    """The whole node configuration (TOML ``[[destinations]]`` and ``[[rules]]``)."""
+
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    series: SeriesSettings = SeriesSettings()
+    worker: WorkerSettings = WorkerSettings()
+    export: ExportSettings = ExportSettings()
+    logging: LoggingSettings = LoggingSettings()
+    destinations: list[Destination] = []
+    rules: list[RoutingRule] = []
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Settings:
+        _check_unique("destinations", [d.name for d in self.destinations])
+        _check_unique("rules", [r.name for r in self.rules])
+        known = {d.name for d in self.destinations}
+        for index, rule in enumerate(self.rules):
+            unknown = [name for name in rule.destinations if name not in known]
+            if unknown:
+                raise ValueError(
+                    f"rules[{index}] ({rule.name!r}).destinations: unknown destination(s)"
+                    f" {', '.join(unknown)} (known: {', '.join(sorted(known)) or 'none'})"
+                )
+        return self
+
+    def destination(self, name: str) -> Destination:
+        """The destination called ``name`` (names are validated unique)."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+
+def _check_unique(section: str, names: list[str]) -> None:
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{section}[].name: duplicate name(s) {', '.join(duplicates)}")
+
+
+def load_settings(path: Path | None = None, *, env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from defaults, the TOML file and environment overrides.
+
+    ``env`` defaults to ``os.environ``; tests pass their own mapping.
+    Raises :class:`ConfigError` (never a pydantic or TOML exception).
+    """
+    env = os.environ if env is None else env
+    if path is None and env.get(ENV_CONFIG_PATH):
+        path = Path(env[ENV_CONFIG_PATH])
+    source = str(path) if path is not None else "built-in defaults"
+    data = _read_toml(path) if path is not None else {}
+    overridden = _apply_env_overrides(data, env, source)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, data, source, overridden)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Quoted strings, arrays and inline tables are TOML; anything else stays text
+    for pydantic to convert to the field's own type."""
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+    return value if isinstance(value, (str, list, dict)) else raw
+
+
+def _apply_env_overrides(
+    data: dict[str, Any], env: Mapping[str, str], source: str
+) -> dict[tuple[str | int, ...], str]:
+    """Apply ``DICOM_NODE__A__B=value`` to ``data`` in place; returns which keys
+    came from which variable so errors can name the variable."""
+    overridden: dict[tuple[str | int, ...], str] = {}
+    for var in sorted(env):
+        if not var.upper().startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in var[len(ENV_PREFIX):].split("__")]
+        if not all(parts):
+            raise ConfigError(f"environment {var}: empty key level in the variable name")
+        node: Any = data
+        loc: list[str | int] = []
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, dict) and part not in node and parts[depth + 1].isdigit():
+                raise ConfigError(
+                    f"environment {var}: {_format_loc((*loc, part))} has no entry"
+                    f" {parts[depth + 1]} in {source}"
+                )
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"environment {var}: {_format_loc(tuple(loc))} has no entry {part}"
+                        f" in {source} (it has {len(node)})"
+                    )
+                loc.append(int(part))
+                node = node[int(part)]
+            else:
+                loc.append(part)
+                node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"environment {var}: {_format_loc(tuple(loc))} is not a section")
+        if not isinstance(node, dict):
+            raise ConfigError(f"environment {var}: {_format_loc(tuple(loc))} is a list; set a key of one entry, e.g. {var}__0__NAME")
+        key = parts[-1]
+        if env[var] == "":
+            node.pop(key, None)
+        else:
+            node[key] = _parse_env_value(env[var])
+        overridden[(*loc, key)] = var
+    return overridden
+
+
+def _format_loc(loc: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text or "(top level)"
+
+
+def _describe(
+    exc: ValidationError,
+    data: dict[str, Any],
+    source: str,
+    overridden: dict[tuple[str | int, ...], str],
+) -> str:
+    """One line: source, then each problem as ``key: message (got value)``."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(p for p in error["loc"] if isinstance(p, (str, int)))
+        key = _format_loc(loc)
+        named = _entry_name(data, loc)
+        if named:
+            key = f"{key} ({named})"
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = str(error["msg"]).removeprefix("Value error, ")
+            value = error.get("input")
+            shown = isinstance(value, (str, int, float, bool)) and repr(value) in message
+            if isinstance(value, (str, int, float, bool)) and len(repr(value)) <= 80 and not shown:
+                message += f" (got {value!r})"
+        origin = next((var for k, var in overridden.items() if loc[: len(k)] == k), None)
+        if origin:
+            message += f" [set by environment {origin}]"
+        problems.append(f"{key}: {message}" if loc else message)
+    return f"{source}: " + "; ".join(problems)
+
+
+def _entry_name(data: dict[str, Any], loc: tuple[str | int, ...]) -> str | None:
+    """The ``name`` of a [[rules]]/[[destinations]] entry an error points into."""
+    if len(loc) >= 2 and loc[0] in ("rules", "destinations") and isinstance(loc[1], int):
+        entries = data.get(loc[0])
+        if isinstance(entries, list) and loc[1] < len(entries) and isinstance(entries[loc[1]], dict):
+            name = entries[loc[1]].get("name")
+            return repr(name) if isinstance(name, str) else None
+    return None
