@@ -372,7 +372,10 @@ def _apply_env_overrides(
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"environment {var}: {_format_loc(tuple(loc))} is not a section")
         if not isinstance(node, dict):
-            raise ConfigError(f"environment {var}: {_format_loc(tuple(loc))} is a list; set a key of one entry, e.g. {var}__0__NAME")
+            raise ConfigError(
+                f"environment {var}: {_format_loc(tuple(loc))} is a list;"
+                f" set a key of one entry, e.g. {var}__0__NAME"
+            )
         key = parts[-1]
         if env[var] == "":
             node.pop(key, None)
