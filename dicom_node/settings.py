@@ -159,7 +159,8 @@ class NodeSettings(_Section):
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
-        return any(ip in ipaddress.ip_network(n, strict=False) for n in self.allowed_source_addresses)
+        networks = (ipaddress.ip_network(n, strict=False) for n in self.allowed_source_addresses)
+        return any(ip in network for network in networks)
 
 
 class StorageSettings(_Section):
@@ -427,7 +428,7 @@ def _entry_name(data: dict[str, Any], loc: tuple[str | int, ...]) -> str | None:
     """The ``name`` of a [[rules]]/[[destinations]] entry an error points into."""
     if len(loc) >= 2 and loc[0] in ("rules", "destinations") and isinstance(loc[1], int):
         entries = data.get(loc[0])
-        if isinstance(entries, list) and loc[1] < len(entries) and isinstance(entries[loc[1]], dict):
-            name = entries[loc[1]].get("name")
-            return repr(name) if isinstance(name, str) else None
+        entry = entries[loc[1]] if isinstance(entries, list) and loc[1] < len(entries) else None
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            return repr(entry["name"])
     return None
