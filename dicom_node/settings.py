@@ -56,6 +56,8 @@ from pydantic import (
 ENV_CONFIG_PATH = "DICOM_NODE_CONFIG"
 ENV_PREFIX = "DICOM_NODE__"
 SEARCH_PREFIX = "~"
+# Sequences and binary values cannot be matched as text by a routing pattern.
+_UNMATCHABLE_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW"})
 
 
 class ConfigError(Exception):
@@ -208,11 +210,14 @@ class RoutingRule(_Section):
 
     @model_validator(mode="after")
     def _check_patterns(self) -> RoutingRule:
-        from pydicom.datadict import tag_for_keyword
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
 
         for keyword, pattern in self.match.items():
-            if tag_for_keyword(keyword) is None:
+            tag = tag_for_keyword(keyword)
+            if tag is None:
                 raise ValueError(f"match: {keyword!r} is not a DICOM keyword")
+            if dictionary_VR(tag) in _UNMATCHABLE_VRS:
+                raise ValueError(f"match: {keyword} ({dictionary_VR(tag)}) has no text value to match")
             try:
                 re.compile(pattern.removeprefix(SEARCH_PREFIX))
             except re.error as exc:
