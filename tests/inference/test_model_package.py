@@ -1,0 +1,125 @@
+"""Model packages: round trip, identity, and every defect named in its error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.errors import ModelPackageError
+from inference.model_package import (
+    DEMO_PACKAGE_DIR,
+    MODEL_ENV_VAR,
+    default_package_path,
+    load_package,
+    save_package,
+    sha256_of,
+)
+from inference.mtsa_net import MTSANet, MTSANetConfig
+
+TINY = MTSANetConfig(
+    width=2, input_size=64, transformer_dim=8, transformer_depth=1, transformer_heads=2,
+    transformer_mlp_dim=16, classifier_hidden=8, dropout=0.0,
+)
+
+
+@pytest.fixture
+def package_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(1)
+    save_package(MTSANet(TINY), TINY, tmp_path / "pkg", "tiny", "0.1.0", is_demo=True, training_info={"epochs": 2})
+    return tmp_path / "pkg"
+
+
+def test_round_trip_keeps_weights_and_manifest(package_dir: Path) -> None:
+    package = load_package(package_dir)
+    assert package.config == TINY
+    assert package.training == {"epochs": 2}
+    assert package.input["modality"] == "MR" and package.input["size"] == 64
+    assert package.output_labels["egfr"] == ["wild type", "mutant"]
+    assert package.thresholds["gtv_probability"] == 0.5
+    assert package.weights_sha256 == sha256_of(package_dir / "weights.pt")
+    model = package.build_model("cpu")
+    assert not model.training
+    reference = torch.load(package_dir / "weights.pt", weights_only=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key])
+
+
+def test_identity_carries_demo_flag(package_dir: Path) -> None:
+    identity = load_package(package_dir).identity
+    assert (identity.name, identity.version, identity.is_demo) == ("tiny", "0.1.0", True)
+    assert "NOT FOR CLINICAL USE" in identity.display
+
+
+def test_flipped_byte_is_a_sha256_error(package_dir: Path) -> None:
+    weights = package_dir / "weights.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelPackageError, match="sha256 mismatch"):
+        load_package(package_dir)
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelPackageError, match="does not exist"):
+        load_package(tmp_path / "nowhere")
+
+
+def test_missing_manifest(package_dir: Path) -> None:
+    (package_dir / "manifest.json").unlink()
+    with pytest.raises(ModelPackageError, match="has no manifest.json"):
+        load_package(package_dir)
+
+
+def test_invalid_manifest_json(package_dir: Path) -> None:
+    (package_dir / "manifest.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ModelPackageError, match="not valid JSON"):
+        load_package(package_dir)
+
+
+def rewrite_manifest(package_dir: Path, **changes: object) -> None:
+    path = package_dir / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest.update(changes)
+    for key, value in changes.items():
+        if value is None:
+            del manifest[key]
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"weights_sha256": None}, "lacks required keys: weights_sha256"),
+        ({"architecture": "U-Net"}, "is not 'MTSA-Net'"),
+        ({"format_version": 99}, "format_version 99"),
+        ({"config": {"width": 2, "input_size": 100}}, "invalid config"),
+        ({"weights_file": "../weights.pt"}, "plain file name"),
+    ],
+)
+def test_manifest_defects_are_named(package_dir: Path, changes: dict, message: str) -> None:
+    rewrite_manifest(package_dir, **changes)
+    with pytest.raises(ModelPackageError, match=message):
+        load_package(package_dir)
+
+
+def test_missing_weights(package_dir: Path) -> None:
+    (package_dir / "weights.pt").unlink()
+    with pytest.raises(ModelPackageError, match="weights file weights.pt is missing"):
+        load_package(package_dir)
+
+
+def test_state_dict_not_matching_the_config(package_dir: Path) -> None:
+    rewrite_manifest(package_dir, config={**TINY.to_dict(), "width": 4})
+    with pytest.raises(ModelPackageError, match="do not match the MTSA-Net config"):
+        load_package(package_dir)
+
+
+def test_default_package_path_honours_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(MODEL_ENV_VAR, raising=False)
+    assert default_package_path() == DEMO_PACKAGE_DIR
+    assert DEMO_PACKAGE_DIR.parts[-3:] == ("inference", "models", "mtsa-demo")
+    monkeypatch.setenv(MODEL_ENV_VAR, str(tmp_path))
+    assert default_package_path() == tmp_path
