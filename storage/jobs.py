@@ -24,7 +24,6 @@ from storage.database import Database
 from storage.models import (
     EventKind,
     Export,
-    ExportState,
     Instance,
     Job,
     JobEvent,
@@ -54,11 +53,11 @@ class InvalidTransition(RuntimeError):
     pass
 
 
-def _event(session: Session, job: Job, kind: EventKind, message: str, **fields) -> None:
+def event_row(session: Session, job: Job, kind: EventKind, message: str, **fields) -> None:
     session.add(JobEvent(job=job, kind=kind, message=message, **fields))
 
 
-def _set_state(session: Session, job: Job, state: JobState, message: str, *, reason: str | None = None,
+def set_state(session: Session, job: Job, state: JobState, message: str, *, reason: str | None = None,
                details: str | None = None) -> None:
     if state not in ALLOWED[job.state]:
         raise InvalidTransition(f"job {job.id}: {job.state.value} -> {state.value} is not allowed")
@@ -72,7 +71,7 @@ def _set_state(session: Session, job: Job, state: JobState, message: str, *, rea
         job.finished_at = None
     if state in TERMINAL_STATES:
         job.finished_at = now
-    _event(session, job, EventKind.STATE, message, state=state, details=details)
+    event_row(session, job, EventKind.STATE, message, state=state, details=details)
 
 
 def get_job(session: Session, job_id: int) -> Job:
@@ -92,7 +91,7 @@ def open_job_on_first_instance(session: Session, series: Series, study_uid: str,
         job = Job(series=series, study_uid=study_uid, series_uid=series.series_uid,
                   patient_id=patient_id, state=JobState.RECEIVED)
         session.add(job)
-        _event(session, job, EventKind.STATE, "receiving instances", state=JobState.RECEIVED)
+        event_row(session, job, EventKind.STATE, "receiving instances", state=JobState.RECEIVED)
     return job
 
 
@@ -137,18 +136,18 @@ def complete_series(db: Database, series_id: int, outcome: RoutingOutcome) -> in
             job = Job(series=series, study_uid=series.study.study_uid, series_uid=series.series_uid,
                       patient_id=series.study.patient_id, state=JobState.RECEIVED)
             session.add(job)
-            _event(session, job, EventKind.STATE, "series received again", state=JobState.RECEIVED)
+            event_row(session, job, EventKind.STATE, "series received again", state=JobState.RECEIVED)
         series.evaluated_at = utcnow()
         job.instance_count = series.instance_count
-        _event(session, job, EventKind.LOG, f"series complete: {series.instance_count} instances")
+        event_row(session, job, EventKind.LOG, f"series complete: {series.instance_count} instances")
         if outcome.rule_name is None:
-            _set_state(session, job, JobState.REJECTED, f"rejected: {outcome.reason}",
+            set_state(session, job, JobState.REJECTED, f"rejected: {outcome.reason}",
                        reason=f"rejected: {outcome.reason}")
         else:
             job.rule_name = outcome.rule_name
             job.model = outcome.model
             job.destinations = list(outcome.destinations)
-            _set_state(session, job, JobState.QUEUED, f"queued: {outcome.reason}")
+            set_state(session, job, JobState.QUEUED, f"queued: {outcome.reason}")
         session.flush()
         return job.id
 
@@ -171,7 +170,7 @@ def claim_next_job(db: Database, worker_id: str) -> int | None:
             return None
         job = session.get(Job, candidate)
         session.refresh(job)
-        _event(session, job, EventKind.STATE, f"running on {worker_id} (attempt {job.attempts})",
+        event_row(session, job, EventKind.STATE, f"running on {worker_id} (attempt {job.attempts})",
                state=JobState.RUNNING)
         return candidate
 
@@ -179,13 +178,13 @@ def claim_next_job(db: Database, worker_id: str) -> int | None:
 def transition(db: Database, job_id: int, state: JobState, message: str, *,
                reason: str | None = None, details: str | None = None) -> None:
     with db.session() as session:
-        _set_state(session, get_job(session, job_id), state, message, reason=reason, details=details)
+        set_state(session, get_job(session, job_id), state, message, reason=reason, details=details)
 
 
 def add_event(db: Database, job_id: int, kind: EventKind, message: str, *,
               duration_s: float | None = None, details: str | None = None) -> None:
     with db.session() as session:
-        _event(session, get_job(session, job_id), kind, message, duration_s=duration_s, details=details)
+        event_row(session, get_job(session, job_id), kind, message, duration_s=duration_s, details=details)
 
 
 def fail_job(db: Database, job_id: int, reason: str, exc: BaseException | None = None) -> None:
@@ -193,8 +192,8 @@ def fail_job(db: Database, job_id: int, reason: str, exc: BaseException | None =
     details = "".join(traceback.format_exception(exc)) if exc is not None else None
     with db.session() as session:
         job = get_job(session, job_id)
-        _event(session, job, EventKind.ERROR, reason, details=details)
-        _set_state(session, job, JobState.FAILED, f"failed: {reason}", reason=reason)
+        event_row(session, job, EventKind.ERROR, reason, details=details)
+        set_state(session, job, JobState.FAILED, f"failed: {reason}", reason=reason)
 
 
 def retry_job(db: Database, job_id: int) -> None:
@@ -207,7 +206,7 @@ def retry_job(db: Database, job_id: int) -> None:
         if job.state == JobState.REJECTED and job.rule_name is None:
             raise InvalidTransition(f"job {job_id} matched no routing rule; fix the rules and "
                                     "re-send the series instead")
-        _set_state(session, job, JobState.QUEUED, "queued again by retry")
+        set_state(session, job, JobState.QUEUED, "queued again by retry")
 
 
 def resume_interrupted(db: Database) -> list[int]:
@@ -215,7 +214,7 @@ def resume_interrupted(db: Database) -> list[int]:
     with db.session() as session:
         jobs = session.scalars(select(Job).where(Job.state == JobState.RUNNING)).all()
         for job in jobs:
-            _set_state(session, job, JobState.QUEUED,
+            set_state(session, job, JobState.QUEUED,
                        f"re-queued after an interrupted run on {job.claimed_by}")
         return [job.id for job in jobs]
 
@@ -232,10 +231,10 @@ def record_outputs(db: Database, job_id: int, output_dir: str, summary: dict,
             session.add(Export(job=job, destination=destination, sop_instance_uid=sop_uid,
                                sop_class_uid=class_uid, path=path))
         if exports:
-            _set_state(session, job, JobState.EXPORTING,
+            set_state(session, job, JobState.EXPORTING,
                        f"exporting {len(exports)} object(s) to {', '.join(sorted({e[0] for e in exports}))}")
         else:
-            _set_state(session, job, JobState.DONE, "done (no destinations configured)")
+            set_state(session, job, JobState.DONE, "done (no destinations configured)")
 
 
 @dataclass(frozen=True)
@@ -274,13 +273,3 @@ def load_job(db: Database, job_id: int) -> Job:
         if job is None:
             raise JobNotFound(f"job {job_id} does not exist")
         return job
-
-
-def pending_exports(db: Database, now: datetime | None = None) -> list[Export]:
-    """Exports whose next attempt is due."""
-    now = now or utcnow()
-    with db.session() as session:
-        return list(session.scalars(
-            select(Export).where(Export.state == ExportState.PENDING, Export.next_attempt_at <= now)
-            .order_by(Export.next_attempt_at)
-        ).all())

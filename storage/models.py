@@ -188,6 +188,16 @@ class JobEvent(Base):
     job: Mapped[Job] = relationship(back_populates="events")
 
 
+# Display names of the output classes the node sends (storage needs no pydicom for this).
+OUTPUT_CLASS_NAMES = {
+    "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",
+    "1.2.840.10008.5.1.4.1.1.88.22": "SR",
+    "1.2.840.10008.5.1.4.1.1.88.33": "SR",
+    "1.2.840.10008.5.1.4.1.1.88.34": "SR",
+    "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+}
+
+
 class Export(Base):
     """One output object to one destination; retried until delivered or given up."""
 
@@ -209,5 +219,8 @@ class Export(Base):
     done_at: Mapped[datetime | None] = mapped_column(default=None)
 
     job: Mapped[Job] = relationship(back_populates="exports")
+
+    def sop_class_name(self) -> str:
+        return OUTPUT_CLASS_NAMES.get(self.sop_class_uid, self.sop_class_uid)
 
     __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid"),)

@@ -1,0 +1,29 @@
+"""What several commands share: loading the configuration with a one-line error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from dicom_node.settings import ConfigError, Settings, load_settings
+
+err_console = Console(stderr=True)
+
+ConfigOption = typer.Option(
+    None, "--config", "-c", help="Configuration TOML (default: $DICOM_NODE_CONFIG, else built-in defaults)."
+)
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one clear red line and return the Exit to raise (never a traceback)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def settings_or_exit(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None

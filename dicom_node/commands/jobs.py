@@ -1,0 +1,187 @@
+"""`dicom-node jobs ...`: the physicist's view of every job (list, show, retry, export).
+
+`--json` output is stable: `list` prints an array of objects with at least
+id, state, study_uid, series_uid, patient_id, created_at, updated_at, reason;
+`show` prints one such object plus events, exports and summary.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dicom_node.commands._common import ConfigOption, fail, settings_or_exit
+
+jobs_app = typer.Typer(help="Follow, retry and re-export jobs.", no_args_is_help=True)
+console = Console()
+
+
+def _database(config: Path | None):
+    from storage.database import Database
+
+    return Database(settings_or_exit(config).storage.resolved_database_url)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def job_dict(job, *, full: bool = False) -> dict:
+    data = {
+        "id": job.id,
+        "state": job.state.value,
+        "study_uid": job.study_uid,
+        "series_uid": job.series_uid,
+        "patient_id": job.patient_id,
+        "rule": job.rule_name,
+        "model": job.model,
+        "instances": job.instance_count,
+        "attempts": job.attempts,
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "reason": job.reason,
+    }
+    if full:
+        previous = None
+        events = []
+        for event in job.events:
+            events.append({
+                "at": _iso(event.at),
+                "kind": event.kind.value,
+                "state": event.state.value if event.state else None,
+                "message": event.message,
+                "duration_s": event.duration_s,
+                "since_previous_s": (event.at - previous).total_seconds() if previous else 0.0,
+                "details": event.details,
+            })
+            previous = event.at
+        data["events"] = events
+        data["exports"] = [{
+            "destination": e.destination, "object": e.sop_class_name(),
+            "sop_instance_uid": e.sop_instance_uid, "state": e.state.value, "attempts": e.attempts,
+            "last_error": e.last_error, "done_at": _iso(e.done_at), "path": e.path,
+        } for e in job.exports]
+        data["output_dir"] = job.output_dir
+        data["summary"] = job.summary
+    return data
+
+
+def _parse_day(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise fail(f"{option} {value!r} is not a date (YYYY-MM-DD or ISO 8601)") from None
+    from datetime import UTC
+
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@jobs_app.command("list")
+def list_jobs(
+    state: str | None = typer.Option(None, help="received, queued, running, exporting, done, failed, rejected"),
+    since: str | None = typer.Option(None, help="Created at or after this date/time (UTC)."),
+    until: str | None = typer.Option(None, help="Created before this date/time (UTC)."),
+    patient_id: str | None = typer.Option(None, "--patient-id"),
+    study_uid: str | None = typer.Option(None, "--study-uid"),
+    limit: int = typer.Option(100, min=1),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON array."),
+    config: Path | None = ConfigOption,
+) -> None:
+    """List jobs, newest first."""
+    from storage.jobs import JobFilter, list_jobs as query
+    from storage.models import JobState
+
+    try:
+        job_state = JobState(state) if state else None
+    except ValueError:
+        raise fail(f"--state {state!r} is not one of {', '.join(s.value for s in JobState)}") from None
+    flt = JobFilter(state=job_state, since=_parse_day(since, "--since"), until=_parse_day(until, "--until"),
+                    patient_id=patient_id, study_uid=study_uid, limit=limit)
+    jobs = query(_database(config), flt)
+    if as_json:
+        typer.echo(json.dumps([job_dict(j) for j in jobs], indent=2))
+        return
+    table = Table("id", "state", "patient", "series", "created (UTC)", "reason")
+    for job in jobs:
+        table.add_row(str(job.id), job.state.value, job.patient_id or "", job.series_uid[-24:],
+                      f"{job.created_at:%Y-%m-%d %H:%M:%S}", job.reason or "")
+    console.print(table)
+
+
+@jobs_app.command("show")
+def show(job_id: int, as_json: bool = typer.Option(False, "--json"), config: Path | None = ConfigOption) -> None:
+    """The job's timeline with stage durations, log lines, exports and errors."""
+    from storage.jobs import JobNotFound, load_job
+
+    try:
+        job = load_job(_database(config), job_id)
+    except JobNotFound as exc:
+        raise fail(str(exc)) from None
+    data = job_dict(job, full=True)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    console.print(f"[bold]Job {job.id}[/] [cyan]{job.state.value}[/]  patient {job.patient_id or '-'}  "
+                  f"rule {job.rule_name or '-'}  attempts {job.attempts}")
+    console.print(f"study {job.study_uid}\nseries {job.series_uid}")
+    if job.reason:
+        console.print(f"[red]reason:[/] {job.reason}")
+    table = Table("time (UTC)", "+s", "kind", "message", "duration")
+    for event in data["events"]:
+        table.add_row(event["at"][11:23], f"{event['since_previous_s']:.1f}", event["kind"], event["message"],
+                      f"{event['duration_s']:.2f} s" if event["duration_s"] is not None else "")
+    console.print(table)
+    if data["exports"]:
+        exports = Table("destination", "object", "state", "attempts", "last error")
+        for e in data["exports"]:
+            exports.add_row(e["destination"], e["object"], e["state"], str(e["attempts"]), e["last_error"] or "")
+        console.print(exports)
+    for event in job.events:
+        if event.details:
+            console.print(f"[red]trace of '{event.message}':[/]\n{event.details}", highlight=False)
+
+
+@jobs_app.command("retry")
+def retry(job_id: int, config: Path | None = ConfigOption) -> None:
+    """Queue a done, failed or rejected job again (the running service picks it up)."""
+    from storage.jobs import InvalidTransition, JobNotFound, retry_job
+
+    try:
+        retry_job(_database(config), job_id)
+    except (JobNotFound, InvalidTransition) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"job {job_id} queued again")
+
+
+@jobs_app.command("export")
+def export(job_id: int, to: list[str] = typer.Option(None, "--to", help="Destination name (repeatable)."),
+           config: Path | None = ConfigOption) -> None:
+    """Re-send a job's results to its destinations (or only to --to)."""
+    from storage.exports import resend
+    from storage.jobs import InvalidTransition, JobNotFound, load_job
+
+    settings = settings_or_exit(config)
+    known = {d.name for d in settings.destinations}
+    unknown = [name for name in to or [] if name not in known]
+    if unknown:
+        raise fail(f"unknown destination(s) {', '.join(unknown)}; configured: {', '.join(sorted(known)) or 'none'}")
+    db = _database(config)
+    try:
+        outputs = [tuple(o) for o in (load_job(db, job_id).summary or {}).get("outputs", [])]
+        count = resend(db, job_id, list(to) if to else None, outputs)
+    except (JobNotFound, InvalidTransition, ValueError) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"job {job_id}: {count} export(s) pending; the running service sends them")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(jobs_app, name="jobs")

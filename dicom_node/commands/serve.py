@@ -1,0 +1,30 @@
+"""`dicom-node serve`: run the node (SCP, watcher, workers, exporter) until stopped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dicom_node.commands._common import ConfigOption, fail, settings_or_exit
+
+
+def serve(config: Path | None = ConfigOption) -> None:
+    """Receive series, run the model on complete ones and send the results on."""
+    from dicom_node.logging_setup import configure_logging
+    from dicom_node.service import NodeService
+
+    settings = settings_or_exit(config)
+    configure_logging(settings.logging)
+    try:
+        service = NodeService(settings)
+    except Exception as exc:  # e.g. database URL unreachable, data dir not writable
+        raise fail(f"cannot start: {exc}") from None
+    try:
+        service.serve_forever()
+    except OSError as exc:  # e.g. port already in use
+        raise fail(f"cannot listen on {settings.node.host}:{settings.node.port}: {exc}") from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)

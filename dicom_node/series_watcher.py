@@ -1,0 +1,53 @@
+"""Series completion: a series is complete when no new instance arrived for the quiet period.
+
+DIMSE has no "end of series" message, so completion is a timeout
+(APScheduler interval job, `series.check_interval_s`). A complete series is
+routed with the header of its first stored instance; the job is queued or
+rejected with the reason (`storage.jobs.complete_series`). New instances
+after that start a new delivery and, after another quiet period, a new job.
+"""
+
+from __future__ import annotations
+
+import pydicom
+
+from dicom_node.logging_setup import get_logger
+from dicom_node.routing import CompiledRule, route_series
+from storage.database import Database
+from storage.instance_store import InstanceStore
+from storage.jobs import RoutingOutcome, complete_series, first_instance_path, series_ready_for_routing
+
+log = get_logger(__name__)
+
+
+class SeriesWatcher:
+    def __init__(self, db: Database, store: InstanceStore, rules: list[CompiledRule],
+                 quiet_period_s: float) -> None:
+        self.db = db
+        self.store = store
+        self.rules = rules
+        self.quiet_period_s = quiet_period_s
+
+    def route(self, series_id: int) -> RoutingOutcome:
+        """Decide what to do with one complete series (never raises on bad input)."""
+        relative = first_instance_path(self.db, series_id)
+        try:
+            header = pydicom.dcmread(self.store.absolute(relative), stop_before_pixels=True)
+        except Exception as exc:
+            return RoutingOutcome(None, None, [], f"the series' header cannot be read: {exc}")
+        decision = route_series(self.rules, header)
+        if decision.rule is None:
+            return RoutingOutcome(None, None, [], decision.reason)
+        rule = decision.rule
+        return RoutingOutcome(rule.name, rule.model, list(rule.destinations), decision.reason)
+
+    def check_once(self) -> list[int]:
+        """Route every series that became complete; returns the job ids created or updated."""
+        job_ids = []
+        for series_id in series_ready_for_routing(self.db, self.quiet_period_s):
+            outcome = self.route(series_id)
+            job_id = complete_series(self.db, series_id, outcome)
+            log.info("series.complete", job_id=job_id, series_id=series_id,
+                     rule=outcome.rule_name, reason=outcome.reason)
+            job_ids.append(job_id)
+        return job_ids

@@ -1,0 +1,133 @@
+"""Inference workers: claim queued jobs, run the engine, write outputs, queue exports.
+
+One worker thread per configured worker (`[worker] count`; one per GPU, or one
+on the CPU). A job runs through `inference.pipeline.run_series` (load,
+preprocess, model, postprocess, each timed) and `write_dicom_outputs`; each
+stage becomes a job event with its duration. Any failure is recorded with a
+readable reason and the stack trace, and the worker takes the next job: a bad
+series never stops the service. Outputs go to `outputs/job-<id>/attempt-<n>/`
+so a retried job never mixes its results with an earlier attempt's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+
+from dicom_node.logging_setup import get_logger
+from dicom_node.settings import WorkerSettings
+from storage.database import Database
+from storage.instance_store import InstanceStore
+from storage.jobs import add_event, claim_next_job, fail_job, get_job, record_outputs
+from storage.models import EventKind, Instance
+
+log = get_logger(__name__)
+
+
+class ModelRegistry:
+    """Loaded model packages by the name a routing rule gives ("default" or a path)."""
+
+    def __init__(self) -> None:
+        self._packages: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str | None):
+        from inference.model_package import default_package_path, load_package
+
+        key = name or "default"
+        with self._lock:
+            if key not in self._packages:
+                path = default_package_path() if key == "default" else Path(key)
+                self._packages[key] = load_package(path)
+            return self._packages[key]
+
+
+def series_files(db: Database, store: InstanceStore, series_id: int) -> list[Path]:
+    with db.session() as session:
+        paths = session.scalars(
+            select(Instance.path).where(Instance.series_id == series_id, Instance.purged_at.is_(None))
+            .order_by(Instance.id)
+        ).all()
+    return [store.absolute(p) for p in paths]
+
+
+def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegistry,
+            device: str | None) -> None:
+    """Run one claimed job to `exporting`/`done`, or `failed` with its reason."""
+    from inference.errors import InferenceError
+
+    bound = log.bind(job_id=job_id)
+    try:
+        from inference.dicom_outputs import write_dicom_outputs
+        from inference.pipeline import run_series, write_offline_outputs
+
+        with db.session() as session:
+            job = get_job(session, job_id)
+            series_id, model_name, destinations, attempt = (
+                job.series_id, job.model, list(job.destinations), job.attempts)
+        bound = bound.bind(series_uid=job.series_uid, study_uid=job.study_uid)
+        files = series_files(db, store, series_id)
+        if not files:
+            raise FileNotFoundError("the series' instances are no longer on disk (purged?)")
+        start = time.perf_counter()
+        package = registry.get(model_name)
+        add_event(db, job_id, EventKind.STAGE, f"model package {package.identity.display} ready",
+                  duration_s=time.perf_counter() - start)
+        result = run_series(files, package, device=device)
+        for stage, seconds in result.timings_s.items():
+            add_event(db, job_id, EventKind.STAGE, stage, duration_s=seconds)
+        out_dir = store.root / "outputs" / f"job-{job_id}" / f"attempt-{attempt}"
+        start = time.perf_counter()
+        summary = write_offline_outputs(result, out_dir)
+        written = write_dicom_outputs(result, out_dir)
+        add_event(db, job_id, EventKind.STAGE, "write outputs", duration_s=time.perf_counter() - start)
+        outputs = []
+        for path in written:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            outputs.append((str(header.SOPInstanceUID), str(header.SOPClassUID),
+                            path.relative_to(store.root).as_posix()))
+        summary["outputs"] = outputs
+        exports = [(dest, *output) for dest in destinations for output in outputs]
+        record_outputs(db, job_id, out_dir.relative_to(store.root).as_posix(), summary, exports)
+        bound.info("job.inference_done", lesions=len(result.lesions), egfr=result.egfr.call.value,
+                   outputs=len(outputs))
+    except InferenceError as exc:
+        bound.warning("job.failed", reason=str(exc))
+        fail_job(db, job_id, str(exc), exc)
+    except Exception as exc:
+        bound.exception("job.failed", reason=repr(exc))
+        fail_job(db, job_id, f"internal error: {type(exc).__name__}: {exc}", exc)
+
+
+class InferenceWorker(threading.Thread):
+    """Polls the job store for queued jobs until stopped."""
+
+    def __init__(self, worker_id: str, db: Database, store: InstanceStore, settings: WorkerSettings,
+                 registry: ModelRegistry, stop: threading.Event) -> None:
+        super().__init__(name=worker_id, daemon=True)
+        self.worker_id = worker_id
+        self.db = db
+        self.store = store
+        self.settings = settings
+        self.registry = registry
+        self.stop_event = stop
+
+    def run(self) -> None:
+        device = None if self.settings.device == "auto" else self.settings.device
+        while not self.stop_event.is_set():
+            try:
+                job_id = claim_next_job(self.db, self.worker_id)
+            except Exception:
+                log.exception("worker.claim_failed", worker=self.worker_id)
+                job_id = None
+            if job_id is None:
+                self.stop_event.wait(self.settings.poll_interval_s)
+                continue
+            try:
+                run_job(job_id, self.db, self.store, self.registry, device)
+            except Exception:  # e.g. the job store went away while recording a failure
+                log.exception("worker.job_crashed", worker=self.worker_id, job_id=job_id)
