@@ -175,6 +175,19 @@ class StorageSettings(_Section):
 
     _absolute_data_dir = field_validator("data_dir")(_absolute)
 
+    @field_validator("database_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        if value is not None:
+            try:
+                make_url(value)
+            except ArgumentError:
+                raise ValueError("not a valid SQLAlchemy database URL") from None
+        return value
+
     @property
     def resolved_database_url(self) -> str:
         """The configured URL, else a SQLite file inside the data directory."""
@@ -419,8 +432,9 @@ def _describe(
         else:
             message = str(error["msg"]).removeprefix("Value error, ")
             value = error.get("input")
-            shown = isinstance(value, (str, int, float, bool)) and repr(value) in message
-            if isinstance(value, (str, int, float, bool)) and len(repr(value)) <= 80 and not shown:
+            scalar = isinstance(value, (str, int, float, bool))
+            secret = bool(loc) and loc[-1] == "database_url"  # may hold a password
+            if scalar and len(repr(value)) <= 80 and repr(value) not in message and not secret:
                 message += f" (got {value!r})"
         origin = next((var for k, var in overridden.items() if loc[: len(k)] == k), None)
         if origin:
