@@ -1,0 +1,431 @@
+"""RT Structure Set writer: one CLOSED_PLANAR ROI per lesion, as a TPS imports it.
+
+DICOM PS3.3 A.19 (RT Structure Set IOD) with C.7.1.1 Patient, C.7.2.1 General
+Study, C.8.8.1 RT Series, C.7.5.1 General Equipment, C.8.8.5 Structure Set,
+C.8.8.6 ROI Contour, C.8.8.8 RT ROI Observations and C.12.1 SOP Common.
+
+Decisions
+---------
+- Geometry comes from each source slice's own header (slice k of
+  `result.label_map` is `result.series.datasets[k]`): PS3.3 C.7.6.2.1.1,
+  ``P = S + col * dc * F_row + row * dr * F_col`` with Pixel Spacing
+  ``[dr (between rows), dc (between columns)]``, so axial, sagittal, coronal and
+  oblique series with any spacing are handled by the same code.
+- Contours are the 0.5 iso-lines of the binary slice padded with background
+  (marching squares, `skimage.measure.find_contours`). On a binary grid they run
+  along pixel edges where the boundary is straight and cut corners diagonally
+  through edge midpoints, so every foreground pixel centre lies inside, every
+  background centre outside, each at least 0.5/sqrt(2) ~ 0.354 px from the line.
+  They are deliberately not dilated by half a pixel: that would put the line
+  through background pixel centres, which centre-sampling TPSs would then fill.
+  The price is 1/8 px^2 of area per corner.
+- Holes and several islands on one slice: every iso-line is its own contour and
+  TPSs combine the contours of one ROI on one slice by the even-odd rule (PS3.3
+  C.8.8.6.3 and common TPS practice): a hole inside a lesion, an island inside a
+  hole. ``fully_connected="low"`` keeps diagonally touching foreground pixels in
+  separate contours that share no point.
+- Simplification: Douglas-Peucker (`skimage.measure.approximate_polygon`) with a
+  tolerance below 0.354 px (default 0.25 px) keeps every pixel centre on its
+  side, so rasterisation reproduces the mask; it drops the collinear points of
+  straight pixel edges.
+- Degenerate contours (fewer than 3 points, zero area) are never written; a lesion
+  left without any contour is an error, never an empty ROI.
+- No lesions: the Structure Set ROI Sequence is Type 1 (at least one item), so an
+  RTSTRUCT without ROIs would be invalid; `build_rtstruct` raises `ValueError`
+  and `inference.dicom_outputs` skips the RTSTRUCT and says so.
+- Patient and study attributes are copied from the source headers, text decoded,
+  and written as UTF-8 (Specific Character Set ISO_IR 192).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import enum
+from collections.abc import Sequence
+from datetime import datetime
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
+from pydicom.valuerep import PersonName
+from skimage.measure import approximate_polygon, find_contours
+
+from inference.output_notice import full_statement, short_label, structure_set_label
+from inference.result import InferenceResult, Lesion
+from inference.uids import new_uid
+
+#: Largest simplification tolerance (px) that keeps every pixel centre on its side.
+MAX_SIMPLIFY_TOLERANCE_PX = 0.5 / np.sqrt(2.0)
+_MIN_AREA_PX2 = 1e-6
+_MAX_ROIS = 1000
+_GOLDEN_RATIO_CONJUGATE = 0.618033988749895
+
+# Patient (C.7.1.1), General Study (C.7.2.1) and Patient Study (C.7.2.2)
+# attributes: Type 2 ones are written empty when the source lacks them.
+_TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+_TYPE3_COPIED = (
+    "IssuerOfPatientID",
+    "OtherPatientIDsSequence",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "StudyDescription",
+)
+
+
+class RTROIInterpretedType(str, enum.Enum):
+    """RT ROI Interpreted Type (3006,00A4), DICOM PS3.3 C.8.8.8.1 (subset used)."""
+
+    GTV = "GTV"
+
+
+class ROIGenerationAlgorithm(str, enum.Enum):
+    """ROI Generation Algorithm (3006,0036), DICOM PS3.3 C.8.8.5."""
+
+    AUTOMATIC = "AUTOMATIC"
+    SEMIAUTOMATIC = "SEMIAUTOMATIC"
+    MANUAL = "MANUAL"
+
+
+class ContourGeometricType(str, enum.Enum):
+    """Contour Geometric Type (3006,0042), DICOM PS3.3 C.8.8.6.1 (subset used)."""
+
+    CLOSED_PLANAR = "CLOSED_PLANAR"
+
+
+def slice_contours(mask: np.ndarray, simplify_tolerance_px: float = 0.25) -> list[np.ndarray]:
+    """Closed sub-pixel contours of a binary slice, in (row, column) pixel indices.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        2D boolean (rows, columns) slice.
+    simplify_tolerance_px : float
+        Douglas-Peucker tolerance in pixels, ``0 <= t < MAX_SIMPLIFY_TOLERANCE_PX``.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One ``(n, 2)`` float array per contour (outer boundaries, holes and islands
+        alike, to be combined by the even-odd rule), ``n >= 3``, non-zero area,
+        first point not repeated at the end (CLOSED_PLANAR, PS3.3 C.8.8.6.1).
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask: expected a 2D slice, got shape {mask.shape}")
+    if not 0.0 <= simplify_tolerance_px < MAX_SIMPLIFY_TOLERANCE_PX:
+        raise ValueError(
+            f"simplify_tolerance_px: {simplify_tolerance_px} is outside "
+            f"[0, {MAX_SIMPLIFY_TOLERANCE_PX:.3f}) px"
+        )
+    padded = np.pad(mask.astype(np.float32), 1)
+    contours = []
+    for line in find_contours(padded, 0.5, fully_connected="low"):
+        closed = approximate_polygon(line, simplify_tolerance_px) - 1.0
+        points = closed[:-1] if np.array_equal(closed[0], closed[-1]) else closed
+        if len(points) >= 3 and abs(_polygon_area(points)) > _MIN_AREA_PX2:
+            contours.append(points)
+    return contours
+
+
+def _polygon_area(points: np.ndarray) -> float:
+    """Signed shoelace area of a closed polygon given without its closing point."""
+    y, x = points[:, 0], points[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def pixel_to_patient(points_rc: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Map (row, column) pixel indices of one slice to patient coordinates (mm).
+
+    DICOM PS3.3 C.7.6.2.1.1: ``P = S + X * dc * c + Y * dr * r`` where S is Image
+    Position (Patient), X and Y the first and second triplet of Image Orientation
+    (Patient) and Pixel Spacing is ``[dr, dc]`` (row spacing, column spacing).
+    """
+    origin = np.asarray(ds.ImagePositionPatient, dtype=float)
+    orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    row_spacing, col_spacing = (float(v) for v in ds.PixelSpacing)
+    along_row, along_col = orientation[:3], orientation[3:]
+    cols = points_rc[:, 1:2] * col_spacing
+    rows = points_rc[:, 0:1] * row_spacing
+    return origin + cols * along_row + rows * along_col
+
+
+def roi_display_colours(count: int) -> list[tuple[int, int, int]]:
+    """`count` distinct ROI Display Colors (3006,002A), golden-ratio hue steps."""
+    if not 0 <= count <= _MAX_ROIS:
+        raise ValueError(f"count: {count} is outside [0, {_MAX_ROIS}]")
+    colours: list[tuple[int, int, int]] = []
+    step = 0
+    while len(colours) < count:
+        hue = (step * _GOLDEN_RATIO_CONJUGATE) % 1.0
+        value = 1.0 - 0.25 * ((step // 360) % 3)
+        rgb = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, 0.85, value))
+        if rgb not in colours:
+            colours.append(rgb)  # type: ignore[arg-type]
+        step += 1
+    return colours
+
+
+def build_rtstruct(
+    result: InferenceResult,
+    *,
+    series_number: int = 901,
+    manufacturer: str = "dicom-node",
+    simplify_tolerance_px: float = 0.25,
+    timestamp: datetime | None = None,
+) -> Dataset:
+    """Build the RT Structure Set (one GTV ROI per lesion) of an inference result.
+
+    Parameters
+    ----------
+    result : inference.result.InferenceResult
+        Lesions, label map on the source grid and the source headers.
+    series_number : int
+        Series Number (0020,0011) of the new RTSTRUCT series, positive.
+    manufacturer : str
+        Manufacturer (0008,0070) of the General Equipment module.
+    simplify_tolerance_px : float
+        Contour simplification tolerance in pixels, see `slice_contours`.
+    timestamp : datetime.datetime or None
+        Creation time written to the Series, Structure Set and SOP Common dates
+        and times; now when None.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        RT Structure Set Storage instance with file meta (Explicit VR Little Endian).
+
+    Raises
+    ------
+    ValueError
+        No lesions, inconsistent source headers, a label map that does not
+        match the source grid, or a lesion without any contour.
+    """
+    _validate_result(result)
+    if series_number < 1:
+        raise ValueError(f"series_number: must be positive, got {series_number}")
+    if not 0.0 <= simplify_tolerance_px < MAX_SIMPLIFY_TOLERANCE_PX:
+        raise ValueError(
+            f"simplify_tolerance_px: {simplify_tolerance_px} is outside "
+            f"[0, {MAX_SIMPLIFY_TOLERANCE_PX:.3f}) px"
+        )
+    when = timestamp or datetime.now().astimezone()
+    sources = result.series.datasets
+    frame_of_reference_uid = sources[0].FrameOfReferenceUID
+
+    ds = _base_dataset(result, series_number, manufacturer, when)
+    roi_items, contour_items, observation_items = [], [], []
+    contoured_slices: set[int] = set()
+    colours = roi_display_colours(len(result.lesions))
+    for number, (lesion, colour) in enumerate(zip(result.lesions, colours), start=1):
+        contours = _lesion_contour_items(result, lesion, simplify_tolerance_px)
+        contoured_slices.update(index for index, _ in contours)
+        roi_items.append(_structure_set_roi(number, lesion, frame_of_reference_uid, result))
+        contour_items.append(_roi_contour(number, colour, [item for _, item in contours]))
+        observation_items.append(_roi_observation(number))
+
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence(
+        [_referenced_frame_of_reference(sources, sorted(contoured_slices))]
+    )
+    ds.StructureSetROISequence = DicomSequence(roi_items)
+    ds.ROIContourSequence = DicomSequence(contour_items)
+    ds.RTROIObservationsSequence = DicomSequence(observation_items)
+    return ds
+
+
+def _validate_result(result: InferenceResult) -> None:
+    """Raise `ValueError` naming `result` when it cannot make a valid RTSTRUCT."""
+    if not result.lesions:
+        raise ValueError(
+            "result: no lesions; an RT Structure Set needs at least one ROI "
+            "(Structure Set ROI Sequence is Type 1, PS3.3 C.8.8.5)"
+        )
+    if len(result.lesions) > _MAX_ROIS:
+        raise ValueError(f"result: {len(result.lesions)} lesions exceed {_MAX_ROIS} ROIs")
+    sources = result.series.datasets
+    size = result.label_map.GetSize()
+    if size != result.series.image.GetSize() or size[2] != len(sources):
+        raise ValueError(
+            f"result: label map size {size} does not match the source series "
+            f"({result.series.image.GetSize()}, {len(sources)} headers)"
+        )
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        values = {str(getattr(ds, keyword, "")) for ds in sources}
+        if len(values) != 1 or "" in values:
+            raise ValueError(f"result: source headers have missing or mixed {keyword}")
+    for index, ds in enumerate(sources):
+        missing = [
+            keyword
+            for keyword in ("SOPClassUID", "SOPInstanceUID", "ImagePositionPatient",
+                            "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+            if keyword not in ds
+        ]
+        if missing:
+            raise ValueError(f"result: source header {index} lacks {', '.join(missing)}")
+        if (ds.Rows, ds.Columns) != (size[1], size[0]):
+            raise ValueError(f"result: source header {index} is {ds.Rows}x{ds.Columns}, "
+                             f"label map slices are {size[1]}x{size[0]}")
+
+
+def _generation_description(result: InferenceResult) -> str:
+    """ROI Generation Description (LO, 64 chars): the model name and version."""
+    text = f"{result.model.name} {result.model.version}"
+    if len(text) > 64:
+        raise ValueError(f"result: model name and version '{text}' exceed 64 characters")
+    return text
+
+
+def _base_dataset(
+    result: InferenceResult, series_number: int, manufacturer: str, when: datetime
+) -> Dataset:
+    """Top-level modules without the ROI sequences.
+
+    SOP Common, Patient, General Study, RT Series, Frame of Reference (C.7.4.1, same as the source), General Equipment and the
+    Structure Set header.
+    """
+    source = result.series.datasets[0]
+    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")
+    ds = Dataset()
+    sop_instance_uid = new_uid()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = sop_instance_uid
+    _copy_patient_and_study(source, ds)
+
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = new_uid()
+    ds.SeriesNumber = series_number
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.SeriesDescription = short_label(result.model)
+    ds.OperatorsName = ""
+
+    ds.FrameOfReferenceUID = source.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = getattr(source, "PositionReferenceIndicator", "")
+
+    ds.Manufacturer = manufacturer
+    ds.ManufacturerModelName = result.model.name[:64]
+    ds.SoftwareVersions = result.model.version[:64]
+
+    ds.StructureSetLabel = structure_set_label(result.model)
+    ds.StructureSetName = short_label(result.model)
+    ds.StructureSetDescription = full_statement(result.model)
+    ds.InstanceNumber = 1
+    ds.StructureSetDate, ds.StructureSetTime = date, time
+    return ds
+
+
+def _copy_patient_and_study(source: Dataset, target: Dataset) -> None:
+    """Copy Patient / General Study attributes, decoded, for re-encoding as UTF-8."""
+    for keyword in _TYPE2_COPIED:
+        value = getattr(source, keyword, "")
+        setattr(target, keyword, _decoded(value))
+    for keyword in _TYPE3_COPIED:
+        if keyword in source:
+            setattr(target, keyword, _decoded(getattr(source, keyword)))
+    target.StudyInstanceUID = source.StudyInstanceUID
+
+
+def _decoded(value: object) -> object:
+    """A value free of its source encoding (Person Names as plain text)."""
+    if isinstance(value, PersonName):
+        return str(value)
+    if isinstance(value, DicomSequence):
+        return DicomSequence([Dataset(item) for item in value])
+    return value
+
+
+def _image_reference(ds: Dataset) -> Dataset:
+    """A Contour Image Sequence item (PS3.3 C.8.8.6, Image SOP Instance Reference)."""
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    return item
+
+
+def _lesion_contour_items(
+    result: InferenceResult, lesion: Lesion, simplify_tolerance_px: float
+) -> list[tuple[int, Dataset]]:
+    """(slice index, Contour Sequence item) of every contour of one lesion."""
+    mask = result.lesion_mask(lesion)
+    items = []
+    for index in np.flatnonzero(mask.any(axis=(1, 2))):
+        source = result.series.datasets[index]
+        for points_rc in slice_contours(mask[index], simplify_tolerance_px):
+            patient = pixel_to_patient(points_rc, source)
+            item = Dataset()
+            item.ContourImageSequence = DicomSequence([_image_reference(source)])
+            item.ContourGeometricType = ContourGeometricType.CLOSED_PLANAR.value
+            item.NumberOfContourPoints = len(patient)
+            item.ContourNumber = len(items) + 1
+            item.ContourData = [f"{v:.4f}" for v in patient.ravel()]
+            items.append((int(index), item))
+    if not items:
+        raise ValueError(
+            f"result: lesion {lesion.name} (label {lesion.label}) has no contour on any slice"
+        )
+    return items
+
+
+def _structure_set_roi(
+    number: int, lesion: Lesion, frame_of_reference_uid: str, result: InferenceResult
+) -> Dataset:
+    """A Structure Set ROI Sequence item (PS3.3 C.8.8.5)."""
+    item = Dataset()
+    item.ROINumber = number
+    item.ReferencedFrameOfReferenceUID = frame_of_reference_uid
+    item.ROIName = lesion.name
+    item.ROIDescription = full_statement(result.model)
+    item.ROIGenerationAlgorithm = ROIGenerationAlgorithm.AUTOMATIC.value
+    item.ROIGenerationDescription = _generation_description(result)
+    return item
+
+
+def _roi_contour(number: int, colour: tuple[int, int, int], contours: list[Dataset]) -> Dataset:
+    """An ROI Contour Sequence item (PS3.3 C.8.8.6)."""
+    item = Dataset()
+    item.ReferencedROINumber = number
+    item.ROIDisplayColor = list(colour)
+    item.ContourSequence = DicomSequence(contours)
+    return item
+
+
+def _roi_observation(number: int) -> Dataset:
+    """An RT ROI Observations Sequence item (PS3.3 C.8.8.8)."""
+    item = Dataset()
+    item.ObservationNumber = number
+    item.ReferencedROINumber = number
+    item.RTROIInterpretedType = RTROIInterpretedType.GTV.value
+    item.ROIInterpreter = ""
+    return item
+
+
+def _referenced_frame_of_reference(sources: Sequence[Dataset], contoured: list[int]) -> Dataset:
+    """Referenced Frame of Reference -> RT Referenced Study -> Series -> Contour Images."""
+    series = Dataset()
+    series.SeriesInstanceUID = sources[0].SeriesInstanceUID
+    series.ContourImageSequence = DicomSequence([_image_reference(sources[k]) for k in contoured])
+    study = Dataset()
+    # Detached Study Management SOP Class (retired), the value PS3.3 C.8.8.5 names.
+    study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"
+    study.ReferencedSOPInstanceUID = sources[0].StudyInstanceUID
+    study.RTReferencedSeriesSequence = DicomSequence([series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID = sources[0].FrameOfReferenceUID
+    frame.RTReferencedStudySequence = DicomSequence([study])
+    return frame
