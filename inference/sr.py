@@ -1,0 +1,226 @@
+"""Structured Report writer: TID 1500 Measurement Report of lesions and EGFR, with highdicom.
+
+DICOM PS3.3 A.35.13 (Comprehensive 3D SR IOD); PS3.16 TID 1500 (Measurement
+Report), TID 1501 (Measurement and Qualitative Evaluation Group), TID 1002
+(Observer Context), TID 4019 (Algorithm Identification).
+
+Decisions
+---------
+- Comprehensive 3D SR built by `highdicom.sr.Comprehensive3DSR`; the source
+  images are the evidence (Current Requested Procedure Evidence Sequence) and the
+  patient and study attributes come from them.
+- The observer is the algorithm: a Device observer (TID 1004) named after the
+  model, with a UID derived from model name and version (the same model version
+  always has the same device UID).
+- One TID 1501 group per lesion, tracking identifier ``GTV_n`` with a new UID,
+  finding "Neoplasm, metastatic" in the brain, Volume (cm3) and maximum Diameter
+  (mm), with the algorithm identification. TID 1501 rather than TID 1411:
+  TID 1411 can reference a SEG segment but not an RTSTRUCT ROI.
+- One TID 1501 group for the patient-level EGFR prediction: the call as a coded
+  qualitative evaluation and, when assessable, the mutant probability (UCUM "1").
+  The codes are private (`inference.sr_codes`): no standard code exists.
+- The AI-review statement (and the demo-model warning) is a TEXT item in the
+  TID 1500 "Qualitative Evaluations" container, and the Series Description says
+  the same in short.
+- Completion Flag COMPLETE, Verification Flag UNVERIFIED and Preliminary Flag
+  PRELIMINARY: nobody has reviewed the AI result yet.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from inference import sr_codes
+from inference.output_notice import full_statement, short_label
+from inference.result import EgfrCall, EgfrPrediction, InferenceResult, Lesion, ModelIdentity
+from inference.sr_codes import PrivateCode
+from inference.uids import new_uid
+
+EGFR_TRACKING_IDENTIFIER = "EGFR (patient level)"
+
+
+def build_sr(
+    result: InferenceResult,
+    *,
+    series_number: int = 902,
+    manufacturer: str = "dicom-node",
+    timestamp: datetime | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the Measurement Report (TID 1500) of an inference result.
+
+    Parameters
+    ----------
+    result : inference.result.InferenceResult
+        Lesions with their measurements, the EGFR prediction, the model and the
+        source headers (the evidence).
+    series_number : int
+        Series Number (0020,0011) of the new SR series, positive.
+    manufacturer : str
+        Manufacturer (0008,0070) of the General Equipment module.
+    timestamp : datetime.datetime or None
+        Content, Series and Instance Creation date and time; now when None.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        The SR document (a `pydicom.Dataset` with file meta).
+
+    Raises
+    ------
+    ValueError
+        No source headers, non-positive series number, a negative or non-finite
+        measurement, or an EGFR probability inconsistent with its call.
+    """
+    if not result.series.datasets:
+        raise ValueError("result: the source series has no headers (no evidence)")
+    if series_number < 1:
+        raise ValueError(f"series_number: must be positive, got {series_number}")
+    _validate_measurements(result)
+    when = timestamp or datetime.now().astimezone()
+    algorithm = hd.sr.AlgorithmIdentification(name=result.model.name, version=result.model.version)
+    groups = [_lesion_group(lesion, algorithm) for lesion in result.lesions]
+    groups.append(_egfr_group(result.egfr, algorithm))
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(result.model, manufacturer),
+        procedure_reported=sr_codes.MR_BRAIN,
+        imaging_measurements=groups,
+    )
+    report[0].ContentSequence.append(_statement_container(result.model))
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=result.series.datasets,
+        content=report,
+        series_instance_uid=new_uid(),
+        series_number=series_number,
+        sop_instance_uid=new_uid(),
+        instance_number=1,
+        manufacturer=manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    _finish_header(sr, result.model, when)
+    return sr
+
+
+def _validate_measurements(result: InferenceResult) -> None:
+    """Raise `ValueError` naming `result` for values the report cannot carry."""
+    for lesion in result.lesions:
+        values = (lesion.volume_cm3, lesion.max_diameter_mm)
+        if not all(math.isfinite(v) and v >= 0.0 for v in values):
+            raise ValueError(
+                f"result: lesion {lesion.name} has volume {lesion.volume_cm3} cm3 and "
+                f"diameter {lesion.max_diameter_mm} mm; both must be finite and >= 0"
+            )
+    probability = result.egfr.mutant_probability
+    assessable = result.egfr.call != EgfrCall.NOT_ASSESSABLE
+    if assessable != (probability is not None):
+        raise ValueError(
+            f"result: EGFR call '{result.egfr.call.value}' with probability {probability}"
+        )
+    if probability is not None and not 0.0 <= probability <= 1.0:
+        raise ValueError(f"result: EGFR mutant probability {probability} is outside [0, 1]")
+
+
+def _observation_context(model: ModelIdentity, manufacturer: str) -> hd.sr.ObservationContext:
+    """TID 1002 with the algorithm as Device observer (TID 1004)."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=new_uid(f"device:{model.name}:{model.version}"),
+        name=model.name,
+        manufacturer_name=manufacturer,
+        model_name=f"{model.name} {model.version}",
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=sr_codes.DEVICE, observer_identifying_attributes=device
+        )
+    )
+
+
+def _lesion_group(
+    lesion: Lesion, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of one lesion: volume (cm3) and maximum diameter (mm)."""
+    volume = hd.sr.Measurement(
+        name=sr_codes.VOLUME,
+        value=lesion.volume_cm3,
+        unit=sr_codes.CUBIC_CENTIMETRE,
+        algorithm_id=algorithm,
+    )
+    diameter = hd.sr.Measurement(
+        name=sr_codes.DIAMETER,
+        value=lesion.max_diameter_mm,
+        unit=sr_codes.MILLIMETRE,
+        derivation=sr_codes.MAXIMUM,
+        algorithm_id=algorithm,
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(), identifier=lesion.name),
+        finding_type=sr_codes.METASTATIC_NEOPLASM,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=sr_codes.BRAIN)],
+        algorithm_id=algorithm,
+        measurements=[volume, diameter],
+    )
+
+
+def _egfr_group(
+    egfr: EgfrPrediction, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of the patient-level EGFR call and mutant probability."""
+    measurements = []
+    if egfr.mutant_probability is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=PrivateCode.EGFR_MUTANT_PROBABILITY.code,
+                value=egfr.mutant_probability,
+                unit=sr_codes.NO_UNITS,
+                algorithm_id=algorithm,
+            )
+        )
+    call = hd.sr.QualitativeEvaluation(
+        name=PrivateCode.EGFR_STATUS.code, value=sr_codes.egfr_call_code(egfr.call)
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=new_uid(), identifier=EGFR_TRACKING_IDENTIFIER
+        ),
+        finding_type=PrivateCode.EGFR_STATUS.code,
+        algorithm_id=algorithm,
+        measurements=measurements or None,
+        qualitative_evaluations=[call],
+    )
+
+
+def _statement_container(model: ModelIdentity) -> hd.sr.ContainerContentItem:
+    """TID 1500 "Qualitative Evaluations" container holding the AI-review statement."""
+    container = hd.sr.ContainerContentItem(
+        name=sr_codes.QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=PrivateCode.AI_STATEMENT.code,
+                value=full_statement(model),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        ]
+    )
+    return container
+
+
+def _finish_header(sr: Dataset, model: ModelIdentity, when: datetime) -> None:
+    """Series Description, dates and times, the private coding scheme, UTF-8."""
+    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")
+    sr.SpecificCharacterSet = "ISO_IR 192"
+    sr.SeriesDescription = short_label(model)
+    sr.SeriesDate, sr.SeriesTime = date, time
+    sr.ContentDate, sr.ContentTime = date, time
+    sr.InstanceCreationDate, sr.InstanceCreationTime = date, time
+    sr.CodingSchemeIdentificationSequence = DicomSequence(
+        [sr_codes.coding_scheme_identification()]
+    )
