@@ -1,0 +1,79 @@
+"""Write the DICOM results of one inference run: RTSTRUCT and SR files.
+
+The one call the node's worker and `dicom-node infer --dicom` use. Decisions:
+
+- File names are ``<KIND>_<SOPInstanceUID>.dcm``; the UID is checked to be a
+  valid UID (digits and dots, at most 64 characters) before it becomes a path.
+- Files are DICOM Part 10 (preamble, File Meta Information, Explicit VR Little
+  Endian), written with ``enforce_file_format=True`` to a temporary name and
+  renamed, so a reader never sees a half-written file.
+- No lesions: an RT Structure Set needs at least one ROI, so no RTSTRUCT is
+  written (logged as ``dicom_outputs.rtstruct_skipped``); the SR is still
+  written, it reports zero lesions and EGFR "not assessable".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import structlog
+from pydicom.dataset import Dataset
+
+from inference.result import InferenceResult
+from inference.rtstruct import build_rtstruct
+from inference.sr import build_sr
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+log = structlog.get_logger(__name__)
+
+
+def write_dicom_outputs(result: InferenceResult, out_dir: Path) -> list[Path]:
+    """Build and write the RTSTRUCT (when there are lesions) and the SR of `result`.
+
+    Parameters
+    ----------
+    result : inference.result.InferenceResult
+        The inference result on its source series.
+    out_dir : pathlib.Path
+        Directory to write into; created when missing.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The written files, RTSTRUCT first when written, then SR.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if result.lesions:
+        written.append(write_dataset(build_rtstruct(result), out_dir, "RTSTRUCT"))
+    else:
+        log.warning(
+            "dicom_outputs.rtstruct_skipped",
+            reason="no lesions found; an RT Structure Set needs at least one ROI",
+            series_uid=str(result.series.datasets[0].SeriesInstanceUID),
+        )
+    written.append(write_dataset(build_sr(result), out_dir, "SR"))
+    return written
+
+
+def write_dataset(ds: Dataset, out_dir: Path, kind: str) -> Path:
+    """Write `ds` as ``<kind>_<SOPInstanceUID>.dcm`` (DICOM Part 10), atomically.
+
+    Raises
+    ------
+    ValueError
+        `kind` is not an upper-case word or the SOP Instance UID is not a valid UID.
+    """
+    if not re.fullmatch(r"[A-Z]+", kind):
+        raise ValueError(f"kind: {kind!r} must be an upper-case word such as 'RTSTRUCT'")
+    uid = str(ds.SOPInstanceUID)
+    if len(uid) > 64 or not _UID.match(uid):
+        raise ValueError(f"ds: SOP Instance UID {uid!r} is not a valid UID")
+    path = Path(out_dir) / f"{kind}_{uid}.dcm"
+    partial = path.with_suffix(".partial")
+    ds.save_as(partial, enforce_file_format=True)
+    os.replace(partial, path)
+    return path

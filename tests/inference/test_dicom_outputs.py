@@ -1,0 +1,50 @@
+"""write_dicom_outputs: Part 10 files named by SOP Instance UID; no RTSTRUCT without lesions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import make_result, read_series, write_mr_series
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, RTStructureSetStorage
+
+from inference.dicom_outputs import write_dataset, write_dicom_outputs
+
+
+@pytest.fixture
+def series(tmp_path: Path):
+    paths = write_mr_series(
+        tmp_path / "mr", shape=(4, 30, 30), row_spacing=1.0, col_spacing=1.0, slice_spacing=2.0,
+        along_row=(1, 0, 0), along_col=(0, 1, 0),
+    )
+    return read_series(paths)
+
+
+def test_writes_rtstruct_and_sr(series, tmp_path: Path) -> None:
+    labels = np.zeros((4, 30, 30), np.uint16)
+    labels[1:3, 5:15, 5:15] = 1
+    paths = write_dicom_outputs(make_result(series, labels), tmp_path / "out")
+    assert [p.name.split("_")[0] for p in paths] == ["RTSTRUCT", "SR"]
+    for path, sop_class in zip(paths, (RTStructureSetStorage, Comprehensive3DSRStorage)):
+        ds = pydicom.dcmread(path)
+        assert path.name == f"{path.name.split('_')[0]}_{ds.SOPInstanceUID}.dcm"
+        assert ds.SOPClassUID == sop_class == ds.file_meta.MediaStorageSOPClassUID
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert ds.preamble is not None
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)
+
+
+def test_no_lesions_writes_only_the_sr(series, tmp_path: Path) -> None:
+    result = make_result(series, np.zeros((4, 30, 30), np.uint16))
+    (path,) = write_dicom_outputs(result, tmp_path / "out")
+    assert path.name.startswith("SR_")
+
+
+def test_invalid_uid_never_becomes_a_path(tmp_path: Path) -> None:
+    ds = pydicom.Dataset()
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        ds.SOPInstanceUID = "1.2/../../evil"
+    with pytest.raises(ValueError, match="not a valid UID"):
+        write_dataset(ds, tmp_path, "SR")
