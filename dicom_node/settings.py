@@ -131,7 +131,7 @@ class NodeSettings(_Section):
     dimse_timeout_s: float = Field(default=60, gt=0)
     network_timeout_s: float = Field(default=60, gt=0)
     min_free_disk_mb: int = Field(default=500, ge=0)
-    tls: TlsSettings = TlsSettings()
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("allowed_source_addresses")
     @classmethod
@@ -209,7 +209,7 @@ class Destination(_Section):
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     calling_ae_title: AETitle | None = None  # None: the node's own ae_title
-    tls: TlsSettings = TlsSettings()
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
 
 class RoutingRule(_Section):
@@ -280,12 +280,12 @@ class LoggingSettings(_Section):
 class Settings(_Section):
     """The whole node configuration (TOML ``[[destinations]]`` and ``[[rules]]``)."""
 
-    node: NodeSettings = NodeSettings()
-    storage: StorageSettings = StorageSettings()
-    series: SeriesSettings = SeriesSettings()
-    worker: WorkerSettings = WorkerSettings()
-    export: ExportSettings = ExportSettings()
-    logging: LoggingSettings = LoggingSettings()
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    series: SeriesSettings = Field(default_factory=SeriesSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
     destinations: list[Destination] = []
     rules: list[RoutingRule] = []
 
@@ -423,8 +423,9 @@ def _describe(
         loc = tuple(p for p in error["loc"] if isinstance(p, (str, int)))
         key = _format_loc(loc)
         named = _entry_name(data, loc)
-        if named:
-            key = f"{key} ({named})"
+        if named:  # rules[0] ('brain-mr').match: the entry's name right after its index
+            head = _format_loc(loc[:2])
+            key = f"{head} ({named}){key[len(head):]}"
         if error["type"] == "extra_forbidden":
             message = "unknown key"
         elif error["type"] == "missing":
