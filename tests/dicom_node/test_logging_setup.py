@@ -1,0 +1,111 @@
+"""Logging: JSON lines that parse, console rendering, levels, stdlib loggers
+routed through the same pipeline, and patient identity masked by default."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+from pydicom.valuerep import PersonName
+
+from dicom_node.logging_setup import MASK, configure_logging, get_logger
+from dicom_node.settings import LoggingSettings
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    yield
+    structlog.contextvars.clear_contextvars()
+    configure_logging(LoggingSettings(format="json", level="WARNING"), stream=io.StringIO())
+
+
+def lines(stream: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_lines_parse_with_timestamp_level_and_context() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(format="json"), stream=stream)
+    structlog.contextvars.bind_contextvars(job_id=7, series_uid="1.2.3")
+    get_logger("dicom_node.test").info("series.complete", instances=12)
+    [record] = lines(stream)
+    assert record["event"] == "series.complete" and record["instances"] == 12
+    assert record["level"] == "info" and record["logger"] == "dicom_node.test"
+    assert record["job_id"] == 7 and record["series_uid"] == "1.2.3"
+    assert record["timestamp"].endswith("Z") and "T" in record["timestamp"]
+
+
+def test_auto_is_json_when_not_a_terminal() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(format="auto"), stream=stream)
+    get_logger("x").warning("hello")
+    assert lines(stream)[0]["event"] == "hello"
+
+
+def test_console_format_is_not_json() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(format="console"), stream=stream)
+    get_logger("x").info("hello", job_id=3)
+    text = stream.getvalue()
+    assert "hello" in text and "job_id=3" in text and not text.startswith("{")
+
+
+def test_level_filter() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(format="json", level="WARNING"), stream=stream)
+    get_logger("x").info("dropped")
+    get_logger("x").error("kept")
+    assert [r["event"] for r in lines(stream)] == ["kept"]
+
+
+def test_stdlib_loggers_share_the_pipeline_and_libraries_stay_at_warning() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(format="json", level="DEBUG"), stream=stream)
+    logging.getLogger("pynetdicom.assoc").info("per-PDU noise")
+    logging.getLogger("pynetdicom.assoc").warning("association %s rejected", "A1")
+    logging.getLogger("apscheduler.scheduler").debug("tick")
+    [record] = lines(stream)
+    assert record["event"] == "association A1 rejected" and record["logger"] == "pynetdicom.assoc"
+
+
+def test_exceptions_are_rendered_in_json() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(format="json"), stream=stream)
+    try:
+        raise RuntimeError("disk on fire")
+    except RuntimeError:
+        get_logger("x").exception("store.failed")
+    assert "RuntimeError: disk on fire" in lines(stream)[0]["exception"]
+
+
+def test_patient_identity_masked_by_default() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(format="json"), stream=stream)
+    get_logger("x").info(
+        "stored", patient_name="Doe^Jane", PatientBirthDate="19700101", PatientID="P123",
+        who=PersonName("Roe^Richard"), sop_instance_uid="1.2.3.4",
+    )
+    text = stream.getvalue()
+    for secret in ("Doe", "19700101", "P123", "Roe"):
+        assert secret not in text
+    record = lines(stream)[0]
+    assert record["patient_name"] == MASK and record["who"] == MASK and record["sop_instance_uid"] == "1.2.3.4"
+
+
+def test_patient_names_logged_when_configured() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(format="json", log_patient_names=True), stream=stream)
+    get_logger("x").info("stored", patient_name="Doe^Jane")
+    assert lines(stream)[0]["patient_name"] == "Doe^Jane"
+
+
+def test_reconfiguring_replaces_the_handler() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging(LoggingSettings(format="json"), stream=first)
+    configure_logging(LoggingSettings(format="json"), stream=second)
+    get_logger("x").warning("once")
+    assert first.getvalue() == "" and len(lines(second)) == 1
