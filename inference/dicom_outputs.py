@@ -1,4 +1,4 @@
-"""Write the DICOM results of one inference run: RTSTRUCT and SR files.
+"""Write the DICOM results of one inference run: RTSTRUCT, SR and (opt-in) SEG files.
 
 The one call the node's worker and `dicom-node infer --dicom` use. Decisions:
 
@@ -7,9 +7,12 @@ The one call the node's worker and `dicom-node infer --dicom` use. Decisions:
 - Files are DICOM Part 10 (preamble, File Meta Information, Explicit VR Little
   Endian), written with ``enforce_file_format=True`` to a temporary name and
   renamed, so a reader never sees a half-written file.
-- No lesions: an RT Structure Set needs at least one ROI, so no RTSTRUCT is
-  written (logged as ``dicom_outputs.rtstruct_skipped``); the SR is still
-  written, it reports zero lesions and EGFR "not assessable".
+- No lesions: an RT Structure Set needs at least one ROI (and a SEG at least
+  one segment), so neither is written (logged as ``dicom_outputs.skipped``);
+  the SR is still written, it reports zero lesions and EGFR "not assessable".
+- The SEG is opt-in (``include_seg``): SPEC promises RTSTRUCT + SR to the
+  destinations, and a TPS that does not accept Segmentation Storage would fail
+  the export of the whole job.
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ from pydicom.dataset import Dataset
 
 from inference.result import InferenceResult
 from inference.rtstruct import build_rtstruct
+from inference.seg import build_seg
 from inference.sr import build_sr
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 log = structlog.get_logger(__name__)
 
 
-def write_dicom_outputs(result: InferenceResult, out_dir: Path) -> list[Path]:
-    """Build and write the RTSTRUCT (when there are lesions) and the SR of `result`.
+def write_dicom_outputs(
+    result: InferenceResult, out_dir: Path, *, include_seg: bool = False
+) -> list[Path]:
+    """Build and write the RTSTRUCT and SEG (when there are lesions) and the SR of `result`.
 
     Parameters
     ----------
@@ -38,20 +44,25 @@ def write_dicom_outputs(result: InferenceResult, out_dir: Path) -> list[Path]:
         The inference result on its source series.
     out_dir : pathlib.Path
         Directory to write into; created when missing.
+    include_seg : bool
+        Also write a DICOM Segmentation of the lesions.
 
     Returns
     -------
     list of pathlib.Path
-        The written files, RTSTRUCT first when written, then SR.
+        The written files in the order RTSTRUCT, SEG, SR (those written).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if result.lesions:
         written.append(write_dataset(build_rtstruct(result), out_dir, "RTSTRUCT"))
+        if include_seg:
+            written.append(write_dataset(build_seg(result), out_dir, "SEG"))
     else:
         log.warning(
-            "dicom_outputs.rtstruct_skipped",
+            "dicom_outputs.skipped",
+            outputs="RTSTRUCT" + (", SEG" if include_seg else ""),
             reason="no lesions found; an RT Structure Set needs at least one ROI",
             series_uid=str(result.series.datasets[0].SeriesInstanceUID),
         )

@@ -8,7 +8,12 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import make_result, read_series, write_mr_series
-from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian, RTStructureSetStorage
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ExplicitVRLittleEndian,
+    RTStructureSetStorage,
+    SegmentationStorage,
+)
 
 from inference.dicom_outputs import write_dataset, write_dicom_outputs
 
@@ -36,9 +41,17 @@ def test_writes_rtstruct_and_sr(series, tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)
 
 
+def test_seg_is_opt_in(series, tmp_path: Path) -> None:
+    labels = np.zeros((4, 30, 30), np.uint16)
+    labels[1:3, 5:15, 5:15] = 1
+    paths = write_dicom_outputs(make_result(series, labels), tmp_path / "out", include_seg=True)
+    assert [p.name.split("_")[0] for p in paths] == ["RTSTRUCT", "SEG", "SR"]
+    assert pydicom.dcmread(paths[1]).SOPClassUID == SegmentationStorage
+
+
 def test_no_lesions_writes_only_the_sr(series, tmp_path: Path) -> None:
     result = make_result(series, np.zeros((4, 30, 30), np.uint16))
-    (path,) = write_dicom_outputs(result, tmp_path / "out")
+    (path,) = write_dicom_outputs(result, tmp_path / "out", include_seg=True)
     assert path.name.startswith("SR_")
 
 
