@@ -10,6 +10,7 @@ scheduler and the workers.
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -54,7 +55,7 @@ class NodeService:
 
     def start(self) -> tuple[str, int]:
         removed = self.store.remove_partials()
-        resumed = resume_interrupted(self.db)
+        resumed = resume_interrupted(self.db, self.worker_prefix)
         log.info("service.starting", data_dir=str(self.store.root), partials_removed=removed,
                  jobs_resumed=resumed)
         s = self.settings
@@ -71,12 +72,17 @@ class NodeService:
                 "interval", minutes=s.storage.retention_check_interval_min, id="retention", **every)
         self._scheduler.start()
         for index in range(s.worker.count):
-            worker = InferenceWorker(f"worker-{index}", self.db, self.store, s.worker, self.registry,
+            worker = InferenceWorker(f"{self.worker_prefix}{index}", self.db, self.store, s.worker, self.registry,
                                      self._stop)
             worker.start()
             self._workers.append(worker)
         self.address = self.scp.start()
         return self.address
+
+    @property
+    def worker_prefix(self) -> str:
+        """Worker names on this host: `<hostname>-worker-<n>` (what `resume_interrupted` matches)."""
+        return f"{socket.gethostname()}-worker-"
 
     @staticmethod
     def _guard(function):

@@ -209,10 +209,15 @@ def retry_job(db: Database, job_id: int) -> None:
         set_state(session, job, JobState.QUEUED, "queued again by retry")
 
 
-def resume_interrupted(db: Database) -> list[int]:
-    """On start-up: jobs left `running` go back to `queued` (the interrupted stage re-runs)."""
+def resume_interrupted(db: Database, worker_prefix: str) -> list[int]:
+    """On start-up: this host's jobs left `running` go back to `queued`.
+
+    Only jobs claimed by workers named `<worker_prefix>...` (this host) are
+    touched, so a restarting host never steals jobs running on another one.
+    """
     with db.session() as session:
-        jobs = session.scalars(select(Job).where(Job.state == JobState.RUNNING)).all()
+        jobs = session.scalars(select(Job).where(Job.state == JobState.RUNNING,
+                                                 Job.claimed_by.startswith(worker_prefix))).all()
         for job in jobs:
             set_state(session, job, JobState.QUEUED,
                        f"re-queued after an interrupted run on {job.claimed_by}")

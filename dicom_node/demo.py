@@ -1,0 +1,276 @@
+"""The demo: the whole product on one machine, with nothing configured.
+
+Starts a receiving node standing in for the TPS (DCMTK `storescp` when
+installed, else a pynetdicom Store SCP), starts this node with the embedded
+defaults on free loopback ports, generates a synthetic T1-CE study (a phantom
+seed the demo model never saw), sends it with C-STORE (DCMTK `storescu` when
+installed, else pynetdicom), waits for the job and prints what a physicist
+wants to see. The overlay PNG is drawn from the RTSTRUCT *as received by the
+TPS*, not from the node's internal mask, so it shows what the TPS imports.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dicom_node.service import NodeService
+from dicom_node.settings import Destination, RoutingRule, Settings
+from storage.jobs import list_jobs, load_job
+from storage.models import TERMINAL_STATES, EventKind, Job, JobState
+
+DEMO_SEED = 90210  # never used for training (see inference/models/mtsa-demo/MODEL_CARD.md)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ReceivingNode:
+    """The stand-in TPS: a Store SCP writing what it receives to `folder`."""
+
+    def __init__(self, folder: Path, port: int, ae_title: str = "TPS") -> None:
+        self.folder, self.port, self.ae_title = folder, port, ae_title
+        folder.mkdir(parents=True, exist_ok=True)
+        self._process: subprocess.Popen | None = None
+        self._server = None
+        storescp = shutil.which("storescp")
+        if storescp:
+            self.kind = "DCMTK storescp"
+            self._process = subprocess.Popen([storescp, "-aet", ae_title, "-od", str(folder), str(port)],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+            self.kind = "pynetdicom Store SCP"
+            ae = AE(ae_title=ae_title)
+            ae.supported_contexts = AllStoragePresentationContexts
+
+            def handle(event):
+                ds = event.dataset
+                ds.file_meta = event.file_meta
+                ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+                return 0x0000
+
+            self._server = ae.start_server(("127.0.0.1", port), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, handle)])
+        self._wait_listening()
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"the receiving node did not start on port {self.port}")
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(10)
+        if self._server is not None:
+            self._server.shutdown()
+
+
+def send_series(files: list[Path], port: int, console: Console) -> str:
+    """C-STORE every file to the node, with a progress bar; returns the sender's name."""
+    storescu = shutil.which("storescu")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task("C-STORE to DICOMNODE", total=len(files))
+        if storescu:
+            batch = 16
+            for start in range(0, len(files), batch):
+                chunk = files[start:start + batch]
+                result = subprocess.run([storescu, "-aet", "DEMO_MR", "-aec", "DICOMNODE", "127.0.0.1", str(port),
+                                         *map(str, chunk)], capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise RuntimeError(f"storescu failed: {result.stderr.strip()}")
+                progress.advance(task, len(chunk))
+            return "DCMTK storescu"
+        from pynetdicom import AE
+        from pynetdicom.sop_class import MRImageStorage
+
+        ae = AE(ae_title="DEMO_MR")
+        ae.add_requested_context(MRImageStorage)
+        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+        if not assoc.is_established:
+            raise RuntimeError("the node refused the association")
+        try:
+            for path in files:
+                status = assoc.send_c_store(pydicom.dcmread(path))
+                if not status or status.Status != 0:
+                    raise RuntimeError(f"C-STORE of {path.name} failed: {status}")
+                progress.advance(task)
+        finally:
+            assoc.release()
+        return "pynetdicom"
+
+
+def wait_for_job(service: NodeService, console: Console, timeout_s: float = 900) -> Job:
+    """Follow the job's events live until it ends."""
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    with console.status("waiting for the series to complete (quiet period)...") as status:
+        while time.monotonic() < deadline:
+            jobs = list_jobs(service.db)
+            if jobs:
+                job = load_job(service.db, jobs[0].id)
+                for event in job.events[seen:]:
+                    duration = f" ({event.duration_s:.1f} s)" if event.duration_s is not None else ""
+                    console.print(f"  [dim]{event.at:%H:%M:%S}[/] {event.kind.value:6} {event.message}{duration}",
+                                  highlight=False)
+                    status.update(f"job {job.id}: {job.state.value}...")
+                seen = len(job.events)
+                if job.state in TERMINAL_STATES:
+                    return job
+            time.sleep(0.2)
+    raise TimeoutError("the job did not finish in time")
+
+
+def print_report(job: Job, receiver: ReceivingNode, console: Console) -> None:
+    summary = job.summary or {}
+    model = summary.get("model", {})
+    console.rule(f"Job {job.id}: {job.state.value}")
+    if job.reason:
+        console.print(f"[red]reason:[/] {job.reason}")
+    stages = Table("stage", "duration (s)", title="Stage timings")
+    for event in job.events:
+        if event.kind == EventKind.STAGE:
+            stages.add_row(event.message, f"{event.duration_s:.2f}")
+    console.print(stages)
+    lesions = Table("lesion", "volume (cm3)", "max diameter (mm)", title="Lesions (GTV)")
+    for lesion in summary.get("lesions", []):
+        lesions.add_row(lesion["name"], f"{lesion['volume_cm3']:.3f}", f"{lesion['max_diameter_mm']:.1f}")
+    console.print(lesions)
+    egfr = summary.get("egfr", {})
+    probability = egfr.get("mutant_probability")
+    console.print(f"EGFR: [bold]{egfr.get('call', '?')}[/]"
+                  + (f" (mutant probability {probability:.3f})" if probability is not None else ""))
+    console.print(f"Model: {model.get('name', '?')} {model.get('version', '')}"
+                  + ("  [bold red]DEMO MODEL - synthetic data - NOT FOR CLINICAL USE[/]" if model.get("is_demo") else ""))
+    console.print(f"Received by the TPS ({receiver.kind}, AE {receiver.ae_title} on port {receiver.port}):")
+    for path in receiver.received():
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        console.print(f"  {header.Modality:8} {header.SeriesDescription}  ->  {path}", highlight=False)
+
+
+def overlay_png(series_files: list[Path], rtstruct_path: Path, out_png: Path, max_panels: int = 4) -> Path:
+    """Key slices (largest contour of each ROI) with the received RTSTRUCT's contours drawn on them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import SimpleITK as sitk
+
+    from inference.rtstruct_raster import patient_to_continuous_index
+    from inference.volume_loader import load_series
+
+    series = load_series(series_files)
+    volume = sitk.GetArrayViewFromImage(series.image)
+    rtstruct = pydicom.dcmread(rtstruct_path)
+    names = {roi.ROINumber: roi.ROIName for roi in rtstruct.StructureSetROISequence}
+    panels: list[tuple[str, int, list[np.ndarray], tuple[float, float, float]]] = []
+    for roi_contour in rtstruct.ROIContourSequence:
+        by_slice: dict[int, list[np.ndarray]] = {}
+        for contour in getattr(roi_contour, "ContourSequence", []):
+            points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+            index = patient_to_continuous_index(points, series)
+            by_slice.setdefault(int(round(index[:, 2].mean())), []).append(index[:, :2])
+        if not by_slice:
+            continue
+        best = max(by_slice, key=lambda k: sum(len(c) for c in by_slice[k]))
+        colour = tuple(v / 255 for v in roi_contour.ROIDisplayColor)
+        panels.append((names[roi_contour.ReferencedROINumber], best, by_slice[best], colour))
+    panels = panels[:max_panels] or [("no lesion", volume.shape[0] // 2, [], (1, 1, 1))]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.8), squeeze=False)
+    for axis, (name, k, contours, colour) in zip(axes[0], panels):
+        axis.imshow(volume[k], cmap="gray")
+        for contour in contours:
+            closed = np.vstack([contour, contour[:1]])
+            axis.plot(closed[:, 0], closed[:, 1], color=colour, linewidth=1.5)
+        axis.set_title(f"{name} - slice {k + 1}/{volume.shape[0]}", fontsize=10)
+        axis.axis("off")
+    figure.suptitle(f"{rtstruct.get('StructureSetLabel', '')}: contours from the RTSTRUCT received by the TPS",
+                    fontsize=10)
+    figure.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, dpi=110)
+    plt.close(figure)
+    return out_png
+
+
+@dataclass
+class DemoResult:
+    job: Job
+    received: list[Path]
+    overlay: Path | None
+
+
+def run_demo(out_dir: Path, *, seed: int = DEMO_SEED, matrix: int | None = None, slices: int | None = None,
+             console: Console | None = None) -> DemoResult:
+    """Run the whole demo in `out_dir` (wiped first); see the module docstring."""
+    from inference.phantoms import generate_phantom, write_phantom_series
+
+    console = console or Console()
+    out_dir = out_dir.resolve()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    tps_port = free_port()
+    receiver = ReceivingNode(out_dir / "tps-received", tps_port)
+    console.print(f"[bold]1.[/] receiving node (the TPS): {receiver.kind}, AE TPS on 127.0.0.1:{tps_port}")
+    settings = Settings(
+        destinations=[Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=tps_port)],
+        rules=[RoutingRule(name="brain-mr", model="default", match={"Modality": "MR"}, destinations=["tps"])],
+    ).model_copy(deep=True)
+    settings.node.port = free_port()
+    settings.storage.data_dir = out_dir / "node-data"
+    settings.series.quiet_period_s = 3
+    settings.series.check_interval_s = 0.5
+    settings.export.retry_initial_s = 1
+    service = NodeService(settings)
+    try:
+        host, port = service.start()
+        console.print(f"[bold]2.[/] this node: AE DICOMNODE on {host}:{port}, data in {settings.storage.data_dir}")
+        with console.status("generating a synthetic T1-CE study (MNI template + metastases)..."):
+            phantom = generate_phantom(seed, orientation="axial", matrix=matrix, slices=slices)
+            files = write_phantom_series(phantom, out_dir / "study", patient_name="DEMO^PHANTOM",
+                                         patient_id="DEMO0001")
+        console.print(f"[bold]3.[/] synthetic study: {len(files)} slices, {len(phantom.lesion_diameters_mm)} "
+                      f"simulated lesion(s) {phantom.lesion_diameters_mm} mm, in {out_dir / 'study'}")
+        sender = send_series(files, port, console)
+        console.print(f"[bold]4.[/] sent with {sender}; following the job:")
+        job = wait_for_job(service, console)
+        if job.state == JobState.DONE:
+            deadline = time.monotonic() + 10
+            while len(receiver.received()) < len(job.exports) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        print_report(job, receiver, console)
+        rtstructs = [p for p in receiver.received()
+                     if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT"]
+        overlay = None
+        if rtstructs:
+            overlay = overlay_png(files, rtstructs[0], out_dir / "overlay.png")
+            console.print(f"Overlay of the received contours on key slices: [bold]{overlay}[/]")
+        console.print(f"Follow it later: dicom-node jobs show {job.id} "
+                      f"(with DICOM_NODE__STORAGE__DATA_DIR={settings.storage.data_dir})")
+        return DemoResult(job=job, received=receiver.received(), overlay=overlay)
+    finally:
+        service.stop()
+        receiver.stop()
