@@ -363,11 +363,17 @@ def _lesion_contour_items(
 ) -> list[tuple[int, Dataset]]:
     """(slice index, Contour Sequence item) of every contour of one lesion."""
     mask = result.lesion_mask(lesion)
+    rows, cols = np.flatnonzero(mask.any(axis=(0, 2))), np.flatnonzero(mask.any(axis=(0, 1)))
+    if rows.size == 0:
+        raise ValueError(f"result: lesion {lesion.name} (label {lesion.label}) has no voxels")
+    # Contours are traced on the lesion's bounding box only, then shifted back.
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    offset = np.array([rows[0], cols[0]], dtype=float)
     items = []
     for index in np.flatnonzero(mask.any(axis=(1, 2))):
         source = result.series.datasets[index]
-        for points_rc in slice_contours(mask[index], simplify_tolerance_px):
-            patient = pixel_to_patient(points_rc, source)
+        for points_rc in slice_contours(mask[index][box], simplify_tolerance_px):
+            patient = pixel_to_patient(points_rc + offset, source)
             item = Dataset()
             item.ContourImageSequence = DicomSequence([_image_reference(source)])
             item.ContourGeometricType = ContourGeometricType.CLOSED_PLANAR.value

@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+import skimage.draw
 from conftest import (
     CLINICAL_MODEL,
     DEMO_MODEL,
@@ -101,6 +102,19 @@ def test_diagonal_neighbours_do_not_share_contour_points() -> None:
     assert len(contours) == 4
     points = [tuple(p) for c in contours for p in c]
     assert len(points) == len(set(points))
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.25, 0.35])
+def test_even_odd_fill_of_contours_reproduces_random_masks(tolerance: float) -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        mask = rng.random((24, 24)) < rng.uniform(0.2, 0.8)
+        filled = np.zeros_like(mask)
+        for contour in slice_contours(mask, tolerance):
+            inside = np.zeros_like(mask)
+            inside[skimage.draw.polygon(contour[:, 0], contour[:, 1], mask.shape)] = True
+            filled ^= inside
+        assert np.array_equal(filled, mask)
 
 
 @pytest.mark.parametrize("tolerance", [-0.1, MAX_SIMPLIFY_TOLERANCE_PX, 1.0])
@@ -270,7 +284,7 @@ def test_lesion_without_voxels_is_an_error(small_series) -> None:
     result = make_result(small_series, tricky_labels((6, 40, 50)))
     result.label_map = sitk.GetImageFromArray((tricky_labels((6, 40, 50)) == 1).astype(np.uint16))
     result.label_map.CopyInformation(small_series.image)
-    with pytest.raises(ValueError, match="GTV_2 .* no contour"):
+    with pytest.raises(ValueError, match="GTV_2 .* no voxels"):
         build_rtstruct(result)
 
 
