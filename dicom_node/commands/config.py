@@ -16,7 +16,7 @@ from rich.table import Table
 from dicom_node.commands._common import ConfigOption, fail, settings_or_exit
 
 config_app = typer.Typer(help="Check the node configuration.", no_args_is_help=True)
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 @config_app.command("check")

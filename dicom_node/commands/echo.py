@@ -13,7 +13,7 @@ from rich.console import Console
 
 from dicom_node.commands._common import fail
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def echo(
@@ -28,24 +28,26 @@ def echo(
     timeout: float = typer.Option(10.0, "--timeout", min=0.1, help="Seconds per network step."),
 ) -> None:
     """Send a C-ECHO (DICOM "ping") and print the outcome."""
-    from pydantic import ValidationError
+    from pydantic import TypeAdapter, ValidationError
 
     from dicom_node.echo_scu import send_echo
-    from dicom_node.settings import ConfigError, TlsSettings
+    from dicom_node.settings import AETitle, ConfigError, TlsSettings
 
     try:
+        calling, called = (TypeAdapter(AETitle).validate_python(title) for title in (aet, aec))
         tls_settings = TlsSettings(
             enabled=tls or tls_ca is not None or tls_cert is not None,
             ca_file=tls_ca,
             cert_file=tls_cert,
             key_file=tls_key,
         )
-        result = send_echo(
-            host, port, calling_ae_title=aet, called_ae_title=aec, tls=tls_settings, timeout_s=timeout
-        )
     except ValidationError as exc:
         raise fail("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
-    except (ConfigError, ValueError) as exc:  # unreadable certificate, invalid AE title
+    try:
+        result = send_echo(
+            host, port, calling_ae_title=calling, called_ae_title=called, tls=tls_settings, timeout_s=timeout
+        )
+    except ConfigError as exc:  # unreadable certificate or key
         raise fail(str(exc)) from None
     if result.ok:
         console.print(f"[green]{result.message}[/] in {result.elapsed_s * 1000:.0f} ms")
