@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
 from inference.result import (
@@ -105,22 +106,22 @@ def make_result(
     egfr: EgfrPrediction | None = None,
 ) -> InferenceResult:
     """An InferenceResult whose lesions are the labels of `labels` (k, rows, cols), by size."""
-    spacing = np.asarray(series.image.GetSpacing())
+    image = series.image
+    spacing = np.asarray(image.GetSpacing())
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
     present = [int(v) for v in np.unique(labels) if v]
     present.sort(key=lambda v: -int((labels == v).sum()))
     lesions = []
     for rank, value in enumerate(present, start=1):
-        kji = np.argwhere(labels == value)
-        points = np.array(
-            [series.image.TransformIndexToPhysicalPoint([int(i), int(j), int(k)]) for k, j, i in kji]
-        )
+        ijk = np.argwhere(labels == value)[:, ::-1]
+        points = np.asarray(image.GetOrigin()) + (ijk * spacing) @ direction.T
         lesions.append(
             Lesion(
                 label=value,
                 name=f"GTV_{rank}",
-                voxel_count=len(kji),
-                volume_cm3=len(kji) * float(np.prod(spacing)) / 1000.0,
-                max_diameter_mm=float(pdist(points).max()) if len(points) > 1 else 0.0,
+                voxel_count=len(ijk),
+                volume_cm3=len(ijk) * float(np.prod(spacing)) / 1000.0,
+                max_diameter_mm=_max_diameter(points),
                 centroid_mm=tuple(float(v) for v in points.mean(axis=0)),
             )
         )
@@ -140,6 +141,17 @@ def make_result(
         egfr=egfr,
         model=model,
     )
+
+
+def _max_diameter(points: np.ndarray) -> float:
+    """Largest distance between two voxel centres (on the convex hull when there is one)."""
+    if len(points) < 2:
+        return 0.0
+    try:
+        points = points[ConvexHull(points).vertices]
+    except QhullError:  # flat or tiny lesion: all points
+        pass
+    return float(pdist(points).max())
 
 
 def dciodvfy_messages(path: Path) -> tuple[list[str], list[str]]:
