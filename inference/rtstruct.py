@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
@@ -123,11 +124,7 @@ def slice_contours(mask: np.ndarray, simplify_tolerance_px: float = 0.25) -> lis
     """
     if mask.ndim != 2:
         raise ValueError(f"mask: expected a 2D slice, got shape {mask.shape}")
-    if not 0.0 <= simplify_tolerance_px < MAX_SIMPLIFY_TOLERANCE_PX:
-        raise ValueError(
-            f"simplify_tolerance_px: {simplify_tolerance_px} is outside "
-            f"[0, {MAX_SIMPLIFY_TOLERANCE_PX:.3f}) px"
-        )
+    _check_tolerance(simplify_tolerance_px)
     padded = np.pad(mask.astype(np.float32), 1)
     contours = []
     for line in find_contours(padded, 0.5, fully_connected="low"):
@@ -136,6 +133,15 @@ def slice_contours(mask: np.ndarray, simplify_tolerance_px: float = 0.25) -> lis
         if len(points) >= 3 and abs(_polygon_area(points)) > _MIN_AREA_PX2:
             contours.append(points)
     return contours
+
+
+def _check_tolerance(simplify_tolerance_px: float) -> None:
+    """Raise `ValueError` unless ``0 <= simplify_tolerance_px < MAX_SIMPLIFY_TOLERANCE_PX``."""
+    if not 0.0 <= simplify_tolerance_px < MAX_SIMPLIFY_TOLERANCE_PX:
+        raise ValueError(
+            f"simplify_tolerance_px: {simplify_tolerance_px} is outside "
+            f"[0, {MAX_SIMPLIFY_TOLERANCE_PX:.3f}) px"
+        )
 
 
 def _polygon_area(points: np.ndarray) -> float:
@@ -214,11 +220,7 @@ def build_rtstruct(
     _validate_result(result)
     if series_number < 1:
         raise ValueError(f"series_number: must be positive, got {series_number}")
-    if not 0.0 <= simplify_tolerance_px < MAX_SIMPLIFY_TOLERANCE_PX:
-        raise ValueError(
-            f"simplify_tolerance_px: {simplify_tolerance_px} is outside "
-            f"[0, {MAX_SIMPLIFY_TOLERANCE_PX:.3f}) px"
-        )
+    _check_tolerance(simplify_tolerance_px)
     when = timestamp or datetime.now().astimezone()
     sources = result.series.datasets
     frame_of_reference_uid = sources[0].FrameOfReferenceUID
@@ -346,8 +348,16 @@ def _decoded(value: object) -> object:
     if isinstance(value, PersonName):
         return str(value)
     if isinstance(value, DicomSequence):
-        return DicomSequence([Dataset(item) for item in value])
+        return DicomSequence([_decoded_item(item) for item in value])
     return value
+
+
+def _decoded_item(item: Dataset) -> Dataset:
+    """A copy of a sequence item; iterating converts raw elements with the source charset."""
+    copy = Dataset()
+    for element in item:
+        copy.add(DataElement(element.tag, element.VR, _decoded(element.value)))
+    return copy
 
 
 def _image_reference(ds: Dataset) -> Dataset:
