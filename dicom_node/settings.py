@@ -6,8 +6,8 @@ Decisions recorded here:
 - Sources, lowest to highest precedence: built-in defaults, the TOML file
   (``path`` argument, else ``$DICOM_NODE_CONFIG``), then environment overrides
   ``DICOM_NODE__SECTION__KEY=value`` (``__`` separates levels, names are
-  case-insensitive; a numeric level indexes a list, e.g.
-  ``DICOM_NODE__DESTINATIONS__0__HOST``). A value is parsed as TOML when it is a
+  case-insensitive except the DICOM keywords under ``match``; a numeric level
+  indexes a list, e.g. ``DICOM_NODE__DESTINATIONS__0__HOST``). A value is parsed as TOML when it is a
   quoted string, an array or an inline table; otherwise it is kept as text and
   pydantic converts it to the field's type (so ``DICOM_NODE__NODE__PORT=11200``
   is an int, while an AE title ``123`` stays the string ``"123"``). An empty
@@ -366,7 +366,12 @@ def _apply_env_overrides(
     for var in sorted(env):
         if not var.upper().startswith(ENV_PREFIX):
             continue
-        parts = [p.lower() for p in var[len(ENV_PREFIX):].split("__")]
+        raw_parts = var[len(ENV_PREFIX):].split("__")
+        # Names are case-insensitive, except DICOM keywords under a rule's "match".
+        parts = [
+            part if i and raw_parts[i - 1].lower() == "match" else part.lower()
+            for i, part in enumerate(raw_parts)
+        ]
         if not all(parts):
             raise ConfigError(f"environment {var}: empty key level in the variable name")
         node: Any = data

@@ -97,6 +97,14 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert settings.series.quiet_period_s == 30
 
 
+def test_environment_overrides_rule_patterns_keeping_keyword_case() -> None:
+    env = {"DICOM_NODE__RULES__0__MATCH__SeriesDescription": "~T1", "DICOM_NODE__RULES__0__MODEL": "/models/x"}
+    [rule] = load_settings(EXAMPLE, env=env).rules
+    assert rule.match == {"Modality": "MR", "SeriesDescription": "~T1"} and rule.model == "/models/x"
+    [rule] = load_settings(EXAMPLE, env={"DICOM_NODE__RULES__0__MATCH": '{Modality = "CT"}'}).rules
+    assert rule.match == {"Modality": "CT"}
+
+
 def test_source_address_allow_list() -> None:
     settings = load_settings(env={"DICOM_NODE__NODE__ALLOWED_SOURCE_ADDRESSES": '["10.1.0.0/16", "::1"]'})
     assert settings.node.is_source_allowed("10.1.2.3") and settings.node.is_source_allowed("::1")
