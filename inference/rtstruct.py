@@ -277,6 +277,31 @@ def _validate_result(result: InferenceResult) -> None:
         if (ds.Rows, ds.Columns) != (size[1], size[0]):
             raise ValueError(f"result: source header {index} is {ds.Rows}x{ds.Columns}, "
                              f"label map slices are {size[1]}x{size[0]}")
+    _check_slice_geometry(result)
+
+
+def _check_slice_geometry(result: InferenceResult) -> None:
+    """Raise unless header k lies where slice k of the label map lies.
+
+    Contours are placed with the headers, the mask comes from the label map: a
+    mis-ordered or foreign header would silently move contours to the wrong
+    slice. Tolerance: a tenth of the smallest voxel spacing.
+    """
+    label_map = result.label_map
+    tolerance = 0.1 * min(label_map.GetSpacing())
+    direction = np.asarray(label_map.GetDirection(), dtype=float).reshape(3, 3)
+    for index, ds in enumerate(result.series.datasets):
+        expected = np.asarray(label_map.TransformIndexToPhysicalPoint((0, 0, index)))
+        position = np.asarray(ds.ImagePositionPatient, dtype=float)
+        orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+        if (
+            np.linalg.norm(position - expected) > tolerance
+            or not np.allclose(orientation, direction[:, :2].T.ravel(), atol=1e-3)
+        ):
+            raise ValueError(
+                f"result: source header {index} (Image Position/Orientation) does not lie on "
+                f"slice {index} of the label map"
+            )
 
 
 def _generation_description(result: InferenceResult) -> str:

@@ -295,6 +295,14 @@ def test_label_map_must_match_the_source_grid(small_series) -> None:
         build_rtstruct(result)
 
 
+def test_headers_out_of_slice_order_are_rejected(small_series) -> None:
+    result = make_result(small_series, tricky_labels((6, 40, 50)))
+    datasets = result.series.datasets
+    datasets[1], datasets[2] = datasets[2], datasets[1]
+    with pytest.raises(ValueError, match="does not lie on slice 1"):
+        build_rtstruct(result)
+
+
 def test_series_number_is_validated(small_series) -> None:
     result = make_result(small_series, tricky_labels((6, 40, 50)))
     with pytest.raises(ValueError, match="series_number"):
