@@ -11,9 +11,11 @@ TPS*, not from the node's internal mask, so it shows what the TPS imports.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,13 @@ from storage.models import TERMINAL_STATES, EventKind, Job, JobState
 DEMO_SEED = 90210  # never used for training (see inference/models/mtsa-demo/MODEL_CARD.md)
 
 
+def find_dcmtk(name: str) -> str | None:
+    """Path of a DCMTK tool, ignoring the same-named pynetdicom scripts in our own venv."""
+    venv_bin = str(Path(sys.prefix) / "bin")
+    search = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    return shutil.which(name, path=search)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -45,7 +54,7 @@ class ReceivingNode:
         folder.mkdir(parents=True, exist_ok=True)
         self._process: subprocess.Popen | None = None
         self._server = None
-        storescp = shutil.which("storescp")
+        storescp = find_dcmtk("storescp")
         if storescp:
             self.kind = "DCMTK storescp"
             self._process = subprocess.Popen([storescp, "-aet", ae_title, "-od", str(folder), str(port)],
@@ -89,7 +98,7 @@ class ReceivingNode:
 
 def send_series(files: list[Path], port: int, console: Console) -> str:
     """C-STORE every file to the node, with a progress bar; returns the sender's name."""
-    storescu = shutil.which("storescu")
+    storescu = find_dcmtk("storescu")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as progress:
         task = progress.add_task("C-STORE to DICOMNODE", total=len(files))

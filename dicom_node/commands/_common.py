@@ -9,7 +9,7 @@ from rich.console import Console
 
 from dicom_node.settings import ConfigError, Settings, load_settings
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = typer.Option(
     None, "--config", "-c", help="Configuration TOML (default: $DICOM_NODE_CONFIG, else built-in defaults)."

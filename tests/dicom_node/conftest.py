@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from dicom_node.demo import find_dcmtk
 from dicom_node.logging_setup import configure_logging
 from dicom_node.service import NodeService
 from dicom_node.settings import LoggingSettings, load_settings
@@ -18,8 +18,12 @@ EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "config" / "node.example.
 
 
 def require_tool(name: str) -> str:
-    """Path of a DCMTK/dicom3tools binary, or skip with the reason (CI installs them)."""
-    path = shutil.which(name)
+    """Path of a DCMTK/dicom3tools binary, or skip with the reason (CI installs them).
+
+    pynetdicom's same-named scripts in the venv are not the independent peers
+    we test against; `find_dcmtk` skips them.
+    """
+    path = find_dcmtk(name)
     if path is None:
         pytest.skip(f"{name} not installed (Debian package dcmtk/dicom3tools; CI installs it)")
     return path
