@@ -1,0 +1,87 @@
+"""End-to-end latency: last C-STORE response -> RTSTRUCT arriving at the receiving node.
+
+One 176-slice 512x512 synthetic series is sent with DCMTK `storescu` to the
+node (demo model, one CPU worker); a pynetdicom Store SCP stands in for the
+TPS and timestamps each arrival. The quiet period (series completion timeout)
+is part of the latency and is reported separately, with the job's stage
+breakdown from its events.
+
+    .venv/bin/python bench/end_to_end.py [--quiet-period 2] [--matrix 512 --slices 176]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+from dicom_node.demo import find_dcmtk, free_port
+from dicom_node.logging_setup import configure_logging
+from dicom_node.service import NodeService
+from dicom_node.settings import Destination, LoggingSettings, RoutingRule, Settings
+from inference.phantoms import generate_phantom, write_phantom_series
+from storage.jobs import list_jobs, load_job
+from storage.models import EventKind
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--matrix", type=int, default=512)
+    parser.add_argument("--slices", type=int, default=176)
+    parser.add_argument("--quiet-period", type=float, default=2.0)
+    args = parser.parse_args()
+    configure_logging(LoggingSettings(format="json", level="ERROR"))
+    work = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
+    files = write_phantom_series(generate_phantom(12, orientation="axial", matrix=args.matrix,
+                                                  slices=args.slices, n_lesions=3), work / "series")
+    arrivals: dict[str, float] = {}
+
+    def on_store(event):
+        arrivals[str(event.dataset.Modality)] = time.perf_counter()
+        return 0x0000
+
+    tps = AE(ae_title="TPS")
+    tps.supported_contexts = AllStoragePresentationContexts
+    tps_port = free_port()
+    server = tps.start_server(("127.0.0.1", tps_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    settings = Settings(destinations=[Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=tps_port)],
+                        rules=[RoutingRule(name="mr", match={"Modality": "MR"}, destinations=["tps"])])
+    settings.node.port = 0
+    settings.storage.data_dir = work / "node"
+    settings.series.quiet_period_s = args.quiet_period
+    settings.series.check_interval_s = 0.2
+    service = NodeService(settings)
+    _, port = service.start()
+    try:
+        send_start = time.perf_counter()
+        subprocess.run([find_dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)],
+                       check=True, capture_output=True)
+        last_response = time.perf_counter()
+        while "RTSTRUCT" not in arrivals and time.perf_counter() - last_response < 900:
+            time.sleep(0.05)
+        job = load_job(service.db, list_jobs(service.db)[0].id)
+    finally:
+        service.stop()
+        server.shutdown()
+    latency = arrivals["RTSTRUCT"] - last_response
+    stages = {e.message: round(e.duration_s, 2) for e in job.events if e.kind == EventKind.STAGE}
+    print(json.dumps({
+        "series": f"{len(files)} slices {args.matrix}x{args.matrix}",
+        "send_s": round(last_response - send_start, 2),
+        "latency_last_store_to_rtstruct_s": round(latency, 2),
+        "quiet_period_s": args.quiet_period,
+        "latency_without_quiet_period_s": round(latency - args.quiet_period, 2),
+        "sr_after_rtstruct_s": round(arrivals.get("SR", float("nan")) - arrivals["RTSTRUCT"], 2),
+        "job_state": job.state.value,
+        "stages_s": stages,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
