@@ -1,0 +1,108 @@
+"""`dicom-node train`: train MTSA-Net on phantoms or a department's data.
+
+A thin layer over `inference.training`; torch and the engine are imported inside
+the command so the rest of the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+DATA_HELP = """Folder of cases: DATA/labels.csv ("case_id,egfr", egfr 0/1 or "wild type"/"mutant")
+and one folder per case: image/ (a DICOM series) or image.nii.gz, plus mask.nii.gz
+(GTV on the image grid, non-zero = GTV) or rtstruct.dcm (ROIs matching --roi-pattern)."""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `train` command."""
+    app.command(
+        "train",
+        help=(
+            "Train MTSA-Net (SPEC.md: uncertainty-weighted Dice+focal / cross-entropy, Adam 3e-4, "
+            "early stopping) on generated phantoms (--phantoms) or a data folder (--data), and save "
+            "the best epoch as a model package in --out. Data folder layout: " + DATA_HELP
+        ),
+    )(train)
+
+
+def train(
+    out: Annotated[Path, typer.Option(help="Directory to write the model package to.")],
+    phantoms: Annotated[Optional[int], typer.Option(help="Train on N generated phantoms (seeds SEED..SEED+N-1).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help=DATA_HELP, exists=True, file_okay=False)] = None,
+    roi_pattern: Annotated[str, typer.Option(help="Regex on RTSTRUCT ROI names that are GTV.")] = "(?i)gtv",
+    seed: Annotated[int, typer.Option(help="Seed of phantoms, split, initialisation and sampling.")] = 0,
+    name: Annotated[str, typer.Option(help="Model name in the manifest.")] = "MTSA-Net",
+    version: Annotated[str, typer.Option(help="Model version in the manifest.")] = "1.0.0",
+    demo: Annotated[bool, typer.Option(help="Mark the package as a demo model (not for clinical use).")] = False,
+    width: Annotated[int, typer.Option(help="Base channels w (stages w..16w); the paper size is 32.")] = 32,
+    transformer_dim: Annotated[int, typer.Option()] = 256,
+    transformer_depth: Annotated[int, typer.Option()] = 4,
+    transformer_heads: Annotated[int, typer.Option()] = 8,
+    transformer_mlp_dim: Annotated[int, typer.Option()] = 512,
+    classifier_hidden: Annotated[int, typer.Option()] = 128,
+    dropout: Annotated[float, typer.Option()] = 0.1,
+    max_epochs: Annotated[int, typer.Option(help="Upper bound on epochs.")] = 300,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Wall-clock budget of the training loop.")] = None,
+    patience: Annotated[int, typer.Option(help="Early stopping patience in epochs.")] = 20,
+    batch_size: Annotated[int, typer.Option()] = 8,
+    learning_rate: Annotated[float, typer.Option("--lr")] = 3e-4,
+    free_slice_ratio: Annotated[float, typer.Option(help="Tumour-free slices kept per tumour slice.")] = 0.5,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of cases held out for validation.")] = 0.2,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+) -> None:
+    """Train and save a model package."""
+    if (phantoms is None) == (data is None):
+        raise typer.BadParameter("give exactly one of --phantoms N or --data DIR")
+    import torch
+
+    from inference import training
+    from inference.mtsa_net import MTSANetConfig
+
+    if threads:
+        torch.set_num_threads(threads)
+    model_config = MTSANetConfig(
+        width=width,
+        transformer_dim=transformer_dim,
+        transformer_depth=transformer_depth,
+        transformer_heads=transformer_heads,
+        transformer_mlp_dim=transformer_mlp_dim,
+        classifier_hidden=classifier_hidden,
+        dropout=dropout,
+    )
+    config = training.TrainingConfig(
+        learning_rate=learning_rate,
+        patience=patience,
+        max_epochs=max_epochs,
+        max_minutes=max_minutes,
+        batch_size=batch_size,
+        free_slice_ratio=free_slice_ratio,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+    size = model_config.input_size
+    if phantoms is not None:
+        cases = training.phantom_cases(phantoms, seed, size=size, free_slice_ratio=free_slice_ratio)
+        data_info = {"source": "phantoms", "count": phantoms, "seeds": [seed, seed + phantoms - 1]}
+    else:
+        cases = training.folder_cases(
+            data, size=size, free_slice_ratio=free_slice_ratio, seed=seed, roi_pattern=roi_pattern
+        )
+        data_info = {"source": "folder", "path": str(data), "count": len(cases)}
+    data_info["command"] = "dicom-node " + " ".join(sys.argv[1:])
+    train_cases, val_cases = training.split_cases(cases, val_fraction, seed)
+    result = training.train(
+        model_config,
+        train_cases,
+        val_cases,
+        config,
+        out,
+        name=name,
+        version=version,
+        is_demo=demo,
+        data_info=data_info,
+    )
+    typer.echo(f"model package written to {result.package.path} (best epoch {result.best_epoch})")

@@ -1,0 +1,115 @@
+"""The training loop end to end on tiny phantoms, and the data-folder reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from inference import training
+from inference.model_package import load_package
+from inference.mtsa_net import MTSANetConfig
+from inference.phantoms import generate_phantom
+
+TINY = MTSANetConfig(
+    width=2, input_size=64, transformer_dim=8, transformer_depth=1, transformer_heads=2,
+    transformer_mlp_dim=16, classifier_hidden=8, dropout=0.0,
+)
+SMALL_PHANTOM = {"matrix": 64, "slices": 16, "orientation": "axial", "n_lesions": 2}
+
+
+def tiny_case(seed: int) -> training.CaseSlices:
+    phantom = generate_phantom(seed, **SMALL_PHANTOM)
+    rng = np.random.default_rng(seed)
+    return training.case_slices(
+        f"p{seed}", phantom.image, phantom.mask, phantom.genotype, size=64, free_slice_ratio=1.0, rng=rng
+    )
+
+
+def test_case_slices_keep_tumour_and_some_free_slices() -> None:
+    case = tiny_case(7)
+    has_tumour = case.masks.any(axis=(1, 2))
+    assert case.images.dtype == np.float16 and case.images.shape[1:] == (64, 64)
+    assert has_tumour.sum() > 0
+    assert 1 <= (~has_tumour).sum() <= has_tumour.sum()
+
+
+def test_two_epochs_write_a_loadable_package(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    cases = [tiny_case(11), tiny_case(12)]
+    train_cases, val_cases = training.split_cases(cases, 0.5, seed=0)
+    config = training.TrainingConfig(max_epochs=2, batch_size=4, seed=0, learning_rate=3e-3)
+    lines: list[str] = []
+    result = training.train(
+        TINY, train_cases, val_cases, config, tmp_path / "pkg",
+        name="tiny", version="0.0.1", is_demo=True, data_info={"source": "test"},
+        progress=False, log=lines.append,
+    )
+    assert len(result.history) == 2
+    assert result.history[1].train_loss < result.history[0].train_loss
+    assert any(line.startswith("epoch   2") and "val Dice" in line and "s1" in line for line in lines)
+    package = load_package(tmp_path / "pkg")
+    assert package.is_demo and package.config == TINY
+    assert package.training["best_epoch"] == result.best_epoch
+    assert package.training["val_cases"] == [val_cases[0].case_id]
+    assert len(package.training["history"]) == 2
+    package.build_model()
+
+
+def test_time_budget_stops_before_an_epoch_that_would_overrun(tmp_path: Path) -> None:
+    cases = [tiny_case(11), tiny_case(12)]
+    config = training.TrainingConfig(max_epochs=50, max_minutes=1e-6, batch_size=8)
+    result = training.train(
+        TINY, cases[:1], cases[1:], config, tmp_path / "pkg",
+        name="tiny", version="0", is_demo=True, data_info={}, progress=False, log=lambda _: None,
+    )
+    assert len(result.history) == 1
+    assert "time budget" in result.stop_reason
+
+
+def test_split_is_by_patient_and_seeded() -> None:
+    cases = [training.CaseSlices(f"c{i}", np.zeros((1, 4, 4), np.float16), np.zeros((1, 4, 4), bool), 0) for i in range(10)]
+    train_a, val_a = training.split_cases(cases, 0.2, seed=3)
+    train_b, val_b = training.split_cases(cases, 0.2, seed=3)
+    assert [c.case_id for c in val_a] == [c.case_id for c in val_b]
+    assert len(val_a) == 2 and len(train_a) == 8
+    assert not {c.case_id for c in train_a} & {c.case_id for c in val_a}
+    with pytest.raises(ValueError, match="at least 2 cases"):
+        training.split_cases(cases[:1], 0.2, seed=0)
+
+
+def test_labels_csv_accepts_numbers_and_words(tmp_path: Path) -> None:
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("case_id,egfr\na,0\nb,Mutant\nc,wild type\nd,1\n", encoding="utf-8")
+    assert training.read_labels(csv_path) == {"a": 0, "b": 1, "c": 0, "d": 1}
+    csv_path.write_text("case_id,egfr\na,maybe\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2"):
+        training.read_labels(csv_path)
+
+
+def write_nifti_case(root: Path, case_id: str, seed: int) -> None:
+    phantom = generate_phantom(seed, **SMALL_PHANTOM)
+    (root / case_id).mkdir(parents=True)
+    sitk.WriteImage(phantom.image, str(root / case_id / "image.nii.gz"))
+    sitk.WriteImage(phantom.mask, str(root / case_id / "mask.nii.gz"))
+
+
+def test_folder_of_nifti_cases(tmp_path: Path) -> None:
+    write_nifti_case(tmp_path, "case1", 21)
+    write_nifti_case(tmp_path, "case2", 22)
+    (tmp_path / "labels.csv").write_text("case_id,egfr\ncase1,mutant\ncase2,0\n", encoding="utf-8")
+    cases = training.folder_cases(tmp_path, size=64, free_slice_ratio=0.5, seed=0, progress=False)
+    assert [(c.case_id, c.egfr) for c in cases] == [("case1", 1), ("case2", 0)]
+    assert all(c.masks.any() for c in cases)
+
+
+def test_folder_with_unlabelled_case_is_rejected(tmp_path: Path) -> None:
+    write_nifti_case(tmp_path, "case1", 21)
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "labels.csv").write_text("case_id,egfr\ncase1,1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="without an EGFR label: extra"):
+        training.folder_cases(tmp_path, size=64, free_slice_ratio=0.5, seed=0, progress=False)
