@@ -31,17 +31,18 @@ SEED = 0
 
 
 def select_device(preference: str | None = None) -> torch.device:
-    """`preference` or `$DICOM_NODE_DEVICE` (cpu|cuda|auto); auto picks CUDA when present."""
+    """`preference` or `$DICOM_NODE_DEVICE` (cpu|cuda|cuda:N|auto); auto picks CUDA when present."""
     choice = (preference or os.environ.get(DEVICE_ENV_VAR) or "auto").strip().lower()
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cpu":
         return torch.device("cpu")
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"{DEVICE_ENV_VAR}=cuda but no CUDA device is available")
-        return torch.device("cuda")
-    raise ValueError(f"device must be cpu, cuda or auto, got {choice!r}")
+    if choice == "cuda" or (choice.startswith("cuda:") and choice[5:].isdigit()):
+        index = int(choice[5:]) if ":" in choice else 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {choice!r} requested but no such CUDA device is available")
+        return torch.device(choice)
+    raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {choice!r}")
 
 
 def _make_deterministic() -> None:
