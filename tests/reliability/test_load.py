@@ -1,0 +1,147 @@
+"""Load: four concurrent senders (two DCMTK storescu processes, two pynetdicom threads)
+plus a C-ECHO probe loop; then the association limit answered with A-ASSOCIATE-RJ.
+
+What must hold: every instance that got Success is stored exactly once (rows ==
+files == instances sent, hashes match), each series has exactly one job, the
+probes keep succeeding, and an association over the limit is rejected promptly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
+
+from storage.models import Job, JobState, Series
+from tests.reliability.conftest import (
+    SUCCESS,
+    audit_store,
+    echo_ok,
+    pynetdicom_statuses,
+    require_tool,
+    storescu_statuses,
+    wait_for,
+)
+
+SENDERS = 4
+SERIES_PER_SENDER = 3
+
+
+def test_four_concurrent_senders_and_echo_probes_lose_nothing(start_node, phantom_factory):
+    # Workers 0: jobs stay queued, so the check is about ingest and job creation only.
+    node = start_node(DICOM_NODE__NODE__MAX_ASSOCIATIONS="8")
+    port = node.address[1]
+    plan: list[list[list[Path]]] = []  # sender -> series -> files
+    for sender in range(SENDERS):
+        plan.append([phantom_factory(7000 + 10 * sender + k, f"LOAD{sender}{k}", slices=10 + k)
+                     for k in range(SERIES_PER_SENDER)])
+    sent = sum(len(files) for series in plan for files in series)
+
+    stop = threading.Event()
+    probes = {"ok": 0, "failed": 0, "max_s": 0.0}
+
+    def probe_loop():
+        while not stop.is_set():
+            start = time.monotonic()
+            ok = echo_ok(port)
+            probes["max_s"] = max(probes["max_s"], time.monotonic() - start)
+            probes["ok" if ok else "failed"] += 1
+            stop.wait(0.05)
+
+    def dcmtk_sender(index: int) -> dict[Path, bool]:
+        results: dict[Path, bool] = {}
+        for files in plan[index]:
+            results.update(storescu_statuses(port, files, calling=f"DCMTK{index}"))
+        return results
+
+    def pynetdicom_sender(index: int) -> dict[Path, bool]:
+        results: dict[Path, bool] = {}
+        for files in plan[index]:
+            statuses = pynetdicom_statuses(port, files, calling=f"PYSCU{index}")
+            results.update({f: s == SUCCESS for f, s in statuses.items()})
+        return results
+
+    prober = threading.Thread(target=probe_loop)
+    prober.start()
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(SENDERS) as pool:
+            futures = [pool.submit(dcmtk_sender, 0), pool.submit(dcmtk_sender, 1),
+                       pool.submit(pynetdicom_sender, 2), pool.submit(pynetdicom_sender, 3)]
+            outcomes = [f.result() for f in futures]
+    finally:
+        elapsed = time.monotonic() - started
+        stop.set()
+        prober.join()
+
+    acknowledged = [f for outcome in outcomes for f, ok in outcome.items() if ok]
+    assert len(acknowledged) == sent, f"{sent - len(acknowledged)} instance(s) not acknowledged"
+    rows = audit_store(node.db, node.store.root)
+    expected = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in acknowledged}
+    assert set(rows) == expected
+    lost = len(expected - set(rows))
+
+    # One job per series, each with all its instances, once the quiet period has passed.
+    n_series = SENDERS * SERIES_PER_SENDER
+
+    def all_queued():
+        with node.db.session() as session:
+            jobs = session.scalars(select(Job)).all()
+            return jobs if len(jobs) == n_series and all(j.state == JobState.QUEUED for j in jobs) else None
+
+    jobs = wait_for(all_queued, timeout=30)
+    with node.db.session() as session:
+        series_counts = {s.series_uid: s.instance_count for s in session.scalars(select(Series)).all()}
+    assert len({j.series_uid for j in jobs}) == n_series
+    assert sorted(series_counts.values()) == sorted(len(files) for series in plan for files in series)
+    assert all(j.instance_count == series_counts[j.series_uid] for j in jobs)
+    assert probes["failed"] == 0 and probes["ok"] > 0
+    print(f"\nLOAD: senders={SENDERS} series={n_series} sent={sent} acknowledged={len(acknowledged)} "
+          f"stored={len(rows)} lost={lost} jobs={len(jobs)} echo_ok={probes['ok']} "
+          f"echo_failed={probes['failed']} echo_max_s={probes['max_s']:.2f} elapsed_s={elapsed:.1f} "
+          f"rate={sent / elapsed:.0f}/s")
+
+
+def test_association_over_the_limit_is_rejected_promptly(start_node):
+    node = start_node(DICOM_NODE__NODE__MAX_ASSOCIATIONS="2")
+    port = node.address[1]
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = [ae.associate("127.0.0.1", port, ae_title="DICOMNODE") for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        third_ae = AE(ae_title="THIRD")
+        third_ae.add_requested_context(Verification)
+        third_ae.acse_timeout = 10
+        start = time.monotonic()
+        third = third_ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+        took = time.monotonic() - start
+        assert third.is_rejected, "the third association was not rejected"
+        assert took < 3, f"rejection took {took:.1f} s"
+        # A real peer sees a proper A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-transient,
+        # service-provider (presentation), local limit exceeded; and gets it at once.
+        start = time.monotonic()
+        dcmtk = subprocess.run([require_tool("echoscu"), "-aet", "DCMTK", "-aec", "DICOMNODE",
+                                "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30)
+        dcmtk_took = time.monotonic() - start
+        assert dcmtk.returncode != 0
+        said = (dcmtk.stderr + dcmtk.stdout).lower()
+        assert "association rejected" in said and "rejected transient" in said
+        assert "local limit exceeded" in said
+        assert dcmtk_took < 3
+        # The held associations still work.
+        assert all(int(a.send_c_echo().Status) == SUCCESS for a in held)
+    finally:
+        for assoc in held:
+            assoc.release()
+    # Once they are released a new association is admitted again.
+    assert wait_for(lambda: echo_ok(port), timeout=5)
+    print(f"\nASSOC LIMIT: third association rejected in {took * 1000:.0f} ms (pynetdicom), "
+          f"{dcmtk_took * 1000:.0f} ms (echoscu)")
