@@ -10,6 +10,7 @@ The one call the node's worker and `dicom-node infer --dicom` use. Decisions:
 - No lesions: an RT Structure Set needs at least one ROI (and a SEG at least
   one segment), so neither is written (logged as ``dicom_outputs.skipped``);
   the SR is still written, it reports zero lesions and EGFR "not assessable".
+- The SR lists the RTSTRUCT and SEG written with it as pertinent other evidence.
 - The SEG is opt-in (``include_seg``): SPEC promises RTSTRUCT + SR to the
   destinations, and a TPS that does not accept Segmentation Storage would fail
   the export of the whole job.
@@ -54,11 +55,12 @@ def write_dicom_outputs(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, related = [], []
     if result.lesions:
-        written.append(write_dataset(build_rtstruct(result), out_dir, "RTSTRUCT"))
+        related.append(build_rtstruct(result))
         if include_seg:
-            written.append(write_dataset(build_seg(result), out_dir, "SEG"))
+            related.append(build_seg(result))
+        written += [write_dataset(ds, out_dir, str(ds.Modality)) for ds in related]
     else:
         log.warning(
             "dicom_outputs.skipped",
@@ -66,7 +68,7 @@ def write_dicom_outputs(
             reason="no lesions found; an RT Structure Set needs at least one ROI",
             series_uid=str(result.series.datasets[0].SeriesInstanceUID),
         )
-    written.append(write_dataset(build_sr(result), out_dir, "SR"))
+    written.append(write_dataset(build_sr(result, related=related), out_dir, "SR"))
     return written
 
 

@@ -317,7 +317,8 @@ def _base_dataset(
 ) -> Dataset:
     """Top-level modules without the ROI sequences.
 
-    SOP Common, Patient, General Study, RT Series, Frame of Reference (C.7.4.1, same as the source), General Equipment and the
+    SOP Common, Patient, General Study, RT Series, Frame of Reference (C.7.4.1,
+    same as the source), General Equipment and the
     Structure Set header.
     """
     source = result.series.datasets[0]

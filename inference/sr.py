@@ -22,6 +22,9 @@ Decisions
 - The AI-review statement (and the demo-model warning) is a TEXT item in the
   TID 1500 "Qualitative Evaluations" container, and the Series Description says
   the same in short.
+- The RTSTRUCT / SEG written from the same result can be listed in the
+  Pertinent Other Evidence Sequence (PS3.3 C.17.2); lesion groups and ROIs /
+  segments share the names ``GTV_n``.
 - Completion Flag COMPLETE, Verification Flag UNVERIFIED and Preliminary Flag
   PRELIMINARY: nobody has reviewed the AI result yet.
 """
@@ -29,6 +32,7 @@ Decisions
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime
 
 import highdicom as hd
@@ -50,6 +54,7 @@ def build_sr(
     series_number: int = 902,
     manufacturer: str = "dicom-node",
     timestamp: datetime | None = None,
+    related: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """Build the Measurement Report (TID 1500) of an inference result.
 
@@ -64,6 +69,9 @@ def build_sr(
         Manufacturer (0008,0070) of the General Equipment module.
     timestamp : datetime.datetime or None
         Content, Series and Instance Creation date and time; now when None.
+    related : sequence of pydicom.dataset.Dataset
+        Other results of the same study (the RTSTRUCT, the SEG) to list as
+        pertinent other evidence.
 
     Returns
     -------
@@ -74,13 +82,17 @@ def build_sr(
     ------
     ValueError
         No source headers, non-positive series number, a negative or non-finite
-        measurement, or an EGFR probability inconsistent with its call.
+        measurement, an EGFR probability inconsistent with its call, or a
+        related instance of another study.
     """
     if not result.series.datasets:
         raise ValueError("result: the source series has no headers (no evidence)")
     if series_number < 1:
         raise ValueError(f"series_number: must be positive, got {series_number}")
     _validate_measurements(result)
+    study_uid = result.series.datasets[0].StudyInstanceUID
+    if any(ds.StudyInstanceUID != study_uid for ds in related):
+        raise ValueError("related: every related instance must belong to the source study")
     when = timestamp or datetime.now().astimezone()
     algorithm = hd.sr.AlgorithmIdentification(name=result.model.name, version=result.model.version)
     groups = [_lesion_group(lesion, algorithm) for lesion in result.lesions]
@@ -104,7 +116,28 @@ def build_sr(
         is_verified=False,
     )
     _finish_header(sr, result.model, when)
+    if related:
+        sr.PertinentOtherEvidenceSequence = DicomSequence([_evidence(study_uid, related)])
     return sr
+
+
+def _evidence(study_uid: str, instances: Sequence[Dataset]) -> Dataset:
+    """A Hierarchical SOP Instance Reference Macro item (PS3.3 C.17.2.1) for one study."""
+    series_items = {}
+    for ds in instances:
+        if ds.SeriesInstanceUID not in series_items:
+            item = Dataset()
+            item.SeriesInstanceUID = ds.SeriesInstanceUID
+            item.ReferencedSOPSequence = DicomSequence()
+            series_items[ds.SeriesInstanceUID] = item
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = ds.SOPClassUID
+        reference.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        series_items[ds.SeriesInstanceUID].ReferencedSOPSequence.append(reference)
+    study = Dataset()
+    study.StudyInstanceUID = study_uid
+    study.ReferencedSeriesSequence = DicomSequence(list(series_items.values()))
+    return study
 
 
 def _validate_measurements(result: InferenceResult) -> None:

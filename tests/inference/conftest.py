@@ -2,14 +2,17 @@
 
 Series are written as real MR files and read back with SimpleITK's own DICOM
 reader (GDCM) for the geometry and pydicom for the headers, so the writers'
-header maths is checked against an independent implementation.
+header maths is checked against an independent implementation. Tests get the
+helpers as fixtures (`mr_series`, `phantom_case`, `result_on`, `dciodvfy`), so
+they work whether or not the test folders are packages.
 """
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ from inference.result import (
     LoadedSeries,
     ModelIdentity,
 )
+from inference.phantoms import generate_phantom, write_phantom_series
 from inference.uids import new_uid
 
 DEMO_MODEL = ModelIdentity(name="mtsa-demo", version="0.1.0", is_demo=True)
@@ -164,3 +168,39 @@ def dciodvfy_messages(path: Path) -> tuple[list[str], list[str]]:
     errors = [line for line in lines if line.startswith("Error")]
     warnings = [line for line in lines if line.startswith("Warning")]
     return errors, warnings
+
+
+@pytest.fixture
+def mr_series(tmp_path: Path) -> Callable[..., LoadedSeries]:
+    """Factory: `write_mr_series` into a fresh folder, then `read_series`."""
+    folders = itertools.count()
+
+    def make(**kwargs) -> LoadedSeries:
+        return read_series(write_mr_series(tmp_path / f"mr{next(folders)}", **kwargs))
+
+    return make
+
+
+@pytest.fixture
+def phantom_case(tmp_path: Path) -> Callable[..., tuple[LoadedSeries, np.ndarray]]:
+    """Factory: a synthetic phantom written as DICOM and loaded, with its true label map."""
+    folders = itertools.count()
+
+    def make(seed: int, *, patient_name: str = "PHANTOM^DEMO", **kwargs) -> tuple[LoadedSeries, np.ndarray]:
+        phantom = generate_phantom(seed, **kwargs)
+        paths = write_phantom_series(phantom, tmp_path / f"phantom{next(folders)}", patient_name=patient_name)
+        return read_series(paths), sitk.GetArrayFromImage(phantom.mask)
+
+    return make
+
+
+@pytest.fixture
+def result_on() -> Callable[..., InferenceResult]:
+    """`make_result` as a fixture."""
+    return make_result
+
+
+@pytest.fixture
+def dciodvfy() -> Callable[[Path], tuple[list[str], list[str]]]:
+    """`dciodvfy_messages` as a fixture (skips the test when dciodvfy is absent)."""
+    return dciodvfy_messages

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import make_result, read_series, write_mr_series
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
@@ -17,20 +16,25 @@ from pydicom.uid import (
 
 from inference.dicom_outputs import write_dataset, write_dicom_outputs
 
+# The one dciodvfy warning accepted for our SRs; see tests/inference/test_sr.py.
+ACCEPTED_WARNING = (
+    "Unrecognized defined term <99DICOMNODE> for value 1 of attribute <Coding Scheme Designator>"
+)
+
 
 @pytest.fixture
-def series(tmp_path: Path):
-    paths = write_mr_series(
-        tmp_path / "mr", shape=(4, 30, 30), row_spacing=1.0, col_spacing=1.0, slice_spacing=2.0,
+def series(tmp_path: Path, mr_series):
+    series = mr_series(
+        shape=(4, 30, 30), row_spacing=1.0, col_spacing=1.0, slice_spacing=2.0,
         along_row=(1, 0, 0), along_col=(0, 1, 0),
     )
-    return read_series(paths)
+    return series
 
 
-def test_writes_rtstruct_and_sr(series, tmp_path: Path) -> None:
+def test_writes_rtstruct_and_sr(series, tmp_path: Path, result_on) -> None:
     labels = np.zeros((4, 30, 30), np.uint16)
     labels[1:3, 5:15, 5:15] = 1
-    paths = write_dicom_outputs(make_result(series, labels), tmp_path / "out")
+    paths = write_dicom_outputs(result_on(series, labels), tmp_path / "out")
     assert [p.name.split("_")[0] for p in paths] == ["RTSTRUCT", "SR"]
     for path, sop_class in zip(paths, (RTStructureSetStorage, Comprehensive3DSRStorage)):
         ds = pydicom.dcmread(path)
@@ -41,16 +45,28 @@ def test_writes_rtstruct_and_sr(series, tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)
 
 
-def test_seg_is_opt_in(series, tmp_path: Path) -> None:
+def test_seg_is_opt_in(series, tmp_path: Path, result_on, dciodvfy) -> None:
     labels = np.zeros((4, 30, 30), np.uint16)
     labels[1:3, 5:15, 5:15] = 1
-    paths = write_dicom_outputs(make_result(series, labels), tmp_path / "out", include_seg=True)
+    paths = write_dicom_outputs(result_on(series, labels), tmp_path / "out", include_seg=True)
     assert [p.name.split("_")[0] for p in paths] == ["RTSTRUCT", "SEG", "SR"]
-    assert pydicom.dcmread(paths[1]).SOPClassUID == SegmentationStorage
+    rtstruct, seg, sr = (pydicom.dcmread(p) for p in paths)
+    assert seg.SOPClassUID == SegmentationStorage
+    (study,) = sr.PertinentOtherEvidenceSequence
+    assert study.StudyInstanceUID == rtstruct.StudyInstanceUID == seg.StudyInstanceUID
+    listed = {
+        (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID)
+        for series_item in study.ReferencedSeriesSequence
+        for item in series_item.ReferencedSOPSequence
+    }
+    assert listed == {(ds.SOPClassUID, ds.SOPInstanceUID) for ds in (rtstruct, seg)}
+    errors, warnings = dciodvfy(paths[2])
+    assert errors == []
+    assert all(ACCEPTED_WARNING in warning for warning in warnings), warnings
 
 
-def test_no_lesions_writes_only_the_sr(series, tmp_path: Path) -> None:
-    result = make_result(series, np.zeros((4, 30, 30), np.uint16))
+def test_no_lesions_writes_only_the_sr(series, tmp_path: Path, result_on) -> None:
+    result = result_on(series, np.zeros((4, 30, 30), np.uint16))
     (path,) = write_dicom_outputs(result, tmp_path / "out", include_seg=True)
     assert path.name.startswith("SR_")
 

@@ -13,17 +13,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import skimage.draw
-from conftest import (
-    CLINICAL_MODEL,
-    DEMO_MODEL,
-    dciodvfy_messages,
-    make_result,
-    read_series,
-    write_mr_series,
-)
 
 from inference.output_notice import DEMO_WARNING
-from inference.phantoms import generate_phantom, write_phantom_series
 from inference.rtstruct import (
     MAX_SIMPLIFY_TOLERANCE_PX,
     build_rtstruct,
@@ -31,7 +22,11 @@ from inference.rtstruct import (
     roi_display_colours,
     slice_contours,
 )
+from inference.result import ModelIdentity
 from inference.rtstruct_raster import patient_to_continuous_index, rasterise_roi
+
+DEMO_MODEL = ModelIdentity(name="mtsa-demo", version="0.1.0", is_demo=True)
+CLINICAL_MODEL = ModelIdentity(name="mtsa-net", version="2.3.1", is_demo=False)
 
 # Direction cosines (along a row, along a column) of the hand-built series.
 _OBLIQUE_ROW = (np.cos(0.3) * np.cos(0.2), np.sin(0.3) * np.cos(0.2), np.sin(0.2))
@@ -130,13 +125,12 @@ def test_roi_display_colours_are_distinct() -> None:
 
 
 @pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
-def test_pixel_to_patient_agrees_with_gdcm_geometry(orientation: str, tmp_path: Path) -> None:
+def test_pixel_to_patient_agrees_with_gdcm_geometry(orientation: str, tmp_path: Path, mr_series) -> None:
     along_row, along_col = ORIENTATIONS[orientation]
-    paths = write_mr_series(
-        tmp_path, shape=(3, 7, 11), row_spacing=0.6, col_spacing=1.4, slice_spacing=3.0,
+    series = mr_series(
+        shape=(3, 7, 11), row_spacing=0.6, col_spacing=1.4, slice_spacing=3.0,
         along_row=along_row, along_col=along_col,
     )
-    series = read_series(paths)
     points_rc = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 10.0], [2.25, 7.5]])
     for k in range(3):
         mine = pixel_to_patient(points_rc, series.datasets[k])
@@ -150,33 +144,33 @@ def test_pixel_to_patient_agrees_with_gdcm_geometry(orientation: str, tmp_path: 
 
 
 @pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
-def test_round_trip_reproduces_holes_and_islands_exactly(orientation: str, tmp_path: Path) -> None:
+def test_round_trip_reproduces_holes_and_islands_exactly(
+    orientation: str, tmp_path: Path, mr_series, result_on, dciodvfy
+) -> None:
     along_row, along_col = ORIENTATIONS[orientation]
-    paths = write_mr_series(
-        tmp_path / "mr", shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
+    series = mr_series(
+        shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
         along_row=along_row, along_col=along_col,
     )
-    series = read_series(paths)
-    result = make_result(series, tricky_labels((6, 40, 50)))
+    result = result_on(series, tricky_labels((6, 40, 50)))
     rtstruct = write_and_read(build_rtstruct(result), tmp_path / "rs.dcm")
     for roi in rtstruct.StructureSetROISequence:
         lesion = next(lesion for lesion in result.lesions if lesion.name == roi.ROIName)
         raster = rasterise_roi(rtstruct, int(roi.ROINumber), series)
         assert np.array_equal(raster, result.lesion_mask(lesion)), roi.ROIName
-    errors, warnings = dciodvfy_messages(tmp_path / "rs.dcm")
+    errors, warnings = dciodvfy(tmp_path / "rs.dcm")
     assert errors == []
     assert warnings == []
 
 
-def test_contour_image_references_match_geometry(tmp_path: Path) -> None:
+def test_contour_image_references_match_geometry(tmp_path: Path, mr_series, result_on) -> None:
     along_row, along_col = ORIENTATIONS["oblique"]
-    paths = write_mr_series(
-        tmp_path, shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
+    series = mr_series(
+        shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
         along_row=along_row, along_col=along_col,
     )
-    series = read_series(paths)
     labels = tricky_labels((6, 40, 50))
-    rtstruct = build_rtstruct(make_result(series, labels))
+    rtstruct = build_rtstruct(result_on(series, labels))
     uids = [ds.SOPInstanceUID for ds in series.datasets]
     for roi_contour in rtstruct.ROIContourSequence:
         for contour in roi_contour.ContourSequence:
@@ -202,11 +196,14 @@ def test_contour_image_references_match_geometry(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("orientation", "seed"), [("axial", 11), ("sagittal", 12), ("oblique", 13)]
 )
-def test_phantom_round_trip_dice(orientation: str, seed: int, tmp_path: Path) -> None:
-    phantom = generate_phantom(seed, orientation=orientation, matrix=96, slices=40, n_lesions=3)
-    series = read_series(write_phantom_series(phantom, tmp_path / "mr", patient_name="山田^太郎"))
+def test_phantom_round_trip_dice(
+    orientation: str, seed: int, tmp_path: Path, phantom_case, result_on, dciodvfy
+) -> None:
+    series, labels = phantom_case(
+        seed, orientation=orientation, matrix=96, slices=40, n_lesions=3, patient_name="山田^太郎"
+    )
     assert series.image.GetSpacing()[2] != series.image.GetSpacing()[0]  # anisotropic voxels
-    result = make_result(series, sitk.GetArrayFromImage(phantom.mask))
+    result = result_on(series, labels)
     assert result.lesions
     rtstruct = write_and_read(build_rtstruct(result), tmp_path / "rs.dcm")
     assert rtstruct.PatientName == "山田^太郎"
@@ -214,7 +211,7 @@ def test_phantom_round_trip_dice(orientation: str, seed: int, tmp_path: Path) ->
         lesion = next(lesion for lesion in result.lesions if lesion.name == roi.ROIName)
         raster = rasterise_roi(rtstruct, int(roi.ROINumber), series)
         assert dice(raster, result.lesion_mask(lesion)) >= 0.95, roi.ROIName
-    errors, warnings = dciodvfy_messages(tmp_path / "rs.dcm")
+    errors, warnings = dciodvfy(tmp_path / "rs.dcm")
     assert errors == []
     assert warnings == []
 
@@ -223,16 +220,16 @@ def test_phantom_round_trip_dice(orientation: str, seed: int, tmp_path: Path) ->
 
 
 @pytest.fixture
-def small_series(tmp_path: Path):
-    paths = write_mr_series(
-        tmp_path / "mr", shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
+def small_series(tmp_path: Path, mr_series):
+    series = mr_series(
+        shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
         along_row=(1, 0, 0), along_col=(0, 1, 0), patient_name="Müller^Jörg",
     )
-    return read_series(paths)
+    return series
 
 
-def test_demo_model_is_labelled_not_for_clinical_use(small_series, tmp_path: Path) -> None:
-    result = make_result(small_series, tricky_labels((6, 40, 50)), model=DEMO_MODEL)
+def test_demo_model_is_labelled_not_for_clinical_use(small_series, tmp_path: Path, result_on) -> None:
+    result = result_on(small_series, tricky_labels((6, 40, 50)), model=DEMO_MODEL)
     ds = write_and_read(build_rtstruct(result), tmp_path / "rs.dcm")
     assert DEMO_WARNING in ds.SeriesDescription
     assert DEMO_WARNING in ds.StructureSetName and DEMO_WARNING in ds.StructureSetDescription
@@ -243,16 +240,16 @@ def test_demo_model_is_labelled_not_for_clinical_use(small_series, tmp_path: Pat
         assert roi.ROIGenerationDescription == "mtsa-demo 0.1.0"
 
 
-def test_clinical_model_is_labelled_as_proposal(small_series) -> None:
-    ds = build_rtstruct(make_result(small_series, tricky_labels((6, 40, 50)), model=CLINICAL_MODEL))
+def test_clinical_model_is_labelled_as_proposal(small_series, result_on) -> None:
+    ds = build_rtstruct(result_on(small_series, tricky_labels((6, 40, 50)), model=CLINICAL_MODEL))
     assert "DEMO" not in ds.SeriesDescription + ds.StructureSetDescription
     assert "REVIEW" in ds.SeriesDescription.upper()
     assert all("review" in roi.ROIDescription for roi in ds.StructureSetROISequence)
     assert all(roi.ROIGenerationDescription == "mtsa-net 2.3.1" for roi in ds.StructureSetROISequence)
 
 
-def test_study_patient_series_and_observations(small_series, tmp_path: Path) -> None:
-    result = make_result(small_series, tricky_labels((6, 40, 50)))
+def test_study_patient_series_and_observations(small_series, tmp_path: Path, result_on) -> None:
+    result = result_on(small_series, tricky_labels((6, 40, 50)))
     ds = write_and_read(build_rtstruct(result), tmp_path / "rs.dcm")
     source = small_series.datasets[0]
     assert source.SpecificCharacterSet == "ISO_IR 100"
@@ -274,36 +271,36 @@ def test_study_patient_series_and_observations(small_series, tmp_path: Path) -> 
         assert all(c.ContourGeometricType == "CLOSED_PLANAR" for c in item.ContourSequence)
 
 
-def test_no_lesions_is_rejected(small_series) -> None:
-    result = make_result(small_series, np.zeros((6, 40, 50), np.uint16))
+def test_no_lesions_is_rejected(small_series, result_on) -> None:
+    result = result_on(small_series, np.zeros((6, 40, 50), np.uint16))
     with pytest.raises(ValueError, match="no lesions"):
         build_rtstruct(result)
 
 
-def test_lesion_without_voxels_is_an_error(small_series) -> None:
-    result = make_result(small_series, tricky_labels((6, 40, 50)))
+def test_lesion_without_voxels_is_an_error(small_series, result_on) -> None:
+    result = result_on(small_series, tricky_labels((6, 40, 50)))
     result.label_map = sitk.GetImageFromArray((tricky_labels((6, 40, 50)) == 1).astype(np.uint16))
     result.label_map.CopyInformation(small_series.image)
     with pytest.raises(ValueError, match="GTV_2 .* no voxels"):
         build_rtstruct(result)
 
 
-def test_label_map_must_match_the_source_grid(small_series) -> None:
-    result = make_result(small_series, tricky_labels((6, 40, 50)))
+def test_label_map_must_match_the_source_grid(small_series, result_on) -> None:
+    result = result_on(small_series, tricky_labels((6, 40, 50)))
     result.label_map = sitk.Image(50, 40, 5, sitk.sitkUInt16)
     with pytest.raises(ValueError, match="label map size"):
         build_rtstruct(result)
 
 
-def test_headers_out_of_slice_order_are_rejected(small_series) -> None:
-    result = make_result(small_series, tricky_labels((6, 40, 50)))
+def test_headers_out_of_slice_order_are_rejected(small_series, result_on) -> None:
+    result = result_on(small_series, tricky_labels((6, 40, 50)))
     datasets = result.series.datasets
     datasets[1], datasets[2] = datasets[2], datasets[1]
     with pytest.raises(ValueError, match="does not lie on slice 1"):
         build_rtstruct(result)
 
 
-def test_series_number_is_validated(small_series) -> None:
-    result = make_result(small_series, tricky_labels((6, 40, 50)))
+def test_series_number_is_validated(small_series, result_on) -> None:
+    result = result_on(small_series, tricky_labels((6, 40, 50)))
     with pytest.raises(ValueError, match="series_number"):
         build_rtstruct(result, series_number=0)

@@ -14,33 +14,27 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-import SimpleITK as sitk
-from conftest import (
-    CLINICAL_MODEL,
-    DEMO_MODEL,
-    dciodvfy_messages,
-    make_result,
-    read_series,
-    write_mr_series,
-)
 
 from inference import sr_codes
 from inference.output_notice import DEMO_DATA_WARNING, DEMO_WARNING, REVIEW_NOTICE
-from inference.phantoms import generate_phantom, write_phantom_series
 from inference.result import EgfrCall, EgfrPrediction, InferenceResult, ModelIdentity
+
+CLINICAL_MODEL = ModelIdentity(name="mtsa-net", version="2.3.1", is_demo=False)
 from inference.sr import EGFR_TRACKING_IDENTIFIER, build_sr
 from inference.sr_codes import PrivateCode
 
-ACCEPTED_WARNING = "Unrecognized defined term <99DICOMNODE> for value 1 of attribute <Coding Scheme Designator>"
+ACCEPTED_WARNING = (
+    "Unrecognized defined term <99DICOMNODE> for value 1 of attribute <Coding Scheme Designator>"
+)
 
 
 @pytest.fixture
-def series(tmp_path: Path):
-    paths = write_mr_series(
-        tmp_path / "mr", shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
+def series(tmp_path: Path, mr_series):
+    series = mr_series(
+        shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
         along_row=(1, 0, 0), along_col=(0, 1, 0), patient_name="Müller^Jörg",
     )
-    return read_series(paths)
+    return series
 
 
 def two_lesions(shape: tuple[int, int, int]) -> np.ndarray:
@@ -55,13 +49,15 @@ def write_and_read(sr: hd.sr.Comprehensive3DSR, path: Path) -> hd.sr.Comprehensi
     return hd.sr.srread(path)
 
 
-def groups_by_identifier(sr: hd.sr.Comprehensive3DSR) -> dict[str, hd.sr.MeasurementsAndQualitativeEvaluations]:
+def groups_by_identifier(
+    sr: hd.sr.Comprehensive3DSR,
+) -> dict[str, hd.sr.MeasurementsAndQualitativeEvaluations]:
     report = hd.sr.MeasurementReport.from_sequence(sr.content)
     return {group.tracking_identifier: group for group in report.get_image_measurement_groups()}
 
 
-def assert_dciodvfy_clean(path: Path) -> None:
-    errors, warnings = dciodvfy_messages(path)
+def assert_dciodvfy_clean(messages: tuple[list[str], list[str]]) -> None:
+    errors, warnings = messages
     assert errors == []
     assert all(ACCEPTED_WARNING in warning for warning in warnings), warnings
 
@@ -77,8 +73,8 @@ def statement(sr: hd.sr.Comprehensive3DSR) -> str:
     return text.TextValue
 
 
-def test_lesion_measurements_and_egfr_read_back(series, tmp_path: Path) -> None:
-    result = make_result(series, two_lesions((6, 40, 50)))
+def test_lesion_measurements_and_egfr_read_back(series, tmp_path: Path, result_on, dciodvfy) -> None:
+    result = result_on(series, two_lesions((6, 40, 50)))
     sr = write_and_read(build_sr(result), tmp_path / "sr.dcm")
     groups = groups_by_identifier(sr)
     assert set(groups) == {"GTV_1", "GTV_2", EGFR_TRACKING_IDENTIFIER}
@@ -98,11 +94,11 @@ def test_lesion_measurements_and_egfr_read_back(series, tmp_path: Path) -> None:
     assert probability.value == result.egfr.mutant_probability
     (call,) = egfr.get_qualitative_evaluations(name=PrivateCode.EGFR_STATUS.code)
     assert sr_codes.egfr_call_from_code(call.value.value) == result.egfr.call
-    assert_dciodvfy_clean(tmp_path / "sr.dcm")
+    assert_dciodvfy_clean(dciodvfy(tmp_path / "sr.dcm"))
 
 
-def test_observer_is_the_algorithm(series) -> None:
-    sr = build_sr(make_result(series, two_lesions((6, 40, 50))))
+def test_observer_is_the_algorithm(series, result_on) -> None:
+    sr = build_sr(result_on(series, two_lesions((6, 40, 50))))
     report = hd.sr.MeasurementReport.from_sequence(sr.content)
     (device,) = report.get_observer_contexts(observer_type=sr_codes.DEVICE)
     assert device.observer_identifying_attributes.name == "mtsa-demo"
@@ -115,8 +111,8 @@ def test_observer_is_the_algorithm(series) -> None:
     assert {("111001", "mtsa-demo"), ("111003", "0.1.0")} <= names
 
 
-def test_source_images_are_the_evidence(series) -> None:
-    sr = build_sr(make_result(series, two_lesions((6, 40, 50))))
+def test_source_images_are_the_evidence(series, result_on) -> None:
+    sr = build_sr(result_on(series, two_lesions((6, 40, 50))))
     (study,) = sr.CurrentRequestedProcedureEvidenceSequence
     (referenced,) = study.ReferencedSeriesSequence
     assert referenced.SeriesInstanceUID == series.datasets[0].SeriesInstanceUID
@@ -127,8 +123,8 @@ def test_source_images_are_the_evidence(series) -> None:
     assert sr.SOPInstanceUID.startswith("2.25.") and sr.SeriesInstanceUID.startswith("2.25.")
 
 
-def test_demo_model_statement_and_series_description(series, tmp_path: Path) -> None:
-    sr = write_and_read(build_sr(make_result(series, two_lesions((6, 40, 50)))), tmp_path / "sr.dcm")
+def test_demo_model_statement_and_series_description(series, tmp_path: Path, result_on) -> None:
+    sr = write_and_read(build_sr(result_on(series, two_lesions((6, 40, 50)))), tmp_path / "sr.dcm")
     text = statement(sr)
     assert DEMO_DATA_WARNING in text and REVIEW_NOTICE in text and "mtsa-demo 0.1.0" in text
     assert DEMO_WARNING in sr.SeriesDescription
@@ -140,21 +136,21 @@ def test_demo_model_statement_and_series_description(series, tmp_path: Path) -> 
     assert scheme.CodingSchemeDesignator == sr_codes.PRIVATE_SCHEME
 
 
-def test_clinical_model_statement(series) -> None:
-    sr = build_sr(make_result(series, two_lesions((6, 40, 50)), model=CLINICAL_MODEL))
+def test_clinical_model_statement(series, result_on) -> None:
+    sr = build_sr(result_on(series, two_lesions((6, 40, 50)), model=CLINICAL_MODEL))
     assert "DEMO" not in statement(sr) + sr.SeriesDescription
     assert REVIEW_NOTICE in statement(sr)
 
 
-def test_non_ascii_patient_name_survives(series, tmp_path: Path) -> None:
+def test_non_ascii_patient_name_survives(series, tmp_path: Path, result_on) -> None:
     assert series.datasets[0].SpecificCharacterSet == "ISO_IR 100"
-    sr = write_and_read(build_sr(make_result(series, two_lesions((6, 40, 50)))), tmp_path / "sr.dcm")
+    sr = write_and_read(build_sr(result_on(series, two_lesions((6, 40, 50)))), tmp_path / "sr.dcm")
     assert sr.SpecificCharacterSet == "ISO_IR 192"
     assert sr.PatientName == "Müller^Jörg"
 
 
-def test_no_lesions_reports_egfr_not_assessable(series, tmp_path: Path) -> None:
-    result = make_result(series, np.zeros((6, 40, 50), np.uint16))
+def test_no_lesions_reports_egfr_not_assessable(series, tmp_path: Path, result_on, dciodvfy) -> None:
+    result = result_on(series, np.zeros((6, 40, 50), np.uint16))
     sr = write_and_read(build_sr(result), tmp_path / "sr.dcm")
     groups = groups_by_identifier(sr)
     assert set(groups) == {EGFR_TRACKING_IDENTIFIER}
@@ -162,14 +158,15 @@ def test_no_lesions_reports_egfr_not_assessable(series, tmp_path: Path) -> None:
     assert egfr.get_measurements() == []
     (call,) = egfr.get_qualitative_evaluations()
     assert call.value == PrivateCode.EGFR_NOT_ASSESSABLE.code
-    assert_dciodvfy_clean(tmp_path / "sr.dcm")
+    assert_dciodvfy_clean(dciodvfy(tmp_path / "sr.dcm"))
 
 
-def test_phantom_sr_with_japanese_name(tmp_path: Path) -> None:
-    phantom = generate_phantom(21, orientation="oblique", matrix=64, slices=24, n_lesions=2)
-    series = read_series(write_phantom_series(phantom, tmp_path / "mr", patient_name="山田^太郎"))
-    result = make_result(
-        series, sitk.GetArrayFromImage(phantom.mask),
+def test_phantom_sr_with_japanese_name(tmp_path: Path, phantom_case, result_on, dciodvfy) -> None:
+    series, labels = phantom_case(
+        21, orientation="oblique", matrix=64, slices=24, n_lesions=2, patient_name="山田^太郎"
+    )
+    result = result_on(
+        series, labels,
         egfr=EgfrPrediction(EgfrCall.WILD_TYPE, 0.125, 2),
         model=ModelIdentity("mtsa-net", "1.0.0", is_demo=False),
     )
@@ -181,7 +178,7 @@ def test_phantom_sr_with_japanese_name(tmp_path: Path) -> None:
         assert volume.value == lesion.volume_cm3
     (probability,) = groups[EGFR_TRACKING_IDENTIFIER].get_measurements()
     assert probability.value == 0.125
-    assert_dciodvfy_clean(tmp_path / "sr.dcm")
+    assert_dciodvfy_clean(dciodvfy(tmp_path / "sr.dcm"))
 
 
 @pytest.mark.parametrize(
@@ -192,14 +189,14 @@ def test_phantom_sr_with_japanese_name(tmp_path: Path) -> None:
         (EgfrPrediction(EgfrCall.MUTANT, 1.5, 3), "outside"),
     ],
 )
-def test_inconsistent_egfr_is_rejected(series, egfr: EgfrPrediction, match: str) -> None:
-    result = make_result(series, two_lesions((6, 40, 50)), egfr=egfr)
+def test_inconsistent_egfr_is_rejected(series, egfr: EgfrPrediction, match: str, result_on) -> None:
+    result = result_on(series, two_lesions((6, 40, 50)), egfr=egfr)
     with pytest.raises(ValueError, match=match):
         build_sr(result)
 
 
-def test_series_number_is_validated(series) -> None:
-    result: InferenceResult = make_result(series, two_lesions((6, 40, 50)))
+def test_series_number_is_validated(series, result_on) -> None:
+    result: InferenceResult = result_on(series, two_lesions((6, 40, 50)))
     with pytest.raises(ValueError, match="series_number"):
         build_sr(result, series_number=0)
 
