@@ -2,7 +2,8 @@
 
 DICOM PS3.3 A.19 (RT Structure Set IOD) with C.7.1.1 Patient, C.7.2.1 General
 Study, C.8.8.1 RT Series, C.7.5.1 General Equipment, C.8.8.5 Structure Set,
-C.8.8.6 ROI Contour, C.8.8.8 RT ROI Observations and C.12.1 SOP Common.
+C.8.8.6 ROI Contour, C.8.8.8 RT ROI Observations, C.8.8.16 Approval and
+C.12.1 SOP Common.
 
 Decisions
 ---------
@@ -33,6 +34,8 @@ Decisions
 - No lesions: the Structure Set ROI Sequence is Type 1 (at least one item), so an
   RTSTRUCT without ROIs would be invalid; `build_rtstruct` raises `ValueError`
   and `inference.dicom_outputs` skips the RTSTRUCT and says so.
+- Approval Status is UNAPPROVED: the structure set is a proposal until a
+  clinician approves it in the TPS.
 - Patient and study attributes are copied from the source headers, text decoded,
   and written as UTF-8 (Specific Character Set ISO_IR 192).
 """
@@ -97,6 +100,14 @@ class ROIGenerationAlgorithm(str, enum.Enum):
     AUTOMATIC = "AUTOMATIC"
     SEMIAUTOMATIC = "SEMIAUTOMATIC"
     MANUAL = "MANUAL"
+
+
+class ApprovalStatus(str, enum.Enum):
+    """Approval Status (300E,0002), DICOM PS3.3 C.8.8.16."""
+
+    APPROVED = "APPROVED"
+    UNAPPROVED = "UNAPPROVED"
+    REJECTED = "REJECTED"
 
 
 class ContourGeometricType(str, enum.Enum):
@@ -318,8 +329,8 @@ def _base_dataset(
     """Top-level modules without the ROI sequences.
 
     SOP Common, Patient, General Study, RT Series, Frame of Reference (C.7.4.1,
-    same as the source), General Equipment and the
-    Structure Set header.
+    same as the source), General Equipment, the Structure Set header and
+    Approval (C.8.8.16).
     """
     source = result.series.datasets[0]
     date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")
@@ -355,6 +366,7 @@ def _base_dataset(
     ds.StructureSetDescription = full_statement(result.model)
     ds.InstanceNumber = 1
     ds.StructureSetDate, ds.StructureSetTime = date, time
+    ds.ApprovalStatus = ApprovalStatus.UNAPPROVED.value
     return ds
 
 

@@ -262,6 +262,7 @@ def test_study_patient_series_and_observations(small_series, tmp_path: Path, res
     assert ds.SOPInstanceUID.startswith("2.25.") and ds.SeriesInstanceUID.startswith("2.25.")
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert ds.Modality == "RTSTRUCT"
+    assert ds.ApprovalStatus == "UNAPPROVED"
     assert len(ds.StructureSetDate) == 8 and ds.StructureSetTime and ds.SeriesDate
     assert [roi.ROIName for roi in ds.StructureSetROISequence] == ["GTV_1", "GTV_2"]
     assert [o.RTROIInterpretedType for o in ds.RTROIObservationsSequence] == ["GTV", "GTV"]
