@@ -186,6 +186,8 @@ def _acquisition_grid(
         direction = _BASE_DIRECTIONS[orientation]
     matrix = matrix or drawn["matrix"]
     pixel = pixel_spacing or round(drawn["fov"] / matrix, 4)
+    if slice_spacing is None and slices is not None:  # cover the brain with the slices asked for
+        slice_spacing = float(np.clip(round(drawn["coverage"] / slices, 2), 0.8, 5.0))
     dz = slice_spacing or drawn["slice_spacing"]
     n = slices or int(np.clip(round(drawn["coverage"] / dz), 30, 80))
     spacing = np.array([pixel, pixel, dz])
