@@ -1,0 +1,257 @@
+"""From a list of DICOM instance files to one volume with exact geometry, or a precise refusal.
+
+Why: everything downstream (model grid, contours in patient coordinates, the
+RTSTRUCT's references) trusts this geometry, so the loader checks the series the
+way a physicist would and refuses it with a reason that names the problem and
+the files, instead of guessing.
+
+Decisions:
+
+- Geometry comes only from ImagePositionPatient (IPP), ImageOrientationPatient
+  (IOP) and PixelSpacing, never from SliceLocation or InstanceNumber. The slice
+  normal is row x column (IOP); slices are sorted by IPP . normal, so the volume's
+  direction cosines (row, column, normal) are right-handed and the slice spacing is
+  positive. Origin = IPP of the first sorted slice; spacing = (column spacing
+  PixelSpacing[1], row spacing PixelSpacing[0], measured inter-slice distance).
+  SliceThickness and SpacingBetweenSlices are not used (thickness is not spacing).
+- Tolerances: orientations agree when every IOP component differs by at most
+  1e-4; pixel spacings when they differ by at most 1e-4 mm. Slice positions must
+  lie on a uniform grid: every slice within max(1 % of the spacing, 0.1 mm) of
+  first + k x spacing (spacing = (last - first) / (n - 1)); 0.1 mm is far below
+  any voxel and absorbs rounding of IPP values. A step over 1.5x the median step is
+  reported as missing slice(s); positions closer than 0.01 mm are duplicates.
+  Slices must also be stacked along their normal (no shear or gantry tilt; the
+  in-plane offset between slices at most 0.1 mm) because a sheared stack has no
+  exact SimpleITK geometry.
+- At least `MIN_SLICES` = 8 slices: fewer is a localizer or a single-slice
+  series, not a volume in which 3D lesion components, volumes and diameters mean
+  anything.
+- Pixel values are decoded with pydicom (with the pylibjpeg plugins for JPEG,
+  JPEG-LS, JPEG 2000 and RLE) and RescaleSlope/RescaleIntercept are applied per
+  slice (they may differ between slices), giving float32.
+- Multi-frame images (Enhanced MR and any NumberOfFrames > 1) are refused: the
+  outputs reference one image per contoured slice (RTSTRUCT Contour Image
+  Sequence), which the writers do for single-frame instances only; the reason
+  says so and suggests sending the classic (single-frame) MR series.
+- `datasets` keep the headers (pixel data removed) in slice order; `files` are the
+  source paths in the same order.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from inference.errors import SeriesError
+from inference.result import LoadedSeries
+
+MIN_SLICES = 8
+ORIENTATION_TOLERANCE = 1e-4
+PIXEL_SPACING_TOLERANCE_MM = 1e-4
+POSITION_TOLERANCE_MM = 0.1
+POSITION_TOLERANCE_FRACTION = 0.01
+DUPLICATE_TOLERANCE_MM = 0.01
+GAP_FACTOR = 1.5
+_GEOMETRY_TAGS = ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+
+
+@dataclass
+class _Slice:
+    path: Path
+    ds: pydicom.Dataset
+    position: np.ndarray  # IPP, mm
+    orientation: np.ndarray  # IOP, 6 values
+    pixel_spacing: np.ndarray  # (row spacing, column spacing), mm
+
+
+def _read(path: Path) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError as err:
+        raise SeriesError(f"{path.name}: not a DICOM file ({err})") from err
+    except Exception as err:  # noqa: BLE001 - truncated or garbled files raise many kinds
+        raise SeriesError(f"{path.name}: unreadable DICOM file ({type(err).__name__}: {err})") from err
+
+
+def _sop_class_name(ds: pydicom.Dataset) -> str:
+    uid = ds.get("SOPClassUID")
+    return UID(str(uid)).name if uid else "unknown SOP class"
+
+
+def _as_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
+    """Check one instance is a single-frame greyscale image with geometry."""
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+        raise SeriesError(
+            f"{path.name}: multi-frame image ({_sop_class_name(ds)}, {ds.get('NumberOfFrames', '?')} frames) "
+            "is not supported; send the classic single-frame MR series instead"
+        )
+    if "PixelData" not in ds:
+        raise SeriesError(f"{path.name}: no pixel data ({_sop_class_name(ds)} is not an image)")
+    missing = [tag for tag in _GEOMETRY_TAGS if ds.get(tag) in (None, "")]
+    if missing:
+        raise SeriesError(f"{path.name}: not a usable image, missing geometry: {', '.join(missing)}")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise SeriesError(f"{path.name}: colour image (SamplesPerPixel {ds.SamplesPerPixel}); greyscale MR needed")
+    try:
+        position = np.array([float(v) for v in ds.ImagePositionPatient])
+        orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
+        spacing = np.array([float(v) for v in ds.PixelSpacing])
+    except (TypeError, ValueError) as err:
+        raise SeriesError(f"{path.name}: unreadable geometry values ({err})") from err
+    if position.shape != (3,) or orientation.shape != (6,) or spacing.shape != (2,) or np.any(spacing <= 0):
+        raise SeriesError(
+            f"{path.name}: malformed geometry (IPP {list(position)}, IOP {list(orientation)}, "
+            f"PixelSpacing {list(spacing)})"
+        )
+    row, col = orientation[:3], orientation[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
+        raise SeriesError(f"{path.name}: ImageOrientationPatient {list(orientation)} is not two orthogonal unit vectors")
+    return _Slice(path, ds, position, orientation, spacing)
+
+
+def _check_one_series(slices: list[_Slice]) -> None:
+    uids = Counter(str(s.ds.get("SeriesInstanceUID", "")) for s in slices)
+    if len(uids) > 1:
+        listed = ", ".join(f"{uid or '(none)'} ({n} files)" for uid, n in uids.most_common())
+        raise SeriesError(f"files from {len(uids)} series (one series per job): {listed}")
+    instances = Counter(str(s.ds.get("SOPInstanceUID", "")) for s in slices)
+    repeated = [uid for uid, n in instances.items() if n > 1]
+    if repeated:
+        raise SeriesError(f"duplicated SOP Instance UID {repeated[0]} ({instances[repeated[0]]} files)")
+
+
+def _check_consistent(slices: list[_Slice]) -> None:
+    """Same orientation, matrix and pixel spacing in every slice."""
+    first = slices[0]
+    for s in slices[1:]:
+        if np.abs(s.orientation - first.orientation).max() > ORIENTATION_TOLERANCE:
+            raise SeriesError(
+                f"mixed orientations: ImageOrientationPatient {_fmt(first.orientation)} in {first.path.name} "
+                f"but {_fmt(s.orientation)} in {s.path.name}"
+            )
+    sizes = Counter((int(s.ds.Rows), int(s.ds.Columns)) for s in slices)
+    if len(sizes) > 1:
+        listed = ", ".join(f"{r}x{c} ({n} files)" for (r, c), n in sizes.most_common())
+        raise SeriesError(f"mixed image sizes (Rows x Columns): {listed}")
+    for s in slices[1:]:
+        if np.abs(s.pixel_spacing - first.pixel_spacing).max() > PIXEL_SPACING_TOLERANCE_MM:
+            raise SeriesError(
+                f"mixed pixel spacings: {_fmt(first.pixel_spacing)} mm in {first.path.name} "
+                f"but {_fmt(s.pixel_spacing)} mm in {s.path.name}"
+            )
+
+
+def _fmt(values: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
+
+
+def _slice_spacing(slices: list[_Slice], normal: np.ndarray) -> float:
+    """Check the sorted slices form a uniform stack along `normal`; return the spacing in mm."""
+    depth = np.array([s.position @ normal for s in slices])
+    steps = np.diff(depth)
+    names = [s.path.name for s in slices]
+    for k, step in enumerate(steps):
+        if step < DUPLICATE_TOLERANCE_MM:
+            raise SeriesError(
+                f"duplicated slice position {depth[k]:.3f} mm along the normal ({names[k]} and {names[k + 1]})"
+            )
+    median = float(np.median(steps))
+    for k, step in enumerate(steps):
+        if step > GAP_FACTOR * median:
+            missing = max(1, round(step / median) - 1)
+            raise SeriesError(
+                f"missing slice(s): gap of {step:.3f} mm between {names[k]} and {names[k + 1]} "
+                f"(positions {depth[k]:.3f} and {depth[k + 1]:.3f} mm) where slices are {median:.3f} mm apart; "
+                f"about {missing} slice(s) missing"
+            )
+    spacing = float((depth[-1] - depth[0]) / (len(depth) - 1))
+    tolerance = max(POSITION_TOLERANCE_MM, POSITION_TOLERANCE_FRACTION * spacing)
+    deviation = np.abs(depth - (depth[0] + spacing * np.arange(len(depth))))
+    worst = int(np.argmax(deviation))
+    if deviation[worst] > tolerance:
+        raise SeriesError(
+            f"non-uniform slice spacing: steps from {steps.min():.3f} to {steps.max():.3f} mm; {names[worst]} "
+            f"is {deviation[worst]:.3f} mm off a uniform {spacing:.3f} mm grid (tolerance {tolerance:.3f} mm)"
+        )
+    offsets = np.array([s.position - slices[0].position for s in slices])
+    shear = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
+    if shear.max() > POSITION_TOLERANCE_MM:
+        worst = int(np.argmax(shear))
+        raise SeriesError(
+            f"slices are not stacked along their normal: {names[worst]} is shifted {shear[worst]:.3f} mm "
+            "in-plane (sheared stack or gantry tilt)"
+        )
+    return spacing
+
+
+def _pixels(s: _Slice) -> np.ndarray:
+    """Decoded, rescaled pixel values (rows, cols) float32."""
+    ds = s.ds
+    meta = getattr(ds, "file_meta", None)
+    syntax = UID(str(meta.TransferSyntaxUID)) if meta is not None and "TransferSyntaxUID" in meta else None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if syntax is not None and not syntax.is_compressed:
+        expected = rows * cols * int(ds.get("BitsAllocated", 16)) // 8
+        if len(ds.PixelData) < expected:
+            raise SeriesError(
+                f"{s.path.name}: pixel data is {len(ds.PixelData)} bytes, shorter than Rows x Columns "
+                f"({rows} x {cols} x {int(ds.get('BitsAllocated', 16)) // 8} bytes = {expected})"
+            )
+    try:
+        array = ds.pixel_array
+    except Exception as err:  # noqa: BLE001 - decoders raise many kinds
+        name = f"{syntax.name} ({syntax})" if syntax else "unknown transfer syntax"
+        raise SeriesError(f"{s.path.name}: pixel data in {name} cannot be decoded: {err}") from err
+    if array.shape != (rows, cols):
+        raise SeriesError(f"{s.path.name}: decoded pixel data has shape {array.shape}, expected ({rows}, {cols})")
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    return (array.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+
+
+def _header(ds: pydicom.Dataset) -> pydicom.Dataset:
+    header = pydicom.Dataset(ds)
+    header.file_meta = ds.file_meta
+    del header.PixelData
+    return header
+
+
+def load_series(files: Sequence[Path]) -> LoadedSeries:
+    """Validated volume (float32, exact geometry) plus headers and files in slice order.
+
+    Raises `SeriesError` with a physicist-readable reason when the series cannot be used.
+    """
+    if not files:
+        raise SeriesError("no files in the series")
+    paths = [Path(f) for f in files]
+    slices = [_as_slice(path, _read(path)) for path in paths]
+    _check_one_series(slices)
+    _check_consistent(slices)
+    row, col = slices[0].orientation[:3], slices[0].orientation[3:]
+    row = row / np.linalg.norm(row)
+    col = col - (col @ row) * row  # remove the (tolerated) rounding non-orthogonality
+    col /= np.linalg.norm(col)
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    slices.sort(key=lambda s: float(s.position @ normal))
+    if len(slices) < MIN_SLICES:
+        raise SeriesError(
+            f"only {len(slices)} slice(s); at least {MIN_SLICES} are needed for a 3D volume "
+            "(a localizer or a single slice cannot give lesion volumes)"
+        )
+    slice_spacing = _slice_spacing(slices, normal)
+    volume = np.stack([_pixels(s) for s in slices])
+    image = sitk.GetImageFromArray(volume)
+    row_spacing, col_spacing = slices[0].pixel_spacing
+    image.SetSpacing((float(col_spacing), float(row_spacing), slice_spacing))
+    image.SetOrigin(tuple(float(v) for v in slices[0].position))
+    image.SetDirection(tuple(np.stack([row, col, normal], axis=1).flatten().tolist()))
+    return LoadedSeries(image=image, datasets=[_header(s.ds) for s in slices], files=[s.path for s in slices])
