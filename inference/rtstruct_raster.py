@@ -9,8 +9,10 @@ volume loader), not through the per-slice header maths the writer uses.
 Decisions
 ---------
 - A contour belongs to the slice whose plane it lies on (continuous slice index
-  within `plane_tolerance` slices of an integer); Contour Image Sequence is not
-  trusted, as many TPSs do not trust it either.
+  within `plane_tolerance` slices of an integer, default a quarter slice: real
+  slice positions jitter around the volume's regular grid by up to the loader's
+  max(1 % of the spacing, 0.1 mm)); Contour Image Sequence is not trusted, as
+  many TPSs do not trust it either.
 - Each CLOSED_PLANAR contour is filled by pixel-centre sampling
   (`skimage.draw.polygon`) and the contours of one ROI on one slice are combined
   by the even-odd (XOR) rule (DICOM PS3.3 C.8.8.6.3), so holes and islands
@@ -45,7 +47,7 @@ def rasterise_roi(
     roi_number: int,
     reference_series: LoadedSeries,
     *,
-    plane_tolerance: float = 0.1,
+    plane_tolerance: float = 0.25,
 ) -> np.ndarray:
     """Fill one ROI of an RT Structure Set on the grid of its source series.
 

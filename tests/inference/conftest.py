@@ -2,8 +2,10 @@
 
 Series are written as real MR files and read back with SimpleITK's own DICOM
 reader (GDCM) for the geometry and pydicom for the headers, so the writers'
-header maths is checked against an independent implementation. Tests get the
-helpers as fixtures (`mr_series`, `phantom_case`, `result_on`, `dciodvfy`), so
+header maths is checked against an independent implementation. Phantom series
+are loaded with the node's own `inference.volume_loader.load_series`, as in
+production. Tests get the
+helpers as fixtures (`mr_files`, `mr_series`, `phantom_case`, `result_on`, `dciodvfy`), so
 they work whether or not the test folders are packages.
 """
 
@@ -34,6 +36,7 @@ from inference.result import (
 )
 from inference.phantoms import generate_phantom, write_phantom_series
 from inference.uids import new_uid
+from inference.volume_loader import load_series
 
 DEMO_MODEL = ModelIdentity(name="mtsa-demo", version="0.1.0", is_demo=True)
 CLINICAL_MODEL = ModelIdentity(name="mtsa-net", version="2.3.1", is_demo=False)
@@ -51,8 +54,13 @@ def write_mr_series(
     origin: Sequence[float] = (-40.0, -30.0, -20.0),
     patient_name: str = "TEST^PATIENT",
     character_set: str = "ISO_IR 100",
+    position_jitter_mm: float = 0.0,
 ) -> list[Path]:
-    """Write a blank MR series (k, rows, cols), slices stacked along row x col."""
+    """Write a blank MR series (k, rows, cols), slices stacked along row x col.
+
+    `position_jitter_mm` moves odd slices along the normal by that much, even
+    slices back by it (the rounding noise of real scanners' positions).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     along_row, along_col = np.asarray(along_row, float), np.asarray(along_col, float)
     normal = np.cross(along_row, along_col)
@@ -80,7 +88,8 @@ def write_mr_series(
         ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions = "GR", "SP", ""
         ds.MRAcquisitionType = "3D"
         ds.EchoTime, ds.RepetitionTime, ds.EchoTrainLength = "3", "8", 1
-        position = np.asarray(origin, float) + k * slice_spacing * normal
+        offset = k * slice_spacing + (position_jitter_mm if k % 2 else -position_jitter_mm)
+        position = np.asarray(origin, float) + offset * normal
         ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
         ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*along_row, *along_col)]
         ds.PixelSpacing = [f"{row_spacing:g}", f"{col_spacing:g}"]
@@ -171,12 +180,22 @@ def dciodvfy_messages(path: Path) -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture
-def mr_series(tmp_path: Path) -> Callable[..., LoadedSeries]:
-    """Factory: `write_mr_series` into a fresh folder, then `read_series`."""
+def mr_files(tmp_path: Path) -> Callable[..., list[Path]]:
+    """Factory: `write_mr_series` into a fresh folder."""
     folders = itertools.count()
 
+    def make(**kwargs) -> list[Path]:
+        return write_mr_series(tmp_path / f"mr{next(folders)}", **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def mr_series(mr_files: Callable[..., list[Path]]) -> Callable[..., LoadedSeries]:
+    """Factory: `write_mr_series` into a fresh folder, then `read_series` (GDCM geometry)."""
+
     def make(**kwargs) -> LoadedSeries:
-        return read_series(write_mr_series(tmp_path / f"mr{next(folders)}", **kwargs))
+        return read_series(mr_files(**kwargs))
 
     return make
 
@@ -189,7 +208,7 @@ def phantom_case(tmp_path: Path) -> Callable[..., tuple[LoadedSeries, np.ndarray
     def make(seed: int, *, patient_name: str = "PHANTOM^DEMO", **kwargs) -> tuple[LoadedSeries, np.ndarray]:
         phantom = generate_phantom(seed, **kwargs)
         paths = write_phantom_series(phantom, tmp_path / f"phantom{next(folders)}", patient_name=patient_name)
-        return read_series(paths), sitk.GetArrayFromImage(phantom.mask)
+        return load_series(paths), sitk.GetArrayFromImage(phantom.mask)
 
     return make
 

@@ -24,6 +24,7 @@ from inference.rtstruct import (
 )
 from inference.result import ModelIdentity
 from inference.rtstruct_raster import patient_to_continuous_index, rasterise_roi
+from inference.volume_loader import load_series
 
 DEMO_MODEL = ModelIdentity(name="mtsa-demo", version="0.1.0", is_demo=True)
 CLINICAL_MODEL = ModelIdentity(name="mtsa-net", version="2.3.1", is_demo=False)
@@ -161,6 +162,25 @@ def test_round_trip_reproduces_holes_and_islands_exactly(
     errors, warnings = dciodvfy(tmp_path / "rs.dcm")
     assert errors == []
     assert warnings == []
+
+
+def test_jittered_slice_positions_loaded_by_the_node(
+    tmp_path: Path, mr_files, result_on, dciodvfy
+) -> None:
+    along_row, along_col = ORIENTATIONS["oblique"]
+    paths = mr_files(
+        shape=(10, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=1.0,
+        along_row=along_row, along_col=along_col, position_jitter_mm=0.045,
+    )
+    series = load_series(paths)
+    labels = np.zeros((10, 40, 50), np.uint16)
+    labels[2:8] = tricky_labels((6, 40, 50))[[1, 1, 2, 2, 3, 3]]
+    result = result_on(series, labels)
+    rtstruct = write_and_read(build_rtstruct(result), tmp_path / "rs.dcm")
+    for number, lesion in enumerate(result.lesions, start=1):
+        assert np.array_equal(rasterise_roi(rtstruct, number, series), result.lesion_mask(lesion))
+    errors, _ = dciodvfy(tmp_path / "rs.dcm")
+    assert errors == []
 
 
 def test_contour_image_references_match_geometry(tmp_path: Path, mr_series, result_on) -> None:
