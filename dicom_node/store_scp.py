@@ -128,6 +128,19 @@ class StoreSCP:
         log.warning("association.aborted", calling_ae=event.assoc.requestor.ae_title,
                     address=event.assoc.requestor.address)
 
+    def handle_conn_close(self, event: evt.Event) -> None:
+        """Free the slot of a connection that closed before any A-ASSOCIATE-RQ.
+
+        A TCP port check, a scanner or junk bytes close the connection before
+        (or instead of) a request; pynetdicom would keep that acceptor waiting
+        `acse_timeout` for a request that can no longer come, and
+        `max_associations` such connections would refuse real peers meanwhile.
+        The empty-queue wake-up is what the ACSE timeout itself does: end it.
+        """
+        assoc = event.assoc
+        if assoc.is_acceptor and assoc.requestor.primitive is None and assoc.dul.to_user_queue.empty():
+            assoc.dul.to_user_queue.put(None)
+
     # -- life cycle -------------------------------------------------------
     def _address_allowed(self, request, client_address) -> bool:
         allowed = self.settings.is_source_allowed(client_address[0])
@@ -156,6 +169,7 @@ class StoreSCP:
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_ABORTED, self.handle_aborted),
+            (evt.EVT_CONN_CLOSE, self.handle_conn_close),
         ]
         ae = self.build_ae()
         self._server = ae.start_server(
