@@ -96,7 +96,7 @@ def rasterise_roi(
 
 def _roi_contours(rtstruct: Dataset, roi_number: int) -> list[Dataset]:
     """The Contour Sequence items of one ROI (empty when it has none)."""
-    for item in rtstruct.ROIContourSequence:
+    for item in getattr(rtstruct, "ROIContourSequence", []):
         if int(item.ReferencedROINumber) == roi_number:
             return list(getattr(item, "ContourSequence", []))
     raise ValueError(f"roi_number: {roi_number} is not in the ROI Contour Sequence")
