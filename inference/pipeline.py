@@ -1,0 +1,143 @@
+"""The one interface the node uses: a series' files in, lesions and EGFR out, each stage timed.
+
+Why: `dicom_node` (worker, `infer`, `demo`) and the evaluation all run the same
+chain, load -> preprocess -> model -> postprocess (MONAI-Deploy-style named
+stages), so a change to any stage reaches every caller and every timing is
+recorded the same way.
+
+Decisions:
+
+- `timings_s` holds the four stages "load", "preprocess", "model",
+  "postprocess" in seconds (they add up to the run), plus "preprocess: n4", the
+  part of "preprocess" spent in N4 (reported because N4 must stay under a quarter
+  of `infer`; not to be added to the total).
+- "model" includes building the network from the package's weights.
+- The model input size and whether to run N4 come from the package manifest's
+  `input` (what the model was trained with); the probability threshold and
+  minimum lesion volume from its `thresholds`.
+- Probabilities go back to the source grid (linear), then `extract_lesions`.
+  The EGFR rule's per-slice tumour area is measured on the model slices
+  (pixels above threshold x model pixel area, mm2), counting only pixels of
+  lesions that survived the minimum volume: a speck that is not reported as a
+  lesion does not vote, and no reported lesion means "not assessable".
+- `write_offline_outputs` writes `mask.nii.gz` (the uint16 label map in source
+  geometry) and `summary.json`; the dict it returns is the JSON content.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from inference import preprocess
+from inference.postprocess import aggregate_egfr, extract_lesions
+from inference.result import InferenceResult
+from inference.volume_loader import load_series
+
+if TYPE_CHECKING:
+    from inference.model_package import ModelPackage
+
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_MIN_VOLUME_MM3 = 20.0
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[stage] = time.perf_counter() - start
+
+
+def run_series(files: Sequence[Path], package: ModelPackage, *, device: str | None = None) -> InferenceResult:
+    """Run the whole engine on one series; raises `SeriesError` for an unusable series."""
+    from inference.predictor import predict_slices, select_device
+
+    timings: dict[str, float] = {}
+    with _timed(timings, "load"):
+        series = load_series(files)
+    with _timed(timings, "preprocess"):
+        size = int(package.input.get("size", package.config.input_size))
+        parts: dict[str, float] = {}
+        model_input = preprocess.prepare_model_input(
+            series.image, size=size, n4=bool(package.input.get("n4", True)), timings=parts
+        )
+    if "n4" in parts:
+        timings["preprocess: n4"] = parts["n4"]
+    with _timed(timings, "model"):
+        torch_device = select_device(device)
+        model = package.build_model(torch_device)
+        gtv_prob, mutant_prob = predict_slices(model, model_input.slices, device=torch_device)
+    with _timed(timings, "postprocess"):
+        threshold = package.thresholds.get("gtv_probability", DEFAULT_THRESHOLD)
+        min_volume = package.thresholds.get("min_lesion_volume_mm3", DEFAULT_MIN_VOLUME_MM3)
+        probability = preprocess.to_source_grid(gtv_prob, model_input, series.image)
+        label_map, lesions = extract_lesions(probability, threshold=threshold, min_volume_mm3=min_volume)
+        reported = preprocess.to_model_grid(label_map, model_input, nearest=True) > 0
+        areas = ((gtv_prob > threshold) & reported).sum(axis=(1, 2)) * model_input.pixel_area_mm2
+        egfr = aggregate_egfr(areas, mutant_prob)
+    return InferenceResult(
+        series=series,
+        label_map=label_map,
+        probability_map=probability,
+        lesions=lesions,
+        egfr=egfr,
+        model=package.identity,
+        timings_s=timings,
+    )
+
+
+def summary_of(result: InferenceResult) -> dict[str, Any]:
+    """The JSON-ready summary: series UIDs, model, lesions, EGFR, timings."""
+    first = result.series.datasets[0]
+    return {
+        "series": {
+            "study_instance_uid": str(first.get("StudyInstanceUID", "")),
+            "series_instance_uid": str(first.get("SeriesInstanceUID", "")),
+            "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")),
+            "slices": len(result.series.files),
+            "size": list(result.series.image.GetSize()),
+            "spacing_mm": [round(v, 4) for v in result.series.image.GetSpacing()],
+        },
+        "model": {
+            "name": result.model.name,
+            "version": result.model.version,
+            "is_demo": result.model.is_demo,
+            "display": result.model.display,
+        },
+        "lesions": [
+            {
+                "name": lesion.name,
+                "label": lesion.label,
+                "voxel_count": lesion.voxel_count,
+                "volume_cm3": round(lesion.volume_cm3, 4),
+                "max_diameter_mm": round(lesion.max_diameter_mm, 2),
+                "centroid_mm": [round(v, 2) for v in lesion.centroid_mm],
+            }
+            for lesion in result.lesions
+        ],
+        "egfr": {
+            "call": result.egfr.call.value,
+            "mutant_probability": (
+                None if result.egfr.mutant_probability is None else round(result.egfr.mutant_probability, 4)
+            ),
+            "slices_used": result.egfr.slices_used,
+        },
+        "timings_s": {stage: round(seconds, 3) for stage, seconds in result.timings_s.items()},
+    }
+
+
+def write_offline_outputs(result: InferenceResult, out_dir: Path) -> dict[str, Any]:
+    """Write `mask.nii.gz` and `summary.json` into `out_dir`; return the summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(result.label_map, str(out_dir / "mask.nii.gz"), useCompression=True)
+    summary = summary_of(result)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
