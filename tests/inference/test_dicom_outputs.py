@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ExplicitVRLittleEndian,
@@ -14,7 +16,11 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
+from inference import sr_codes
 from inference.dicom_outputs import write_dataset, write_dicom_outputs
+from inference.postprocess import extract_lesions
+from inference.result import EgfrCall, EgfrPrediction, InferenceResult, ModelIdentity
+from inference.rtstruct_raster import rasterise_roi
 
 # The one dciodvfy warning accepted for our SRs; see tests/inference/test_sr.py.
 ACCEPTED_WARNING = (
@@ -69,6 +75,40 @@ def test_no_lesions_writes_only_the_sr(series, tmp_path: Path, result_on) -> Non
     result = result_on(series, np.zeros((4, 30, 30), np.uint16))
     (path,) = write_dicom_outputs(result, tmp_path / "out", include_seg=True)
     assert path.name.startswith("SR_")
+
+
+def test_phantom_through_postprocess_and_all_writers(tmp_path: Path, phantom_case, dciodvfy) -> None:
+    """Production path: load_series, extract_lesions, then every writer; read back independently."""
+    series, truth = phantom_case(
+        41, orientation="oblique", matrix=80, slices=32, n_lesions=3, patient_name="Müller^Jörg"
+    )
+    probability = sitk.GetImageFromArray((truth > 0).astype(np.float32))
+    probability.CopyInformation(series.image)
+    label_map, lesions = extract_lesions(probability, threshold=0.5, min_volume_mm3=0.0)
+    assert lesions
+    result = InferenceResult(
+        series=series, label_map=label_map, probability_map=probability, lesions=lesions,
+        egfr=EgfrPrediction(EgfrCall.WILD_TYPE, 0.25, 4), model=ModelIdentity("mtsa-demo", "0.1.0", True),
+    )
+    rtstruct_path, seg_path, sr_path = write_dicom_outputs(result, tmp_path / "out", include_seg=True)
+    rtstruct = pydicom.dcmread(rtstruct_path)
+    assert rtstruct.PatientName == "Müller^Jörg"
+    for roi in rtstruct.StructureSetROISequence:
+        lesion = next(lesion for lesion in lesions if lesion.name == roi.ROIName)
+        raster = rasterise_roi(rtstruct, int(roi.ROINumber), series)
+        mask = result.lesion_mask(lesion)
+        assert 2.0 * (raster & mask).sum() / (raster.sum() + mask.sum()) >= 0.95
+    report = hd.sr.MeasurementReport.from_sequence(hd.sr.srread(sr_path).content)
+    volumes = {
+        group.tracking_identifier: group.get_measurements(name=sr_codes.VOLUME)[0].value
+        for group in report.get_image_measurement_groups()
+        if group.get_measurements(name=sr_codes.VOLUME)
+    }
+    assert volumes == {lesion.name: lesion.volume_cm3 for lesion in lesions}
+    for path in (rtstruct_path, seg_path, sr_path):
+        errors, warnings = dciodvfy(path)
+        assert errors == []
+        assert all(ACCEPTED_WARNING in warning for warning in warnings), warnings
 
 
 def test_invalid_uid_never_becomes_a_path(tmp_path: Path) -> None:
