@@ -1,0 +1,96 @@
+"""`dicom-node infer`: run a model package on one DICOM series folder, offline.
+
+A thin layer over `inference.pipeline` (imported inside the command so the CLI
+starts fast). The folder's regular files are the series (hidden files and
+DICOMDIR skipped); the loader says precisely what is wrong with them otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dicom_node.commands._common import fail
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `infer` command."""
+    app.command(
+        "infer",
+        help=(
+            "Run the model on a folder holding one T1-CE MR series; write mask.nii.gz (lesion label map "
+            "in source geometry) and summary.json to --out, and with --dicom the RTSTRUCT and SR."
+        ),
+    )(infer)
+
+
+def series_files(folder: Path) -> list[Path]:
+    """Regular files under `folder`, sorted, without hidden files and DICOMDIR."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+    )
+
+
+def infer(
+    dicom_dir: Annotated[Path, typer.Argument(help="Folder with the series' DICOM files.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    model: Annotated[
+        Optional[Path], typer.Option(help="Model package directory (default: $DICOM_NODE_MODEL or the demo).")
+    ] = None,
+    dicom: Annotated[bool, typer.Option("--dicom", help="Also write the RTSTRUCT and SR.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto.")] = None,
+) -> None:
+    """Load, preprocess, predict, postprocess; write and summarise the outputs."""
+    from inference.errors import InferenceError
+    from inference.model_package import default_package_path, load_package
+    from inference.pipeline import run_series, write_offline_outputs
+
+    if not dicom_dir.is_dir():
+        raise fail(f"{dicom_dir} is not a folder")
+    files = series_files(dicom_dir)
+    if not files:
+        raise fail(f"{dicom_dir} holds no files")
+    try:
+        package = load_package(model or default_package_path())
+        result = run_series(files, package, device=device)
+    except InferenceError as exc:
+        raise fail(str(exc)) from None
+    summary = write_offline_outputs(result, out)
+    written = [out / "mask.nii.gz", out / "summary.json"]
+    if dicom:
+        from inference.dicom_outputs import write_dicom_outputs
+
+        written += write_dicom_outputs(result, out)
+    _print_summary(summary, written)
+
+
+def _print_summary(summary: dict, written: list[Path]) -> None:
+    console = Console()
+    console.print(f"[bold]Model:[/] {summary['model']['display']}")
+    series = summary["series"]
+    console.print(f"[bold]Series:[/] {series['series_instance_uid']} ({series['slices']} slices)")
+    if summary["lesions"]:
+        table = Table("lesion", "volume (cm3)", "max diameter (mm)", "centroid LPS (mm)")
+        for lesion in summary["lesions"]:
+            table.add_row(
+                lesion["name"],
+                f"{lesion['volume_cm3']:.3f}",
+                f"{lesion['max_diameter_mm']:.1f}",
+                ", ".join(f"{v:.1f}" for v in lesion["centroid_mm"]),
+            )
+        console.print(table)
+    else:
+        console.print("[bold]Lesions:[/] none found")
+    egfr = summary["egfr"]
+    probability = "" if egfr["mutant_probability"] is None else f" (mutant probability {egfr['mutant_probability']:.3f})"
+    console.print(f"[bold]EGFR:[/] {egfr['call']}{probability}")
+    timings = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in summary["timings_s"].items())
+    console.print(f"[bold]Stage timings:[/] {timings}")
+    for path in written:
+        console.print(f"wrote {path}")
