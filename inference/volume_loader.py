@@ -86,6 +86,17 @@ def _sop_class_name(ds: pydicom.Dataset) -> str:
     return UID(str(uid)).name if uid else "unknown SOP class"
 
 
+def _no_pixel_data(path: Path, ds: pydicom.Dataset) -> SeriesError:
+    """Say whether an image lost its pixel data (truncated) or the object is no image at all."""
+    uid = str(ds.get("SOPClassUID", ""))
+    name = UID(uid).name if uid else ""
+    if "Image" in name:
+        return SeriesError(f"{path.name}: no pixel data ({name} without pixel data: a truncated or header-only file)")
+    if name and name != uid:
+        return SeriesError(f"{path.name}: no pixel data ({name} is not an image)")
+    return SeriesError(f"{path.name}: no pixel data (SOP Class {uid or 'missing'}: not an image, or a truncated file)")
+
+
 def _as_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
     """Check one instance is a single-frame greyscale image with geometry."""
     if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
@@ -94,7 +105,7 @@ def _as_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
             "is not supported; send the classic single-frame MR series instead"
         )
     if "PixelData" not in ds:
-        raise SeriesError(f"{path.name}: no pixel data ({_sop_class_name(ds)} is not an image)")
+        raise _no_pixel_data(path, ds)
     missing = [tag for tag in _GEOMETRY_TAGS if ds.get(tag) in (None, "")]
     if missing:
         raise SeriesError(f"{path.name}: not a usable image, missing geometry: {', '.join(missing)}")

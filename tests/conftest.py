@@ -1,0 +1,60 @@
+"""Fixtures that make DICOM data, shared by every test folder.
+
+Phantom series come from `inference.phantoms` (the same generator the demo model
+is trained on), written as real MR Image Storage files. They are cached per test
+session: generating and writing costs about a second each, and tests must not
+modify the returned files (copy them first, see `copy_series`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from inference.phantoms import Phantom, generate_phantom, write_phantom_series
+
+
+@dataclass(frozen=True)
+class PhantomSeries:
+    """A generated phantom and its DICOM files in slice order (read-only, shared)."""
+
+    phantom: Phantom
+    files: list[Path]
+
+
+@pytest.fixture(scope="session")
+def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., PhantomSeries]:
+    """Factory `make(seed, **generate_phantom_kwargs) -> PhantomSeries`, cached per session."""
+    cache: dict[tuple, PhantomSeries] = {}
+
+    def make(seed: int, **kwargs) -> PhantomSeries:
+        key = (seed, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            phantom = generate_phantom(seed, **kwargs)
+            files = write_phantom_series(phantom, tmp_path_factory.mktemp(f"phantom-{seed}"))
+            cache[key] = PhantomSeries(phantom, files)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def small_axial_series(phantom_series: Callable[..., PhantomSeries]) -> PhantomSeries:
+    """A small axial phantom: 96x96, 20 slices of 4 mm, two lesions."""
+    return phantom_series(7, orientation="axial", matrix=96, slices=20, slice_spacing=4.0, n_lesions=2)
+
+
+@pytest.fixture
+def copy_series(tmp_path: Path) -> Callable[[list[Path]], list[Path]]:
+    """`copy(files) -> files`: private copies a test may edit or delete."""
+
+    def copy(files: list[Path]) -> list[Path]:
+        target = tmp_path / f"copy-{len(list(tmp_path.iterdir()))}"
+        target.mkdir()
+        return [Path(shutil.copy2(f, target / f.name)) for f in files]
+
+    return copy

@@ -1,0 +1,246 @@
+"""load_series: exact geometry for every orientation, and one test per rejection reason."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless, MPEG2MPML, RLELossless
+
+from inference.errors import SeriesError
+from inference.phantoms import write_phantom_series
+from inference.uids import new_uid
+from inference.volume_loader import MIN_SLICES, load_series
+
+
+def edit(path: Path, **changes) -> None:
+    """Rewrite one file with data elements changed (None deletes)."""
+    ds = pydicom.dcmread(path)
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=False)
+
+
+def reason(files: list[Path]) -> str:
+    with pytest.raises(SeriesError) as info:
+        load_series(files)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("orientation", ["axial", "sagittal", "coronal", "oblique"])
+def test_geometry_and_pixels_are_exact_in_any_file_order(phantom_series, orientation):
+    series = phantom_series(21, orientation=orientation, matrix=64, slices=12, n_lesions=1)
+    shuffled = list(series.files)
+    random.Random(0).shuffle(shuffled)
+    loaded = load_series(shuffled)
+    truth = series.phantom.image
+    assert loaded.image.GetSize() == truth.GetSize()
+    np.testing.assert_allclose(loaded.image.GetOrigin(), truth.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(loaded.image.GetSpacing(), truth.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(loaded.image.GetDirection(), truth.GetDirection(), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(loaded.image), np.round(sitk.GetArrayViewFromImage(truth)))
+    assert loaded.files == series.files  # slice order, whatever the input order
+    assert all("PixelData" not in ds for ds in loaded.datasets)
+    assert [int(ds.InstanceNumber) for ds in loaded.datasets] == list(range(1, 13))
+
+
+def test_geometry_agrees_with_simpleitk_gdcm_reader(phantom_series):
+    series = phantom_series(22, orientation="oblique", matrix=64, slices=12, n_lesions=1)
+    loaded = load_series(series.files)
+    gdcm = sitk.ReadImage([str(f) for f in series.files])
+    np.testing.assert_allclose(loaded.image.GetOrigin(), gdcm.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(loaded.image.GetSpacing(), gdcm.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(loaded.image.GetDirection(), gdcm.GetDirection(), atol=1e-5)
+
+
+def test_slices_written_head_to_feet_are_sorted_along_the_normal(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    n = len(files)
+    for k, path in enumerate(files):  # mirror the stack: slice k takes slice n-1-k's position
+        ds = pydicom.dcmread(small_axial_series.files[n - 1 - k], stop_before_pixels=True)
+        edit(path, ImagePositionPatient=ds.ImagePositionPatient)
+    loaded = load_series(files)
+    assert loaded.files == files[::-1]
+    np.testing.assert_allclose(loaded.image.GetOrigin(), small_axial_series.phantom.image.GetOrigin(), atol=1e-4)
+
+
+def test_rescale_slope_and_intercept_are_applied_per_slice(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    edit(files[3], RescaleSlope="2", RescaleIntercept="-10")
+    loaded = load_series(files)
+    raw = pydicom.dcmread(files[3]).pixel_array.astype(np.float32)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(loaded.image)[3], raw * 2 - 10)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(loaded.image)[4], pydicom.dcmread(files[4]).pixel_array)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless], ids=["rle", "jpeg2000"])
+def test_compressed_series_decode_to_the_same_volume(small_axial_series, tmp_path, syntax):
+    files = write_phantom_series(small_axial_series.phantom, tmp_path, transfer_syntax=syntax)
+    assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(load_series(files).image),
+        sitk.GetArrayFromImage(load_series(small_axial_series.files).image),
+    )
+
+
+# --- rejections, each with its reason ---------------------------------------------------
+
+
+def test_empty_list(tmp_path):
+    assert "no files" in reason([])
+
+
+def test_not_a_dicom_file(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    files[2].write_text("patient notes, not an image")
+    assert reason(files).startswith(f"{files[2].name}: not a DICOM file")
+
+
+def test_truncated_file_is_unreadable(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    data = files[2].read_bytes()
+    sop_class = b"1.2.840.10008.5.1.4.1.1.4"
+    in_data_set = data.index(sop_class, data.index(sop_class) + 1)  # the first one is in the file meta
+    files[2].write_bytes(data[: in_data_set + 12])  # cut inside the SOP Class UID value
+    text = reason(files)
+    assert text.startswith(f"{files[2].name}: no pixel data (SOP Class 1.2.840.1000: not an image, or a truncated")
+
+
+def test_no_pixel_data(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    edit(files[5], PixelData=None)
+    assert reason(files) == (
+        f"{files[5].name}: no pixel data (MR Image Storage without pixel data: a truncated or header-only file)"
+    )
+
+
+def test_a_non_image_object_in_the_series(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    edit(files[5], PixelData=None, SOPClassUID="1.2.840.10008.5.1.4.1.1.481.3")
+    assert reason(files) == f"{files[5].name}: no pixel data (RT Structure Set Storage is not an image)"
+
+
+def test_pixel_data_shorter_than_rows_times_columns(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    ds = pydicom.dcmread(files[4])
+    edit(files[4], PixelData=ds.PixelData[: len(ds.PixelData) // 2])
+    text = reason(files)
+    assert text.startswith(f"{files[4].name}: pixel data is") and "shorter than Rows x Columns" in text
+
+
+def test_undecodable_transfer_syntax_is_named(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    ds = pydicom.dcmread(files[1])
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])  # an MPEG-2 sequence header, nothing decodable
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.save_as(files[1], enforce_file_format=True)
+    text = reason(files)
+    assert text.startswith(f"{files[1].name}: pixel data in MPEG2 Main Profile / Main Level")
+    assert "cannot be decoded" in text
+
+
+def test_missing_geometry(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    edit(files[0], ImagePositionPatient=None)
+    assert reason(files) == f"{files[0].name}: not a usable image, missing geometry: ImagePositionPatient"
+
+
+def test_two_series(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    edit(files[6], SeriesInstanceUID=new_uid())
+    text = reason(files)
+    assert text.startswith("files from 2 series") and "(19 files)" in text and "(1 files)" in text
+
+
+def test_mixed_orientations(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    edit(files[6], ImageOrientationPatient=["1", "0", "0", "0", "0.99619470", "-0.08715574"])
+    text = reason(files)
+    assert text.startswith("mixed orientations") and files[6].name in text
+
+
+def test_mixed_sizes(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    ds = pydicom.dcmread(files[6])
+    cropped = ds.pixel_array[:80, :]
+    edit(files[6], Rows=80, PixelData=cropped.tobytes())
+    assert reason(files) == "mixed image sizes (Rows x Columns): 96x96 (19 files), 80x96 (1 files)"
+
+
+def test_mixed_pixel_spacings(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    edit(files[6], PixelSpacing=["1.0", "1.0"])
+    text = reason(files)
+    assert text.startswith("mixed pixel spacings") and files[6].name in text
+
+
+def test_duplicated_slice_position(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    duplicate = files[0].parent / "IM_dup.dcm"
+    duplicate.write_bytes(files[9].read_bytes())
+    edit(duplicate, SOPInstanceUID=new_uid())
+    text = reason(files + [duplicate])
+    assert text.startswith("duplicated slice position") and "IM_dup.dcm" in text
+
+
+def test_duplicated_instance(small_axial_series):
+    files = list(small_axial_series.files)
+    assert reason(files + [files[3]]).startswith("duplicated SOP Instance UID")
+
+
+def test_missing_slice_is_a_gap(small_axial_series):
+    files = list(small_axial_series.files)
+    del files[8]
+    text = reason(files)
+    assert text.startswith("missing slice(s): gap of 8.000 mm between IM_0008.dcm and IM_0010.dcm")
+    assert "4.000 mm apart; about 1 slice(s) missing" in text
+
+
+def test_non_uniform_spacing(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    position = [float(v) for v in pydicom.dcmread(files[10]).ImagePositionPatient]
+    edit(files[10], ImagePositionPatient=[position[0], position[1], position[2] + 0.5])
+    text = reason(files)
+    assert text.startswith("non-uniform slice spacing") and "IM_0011.dcm is 0.5" in text
+
+
+def test_small_jitter_within_tolerance_is_accepted(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    position = [float(v) for v in pydicom.dcmread(files[10]).ImagePositionPatient]
+    edit(files[10], ImagePositionPatient=[position[0], position[1], position[2] + 0.03])
+    assert load_series(files).image.GetSize()[2] == len(files)
+
+
+def test_sheared_stack(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    for k, path in enumerate(files):  # a gantry-tilt-like shear: y shifts with the slice
+        position = [float(v) for v in pydicom.dcmread(path).ImagePositionPatient]
+        edit(path, ImagePositionPatient=[position[0], position[1] + 0.5 * k, position[2]])
+    assert reason(files).startswith("slices are not stacked along their normal")
+
+
+def test_too_few_slices(small_axial_series):
+    files = small_axial_series.files[: MIN_SLICES - 1]
+    assert reason(files).startswith(f"only {MIN_SLICES - 1} slice(s); at least {MIN_SLICES} are needed")
+
+
+def test_pydicom_bundled_single_mr_file_is_too_few_slices():
+    path = Path(get_testdata_file("MR_small.dcm"))
+    assert reason([path]).startswith("only 1 slice(s)")
+
+
+def test_multi_frame_is_refused_with_a_reason(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    edit(files[0], NumberOfFrames=2, SOPClassUID="1.2.840.10008.5.1.4.1.1.4.1")
+    text = reason(files)
+    assert "multi-frame image (Enhanced MR Image Storage, 2 frames) is not supported" in text
