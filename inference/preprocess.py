@@ -136,7 +136,7 @@ def _direction(image: sitk.Image) -> np.ndarray:
 def is_near_axial(image: sitk.Image) -> bool:
     """True when the slice normal is within NEAR_AXIAL_DEGREES of the patient z axis."""
     normal = _direction(image)[:, 2]
-    return abs(normal[2]) / np.linalg.norm(normal) >= np.cos(np.deg2rad(NEAR_AXIAL_DEGREES))
+    return bool(abs(normal[2]) / np.linalg.norm(normal) >= np.cos(np.deg2rad(NEAR_AXIAL_DEGREES)))
 
 
 def _mask_points(mask: sitk.Image, max_points: int = 500_000) -> tuple[np.ndarray, float]:

@@ -124,7 +124,9 @@ def _as_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
         )
     row, col = orientation[:3], orientation[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
-        raise SeriesError(f"{path.name}: ImageOrientationPatient {list(orientation)} is not two orthogonal unit vectors")
+        raise SeriesError(
+            f"{path.name}: ImageOrientationPatient {list(orientation)} is not two orthogonal unit vectors"
+        )
     return _Slice(path, ds, position, orientation, spacing)
 
 

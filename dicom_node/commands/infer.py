@@ -88,7 +88,8 @@ def _print_summary(summary: dict, written: list[Path]) -> None:
     else:
         console.print("[bold]Lesions:[/] none found")
     egfr = summary["egfr"]
-    probability = "" if egfr["mutant_probability"] is None else f" (mutant probability {egfr['mutant_probability']:.3f})"
+    probability = egfr["mutant_probability"]
+    probability = "" if probability is None else f" (mutant probability {probability:.3f})"
     console.print(f"[bold]EGFR:[/] {egfr['call']}{probability}")
     timings = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in summary["timings_s"].items())
     console.print(f"[bold]Stage timings:[/] {timings}")

@@ -1,0 +1,179 @@
+"""Pre-processing: geometry round trips to the model grid and back, N4, head mask, z-score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from inference.preprocess import (
+    NEAR_AXIAL_DEGREES,
+    head_mask,
+    is_near_axial,
+    n4_correct,
+    prepare_model_input,
+    to_model_grid,
+    to_source_grid,
+    zscore,
+)
+
+SIZE = 128
+
+
+def direction_of(image: sitk.Image) -> np.ndarray:
+    return np.array(image.GetDirection()).reshape(3, 3)
+
+
+def assert_within_one_voxel(original: np.ndarray, back: np.ndarray) -> None:
+    """Every changed voxel lies within one voxel (26-neighbourhood) of the original boundary."""
+    cube = np.ones((3, 3, 3), bool)
+    assert np.all(back <= ndimage.binary_dilation(original, cube)), "voxels added beyond one voxel"
+    assert np.all(ndimage.binary_erosion(original, cube) <= back), "voxels lost beyond one voxel"
+
+
+@pytest.mark.parametrize(
+    ("seed", "orientation", "kwargs", "aligned"),
+    [
+        (31, "axial", {"slice_spacing": 4.0, "slices": 30}, True),
+        (31, "sagittal", {"slice_spacing": 3.0, "slices": 40}, False),
+        (31, "coronal", {"slice_spacing": 2.0, "slices": 50}, False),
+        (31, "oblique", {"slice_spacing": 1.5, "slices": 60}, True),  # tilted 9 degrees from axial
+        (30, "oblique", {"slice_spacing": 3.5, "slices": 40}, False),  # tilted 30 degrees
+        (37, "oblique", {"slice_spacing": 5.0, "slices": 30}, False),  # 81 degrees, near sagittal/coronal
+    ],
+    ids=["axial", "sagittal", "coronal", "oblique-9deg", "oblique-30deg", "oblique-81deg"],
+)
+def test_mask_round_trip_through_the_model_grid_is_within_one_voxel(
+    phantom_series, seed, orientation, kwargs, aligned
+):
+    series = phantom_series(seed, orientation=orientation, matrix=128, n_lesions=3, **kwargs)
+    model_input = prepare_model_input(series.phantom.image, size=SIZE, n4=False)
+    assert model_input.slice_aligned is aligned
+    original = sitk.GetArrayFromImage(series.phantom.mask) > 0
+    assert original.sum() > 100
+    on_model = to_model_grid(series.phantom.mask, model_input, nearest=True) > 0
+    back_image = to_source_grid(on_model.astype(np.float32), model_input, series.phantom.image)
+    for get in (sitk.Image.GetOrigin, sitk.Image.GetSpacing, sitk.Image.GetDirection, sitk.Image.GetSize):
+        assert get(back_image) == get(series.phantom.image)
+    back = sitk.GetArrayFromImage(back_image) >= 0.5
+    assert_within_one_voxel(original, back)
+    dice = 2 * (back & original).sum() / (back.sum() + original.sum())
+    assert dice > 0.9
+
+
+def test_axial_series_keeps_one_model_slice_per_source_slice(phantom_series):
+    series = phantom_series(32, orientation="axial", matrix=128, slices=30, slice_spacing=4.0, n_lesions=1)
+    image = series.phantom.image
+    model_input = prepare_model_input(image, size=SIZE, n4=False)
+    assert model_input.slice_aligned
+    assert model_input.slices.shape == (30, SIZE, SIZE) and model_input.slices.dtype == np.float32
+    assert model_input.grid.GetSpacing()[2] == pytest.approx(4.0)
+    for j in (0, 17, 29):  # the model slice plane is the source slice plane
+        centre = model_input.grid.TransformContinuousIndexToPhysicalPoint(((SIZE - 1) / 2, (SIZE - 1) / 2, j))
+        assert image.TransformPhysicalPointToContinuousIndex(centre)[2] == pytest.approx(j, abs=1e-6)
+
+
+def test_slices_stored_head_to_feet_become_feet_to_head_model_slices(phantom_series):
+    image = sitk.Image(phantom_series(33, orientation="axial", matrix=96, slices=24, n_lesions=1).phantom.image)
+    flipped = sitk.Flip(image, [False, False, True])  # same voxels, slice index now runs superior -> inferior
+    assert direction_of(flipped)[2, 2] == pytest.approx(-1)
+    model_input = prepare_model_input(flipped, size=96, n4=False)
+    assert model_input.slice_aligned
+    np.testing.assert_allclose(direction_of(model_input.grid), np.eye(3), atol=1e-9)
+    top = model_input.grid.TransformIndexToPhysicalPoint((0, 0, 23))
+    source_slice = flipped.TransformPhysicalPointToContinuousIndex(top)[2]
+    assert source_slice == pytest.approx(0, abs=1e-6)  # last model slice (superior) = first stored slice
+
+
+def test_near_axial_threshold():
+    image = sitk.Image(8, 8, 8, sitk.sitkUInt8)
+    for degrees, expected in ((NEAR_AXIAL_DEGREES - 1, True), (NEAR_AXIAL_DEGREES + 1, False)):
+        angle = np.deg2rad(degrees)
+        rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+        image.SetDirection(rotation.flatten().tolist())
+        assert is_near_axial(image) is expected
+
+
+def test_model_grid_is_axial_in_patient_axes_for_sagittal_series(phantom_series):
+    series = phantom_series(34, orientation="sagittal", matrix=128, slices=40, slice_spacing=3.0, n_lesions=1)
+    model_input = prepare_model_input(series.phantom.image, size=SIZE, n4=False)
+    assert not model_input.slice_aligned
+    np.testing.assert_allclose(direction_of(model_input.grid), np.eye(3), atol=1e-12)
+    assert 1.0 <= model_input.grid.GetSpacing()[2] <= 2.0
+    spacing = model_input.grid.GetSpacing()
+    assert spacing[0] == spacing[1] and model_input.pixel_area_mm2 == pytest.approx(spacing[0] ** 2)
+
+
+@pytest.mark.parametrize("orientation", ["axial", "oblique"])
+def test_field_of_view_covers_the_head(phantom_series, orientation):
+    series = phantom_series(35, orientation=orientation, matrix=128, slices=40, n_lesions=1)
+    image = series.phantom.image
+    model_input = prepare_model_input(image, size=SIZE, n4=False)
+    mask = head_mask(image)
+    on_model = to_model_grid(mask, model_input, nearest=True)
+    assert on_model.any()
+    assert not on_model[:, [0, -1], :].any() and not on_model[:, :, [0, -1]].any()  # margin left and right
+
+
+def test_model_slices_are_z_scored_over_the_head(phantom_series):
+    series = phantom_series(36, orientation="axial", matrix=96, slices=24, n_lesions=1)
+    model_input = prepare_model_input(series.phantom.image, size=96, n4=True)
+    head = to_model_grid(head_mask(series.phantom.image), model_input, nearest=True) > 0
+    values = model_input.slices[head]
+    assert abs(values.mean()) < 0.1 and abs(values.std() - 1) < 0.1
+    assert np.isfinite(model_input.slices).all()
+
+
+def test_to_source_grid_rejects_a_volume_of_the_wrong_shape(small_axial_series):
+    model_input = prepare_model_input(small_axial_series.phantom.image, size=64, n4=False)
+    with pytest.raises(ValueError, match="model grid"):
+        to_source_grid(np.zeros((3, 64, 64), np.float32), model_input, small_axial_series.phantom.image)
+
+
+def ball(shape: tuple[int, int, int], radius: float) -> np.ndarray:
+    k, j, i = np.indices(shape)
+    centre = (np.array(shape) - 1) / 2
+    return (k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2 <= radius**2
+
+
+def test_n4_removes_most_of_a_synthetic_bias_field():
+    rng = np.random.default_rng(0)
+    shape = (48, 64, 64)
+    inside = ball(shape, 22)
+    k, j, i = np.indices(shape) / 64.0
+    bias = np.exp(0.35 * (i - 0.5) + 0.25 * (j - 0.5) ** 2 - 0.2 * (k - 0.4))
+    truth = np.where(inside, 1000.0, 0.0)
+    array = truth * bias + np.abs(rng.normal(0, 10, shape))
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    corrected = sitk.GetArrayFromImage(n4_correct(image))
+    before = array[inside].std() / array[inside].mean()
+    after = corrected[inside].std() / corrected[inside].mean()
+    assert after < 0.35 * before, (before, after)
+
+
+def test_head_mask_fills_holes_and_ignores_noise():
+    rng = np.random.default_rng(1)
+    shape = (32, 48, 48)
+    head = ball(shape, 18)
+    array = np.where(head, 800.0, 0.0) + np.abs(rng.normal(0, 20, shape))
+    array[ball(shape, 6)] = 30.0  # a dark cavity (ventricles, necrosis) inside the head
+    array[0, 0, 0] = 900.0  # a bright speck in the air
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    mask = sitk.GetArrayFromImage(head_mask(image)) > 0
+    assert mask[ball(shape, 6)].all()
+    assert not mask[0, 0, 0]
+    two_voxels = ndimage.generate_binary_structure(3, 3)  # the mask is computed on 2 mm voxels
+    assert np.all(mask <= ndimage.binary_dilation(head, two_voxels, iterations=2))
+    assert np.all(ndimage.binary_erosion(head, two_voxels, iterations=2) <= mask)
+
+
+def test_zscore_uses_the_mask_only():
+    array = np.zeros((4, 8, 8), np.float32)
+    array[:, 2:6, 2:6] = np.arange(64, dtype=np.float32).reshape(4, 4, 4)
+    image = sitk.GetImageFromArray(array)
+    mask = sitk.GetImageFromArray((array > 0).astype(np.uint8))
+    out = sitk.GetArrayFromImage(zscore(image, mask))
+    inside = array > 0
+    assert out[inside].mean() == pytest.approx(0, abs=1e-5) and out[inside].std() == pytest.approx(1, abs=1e-5)
