@@ -1,0 +1,49 @@
+"""Lesion matching and the evaluation summary on hand-made masks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from inference.evaluation import PhantomScore, equivalent_diameter_mm, lesion_scores, summarise
+
+
+def test_equivalent_diameter_of_a_sphere_volume() -> None:
+    voxels = round(4 / 3 * math.pi * 5**3)  # sphere of radius 5 mm in 1 mm voxels
+    assert equivalent_diameter_mm(voxels, (1, 1, 1)) == pytest.approx(10.0, abs=0.01)
+    assert equivalent_diameter_mm(1, (2, 2, 2)) == pytest.approx((6 * 8 / math.pi) ** (1 / 3))
+
+
+def test_lesions_matched_by_overlap() -> None:
+    truth = np.zeros((10, 20, 20), np.uint8)
+    truth[2:6, 2:6, 2:6] = 1  # 64 voxels, found exactly
+    truth[2:6, 10:14, 10:14] = 2  # 64 voxels, half found
+    truth[7:9, 16:18, 16:18] = 3  # missed
+    predicted = np.zeros_like(truth)
+    predicted[2:6, 2:6, 2:6] = 1
+    predicted[2:6, 10:14, 10:12] = 2
+    predicted[8, 0, 0] = 3  # a false positive somewhere else
+    scores = lesion_scores(5, truth, predicted, (1, 1, 1))
+    assert [s.label for s in scores] == [1, 2, 3]
+    assert scores[0].dice == 1.0 and scores[0].detected
+    assert scores[1].dice == pytest.approx(2 * 32 / (32 + 64))
+    assert scores[2].dice == 0.0 and not scores[2].detected
+    assert scores[0].diameter_mm == pytest.approx(equivalent_diameter_mm(64, (1, 1, 1)), abs=0.01)
+
+
+def test_summary_filters_small_lesions_and_unassessable_egfr() -> None:
+    big = lesion_scores(1, np.pad(np.ones((6, 6, 6), np.uint8), 2), np.pad(np.ones((6, 6, 6), np.uint8), 2), (1, 1, 1))
+    small = lesion_scores(1, np.pad(np.ones((1, 1, 1), np.uint8), 2), np.zeros((5, 5, 5), np.uint8), (1, 1, 1))
+    common = {"orientation": "axial", "dice": 0.9, "precision": 1.0, "recall": 0.8, "false_positive_lesions": 0}
+    scores = [
+        PhantomScore(seed=1, genotype=1, egfr_call="mutant", egfr_probability=0.9, hd95_mm=2.0, lesions=big + small, **common),
+        PhantomScore(seed=2, genotype=0, egfr_call="mutant", egfr_probability=0.6, hd95_mm=math.inf, **common),
+        PhantomScore(seed=3, genotype=0, egfr_call="not assessable", egfr_probability=None, hd95_mm=4.0, **common),
+    ]
+    summary = summarise(scores)
+    assert summary["lesions"] == 1 and summary["lesion_dice_mean"] == 1.0  # the 1-voxel lesion is < 5 mm
+    assert summary["hd95_mm_median"] == 3.0 and summary["hd95_infinite"] == 1
+    assert summary["egfr_assessable"] == 2
+    assert summary["egfr_accuracy"] == 0.5 and summary["egfr_auc"] == 1.0
