@@ -71,11 +71,12 @@ def test_select_device_honours_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert select_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert select_device("CPU") == torch.device("cpu")
     monkeypatch.setenv(DEVICE_ENV_VAR, "tpu")
-    with pytest.raises(ValueError, match="cpu, cuda or auto"):
+    with pytest.raises(ValueError, match="cpu, cuda, cuda:N or auto"):
         select_device()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_cuda_requested_without_gpu_is_an_error() -> None:
-    with pytest.raises(RuntimeError, match="no CUDA device"):
-        select_device("cuda")
+    for choice in ("cuda", "cuda:1"):
+        with pytest.raises(RuntimeError, match="no such CUDA device"):
+            select_device(choice)
