@@ -125,7 +125,10 @@ def _commit_row(db: Database, meta: InstanceMeta, relative: str, digest: str, si
                         calling_ae_title=meta.calling_ae_title,
                     )
                 )
-                series.instance_count += 1
+                session.flush()  # the series row exists, so the count below is an UPDATE
+                # Counted in SQL: stores into one series over parallel associations read
+                # the row before their write transaction starts; `+= 1` lost updates.
+                series.instance_count = Series.instance_count + 1
                 series.last_received_at = utcnow()
             return
         except IntegrityError:
