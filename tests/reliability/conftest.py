@@ -9,8 +9,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 import pytest
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.sop_class import MRImageStorage, Verification
 from sqlalchemy import select
 
@@ -81,9 +82,15 @@ def parse_storescu(output: str, files: list[Path]) -> dict[Path, bool]:
 
 def pynetdicom_statuses(port: int, files: list[Path], *, calling: str = "PYSCU",
                         called: str = "DICOMNODE") -> dict[Path, int | None]:
-    """Send `files` on one pynetdicom association; status per file (None: no answer)."""
+    """Send `files` on one pynetdicom association; status per file (None: no answer).
+
+    Files are sent as they are on disk (pynetdicom's path mode: the request takes
+    the file-meta SOP Class/Instance UIDs, the data set bytes go unchanged), so
+    deliberately broken files reach the node exactly as written."""
+    _config.STORE_SEND_CHUNKED_DATASET = True  # only affects sends of paths, as here
     ae = AE(ae_title=calling)
-    ae.add_requested_context(MRImageStorage)
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):  # one context each: sent as is
+        ae.add_requested_context(MRImageStorage, [syntax])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     outcome: dict[Path, int | None] = {f: None for f in files}
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
@@ -93,7 +100,7 @@ def pynetdicom_statuses(port: int, files: list[Path], *, calling: str = "PYSCU",
         for path in files:
             if not assoc.is_established:
                 break
-            status = assoc.send_c_store(pydicom.dcmread(path))
+            status = assoc.send_c_store(path)
             outcome[path] = int(status.Status) if status and "Status" in status else None
     finally:
         if assoc.is_established:

@@ -145,3 +145,26 @@ def test_association_over_the_limit_is_rejected_promptly(start_node):
     assert wait_for(lambda: echo_ok(port), timeout=5)
     print(f"\nASSOC LIMIT: third association rejected in {took * 1000:.0f} ms (pynetdicom), "
           f"{dcmtk_took * 1000:.0f} ms (echoscu)")
+
+
+def test_one_series_over_four_parallel_associations_is_counted_exactly(start_node, phantom_factory):
+    """A PACS pushing one series over parallel associations: every instance stored and
+    counted once (the series' and the job's instance count are what `jobs show` reports)."""
+    node = start_node(DICOM_NODE__SERIES__QUIET_PERIOD_S="3")
+    port = node.address[1]
+    files = phantom_factory(7100, "LOADPAR", slices=60, matrix=32)
+    with ThreadPoolExecutor(4) as pool:
+        parts = list(pool.map(lambda k: storescu_statuses(port, files[k::4], calling=f"PACS{k}"), range(4)))
+    assert all(ok for part in parts for ok in part.values())
+    rows = audit_store(node.db, node.store.root)
+    assert len(rows) == len(files)
+    (job,) = wait_for(lambda: [j for j in _jobs(node) if j.state == JobState.QUEUED] or None, timeout=30)
+    with node.db.session() as session:
+        (series,) = session.scalars(select(Series)).all()
+    assert series.instance_count == len(files), "instance count lost updates under concurrent stores"
+    assert job.instance_count == len(files)
+
+
+def _jobs(node) -> list[Job]:
+    with node.db.session() as session:
+        return list(session.scalars(select(Job)).all())
