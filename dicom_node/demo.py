@@ -188,6 +188,7 @@ def overlay_png(series_files: list[Path], rtstruct_path: Path, out_png: Path, ma
     import numpy as np
     import SimpleITK as sitk
 
+    from inference.rtstruct import polygon_area
     from inference.rtstruct_raster import patient_to_continuous_index
     from inference.volume_loader import load_series
 
@@ -204,19 +205,20 @@ def overlay_png(series_files: list[Path], rtstruct_path: Path, out_png: Path, ma
             by_slice.setdefault(int(round(index[:, 2].mean())), []).append(index[:, :2])
         if not by_slice:
             continue
-        best = max(by_slice, key=lambda k: sum(len(c) for c in by_slice[k]))
+        best = max(by_slice, key=lambda k: sum(abs(polygon_area(c)) for c in by_slice[k]))
         colour = tuple(v / 255 for v in roi_contour.ROIDisplayColor)
         panels.append((names[roi_contour.ReferencedROINumber], best, by_slice[best], colour))
     panels = panels[:max_panels] or [("no lesion", volume.shape[0] // 2, [], (1, 1, 1))]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.8), squeeze=False)
     for axis, (name, k, contours, colour) in zip(axes[0], panels):
-        axis.imshow(volume[k], cmap="gray")
+        low, high = np.percentile(volume[k], [1, 99.5])
+        axis.imshow(volume[k], cmap="gray", vmin=low, vmax=high)
         for contour in contours:
             closed = np.vstack([contour, contour[:1]])
             axis.plot(closed[:, 0], closed[:, 1], color=colour, linewidth=1.5)
         axis.set_title(f"{name} - slice {k + 1}/{volume.shape[0]}", fontsize=10)
         axis.axis("off")
-    figure.suptitle(f"{rtstruct.get('StructureSetLabel', '')}: contours from the RTSTRUCT received by the TPS",
+    figure.suptitle(f"{rtstruct.get('StructureSetLabel', '')}\ncontours from the RTSTRUCT received by the TPS",
                     fontsize=10)
     figure.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)

@@ -141,7 +141,7 @@ def slice_contours(mask: np.ndarray, simplify_tolerance_px: float = 0.25) -> lis
     for line in find_contours(padded, 0.5, fully_connected="low"):
         closed = approximate_polygon(line, simplify_tolerance_px) - 1.0
         points = closed[:-1] if np.array_equal(closed[0], closed[-1]) else closed
-        if len(points) >= 3 and abs(_polygon_area(points)) > _MIN_AREA_PX2:
+        if len(points) >= 3 and abs(polygon_area(points)) > _MIN_AREA_PX2:
             contours.append(points)
     return contours
 
@@ -155,7 +155,7 @@ def _check_tolerance(simplify_tolerance_px: float) -> None:
         )
 
 
-def _polygon_area(points: np.ndarray) -> float:
+def polygon_area(points: np.ndarray) -> float:
     """Signed shoelace area of a closed polygon given without its closing point."""
     y, x = points[:, 0], points[:, 1]
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
