@@ -362,9 +362,9 @@ def generate_phantom(
 
 
 def _ds_number(value: float) -> str:
-    """A DS value (at most 16 characters)."""
-    text = f"{value:.6f}".rstrip("0").rstrip(".")
-    return text if len(text) <= 16 else f"{value:.8g}"
+    """A DS value of at most 16 characters, as precise as that allows (oblique cosines need it)."""
+    text = f"{value:.10f}".rstrip("0").rstrip(".")
+    return text if len(text) <= 16 else f"{value:.10g}"
 
 
 def _stored_values(image: np.ndarray) -> tuple[np.ndarray, float]:

@@ -1,0 +1,173 @@
+"""run_series and the offline outputs: plumbing, geometry and timings, not accuracy.
+
+An untrained tiny MTSA-Net package checks the real chain; an "oracle" predictor
+(the phantom's true mask on the model grid) checks that lesions come back on the
+source grid where they were, whatever the acquisition orientation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from typer.testing import CliRunner
+
+from dicom_node.cli import app
+from inference import preprocess
+from inference.errors import SeriesError
+from inference.model_package import ModelPackage, save_package
+from inference.mtsa_net import MTSANet, MTSANetConfig
+from inference.pipeline import run_series, write_offline_outputs
+from inference.result import EgfrCall
+
+STAGES = ["load", "preprocess", "model", "postprocess"]
+
+
+@pytest.fixture(scope="module")
+def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
+    """An untrained, small MTSA-Net package (64x64 input)."""
+    config = MTSANetConfig(
+        width=4, input_size=64, transformer_dim=16, transformer_depth=1, transformer_heads=2,
+        transformer_mlp_dim=16, classifier_hidden=8,
+    )
+    torch.manual_seed(0)
+    return save_package(MTSANet(config), config, tmp_path_factory.mktemp("tiny-package"), name="tiny-test",
+                        version="0.0.1", is_demo=True)
+
+
+@pytest.fixture
+def oracle(monkeypatch: pytest.MonkeyPatch):
+    """`use(phantom)`: the model predicts the phantom's true mask (mutant 0.9 on tumour slices)."""
+
+    def use(phantom) -> None:
+        captured: list[preprocess.ModelInput] = []
+        real_prepare = preprocess.prepare_model_input
+
+        def prepare(*args, **kwargs):
+            captured.append(real_prepare(*args, **kwargs))
+            return captured[-1]
+
+        def predict(model, slices, **kwargs):
+            truth = preprocess.to_model_grid(phantom.mask, captured[-1], nearest=True) > 0
+            mutant = np.where(truth.any(axis=(1, 2)), 0.9, 0.1).astype(np.float32)
+            return truth.astype(np.float32), mutant
+
+        monkeypatch.setattr(preprocess, "prepare_model_input", prepare)
+        monkeypatch.setattr("inference.predictor.predict_slices", predict)
+
+    return use
+
+
+def assert_same_grid(a: sitk.Image, b: sitk.Image) -> None:
+    """Same grid up to the decimal rounding of the DICOM geometry strings."""
+    assert a.GetSize() == b.GetSize()
+    np.testing.assert_allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+
+
+def test_run_series_plumbing_with_an_untrained_package(small_axial_series, tiny_package):
+    result = run_series(small_axial_series.files, tiny_package, device="cpu")
+    assert_same_grid(result.label_map, result.series.image)
+    assert_same_grid(result.probability_map, result.series.image)
+    assert result.label_map.GetPixelID() == sitk.sitkUInt16
+    assert list(result.timings_s)[:2] == STAGES[:2] and set(STAGES) <= set(result.timings_s)
+    assert all(seconds >= 0 for seconds in result.timings_s.values())
+    assert result.timings_s["preprocess: n4"] <= result.timings_s["preprocess"]
+    assert result.model == tiny_package.identity
+    labels = sitk.GetArrayFromImage(result.label_map)
+    assert sorted(int(v) for v in np.unique(labels) if v) == [lesion.label for lesion in result.lesions]
+    assert (result.egfr.call is EgfrCall.NOT_ASSESSABLE) == (not result.lesions)
+
+
+def test_run_series_is_deterministic(small_axial_series, tiny_package):
+    first = run_series(small_axial_series.files, tiny_package, device="cpu")
+    second = run_series(small_axial_series.files, tiny_package, device="cpu")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(first.probability_map),
+                                  sitk.GetArrayFromImage(second.probability_map))
+    assert first.egfr == second.egfr
+
+
+@pytest.mark.parametrize(
+    ("seed", "orientation"), [(7, "axial"), (34, "sagittal"), (30, "oblique")], ids=["axial", "sagittal", "oblique"]
+)
+def test_oracle_lesions_come_back_where_they_were(phantom_series, tiny_package, oracle, seed, orientation):
+    series = phantom_series(seed, orientation=orientation, matrix=96, slices=24, slice_spacing=3.5, n_lesions=3)
+    oracle(series.phantom)
+    result = run_series(series.files, tiny_package, device="cpu")
+    truth = sitk.GetArrayFromImage(series.phantom.mask)
+    predicted = sitk.GetArrayFromImage(result.label_map)
+    assert_same_grid(result.label_map, series.phantom.mask)
+    voxel_mm3 = float(np.prod(series.phantom.mask.GetSpacing()))
+    kept = [label for label in range(1, truth.max() + 1) if (truth == label).sum() * voxel_mm3 >= 40]
+    assert len(result.lesions) >= len(kept) >= 1
+    for label in kept:
+        overlap = np.unique(predicted[truth == label])
+        (match,) = [v for v in overlap if v]  # one predicted lesion per true lesion
+        found, true = predicted == match, truth == label
+        dice = 2 * (found & true).sum() / (found.sum() + true.sum())
+        assert dice > 0.8, (label, dice)
+    assert result.egfr.call is EgfrCall.MUTANT and result.egfr.mutant_probability == pytest.approx(0.9)
+
+
+def test_series_errors_propagate(small_axial_series, tiny_package):
+    files = list(small_axial_series.files)
+    del files[5]
+    with pytest.raises(SeriesError, match="missing slice"):
+        run_series(files, tiny_package, device="cpu")
+
+
+def test_offline_outputs(small_axial_series, tiny_package, oracle, tmp_path):
+    oracle(small_axial_series.phantom)
+    result = run_series(small_axial_series.files, tiny_package, device="cpu")
+    summary = write_offline_outputs(result, tmp_path / "out")
+    mask = sitk.ReadImage(str(tmp_path / "out" / "mask.nii.gz"))
+    assert_same_grid(mask, result.series.image)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(result.label_map))
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert on_disk == summary
+    assert summary["series"]["series_instance_uid"] == result.series.datasets[0].SeriesInstanceUID
+    assert summary["model"] == {"name": "tiny-test", "version": "0.0.1", "is_demo": True,
+                                "display": tiny_package.identity.display}
+    assert [lesion["name"] for lesion in summary["lesions"]] == [f"GTV_{i + 1}" for i in range(len(result.lesions))]
+    assert summary["lesions"][0]["volume_cm3"] > 0 and summary["lesions"][0]["max_diameter_mm"] > 0
+    assert summary["egfr"] == {"call": "mutant", "mutant_probability": 0.9, "slices_used": result.egfr.slices_used}
+    assert set(STAGES) <= set(summary["timings_s"])
+
+
+# --- dicom-node infer ----------------------------------------------------------------------
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["infer", *args])
+
+
+def test_infer_command_writes_outputs_and_a_summary(small_axial_series, tiny_package, oracle, tmp_path):
+    oracle(small_axial_series.phantom)
+    folder = Path(small_axial_series.files[0]).parent
+    out = tmp_path / "out"
+    result = invoke(str(folder), "--out", str(out), "--model", str(tiny_package.path), "--device", "cpu", "--dicom")
+    assert result.exit_code == 0, result.output
+    assert "GTV_1" in result.output and "EGFR:" in result.output and "Stage timings" in result.output
+    assert "NOT FOR CLINICAL USE" in result.output
+    assert (out / "mask.nii.gz").is_file() and (out / "summary.json").is_file()
+    assert any(p.name.startswith("RTSTRUCT") for p in out.iterdir())
+
+
+def test_infer_command_bad_series_is_one_red_line(small_axial_series, tiny_package, copy_series):
+    files = copy_series(small_axial_series.files)
+    files[5].unlink()
+    result = invoke(str(files[0].parent), "--out", str(files[0].parent / "out"), "--model", str(tiny_package.path))
+    assert result.exit_code == 2
+    assert "error: missing slice(s)" in result.output and "Traceback" not in result.output
+
+
+def test_infer_command_missing_model_package(small_axial_series, tmp_path):
+    folder = Path(small_axial_series.files[0]).parent
+    result = invoke(str(folder), "--out", str(tmp_path / "out"), "--model", str(tmp_path / "no-such-package"))
+    assert result.exit_code == 2
+    assert "model package directory" in result.output and "Traceback" not in result.output
