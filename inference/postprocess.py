@@ -36,8 +36,8 @@ import math
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
-from scipy.spatial import ConvexHull
-from scipy.spatial.distance import pdist
+from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial.distance import cdist, pdist
 
 from inference.result import EgfrCall, EgfrPrediction, Lesion
 
@@ -50,14 +50,28 @@ def _index_to_physical(image: sitk.Image, ijk: np.ndarray) -> np.ndarray:
     return np.array(image.GetOrigin()) + (ijk * np.array(image.GetSpacing())) @ direction.T
 
 
+def _farthest_pair_distance(points: np.ndarray, block: int = 2048) -> float:
+    """Largest pairwise distance, in row blocks so that large hulls stay within memory."""
+    if len(points) <= block:
+        return float(pdist(points).max()) if len(points) > 1 else 0.0
+    return max(float(cdist(points[i : i + block], points).max()) for i in range(0, len(points), block))
+
+
 def max_diameter_mm(component: np.ndarray, offset: np.ndarray, image: sitk.Image) -> float:
-    """Largest corner-to-corner distance of a boolean (k, j, i) component; `offset` is its (i, j, k) origin."""
+    """Largest corner-to-corner distance of a boolean (k, j, i) component; `offset` is its (i, j, k) origin.
+
+    The hull of all voxel corners is the hull of the voxel-centre hull's vertices,
+    each widened by its 8 corners, so only those corners are handed to Qhull.
+    """
     surface = component & ~ndimage.binary_erosion(component)
-    ijk = np.argwhere(surface)[:, ::-1] + offset
-    corners = np.unique((ijk[:, None, :] + _CORNERS[None, :, :]).reshape(-1, 3), axis=0)
+    centres = np.argwhere(surface)[:, ::-1] + offset
+    try:
+        centres = centres[ConvexHull(centres).vertices]
+    except QhullError:  # flat or thin lesion (one slice, one row): all its surface voxels
+        pass
+    corners = (centres[:, None, :] + _CORNERS[None, :, :]).reshape(-1, 3)
     points = _index_to_physical(image, corners)
-    hull = points[ConvexHull(points).vertices]
-    return float(pdist(hull).max())
+    return _farthest_pair_distance(points[ConvexHull(points).vertices])
 
 
 def extract_lesions(
