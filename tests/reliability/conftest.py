@@ -155,3 +155,34 @@ def audit_store(db: Database, root: Path) -> dict[str, Instance]:
     for path, row in by_path.items():
         assert sha256_file(path) == row.sha256, f"{path} does not match its recorded sha256"
     return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A small, untrained MTSA-Net package (64 px input, no N4) so that jobs run the real
+    engine in about a second on a CPU. Its outputs are meaningless; what the tests
+    check is the node's handling of jobs, not the segmentation."""
+    pytest.importorskip("inference.pipeline", reason="inference pipeline not present")
+    import json
+
+    import torch
+
+    from inference.model_package import MANIFEST_NAME, save_package
+    from inference.mtsa_net import MTSANet, MTSANetConfig
+
+    torch.manual_seed(0)
+    config = MTSANetConfig(width=4, input_size=64, transformer_dim=16, transformer_depth=1, transformer_heads=2,
+                           transformer_mlp_dim=32, classifier_hidden=8)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    save_package(MTSANet(config), config, folder, "tiny-reliability-test", "0.0.1", True)
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["input"]["n4"] = False
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+@pytest.fixture
+def with_tiny_model(tiny_model, monkeypatch) -> Path:
+    """Make the tiny package the node's default model (`$DICOM_NODE_MODEL`)."""
+    monkeypatch.setenv("DICOM_NODE_MODEL", str(tiny_model))
+    return tiny_model

@@ -35,6 +35,7 @@ from tests.reliability.conftest import (
     echo_ok,
     pynetdicom_statuses,
     require_tool,
+    sop_uid,
     storescu_statuses,
     wait_for,
 )
@@ -223,13 +224,112 @@ def test_wrong_called_ae_title_is_rejected(start_node, node_log, phantom_factory
     assert_still_serving(node, good[0])
 
 
+# --- stored, then the job fails with its reason (the real engine via the node's worker) ------
+
+NO_DESTINATION_RULES = """
+[[rules]]
+name = "mr"
+[rules.match]
+Modality = "MR"
+"""
+
+
+@pytest.fixture
+def job_node(start_node, with_tiny_model, tmp_path):
+    """A node that runs jobs (one worker, the tiny model), results kept locally."""
+    config = tmp_path / "node.toml"
+    config.write_text(NO_DESTINATION_RULES)
+    return start_node(config, DICOM_NODE__WORKER__COUNT="1", DICOM_NODE__WORKER__POLL_INTERVAL_S="0.2")
+
+
+def settled(node, count: int, timeout: float = 120) -> list:
+    """Wait until `count` jobs are done/failed/rejected; return them (with events), oldest first."""
+    def finished():
+        jobs = [load_job(node.db, j.id) for j in list_jobs(node.db)]
+        done = [j for j in jobs if j.state in TERMINAL_STATES]
+        return sorted(done, key=lambda j: j.id) if len(done) >= count else None
+    return wait_for(finished, timeout=timeout, interval=0.3)
+
+
+def send_series_expect_failure(node, files: list[Path], *reason_parts: str):
+    """Store `files` (all acknowledged), wait for the job: failed, with a readable reason
+    (stored files are named `<SOP Instance UID>.dcm`, so that is how a reason names one)."""
+    statuses = pynetdicom_statuses(node.address[1], files)
+    assert set(statuses.values()) == {SUCCESS}, statuses
+    (job,) = settled(node, 1)
+    assert job.state == JobState.FAILED, (job.state, job.reason)
+    assert not job.reason.startswith("internal error"), job.reason
+    for part in reason_parts:
+        assert part in job.reason, job.reason
+    errors = [e for e in job.events if e.kind.value == "error"]
+    assert errors and errors[-1].message == job.reason
+    return job
+
+
+def test_truncated_file_fails_its_job_and_the_next_series_is_processed(job_node, phantom_factory, tmp_path):
+    files = list(phantom_factory(8201, "JOB01"))
+    data = files[4].read_bytes()
+    files[4] = tmp_path / "IM_0005_truncated.dcm"
+    files[4].write_bytes(data[: len(data) - 1500])  # cut inside Pixel Data
+    job = send_series_expect_failure(job_node, files, sop_uid(files[4]) + ".dcm")
+    assert "pixel data" in job.reason.lower() or "truncated" in job.reason.lower()
+    assert_still_serving(job_node, phantom_factory(8202, "JOB02")[0])
+    # The next study is processed normally.
+    good = phantom_factory(8203, "JOB03")
+    assert set(pynetdicom_statuses(job_node.address[1], good).values()) == {SUCCESS}
+    jobs = settled(job_node, 3)  # failed, the one-instance series of assert_still_serving, the good one
+    by_series = {j.series_uid: j for j in jobs}
+    good_job = by_series[str(pydicom.dcmread(good[0]).SeriesInstanceUID)]
+    assert good_job.state == JobState.DONE, good_job.reason
+    assert (job_node.store.root / good_job.output_dir / "summary.json").is_file()
+
+
+def test_missing_pixel_data_fails_its_job(job_node, phantom_factory, tmp_path):
+    files = list(phantom_factory(8204, "JOB04"))
+    files[3] = rewrite(files[3], tmp_path / "IM_0004_nopixels.dcm", PixelData=None)
+    send_series_expect_failure(job_node, files, sop_uid(files[3]) + ".dcm", "no pixel data")
+    assert_still_serving(job_node, phantom_factory(8202, "JOB02")[0])
+
+
+def test_pixel_data_shorter_than_rows_by_columns_fails_its_job(job_node, phantom_factory, tmp_path):
+    files = list(phantom_factory(8205, "JOB05"))
+    pixels = pydicom.dcmread(files[2]).PixelData
+    files[2] = rewrite(files[2], tmp_path / "IM_0003_short.dcm", PixelData=pixels[: len(pixels) // 2])
+    send_series_expect_failure(job_node, files, sop_uid(files[2]) + ".dcm", "shorter than Rows x Columns")
+    assert_still_serving(job_node, phantom_factory(8202, "JOB02")[0])
+
+
+@pytest.mark.parametrize("other, expected", [
+    ({"orientation": "sagittal"}, "mixed orientations"),
+    ({"matrix": 48}, "mixed image sizes"),
+], ids=["orientation", "matrix"])
+def test_mixed_series_under_one_series_uid_fails_naming_it(job_node, phantom_factory, tmp_path, other, expected):
+    first = phantom_factory(8206, "JOB06", slices=6)
+    second = phantom_factory(8207, "JOB06", slices=6, **other)
+    head = pydicom.dcmread(first[0])
+    same = {k: head.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")}
+    moved = [rewrite(f, tmp_path / "second" / f.name.replace("IM_", "IM2_"), **same) for f in second]
+    send_series_expect_failure(job_node, [*first, *moved], expected)
+    assert_still_serving(job_node, phantom_factory(8202, "JOB02")[0])
+
+
+def test_single_slice_series_fails_too_few_slices(job_node, phantom_factory):
+    (job,) = [send_series_expect_failure(job_node, phantom_factory(8208, "JOB08")[:1], "only 1 slice")]
+    assert "at least" in job.reason
+    assert_still_serving(job_node, phantom_factory(8202, "JOB02")[0])
+
+
 @pytest.mark.slow
-def test_2000_slice_series_is_stored_completely(start_node, phantom_factory):
-    """2000 slices of 8x8, sent by four storescu processes at once (as a PACS pushing
-    with parallel associations): all 2000 stored, one series, one job. The quiet period
-    is 5 s here (production default 30 s): the tests' 0.5 s is shorter than a pause of
-    a loaded 2-core machine, and a series evaluated early gets a second job by design."""
-    node = start_node(DICOM_NODE__SERIES__QUIET_PERIOD_S="5")
+def test_2000_slice_series_is_stored_completely_and_its_job_ends_clearly(start_node, with_tiny_model,
+                                                                         phantom_factory, tmp_path):
+    """2000 slices of 8x8, sent by four storescu processes at once (as a PACS pushing with
+    parallel associations): all 2000 stored, one series, one job, and the job ends done or
+    failed with a readable reason. The quiet period is 5 s here (production default 30 s):
+    the tests' 0.5 s is shorter than a pause of a loaded 2-core machine, and a series
+    evaluated early gets a second job by design."""
+    config = tmp_path / "node.toml"
+    config.write_text(NO_DESTINATION_RULES)
+    node = start_node(config, DICOM_NODE__SERIES__QUIET_PERIOD_S="5", DICOM_NODE__WORKER__COUNT="1")
     files = phantom_factory(8107, "BAD07", slices=2000, matrix=8, slice_spacing=0.1, pixel_spacing=1.0)
     start = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
@@ -241,6 +341,11 @@ def test_2000_slice_series_is_stored_completely(start_node, phantom_factory):
     assert all(outcome.values()), f"{sum(not v for v in outcome.values())} of 2000 not acknowledged"
     rows = audit_store(node.db, node.store.root)
     assert len(rows) == 2000
-    job = wait_for(lambda: next((j for j in list_jobs(node.db) if j.state == JobState.QUEUED), None), timeout=60)
+    (job,) = settled(node, 1, timeout=240)
     assert job.instance_count == 2000 and len(list_jobs(node.db)) == 1
-    print(f"\n2000-SLICE: stored 2000 instances in {took:.1f} s ({2000 / took:.0f}/s)")
+    assert job.state in (JobState.DONE, JobState.FAILED)
+    if job.state == JobState.FAILED:
+        assert job.reason and not job.reason.startswith("internal error"), job.reason
+    job_s = (job.finished_at - job.started_at).total_seconds()
+    print(f"\n2000-SLICE: stored 2000 instances in {took:.1f} s ({2000 / took:.0f}/s); job {job.state.value} "
+          f"in {job_s:.1f} s: {job.reason or job.summary.get('lesions', '')}")
