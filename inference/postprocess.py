@@ -57,21 +57,39 @@ def _farthest_pair_distance(points: np.ndarray, block: int = 2048) -> float:
     return max(float(cdist(points[i : i + block], points).max()) for i in range(0, len(points), block))
 
 
+def _row_extremes(component: np.ndarray) -> np.ndarray:
+    """(i, j, k) of the first and last voxel of every non-empty row: their hull is the component's hull."""
+    filled = component.any(axis=2)
+    first = np.argmax(component, axis=2)
+    last = component.shape[2] - 1 - np.argmax(component[:, :, ::-1], axis=2)
+    k, j = np.nonzero(filled)
+    return np.concatenate([np.stack([first[k, j], j, k], axis=1), np.stack([last[k, j], j, k], axis=1)])
+
+
 def max_diameter_mm(component: np.ndarray, offset: np.ndarray, image: sitk.Image) -> float:
     """Largest corner-to-corner distance of a boolean (k, j, i) component; `offset` is its (i, j, k) origin.
 
     The hull of all voxel corners is the hull of the voxel-centre hull's vertices,
-    each widened by its 8 corners, so only those corners are handed to Qhull.
+    each widened by its 8 corners; the centre hull only needs each row's two end voxels.
     """
-    surface = component & ~ndimage.binary_erosion(component)
-    centres = np.argwhere(surface)[:, ::-1] + offset
+    centres = _row_extremes(component) + offset
     try:
         centres = centres[ConvexHull(centres).vertices]
-    except QhullError:  # flat or thin lesion (one slice, one row): all its surface voxels
+    except QhullError:  # flat or thin lesion (one slice, one row): all its row ends
         pass
     corners = (centres[:, None, :] + _CORNERS[None, :, :]).reshape(-1, 3)
     points = _index_to_physical(image, corners)
     return _farthest_pair_distance(points[ConvexHull(points).vertices])
+
+
+def _centroid_index(component: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Mean (i, j, k) of the component's voxel centres, without listing the voxels."""
+    count = component.sum()
+    means = [
+        (component.sum(axis=tuple(a for a in range(3) if a != axis)) * np.arange(component.shape[axis])).sum() / count
+        for axis in range(3)
+    ]
+    return np.array(means[::-1]) + offset
 
 
 def extract_lesions(
@@ -97,7 +115,7 @@ def extract_lesions(
         component = components[box] == value
         label_map[box][component] = rank
         offset = np.array([b.start for b in box][::-1])
-        centres = _index_to_physical(probability, np.argwhere(component)[:, ::-1] + offset)
+        centroid = _index_to_physical(probability, _centroid_index(component, offset)[None, :])[0]
         count = int(component.sum())
         lesions.append(
             Lesion(
@@ -106,7 +124,7 @@ def extract_lesions(
                 voxel_count=count,
                 volume_cm3=count * voxel_mm3 / 1000.0,
                 max_diameter_mm=max_diameter_mm(component, offset, probability),
-                centroid_mm=tuple(float(v) for v in centres.mean(axis=0)),
+                centroid_mm=tuple(float(v) for v in centroid),
             )
         )
     out = sitk.GetImageFromArray(label_map)

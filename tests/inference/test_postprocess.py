@@ -148,3 +148,10 @@ def test_egfr_without_tumour_is_not_assessable():
 def test_egfr_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="equal 1-D arrays"):
         aggregate_egfr(np.ones(3), np.ones(4))
+
+
+def test_diameter_of_a_flat_lesion_on_one_slice():
+    array = np.zeros((5, 20, 20))
+    array[2, 5:10, 5:15] = 1.0  # 5 rows x 10 columns on one 3 mm slice
+    _, (lesion,) = extract_lesions(probability_image(array, (0.5, 0.5, 3.0)), min_volume_mm3=0)
+    assert lesion.max_diameter_mm == pytest.approx(math.sqrt(5.0**2 + 2.5**2 + 3.0**2))
