@@ -321,8 +321,10 @@ def generate_phantom(
 ) -> Phantom:
     """A deterministic synthetic T1-CE series for `seed`; keywords override the random draws.
 
-    `matrix` is the in-plane size (square), `pixel_spacing` and `slice_spacing` in mm.
-    Use ``matrix=512, slices=176`` for benchmark-sized series.
+    `matrix` is the in-plane size (square), `pixel_spacing` and `slice_spacing` in mm
+    (with `slices` alone, the slice spacing is chosen to cover the brain). `genotype`
+    forces the true genotype and then the stored label is not flipped. Use
+    ``matrix=512, slices=176`` for benchmark-sized series.
     """
     rng = np.random.default_rng(seed)
     grid, orientation = _acquisition_grid(rng, orientation, matrix, slices, pixel_spacing, slice_spacing)

@@ -24,7 +24,8 @@ Decisions:
   one's voxels (brain and scalp may be separated by dark bone), fill 3D holes and
   then 2D holes in every source slice (cavities open at the volume's edge). The
   z-score uses mean and standard deviation over this mask; voxels outside the
-  source volume get the z-score of intensity 0.
+  source volume get the z-score of intensity 0. An image without foreground
+  (constant intensity) is an unusable series (`SeriesError`), not a crash.
 - Model slices are axial with a fixed in-plane orientation: columns run to the
   patient's left (+x, LPS) and rows to posterior (+y), i.e. the usual radiological
   display of an axial slice; slice index increases towards superior.
@@ -52,6 +53,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+from inference.errors import SeriesError
 
 NEAR_AXIAL_DEGREES = 20.0
 _N4_SPACING_MM = 6.0
@@ -87,7 +90,7 @@ def head_mask(image: sitk.Image) -> sitk.Image:
     labels = sitk.GetArrayViewFromImage(components)
     sizes = np.bincount(labels.ravel())[1:]
     if sizes.size == 0:
-        raise ValueError("head_mask: the image has no foreground (constant image?)")
+        raise SeriesError("the image has no foreground (constant intensity): there is no head to process")
     keep = (labels > 0) & (labels <= int(np.sum(sizes >= 0.1 * sizes[0])))
     filled = ndimage.binary_fill_holes(ndimage.binary_fill_holes(keep), structure=_SLICE_FILL_STRUCTURE)
     small_mask = sitk.GetImageFromArray(filled.astype(np.uint8))

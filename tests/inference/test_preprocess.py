@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from inference.errors import SeriesError
 from inference.preprocess import (
     NEAR_AXIAL_DEGREES,
     head_mask,
@@ -167,6 +168,13 @@ def test_head_mask_fills_holes_and_ignores_noise():
     two_voxels = ndimage.generate_binary_structure(3, 3)  # the mask is computed on 2 mm voxels
     assert np.all(mask <= ndimage.binary_dilation(head, two_voxels, iterations=2))
     assert np.all(ndimage.binary_erosion(head, two_voxels, iterations=2) <= mask)
+
+
+@pytest.mark.parametrize("value", [0.0, 100.0])
+def test_a_blank_image_is_an_unusable_series(value):
+    image = sitk.GetImageFromArray(np.full((10, 32, 32), value, np.float32))
+    with pytest.raises(SeriesError, match="no foreground"):
+        prepare_model_input(image, size=64)
 
 
 def test_zscore_uses_the_mask_only():
