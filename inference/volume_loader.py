@@ -231,10 +231,9 @@ def _pixels(s: _Slice) -> np.ndarray:
 
 
 def _header(ds: pydicom.Dataset) -> pydicom.Dataset:
-    header = pydicom.Dataset(ds)
-    header.file_meta = ds.file_meta
-    del header.PixelData
-    return header
+    """The data set as read (file meta, character set, encoding kept) without its pixel data."""
+    del ds.PixelData
+    return ds
 
 
 def load_series(files: Sequence[Path]) -> LoadedSeries:
