@@ -52,6 +52,9 @@ def train(
     learning_rate: Annotated[float, typer.Option("--lr")] = 3e-4,
     free_slice_ratio: Annotated[float, typer.Option(help="Tumour-free slices kept per tumour slice.")] = 0.5,
     val_fraction: Annotated[float, typer.Option(help="Fraction of cases held out for validation.")] = 0.2,
+    selection_loss: Annotated[
+        str, typer.Option(help='Validation loss for early stopping/best epoch: "joint" (L_GTV+L_EGFR) or "gtv".')
+    ] = "joint",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
     """Train and save a model package."""
@@ -81,6 +84,7 @@ def train(
         batch_size=batch_size,
         free_slice_ratio=free_slice_ratio,
         val_fraction=val_fraction,
+        selection_loss=selection_loss,
         seed=seed,
     )
     size = model_config.input_size

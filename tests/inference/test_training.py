@@ -50,6 +50,8 @@ def test_two_epochs_write_a_loadable_package(tmp_path: Path) -> None:
         progress=False, log=lines.append,
     )
     assert len(result.history) == 2
+    first = result.history[0]
+    assert first.val_loss == pytest.approx(first.val_gtv_loss + first.val_egfr_loss)  # "joint" is the default
     assert result.history[1].train_loss < result.history[0].train_loss
     assert any(line.startswith("epoch   2") and "val Dice" in line and "s1" in line for line in lines)
     package = load_package(tmp_path / "pkg")
@@ -113,3 +115,16 @@ def test_folder_with_unlabelled_case_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_text("case_id,egfr\ncase1,1\n", encoding="utf-8")
     with pytest.raises(ValueError, match="without an EGFR label: extra"):
         training.folder_cases(tmp_path, size=64, free_slice_ratio=0.5, seed=0, progress=False)
+
+
+def test_selection_loss_gtv_ignores_the_egfr_term(tmp_path: Path) -> None:
+    cases = [tiny_case(11), tiny_case(12)]
+    config = training.TrainingConfig(max_epochs=1, batch_size=8, selection_loss="gtv")
+    result = training.train(
+        TINY, cases[:1], cases[1:], config, tmp_path / "pkg",
+        name="tiny", version="0", is_demo=True, data_info={}, progress=False, log=lambda _: None,
+    )
+    record = result.history[0]
+    assert record.val_loss == record.val_gtv_loss and record.val_egfr_loss > 0
+    with pytest.raises(ValueError, match="selection_loss"):
+        training.TrainingConfig(selection_loss="dice")
