@@ -23,6 +23,10 @@ Decisions:
   results are counted and left out of accuracy, precision, recall, F1 and AUC.
 - Seeds: the caller passes them; use seeds never used for training (the demo
   model was trained on seeds 1000-1035, see its model card).
+- Threshold calibration (`threshold_sweep`): one pipeline run per phantom, then
+  the probability map on the source grid is re-thresholded with the package's
+  own `extract_lesions` step for every candidate threshold. Calibrate on seeds
+  that are neither training nor test seeds, and report which ones.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ from inference import metrics
 from inference.model_package import ModelPackage
 from inference.phantoms import Phantom, generate_phantom, write_phantom_series
 from inference.pipeline import run_series
+from inference.postprocess import extract_lesions
 from inference.result import EgfrCall, InferenceResult
 
 MIN_LESION_DIAMETER_MM = 5.0
@@ -184,6 +189,35 @@ def evaluate_package(
             for seed in tqdm(seeds, desc="evaluating", disable=not progress)
         ]
     return summarise(scores), scores
+
+
+def threshold_sweep(
+    package: ModelPackage,
+    seeds: Iterable[int],
+    thresholds: Iterable[float],
+    *,
+    min_diameter_mm: float = MIN_LESION_DIAMETER_MM,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[float, dict[str, Any]]:
+    """Segmentation summary per GTV probability threshold (EGFR keys left out: they do not move)."""
+    thresholds = list(thresholds)
+    min_volume = package.thresholds.get("min_lesion_volume_mm3", 20.0)
+    per_threshold: dict[float, list[PhantomScore]] = {t: [] for t in thresholds}
+    with tempfile.TemporaryDirectory(prefix="dicom-node-sweep-") as tmp:
+        for seed in tqdm(list(seeds), desc="sweeping", disable=not progress):
+            phantom = generate_phantom(seed)
+            result = run_series(write_phantom_series(phantom, Path(tmp) / f"phantom-{seed}"), package, device=device)
+            for threshold in thresholds:
+                label_map, lesions = extract_lesions(
+                    result.probability_map, threshold=threshold, min_volume_mm3=min_volume
+                )
+                rethresholded = replace(result, label_map=label_map, lesions=lesions)
+                per_threshold[threshold].append(score_result(phantom, rethresholded))
+    return {
+        t: {k: v for k, v in summarise(scores, min_diameter_mm).items() if not k.startswith("egfr")}
+        for t, scores in per_threshold.items()
+    }
 
 
 def scores_as_dicts(scores: list[PhantomScore]) -> list[dict[str, Any]]:

@@ -33,12 +33,25 @@ def evaluate(
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write summary and per-phantom scores here.")] = None,
+    sweep: Annotated[
+        Optional[str],
+        typer.Option(help="Comma-separated GTV thresholds: report segmentation per threshold instead (calibration)."),
+    ] = None,
 ) -> None:
     """Evaluate and print the summary."""
-    from inference.evaluation import evaluate_package, scores_as_dicts
+    from inference.evaluation import evaluate_package, scores_as_dicts, threshold_sweep
     from inference.model_package import default_package_path, load_package
 
     package = load_package(model or default_package_path())
+    if sweep:
+        thresholds = [float(value) for value in sweep.split(",")]
+        results = threshold_sweep(package, range(seed, seed + phantoms), thresholds, device=device)
+        typer.echo(f"{package.identity.display}: threshold sweep on phantoms {seed}..{seed + phantoms - 1}")
+        for threshold, summary in results.items():
+            typer.echo(f"  threshold {threshold:.2f}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+        if json_out is not None:
+            json_out.write_text(json.dumps({str(t): v for t, v in results.items()}, indent=2) + "\n", encoding="utf-8")
+        return
     summary, scores = evaluate_package(package, range(seed, seed + phantoms), device=device)
     typer.echo(f"{package.identity.display} on phantoms {seed}..{seed + phantoms - 1}")
     for key, value in summary.items():
