@@ -133,9 +133,15 @@ def score_result(phantom: Phantom, result: InferenceResult) -> PhantomScore:
     )
 
 
-def evaluate_phantom(seed: int, package: ModelPackage, work_dir: Path, device: str | None = None) -> PhantomScore:
-    """Generate phantom `seed`, write it as DICOM, run the pipeline, score it."""
-    phantom = generate_phantom(seed)
+def evaluate_phantom(
+    seed: int,
+    package: ModelPackage,
+    work_dir: Path,
+    device: str | None = None,
+    phantom_options: dict[str, Any] | None = None,
+) -> PhantomScore:
+    """Generate phantom `seed` (`phantom_options` go to `generate_phantom`), run it as DICOM, score it."""
+    phantom = generate_phantom(seed, **(phantom_options or {}))
     files = write_phantom_series(phantom, work_dir / f"phantom-{seed}")
     return score_result(phantom, run_series(files, package, device=device))
 
@@ -180,12 +186,13 @@ def evaluate_package(
     *,
     device: str | None = None,
     progress: bool = True,
+    phantom_options: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[PhantomScore]]:
     """Scores of `package` on the phantoms `seeds`: (summary, per-phantom scores)."""
     seeds = list(seeds)
     with tempfile.TemporaryDirectory(prefix="dicom-node-eval-") as tmp:
         scores = [
-            evaluate_phantom(seed, package, Path(tmp), device)
+            evaluate_phantom(seed, package, Path(tmp), device, phantom_options)
             for seed in tqdm(seeds, desc="evaluating", disable=not progress)
         ]
     return summarise(scores), scores
@@ -199,6 +206,7 @@ def threshold_sweep(
     min_diameter_mm: float = MIN_LESION_DIAMETER_MM,
     device: str | None = None,
     progress: bool = True,
+    phantom_options: dict[str, Any] | None = None,
 ) -> dict[float, dict[str, Any]]:
     """Segmentation summary per GTV probability threshold (EGFR keys left out: they do not move)."""
     thresholds = list(thresholds)
@@ -206,7 +214,7 @@ def threshold_sweep(
     per_threshold: dict[float, list[PhantomScore]] = {t: [] for t in thresholds}
     with tempfile.TemporaryDirectory(prefix="dicom-node-sweep-") as tmp:
         for seed in tqdm(list(seeds), desc="sweeping", disable=not progress):
-            phantom = generate_phantom(seed)
+            phantom = generate_phantom(seed, **(phantom_options or {}))
             result = run_series(write_phantom_series(phantom, Path(tmp) / f"phantom-{seed}"), package, device=device)
             for threshold in thresholds:
                 label_map, lesions = extract_lesions(

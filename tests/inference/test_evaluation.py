@@ -6,8 +6,18 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from inference.evaluation import PhantomScore, equivalent_diameter_mm, lesion_scores, summarise
+from inference.evaluation import (
+    PhantomScore,
+    equivalent_diameter_mm,
+    evaluate_package,
+    lesion_scores,
+    summarise,
+    threshold_sweep,
+)
+from inference.model_package import ModelPackage, save_package
+from inference.mtsa_net import MTSANet, MTSANetConfig
 
 
 def test_equivalent_diameter_of_a_sphere_volume() -> None:
@@ -47,3 +57,30 @@ def test_summary_filters_small_lesions_and_unassessable_egfr() -> None:
     assert summary["hd95_mm_median"] == 3.0 and summary["hd95_infinite"] == 1
     assert summary["egfr_assessable"] == 2
     assert summary["egfr_accuracy"] == 0.5 and summary["egfr_auc"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
+    config = MTSANetConfig(
+        width=2, input_size=64, transformer_dim=8, transformer_depth=1, transformer_heads=2,
+        transformer_mlp_dim=16, classifier_hidden=8, dropout=0.0,
+    )
+    torch.manual_seed(0)
+    return save_package(MTSANet(config), config, tmp_path_factory.mktemp("pkg"), "tiny", "0", is_demo=True)
+
+
+SMALL = {"matrix": 64, "slices": 16, "orientation": "axial", "n_lesions": 1}
+
+
+def test_evaluation_runs_the_dicom_pipeline(tiny_package: ModelPackage) -> None:
+    summary, scores = evaluate_package(tiny_package, [31], device="cpu", progress=False, phantom_options=SMALL)
+    assert summary["phantoms"] == 1 and len(scores) == 1
+    assert scores[0].seed == 31 and scores[0].lesions  # the truth lesion was found in the phantom
+    assert 0.0 <= scores[0].dice <= 1.0
+
+
+def test_threshold_sweep_extremes(tiny_package: ModelPackage) -> None:
+    results = threshold_sweep(tiny_package, [31], [-1.0, 1.0], device="cpu", progress=False, phantom_options=SMALL)
+    assert results[1.0]["lesion_detection_rate"] == 0.0  # nothing is above probability 1
+    assert results[-1.0]["voxel_recall_mean"] == 1.0  # everything is above -1
+    assert not any(key.startswith("egfr") for key in results[1.0])
