@@ -19,7 +19,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
-from storage.models import Job, JobState, Series
+from storage.jobs import list_jobs, load_job
+from storage.models import Job, JobState, Series, TERMINAL_STATES
+from tests.dicom_node.test_exporter import free_port, start_storescp
 from tests.reliability.conftest import (
     SUCCESS,
     audit_store,
@@ -34,9 +36,32 @@ SENDERS = 4
 SERIES_PER_SENDER = 3
 
 
-def test_four_concurrent_senders_and_echo_probes_lose_nothing(start_node, phantom_factory):
-    # Workers 0: jobs stay queued, so the check is about ingest and job creation only.
-    node = start_node(DICOM_NODE__NODE__MAX_ASSOCIATIONS="8")
+TPS_RULES = """
+[[destinations]]
+name = "tps"
+ae_title = "TPS"
+host = "127.0.0.1"
+port = {port}
+
+[[rules]]
+name = "mr"
+destinations = ["tps"]
+[rules.match]
+Modality = "MR"
+"""
+
+
+def test_four_concurrent_senders_and_echo_probes_lose_nothing(start_node, with_tiny_model, phantom_factory,
+                                                              tmp_path):
+    """Ingest under load while one worker runs the jobs (tiny model) and exports every
+    result to a DCMTK storescp: every job must end done with its results delivered."""
+    tps_port = free_port()
+    tps = start_storescp(tps_port, tmp_path / "tps")
+    config = tmp_path / "node.toml"
+    config.write_text(TPS_RULES.format(port=tps_port))
+    node = start_node(config, DICOM_NODE__NODE__MAX_ASSOCIATIONS="8", DICOM_NODE__WORKER__COUNT="1",
+                      DICOM_NODE__WORKER__POLL_INTERVAL_S="0.2", DICOM_NODE__EXPORT__RETRY_INITIAL_S="0.5",
+                      DICOM_NODE__SERIES__QUIET_PERIOD_S="2")
     port = node.address[1]
     plan: list[list[list[Path]]] = []  # sender -> series -> files
     for sender in range(SENDERS):
@@ -88,25 +113,32 @@ def test_four_concurrent_senders_and_echo_probes_lose_nothing(start_node, phanto
     assert set(rows) == expected
     lost = len(expected - set(rows))
 
-    # One job per series, each with all its instances, once the quiet period has passed.
+    # One job per series, each with all its instances, each done with its results delivered.
     n_series = SENDERS * SERIES_PER_SENDER
-
-    def all_queued():
-        with node.db.session() as session:
-            jobs = session.scalars(select(Job)).all()
-            return jobs if len(jobs) == n_series and all(j.state == JobState.QUEUED for j in jobs) else None
-
-    jobs = wait_for(all_queued, timeout=30)
+    try:
+        def all_done():
+            jobs = [load_job(node.db, j.id) for j in list_jobs(node.db)]
+            return jobs if len(jobs) == n_series and all(j.state in TERMINAL_STATES for j in jobs) else None
+        jobs = wait_for(all_done, timeout=180, interval=0.5)
+        jobs_s = time.monotonic() - started
+    finally:
+        tps.terminate()
+        tps.wait(10)
     with node.db.session() as session:
         series_counts = {s.series_uid: s.instance_count for s in session.scalars(select(Series)).all()}
     assert len({j.series_uid for j in jobs}) == n_series
     assert sorted(series_counts.values()) == sorted(len(files) for series in plan for files in series)
     assert all(j.instance_count == series_counts[j.series_uid] for j in jobs)
+    assert all(j.state == JobState.DONE for j in jobs), [(j.id, j.state.value, j.reason) for j in jobs]
+    received = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (tmp_path / "tps").iterdir()}
+    exports = [e for j in jobs for e in j.exports]
+    assert exports and all(e.sop_instance_uid in received for e in exports)
     assert probes["failed"] == 0 and probes["ok"] > 0
     print(f"\nLOAD: senders={SENDERS} series={n_series} sent={sent} acknowledged={len(acknowledged)} "
           f"stored={len(rows)} lost={lost} jobs={len(jobs)} echo_ok={probes['ok']} "
           f"echo_failed={probes['failed']} echo_max_s={probes['max_s']:.2f} elapsed_s={elapsed:.1f} "
-          f"rate={sent / elapsed:.0f}/s")
+          f"rate={sent / elapsed:.0f}/s jobs_done={len(jobs)} results_delivered={len(exports)} "
+          f"all_jobs_done_after_s={jobs_s:.0f}")
 
 
 def test_association_over_the_limit_is_rejected_promptly(start_node):
