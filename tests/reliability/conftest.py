@@ -81,7 +81,7 @@ def parse_storescu(output: str, files: list[Path]) -> dict[Path, bool]:
 
 
 def pynetdicom_statuses(port: int, files: list[Path], *, calling: str = "PYSCU",
-                        called: str = "DICOMNODE") -> dict[Path, int | None]:
+                        called: str = "DICOMNODE", timeout: float = 30) -> dict[Path, int | None]:
     """Send `files` on one pynetdicom association; status per file (None: no answer).
 
     Files are sent as they are on disk (pynetdicom's path mode: the request takes
@@ -91,7 +91,7 @@ def pynetdicom_statuses(port: int, files: list[Path], *, calling: str = "PYSCU",
     ae = AE(ae_title=calling)
     for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):  # one context each: sent as is
         ae.add_requested_context(MRImageStorage, [syntax])
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     outcome: dict[Path, int | None] = {f: None for f in files}
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     if not assoc.is_established:
