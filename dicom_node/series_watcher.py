@@ -5,9 +5,15 @@ DIMSE has no "end of series" message, so completion is a timeout
 routed with the header of its first stored instance; the job is queued or
 rejected with the reason (`storage.jobs.complete_series`). New instances
 after that start a new delivery and, after another quiet period, a new job.
+
+The quiet period must elapse while the node is listening: nothing is routed
+during the first quiet period after start-up, so a series whose sender was
+still sending (or retrying) across a restart is not cut in two.
 """
 
 from __future__ import annotations
+
+import time
 
 import pydicom
 
@@ -27,6 +33,7 @@ class SeriesWatcher:
         self.store = store
         self.rules = rules
         self.quiet_period_s = quiet_period_s
+        self._listening_since = time.monotonic()
 
     def route(self, series_id: int) -> RoutingOutcome:
         """Decide what to do with one complete series (never raises on bad input)."""
@@ -43,7 +50,9 @@ class SeriesWatcher:
 
     def check_once(self) -> list[int]:
         """Route every series that became complete; returns the job ids created or updated."""
-        job_ids = []
+        job_ids: list[int] = []
+        if time.monotonic() - self._listening_since < self.quiet_period_s:
+            return job_ids
         for series_id in series_ready_for_routing(self.db, self.quiet_period_s):
             outcome = self.route(series_id)
             job_id = complete_series(self.db, series_id, outcome)

@@ -1,7 +1,8 @@
 """The service: one process wiring the Store SCP, series watcher, workers and exporter.
 
 Start-up order makes restarts safe: leftovers of interrupted writes are
-removed, jobs left `running` go back to `queued`, pending exports are picked
+removed (partial temp files, and complete files whose row was never committed,
+hence never acknowledged), jobs left `running` go back to `queued`, pending exports are picked
 up by the exporter's first round; only then does the SCP accept
 associations. Shutdown stops the SCP first (no new instances), then the
 scheduler and the workers.
@@ -25,7 +26,7 @@ from dicom_node.store_scp import StoreSCP
 from dicom_node.worker import InferenceWorker, ModelRegistry
 from storage.database import Database
 from storage.instance_store import InstanceStore
-from storage.jobs import resume_interrupted
+from storage.jobs import resume_interrupted, stored_instance_paths
 
 log = get_logger(__name__)
 
@@ -55,9 +56,10 @@ class NodeService:
 
     def start(self) -> tuple[str, int]:
         removed = self.store.remove_partials()
+        orphans = self.store.remove_unreferenced(stored_instance_paths(self.db))
         resumed = resume_interrupted(self.db, self.worker_prefix)
         log.info("service.starting", data_dir=str(self.store.root), partials_removed=removed,
-                 jobs_resumed=resumed)
+                 unacknowledged_files_removed=orphans, jobs_resumed=resumed)
         s = self.settings
         every = {"max_instances": 1, "coalesce": True}
         self._scheduler.add_job(self._guard(self.watcher.check_once), "interval",
@@ -96,6 +98,8 @@ class NodeService:
         return run
 
     def stop(self) -> None:
+        if self._stop.is_set():
+            return
         self.scp.stop()
         self._stop.set()
         self._scheduler.shutdown(wait=False)

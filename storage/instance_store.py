@@ -94,6 +94,16 @@ class InstanceStore:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
+    def remove_unreferenced(self, referenced: set[str]) -> int:
+        """Delete instance files without a row: written, then the process died before
+        the commit, so never acknowledged (the sender re-sends them)."""
+        removed = 0
+        for path in (self.root / "instances").rglob("*.dcm"):
+            if path.relative_to(self.root).as_posix() not in referenced:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def remove_partials(self) -> int:
         """Delete leftovers of interrupted writes; return how many were removed."""
         removed = 0

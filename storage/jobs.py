@@ -108,6 +108,12 @@ def series_ready_for_routing(db: Database, quiet_period_s: float) -> list[int]:
         return list(rows)
 
 
+def stored_instance_paths(db: Database) -> set[str]:
+    """Relative paths of every instance file the store has a row for."""
+    with db.session() as session:
+        return set(session.scalars(select(Instance.path).where(Instance.purged_at.is_(None))))
+
+
 def first_instance_path(db: Database, series_id: int) -> str | None:
     with db.session() as session:
         return session.scalar(
