@@ -85,6 +85,8 @@ class Exporter:
             return
         if not assoc.is_established:
             why = "rejected the association" if assoc.is_rejected else "could not be reached or aborted"
+            if ssl_context is not None and not assoc.is_rejected:
+                why += " (TLS: the handshake may have failed; check the certificates and CA)"
             for export in exports:
                 self._record(export, False, f"{where} {why}")
             return
