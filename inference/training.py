@@ -45,8 +45,9 @@ Decisions:
   picked an epoch with validation Dice 0.71 over one with 0.92. Both losses
   are logged every epoch whichever one selects.
 - Budgets: early stopping with `patience` epochs (20, SPEC.md), `max_epochs`,
-  and `max_minutes` of wall clock: an epoch is not started when the previous
-  epoch's duration says it would end after the budget.
+  and `max_minutes` of wall clock for the training loop (pre-processing not
+  counted): an epoch is not started when the previous epoch's duration says it
+  would end after the budget.
 - Augmentation (training only): left-right flip (p = 0.5) and intensity
   `x * a + b`, a in [0.9, 1.1], b in [-0.1, 0.1] (inputs are z-scores).
 - Speed on CPU: model and batches in `torch.channels_last` memory format; on
@@ -99,7 +100,7 @@ class CaseSlices:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """Optimisation settings; the defaults are SPEC.md's."""
+    """Optimisation settings; learning rate and patience are SPEC.md's."""
 
     learning_rate: float = 3e-4
     patience: int = 20

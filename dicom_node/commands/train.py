@@ -6,6 +6,7 @@ the command so the rest of the CLI starts fast.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -96,7 +97,7 @@ def train(
             data, size=size, free_slice_ratio=free_slice_ratio, seed=seed, roi_pattern=roi_pattern
         )
         data_info = {"source": "folder", "path": str(data), "count": len(cases)}
-    data_info["command"] = "dicom-node " + " ".join(sys.argv[1:])
+    data_info["command"] = "dicom-node " + shlex.join(sys.argv[1:])
     train_cases, val_cases = training.split_cases(cases, val_fraction, seed)
     result = training.train(
         model_config,
