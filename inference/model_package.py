@@ -100,11 +100,8 @@ class ModelPackage:
 
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -114,8 +114,6 @@ class InstanceStore:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    """Hex sha256 of a stored file, streamed (audits, tests)."""
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
