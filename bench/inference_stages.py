@@ -5,7 +5,7 @@ Stages are those `inference.pipeline.run_series` records (load, preprocess
 slices per second and the process's peak resident memory. The N4 share of
 the whole is reported because the goal is N4 < 1/4 of `infer`.
 
-    .venv/bin/python bench/inference.py [--matrix 512 --slices 176] [--model PATH]
+    .venv/bin/python bench/inference_stages.py [--matrix 512 --slices 176] [--model PATH]
 """
 
 from __future__ import annotations
