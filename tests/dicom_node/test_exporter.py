@@ -138,6 +138,11 @@ def test_failing_destination_is_retried_then_failed_with_reason_and_resendable(
     assert expected in job.reason and "export to tps failed" in job.reason
 
     # `dicom-node jobs export` path: re-send to a now healthy destination.
+    assert_resend_delivers(node, job_id, port)
+
+
+def assert_resend_delivers(node, job_id: int, port: int) -> None:
+    """Re-send a failed job's exports (as `dicom-node jobs export`) to a healthy SCP on `port`."""
     good = MisbehavingSCP(port)
     try:
         assert resend(node.db, job_id, ["tps"]) == 1

@@ -12,9 +12,14 @@ import threading
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from storage.exports import resend
 from storage.models import JobState
-from tests.dicom_node.test_exporter import exporter_for, exporting_job, free_port, run_until_settled
+from tests.dicom_node.test_exporter import (
+    assert_resend_delivers,
+    exporter_for,
+    exporting_job,
+    free_port,
+    run_until_settled,
+)
 
 
 class DroppingSCP:
@@ -61,14 +66,7 @@ def _check_dropped_then_resent(start_node, mr_series, hard: bool):
     attempts = [e.message for e in job.events if e.kind.value == "export"]
     assert any("next attempt at" in m for m in attempts) and "giving up" in attempts[-1]
 
-    from tests.dicom_node.test_exporter import MisbehavingSCP
-    good = MisbehavingSCP(port)
-    try:
-        assert resend(node.db, job_id, ["tps"]) == 1
-        job = run_until_settled(exporter_for(node, port), node, job_id)
-    finally:
-        good.stop()
-    assert job.state == JobState.DONE and good.received == 1
+    assert_resend_delivers(node, job_id, port)
 
 
 def test_destination_aborting_mid_transfer_is_retried_failed_and_resendable(start_node, mr_series):
