@@ -128,3 +128,16 @@ def test_selection_loss_gtv_ignores_the_egfr_term(tmp_path: Path) -> None:
     assert record.val_loss == record.val_gtv_loss and record.val_egfr_loss > 0
     with pytest.raises(ValueError, match="selection_loss"):
         training.TrainingConfig(selection_loss="dice")
+
+
+def test_augmentation_moves_image_and_mask_together() -> None:
+    """A bright square and its mask stay aligned under the random affine."""
+    images = torch.full((6, 1, 64, 64), -1.0)
+    images[:, :, 20:36, 24:44] = 3.0
+    masks = (images > 0).float()
+    augmented, augmented_masks = training._augment(images, masks, torch.Generator().manual_seed(3))
+    assert not torch.equal(augmented_masks, masks)  # something moved
+    inside = augmented[augmented_masks > 0]
+    outside = augmented[augmented_masks == 0]
+    assert inside.mean() > 2.0 and outside.mean() < 0.0
+    assert set(torch.unique(augmented_masks).tolist()) <= {0.0, 1.0}
