@@ -56,6 +56,9 @@ def train(
     selection_loss: Annotated[
         str, typer.Option(help='Validation loss for early stopping/best epoch: "joint" (L_GTV+L_EGFR) or "gtv".')
     ] = "joint",
+    ema_decay: Annotated[
+        float, typer.Option(help="Decay of the weight average that is validated and saved (0 = raw weights).")
+    ] = 0.999,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
     """Train and save a model package."""
@@ -86,6 +89,7 @@ def train(
         free_slice_ratio=free_slice_ratio,
         val_fraction=val_fraction,
         selection_loss=selection_loss,
+        ema_decay=ema_decay,
         seed=seed,
     )
     size = model_config.input_size
