@@ -12,7 +12,7 @@ import torch
 
 from inference import training
 from inference.model_package import load_package
-from inference.mtsa_net import MTSANetConfig
+from inference.mtsa_net import MTSANet, MTSANetConfig
 from inference.phantoms import generate_phantom
 
 TINY = MTSANetConfig(
@@ -141,3 +141,28 @@ def test_augmentation_moves_image_and_mask_together() -> None:
     outside = augmented[augmented_masks == 0]
     assert inside.mean() > 2.0 and outside.mean() < 0.0
     assert set(torch.unique(augmented_masks).tolist()) <= {0.0, 1.0}
+
+
+def test_saved_weights_are_the_moving_average(tmp_path: Path) -> None:
+    """With a slow average the saved weights stay near the start; with 0 they are the raw weights."""
+    torch.set_num_threads(2)
+    cases = [tiny_case(11), tiny_case(12)]
+    training.seed_everything(0)
+    start = MTSANet(TINY).state_dict()
+
+    def distance_from_start(ema_decay: float) -> float:
+        config = training.TrainingConfig(max_epochs=1, batch_size=2, seed=0, learning_rate=3e-3, ema_decay=ema_decay)
+        result = training.train(
+            TINY, cases[:1], cases[1:], config, tmp_path / f"ema-{ema_decay}",
+            name="tiny", version="0", is_demo=True, data_info={}, progress=False, log=lambda _: None,
+        )
+        weights = result.package.build_model().state_dict()
+        return sum(float((weights[k] - start[k]).abs().sum()) for k in start if start[k].is_floating_point())
+
+    raw, averaged = distance_from_start(0.0), distance_from_start(0.99)
+    assert 0 < averaged < raw / 2
+
+
+def test_ema_decay_must_be_below_one() -> None:
+    with pytest.raises(ValueError, match="ema_decay"):
+        training.TrainingConfig(ema_decay=1.0)
