@@ -59,6 +59,9 @@ def train(
     ema_decay: Annotated[
         float, typer.Option(help="Decay of the weight average that is validated and saved (0 = raw weights).")
     ] = 0.999,
+    small_tumour_weight: Annotated[
+        float, typer.Option(help="Oversample slices with small tumour sections up to this weight (1 = off).")
+    ] = 1.0,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
     """Train and save a model package."""
@@ -90,6 +93,7 @@ def train(
         val_fraction=val_fraction,
         selection_loss=selection_loss,
         ema_decay=ema_decay,
+        small_tumour_weight=small_tumour_weight,
         seed=seed,
     )
     size = model_config.input_size

@@ -166,3 +166,17 @@ def test_saved_weights_are_the_moving_average(tmp_path: Path) -> None:
 def test_ema_decay_must_be_below_one() -> None:
     with pytest.raises(ValueError, match="ema_decay"):
         training.TrainingConfig(ema_decay=1.0)
+
+
+def test_small_tumour_sections_are_drawn_more_often() -> None:
+    masks = torch.zeros(3, 1, 64, 64)
+    masks[1, :, :4, :4] = 1  # 16 px: a small section
+    masks[2, :, :40, :40] = 1  # 1600 px: a large one
+    weights = training.slice_weights(masks, max_weight=3.0)
+    assert weights.tolist() == [1.0, 3.0, 1.0]  # sqrt(300 / 16) = 4.3, clipped to 3
+    config = training.TrainingConfig(batch_size=3, small_tumour_weight=3.0)
+    draws = torch.cat(
+        [i for _ in range(200) for i in training._epoch_batches(masks, config, torch.Generator().manual_seed(_))]
+    )
+    counts = torch.bincount(draws, minlength=3).float()
+    assert counts[1] / counts[0] == pytest.approx(3.0, rel=0.2)
