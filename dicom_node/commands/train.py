@@ -58,7 +58,7 @@ def train(
     ] = "joint",
     ema_decay: Annotated[
         float, typer.Option(help="Decay of the weight average that is validated and saved (0 = raw weights).")
-    ] = 0.999,
+    ] = 0.995,
     small_tumour_weight: Annotated[
         float, typer.Option(help="Oversample slices with small tumour sections up to this weight (1 = off).")
     ] = 1.0,
