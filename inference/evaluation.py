@@ -22,7 +22,7 @@ Decisions:
   generator's 10 % label noise, as real labels carry errors). "Not assessable"
   results are counted and left out of accuracy, precision, recall, F1 and AUC.
 - Seeds: the caller passes them; use seeds never used for training (the demo
-  model was trained on seeds 1000-1035, see its model card).
+  model was trained on seeds 1000-1063, see its model card).
 - Threshold calibration (`threshold_sweep`): one pipeline run per phantom, then
   the probability map on the source grid is re-thresholded with the package's
   own `extract_lesions` step for every candidate threshold. Calibrate on seeds
