@@ -384,8 +384,8 @@ def _augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generat
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    scale = 0.9 + 0.2 * torch.rand(images.shape[0], 1, 1, 1, generator=generator)
-    shift = -0.1 + 0.2 * torch.rand(images.shape[0], 1, 1, 1, generator=generator)
+    scale = 0.9 + 0.2 * torch.rand(n, 1, 1, 1, generator=generator)
+    shift = -0.1 + 0.2 * torch.rand(n, 1, 1, 1, generator=generator)
     return images * scale + shift, masks
 
 

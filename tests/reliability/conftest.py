@@ -30,6 +30,23 @@ from tests.dicom_node.conftest import (  # noqa: F401  (fixtures re-exported for
 SUCCESS = 0x0000
 
 
+def tps_rules(port: int) -> str:
+    """Node config (TOML) routing every MR series to one TPS destination on 127.0.0.1:`port`."""
+    return f"""
+[[destinations]]
+name = "tps"
+ae_title = "TPS"
+host = "127.0.0.1"
+port = {port}
+
+[[rules]]
+name = "mr"
+destinations = ["tps"]
+[rules.match]
+Modality = "MR"
+"""
+
+
 @pytest.fixture(scope="session")
 def phantom_factory(tmp_path_factory):
     """`make(seed, patient_id, slices=10, matrix=64, **kw) -> files`, cached per session."""

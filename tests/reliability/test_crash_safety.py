@@ -42,6 +42,7 @@ from tests.reliability.conftest import (
     require_tool,
     sop_uid,
     storescu_statuses,
+    tps_rules,
     wait_for,
 )
 
@@ -77,18 +78,6 @@ give_up_after_s = 3600
 [logging]
 format = "json"
 level = "INFO"
-
-[[destinations]]
-name = "tps"
-ae_title = "TPS"
-host = "127.0.0.1"
-port = {tps_port}
-
-[[rules]]
-name = "mr"
-destinations = ["tps"]
-[rules.match]
-Modality = "MR"
 """
 
 
@@ -228,7 +217,7 @@ def test_sigkill_while_storing_running_and_exporting_loses_nothing(phantom_facto
     port, tps_port = free_port(), free_port()
     data_dir = tmp_path / "var"
     config = tmp_path / "node.toml"
-    config.write_text(CONFIG.format(port=port, data_dir=data_dir, tps_port=tps_port))
+    config.write_text(CONFIG.format(port=port, data_dir=data_dir) + tps_rules(tps_port))
     db_url = f"sqlite:///{data_dir}/dicom-node.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE")}
     env |= {"DICOM_NODE_MODEL": str(tiny_model), "OMP_NUM_THREADS": "1"}

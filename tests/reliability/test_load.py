@@ -29,26 +29,12 @@ from tests.reliability.conftest import (
     pynetdicom_statuses,
     require_tool,
     storescu_statuses,
+    tps_rules,
     wait_for,
 )
 
 SENDERS = 4
 SERIES_PER_SENDER = 3
-
-
-TPS_RULES = """
-[[destinations]]
-name = "tps"
-ae_title = "TPS"
-host = "127.0.0.1"
-port = {port}
-
-[[rules]]
-name = "mr"
-destinations = ["tps"]
-[rules.match]
-Modality = "MR"
-"""
 
 
 def test_four_concurrent_senders_and_echo_probes_lose_nothing(start_node, with_tiny_model, phantom_factory,
@@ -58,7 +44,7 @@ def test_four_concurrent_senders_and_echo_probes_lose_nothing(start_node, with_t
     tps_port = free_port()
     tps = start_storescp(tps_port, tmp_path / "tps")
     config = tmp_path / "node.toml"
-    config.write_text(TPS_RULES.format(port=tps_port))
+    config.write_text(tps_rules(tps_port))
     node = start_node(config, DICOM_NODE__NODE__MAX_ASSOCIATIONS="8", DICOM_NODE__WORKER__COUNT="1",
                       DICOM_NODE__WORKER__POLL_INTERVAL_S="0.2", DICOM_NODE__EXPORT__RETRY_INITIAL_S="0.5",
                       DICOM_NODE__SERIES__QUIET_PERIOD_S="2")
