@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
+from dicom_node.association import request_association
 from dicom_node.settings import TlsSettings
 from dicom_node.status_codes import SUCCESS
 from dicom_node.tls import client_ssl_context
@@ -38,7 +38,7 @@ def send_echo(
     timeout_s: float = 10.0,
 ) -> EchoResult:
     """Associate, send one C-ECHO, release."""
-    from pynetdicom import AE, evt
+    from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     start = time.perf_counter()
@@ -46,25 +46,12 @@ def send_echo(
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context(Verification)
-    rejection: list[str] = []
-
-    def on_acse_recv(event: Any) -> None:
-        if getattr(event.primitive, "result", None) in (0x01, 0x02):
-            p = event.primitive
-            rejection.append(f"{p.result_str}, source {p.source_str}: {p.reason_str}")
-
     peer = f"{called_ae_title}@{host}:{port}"
-    assoc = ae.associate(
-        host,
-        port,
-        ae_title=called_ae_title,
-        tls_args=(ssl_context, host) if ssl_context is not None else None,
-        evt_handlers=[(evt.EVT_ACSE_RECV, on_acse_recv)],
-    )
+    request = request_association(ae, host, port, ae_title=called_ae_title, ssl_context=ssl_context)
+    assoc = request.assoc
     try:
-        if assoc.is_rejected:
-            reason = rejection[0] if rejection else "no reason given"
-            return _result(False, None, f"association rejected by {peer} ({reason})", start)
+        if request.rejected:
+            return _result(False, None, f"association rejected by {peer} ({request.rejection})", start)
         if not assoc.is_established:
             why = "connection refused, timed out or aborted"
             return _result(False, None, f"no association with {peer}: {why}", start)

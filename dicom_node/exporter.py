@@ -18,6 +18,7 @@ from pynetdicom import AE
 from pynetdicom.status import code_to_category
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from dicom_node.association import request_association
 from dicom_node.logging_setup import get_logger
 from dicom_node.settings import Destination, ExportSettings
 from dicom_node.tls import client_ssl_context
@@ -77,15 +78,20 @@ class Exporter:
         ssl_context = client_ssl_context(destination.tls)
         where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         try:
-            assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                                 tls_args=(ssl_context, destination.host) if ssl_context else None)
+            request = request_association(ae, destination.host, destination.port,
+                                          ae_title=destination.ae_title, ssl_context=ssl_context)
         except Exception as exc:  # e.g. TLS handshake failure
             for export in exports:
                 self._record(export, False, f"could not connect to {where}: {exc}")
             return
+        assoc = request.assoc
+        if request.rejected:
+            for export in exports:
+                self._record(export, False, f"{where} rejected the association ({request.rejection})")
+            return
         if not assoc.is_established:
-            why = "rejected the association" if assoc.is_rejected else "could not be reached or aborted"
-            if ssl_context is not None and not assoc.is_rejected:
+            why = "could not be reached or aborted"
+            if ssl_context is not None:
                 why += " (TLS: the handshake may have failed; check the certificates and CA)"
             for export in exports:
                 self._record(export, False, f"{where} {why}")

@@ -61,12 +61,15 @@ def run_until_settled(exporter: Exporter, node, job_id: int, timeout: float = 30
     return wait_for(settled, timeout=timeout, interval=0.15)
 
 
-def start_storescp(port: int, out_dir: Path) -> subprocess.Popen:
+def start_storescp(port: int, out_dir: Path, *options: str) -> subprocess.Popen:
+    """DCMTK storescp on 127.0.0.1:`port`, ready when echoscu gets an answer (accepted or rejected)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen([require_tool("storescp"), "-aet", "TPS", "-od", str(out_dir), str(port)],
+    process = subprocess.Popen([require_tool("storescp"), "-aet", "TPS", "-od", str(out_dir), *options, str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: subprocess.run([require_tool("echoscu"), "-aec", "TPS", "127.0.0.1", str(port)],
-                                    capture_output=True).returncode == 0, timeout=10)
+    answer = "Association Rejected" if "--refuse" in options else "Received Echo Response"
+    echo = [require_tool("echoscu"), "-v", "-aec", "TPS", "127.0.0.1", str(port)]
+    wait_for(lambda: answer in subprocess.run(echo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True).stdout, timeout=10)
     return process
 
 
@@ -116,6 +119,23 @@ class MisbehavingSCP:
 
     def stop(self):
         self.server.shutdown()
+
+
+def test_destination_that_rejects_and_hangs_up_is_reported_as_rejecting(start_node, mr_series, tmp_path):
+    """DCMTK storescp --refuse closes right after its A-ASSOCIATE-RJ; the reason must still say
+    "rejected" with the peer's reason, not "could not be reached" (that raced about 1 in 4)."""
+    node = start_node()
+    port = free_port()
+    tps = start_storescp(port, tmp_path / "tps", "--refuse")
+    try:
+        for _ in range(8):
+            job_id, _ = exporting_job(node, mr_series[0], ["tps"])
+            job = run_until_settled(exporter_for(node, port, give_up_after_s=0.5), node, job_id)
+            assert job.state == JobState.FAILED
+            assert "rejected the association (Rejected Permanent, source Service User" in job.reason, job.reason
+    finally:
+        tps.terminate()
+        tps.wait(10)
 
 
 @pytest.mark.parametrize("behaviour, expected", [
