@@ -1,6 +1,11 @@
-"""Requesting an association as an SCU, keeping the peer's A-ASSOCIATE-RJ reason.
+"""Requesting an association as an SCU: bounded waits, and the peer's A-ASSOCIATE-RJ reason.
 
-Why this exists: a peer that rejects an association and closes the connection
+Every wait of an SCU is bounded (`scu_ae`), the TCP connect and TLS handshake
+included: pynetdicom leaves `connection_timeout` unset, and a destination that
+accepts TCP and never answers a TLS handshake then held the exporter, and with
+it the exports to every destination, until that peer hung up.
+
+Why `request_association` exists: a peer that rejects an association and closes the connection
 at once (DCMTK `storescp --refuse` does) races pynetdicom 3.0. Its state
 machine may see the closed transport before the association thread reads the
 rejection, and then reports the association as aborted instead of rejected.
@@ -19,6 +24,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pynetdicom is imported where it is used: `dicom-node --help` stays fast
     from pynetdicom import AE
     from pynetdicom.association import Association
+
+
+def scu_ae(ae_title: str, timeout_s: float) -> AE:
+    """An SCU AE whose connect/handshake, negotiation, DIMSE and network waits all end after `timeout_s`."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=ae_title)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    return ae
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from dicom_node.association import request_association
+from dicom_node.association import request_association, scu_ae
 from dicom_node.settings import TlsSettings
 from dicom_node.status_codes import SUCCESS
 from dicom_node.tls import client_ssl_context
@@ -38,13 +38,11 @@ def send_echo(
     timeout_s: float = 10.0,
 ) -> EchoResult:
     """Associate, send one C-ECHO, release."""
-    from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     start = time.perf_counter()
     ssl_context = client_ssl_context(tls) if tls is not None else None
-    ae = AE(ae_title=calling_ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae = scu_ae(calling_ae_title, timeout_s)
     ae.add_requested_context(Verification)
     peer = f"{called_ae_title}@{host}:{port}"
     request = request_association(ae, host, port, ae_title=called_ae_title, ssl_context=ssl_context)

@@ -14,11 +14,10 @@ import threading
 from collections import defaultdict
 
 import pydicom
-from pynetdicom import AE
 from pynetdicom.status import code_to_category
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicom_node.association import request_association
+from dicom_node.association import request_association, scu_ae
 from dicom_node.logging_setup import get_logger
 from dicom_node.settings import Destination, ExportSettings
 from dicom_node.tls import client_ssl_context
@@ -69,10 +68,7 @@ class Exporter:
             for export in exports:
                 self._record(export, False, f"destination {name!r} is not in the configuration")
             return
-        ae = AE(ae_title=destination.calling_ae_title or self.node_ae_title)
-        ae.dimse_timeout = self.dimse_timeout_s
-        ae.acse_timeout = self.dimse_timeout_s
-        ae.network_timeout = self.dimse_timeout_s
+        ae = scu_ae(destination.calling_ae_title or self.node_ae_title, self.dimse_timeout_s)
         for class_uid in sorted({e.sop_class_uid for e in exports}):
             ae.add_requested_context(class_uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ssl_context = client_ssl_context(destination.tls)

@@ -84,3 +84,15 @@ def start_node(node_env) -> Iterator[Callable[..., NodeService]]:
     yield start
     for service in started:
         service.stop()
+
+
+@pytest.fixture
+def unstarted_node(node_env) -> Iterator[NodeService]:
+    """A node's job store and instance store without its scheduler, for tests that drive an Exporter.
+
+    A started node runs its own exporter every few seconds on the same export rows;
+    two exporters settling one job made such tests flaky.
+    """
+    service = NodeService(load_settings(EXAMPLE_CONFIG, env=node_env))
+    yield service
+    service.db.dispose()

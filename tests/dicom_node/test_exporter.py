@@ -73,8 +73,8 @@ def start_storescp(port: int, out_dir: Path, *options: str) -> subprocess.Popen:
     return process
 
 
-def test_destination_down_at_first_then_up_is_delivered_by_retry(start_node, mr_series, tmp_path):
-    node = start_node()
+def test_destination_down_at_first_then_up_is_delivered_by_retry(unstarted_node, mr_series, tmp_path):
+    node = unstarted_node
     port = free_port()
     job_id, output = exporting_job(node, mr_series[0], ["tps"])
     exporter = exporter_for(node, port)
@@ -121,10 +121,10 @@ class MisbehavingSCP:
         self.server.shutdown()
 
 
-def test_destination_that_rejects_and_hangs_up_is_reported_as_rejecting(start_node, mr_series, tmp_path):
+def test_destination_that_rejects_and_hangs_up_is_reported_as_rejecting(unstarted_node, mr_series, tmp_path):
+    node = unstarted_node
     """DCMTK storescp --refuse closes right after its A-ASSOCIATE-RJ; the reason must still say
     "rejected" with the peer's reason, not "could not be reached" (that raced about 1 in 4)."""
-    node = start_node()
     port = free_port()
     tps = start_storescp(port, tmp_path / "tps", "--refuse")
     try:
@@ -144,13 +144,13 @@ def test_destination_that_rejects_and_hangs_up_is_reported_as_rejecting(start_no
     ({"delay": 3.0}, "did not answer"),
 ])
 def test_failing_destination_is_retried_then_failed_with_reason_and_resendable(
-        start_node, mr_series, behaviour, expected):
-    node = start_node()
+        unstarted_node, mr_series, behaviour, expected):
+    node = unstarted_node
     port = free_port()
     job_id, _ = exporting_job(node, mr_series[0], ["tps"])
     scp = MisbehavingSCP(port, **behaviour)
     try:
-        job = run_until_settled(exporter_for(node, port, give_up_after_s=2.5, dimse_timeout_s=1.0), node, job_id)
+        job = run_until_settled(exporter_for(node, port, give_up_after_s=4.0, dimse_timeout_s=1.0), node, job_id)
     finally:
         scp.stop()
     assert job.state == JobState.FAILED

@@ -24,6 +24,7 @@ from tests.dicom_node.conftest import (  # noqa: F401  (fixtures re-exported for
     node_env,
     require_tool,
     start_node,
+    unstarted_node,
     wait_for,
 )
 

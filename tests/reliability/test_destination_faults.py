@@ -48,8 +48,7 @@ class DroppingSCP:
         self.server.shutdown()
 
 
-def _check_dropped_then_resent(start_node, mr_series, hard: bool):
-    node = start_node()
+def _check_dropped_then_resent(node, mr_series, hard: bool):
     port = free_port()
     job_id, _ = exporting_job(node, mr_series[0], ["tps"])
     scp = DroppingSCP(port, hard=hard)
@@ -69,9 +68,9 @@ def _check_dropped_then_resent(start_node, mr_series, hard: bool):
     assert_resend_delivers(node, job_id, port)
 
 
-def test_destination_aborting_mid_transfer_is_retried_failed_and_resendable(start_node, mr_series):
-    _check_dropped_then_resent(start_node, mr_series, hard=False)
+def test_destination_aborting_mid_transfer_is_retried_failed_and_resendable(unstarted_node, mr_series):
+    _check_dropped_then_resent(unstarted_node, mr_series, hard=False)
 
 
-def test_destination_resetting_the_connection_mid_transfer(start_node, mr_series):
-    _check_dropped_then_resent(start_node, mr_series, hard=True)
+def test_destination_resetting_the_connection_mid_transfer(unstarted_node, mr_series):
+    _check_dropped_then_resent(unstarted_node, mr_series, hard=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import socket
 import subprocess
+import time
 
 import pydicom
 import pytest
@@ -129,8 +130,8 @@ def tls_exporter(node, port: int, ca_file) -> Exporter:
     return Exporter(node.db, node.store, [destination], settings, "DICOMNODE", 5)
 
 
-def test_tls_export_to_a_tls_destination(start_node, pki, phantom_factory):
-    node = start_node()
+def test_tls_export_to_a_tls_destination(unstarted_node, pki, phantom_factory):
+    node = unstarted_node
     port = free_port()
     files = phantom_factory(8304, "SEC04")
     job_id, output = exporting_job(node, files[0], ["tps"])
@@ -143,8 +144,8 @@ def test_tls_export_to_a_tls_destination(start_node, pki, phantom_factory):
     assert receiver.received == [str(pydicom.dcmread(output).SOPInstanceUID)]
 
 
-def test_tls_export_to_an_untrusted_destination_fails_with_reason(start_node, pki, phantom_factory, tmp_path):
-    node = start_node()
+def test_tls_export_to_an_untrusted_destination_fails_with_reason(unstarted_node, pki, phantom_factory, tmp_path):
+    node = unstarted_node
     port = free_port()
     files = phantom_factory(8305, "SEC05")
     job_id, _ = exporting_job(node, files[0], ["tps"])
@@ -158,6 +159,24 @@ def test_tls_export_to_an_untrusted_destination_fails_with_reason(start_node, pk
     # reason cannot name the certificate; it says the destination could not be reached.
     assert "export to tps failed" in job.reason and "could not be reached" in job.reason
     assert receiver.received == []
+
+
+def test_tls_destination_that_never_answers_the_handshake_does_not_stall_the_exporter(unstarted_node, pki,
+                                                                                        phantom_factory):
+    """A peer that accepts TCP and then says nothing (wrong port, hung proxy) must cost one
+    timeout per attempt; an unbounded TLS handshake would hold the exporter, and with it every
+    destination, until the peer hangs up."""
+    node = unstarted_node
+    files = phantom_factory(8306, "SEC06")
+    job_id, _ = exporting_job(node, files[0], ["tps"])
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        exporter = tls_exporter(node, port, pki.ca_file)  # DIMSE/connection timeout 5 s
+        started = time.monotonic()
+        attempts = exporter.run_once()
+        elapsed = time.monotonic() - started
+    assert attempts == 1 and elapsed < 15, elapsed
+    assert "could not be reached" in load_job(node.db, job_id).exports[0].last_error
 
 
 def test_calling_ae_allow_list(start_node, phantom_factory):
