@@ -238,6 +238,24 @@ class MTSANet(nn.Module):
         size = self.config.input_size
         if x.ndim != 4 or x.shape[1] != 1 or x.shape[2:] != (size, size):
             raise ValueError(f"expected input of shape (B, 1, {size}, {size}), got {tuple(x.shape)}")
+        skips = self._encode(x)
+        bottleneck = skips[-1]
+        return self._decode(skips), self.egfr_head(bottleneck)
+
+    def segment(self, x: torch.Tensor) -> torch.Tensor:
+        """GTV logits only, for `(B, 1, H, W)` with H and W multiples of 16 (training crops).
+
+        The encoder and decoder are fully convolutional; only the EGFR head needs the
+        full `input_size` slice. The deployed model always runs `forward` on full slices.
+        """
+        factor = 2 ** (N_STAGES - 1)
+        if x.ndim != 4 or x.shape[1] != 1 or x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"expected input of shape (B, 1, H, W) with H, W multiples of {factor}, "
+                             f"got {tuple(x.shape)}")
+        return self._decode(self._encode(x))
+
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's stage outputs, finest first; the last one is the bottleneck."""
         skips = []
         features = x
         for index, stage in enumerate(self.encoder):
@@ -245,8 +263,10 @@ class MTSANet(nn.Module):
                 features = self.pool(features)
             features = stage(features)
             skips.append(features)
-        bottleneck = skips.pop()
-        features = bottleneck
-        for up_stage in self.decoder:
-            features = up_stage(features, skips.pop())
-        return self.gtv_out(features), self.egfr_head(bottleneck)
+        return skips
+
+    def _decode(self, skips: list[torch.Tensor]) -> torch.Tensor:
+        features = skips[-1]
+        for up_stage, skip in zip(self.decoder, reversed(skips[:-1])):
+            features = up_stage(features, skip)
+        return self.gtv_out(features)

@@ -65,6 +65,18 @@ Decisions:
   and small metastases are what an under-trained model misses first.
   SMALL_TUMOUR_AREA_PX = 300 model pixels is a cross-section of about 11 mm
   on a typical 220 mm field of view.
+- Tumour-centred crops (`crop_size`, default None = off): every second
+  training step is a crop step. It draws as many slices as hold the pixels of
+  one full-slice batch (`batch_size * (input_size / crop_size)^2`, with the
+  epoch's sampling weights), augments them at full size and cuts one
+  `crop_size` square from each: with probability `CROP_ON_TUMOUR` around a
+  random tumour pixel (anywhere in the crop's middle half), otherwise
+  anywhere. The GTV loss alone is applied (`MTSANet.segment`: the encoder and
+  decoder are fully convolutional; the EGFR head needs a whole slice, so it
+  learns on the full-slice steps). Why: on a 2-core CPU the budget, not the
+  data, limits training; a crop step costs what a full-slice step costs but
+  shows the network four times as many tumours, which is what the small,
+  missed metastases need. Validation and deployment always use full slices.
 - Weight averaging: an exponential moving average of the weights and the
   BatchNorm statistics (`ema_decay`, default 0.995, i.e. about the last 200
   optimiser steps; `torch.optim.swa_utils.AveragedModel`) is what is
@@ -110,6 +122,8 @@ SELECTION_LOSSES = ("joint", "gtv")
 MAX_ROTATION_DEG = 10.0
 SMALL_TUMOUR_AREA_PX = 300.0
 ZOOM_RANGE = (0.85, 1.2)
+CROP_ON_TUMOUR = 0.8  # share of crops of tumour slices that are placed around tumour
+CROP_MULTIPLE = 16  # the encoder halves the size four times
 EGFR_NAMES = {"0": 0, "1": 1, "wild type": 0, "wildtype": 0, "wild-type": 0, "mutant": 1}
 
 
@@ -137,6 +151,7 @@ class TrainingConfig:
     selection_loss: str = "joint"  # "joint" (L_GTV + L_EGFR) or "gtv" (L_GTV)
     ema_decay: float = 0.995  # weight averaging (module docstring); 0 = off
     small_tumour_weight: float = 1.0  # oversampling of small tumour sections (module docstring); 1 = off
+    crop_size: int | None = None  # tumour-centred crop steps (module docstring); None = off
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -146,6 +161,9 @@ class TrainingConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.small_tumour_weight < 1.0:
             raise ValueError(f"small_tumour_weight must be >= 1, got {self.small_tumour_weight}")
+        if self.crop_size is not None and (self.crop_size < 2 * CROP_MULTIPLE or self.crop_size % CROP_MULTIPLE):
+            raise ValueError(f"crop_size must be a multiple of {CROP_MULTIPLE} and at least "
+                             f"{2 * CROP_MULTIPLE}, got {self.crop_size}")
 
 
 @dataclass(frozen=True)
@@ -389,6 +407,44 @@ def _augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generat
     return images * scale + shift, masks
 
 
+def _crop(
+    images: torch.Tensor, masks: torch.Tensor, crop: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One `crop` x `crop` square per slice, the same for image and mask (module docstring)."""
+    size = images.shape[-1]
+    corners = []
+    for mask in masks[:, 0]:
+        tumour = mask.nonzero()
+        if len(tumour) and float(torch.rand(1, generator=generator)) < CROP_ON_TUMOUR:
+            centre = tumour[int(torch.randint(len(tumour), (1,), generator=generator))]
+            offset = torch.randint(crop // 4, 3 * crop // 4 + 1, (2,), generator=generator)
+            corner = (centre - offset).clamp(0, size - crop)
+        else:
+            corner = torch.randint(0, size - crop + 1, (2,), generator=generator)
+        corners.append(corner.tolist())
+    pick = [(slice(None), slice(r, r + crop), slice(c, c + crop)) for r, c in corners]
+    return (torch.stack([image[p] for image, p in zip(images, pick)]),
+            torch.stack([mask[p] for mask, p in zip(masks, pick)]))
+
+
+def _crop_step_loss(
+    model: MTSANet,
+    weighting: UncertaintyWeightedLoss,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    weights: torch.Tensor,
+    config: TrainingConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The uncertainty-weighted GTV loss of one batch of tumour-centred crops."""
+    images, masks, _ = data
+    crop = int(config.crop_size)
+    count = config.batch_size * max(1, round((images.shape[-1] / crop) ** 2))
+    index = torch.multinomial(weights, count, replacement=True, generator=generator)
+    x, y = _augment(images[index].float()[:, None], masks[index].float()[:, None], generator)
+    x, y = _crop(x, y, crop, generator)
+    return weighting.combine(gtv_loss(model.segment(x.contiguous(memory_format=torch.channels_last)), y), None)
+
+
 def _train_epoch(
     model: MTSANet,
     averaged: AveragedModel,
@@ -400,24 +456,28 @@ def _train_epoch(
     progress: bool,
     description: str,
 ) -> float:
-    """One pass over the training slices; returns the mean joint loss."""
+    """One pass over the training slices; returns the mean joint loss of the full-slice steps."""
     images, masks, labels = data
     model.train()
+    crop_weights = slice_weights(masks, config.small_tumour_weight)
     total, count = 0.0, 0
     bar = tqdm(
         _epoch_batches(masks, config, generator), desc=description, leave=False, disable=not progress
     )
-    for index in bar:
-        x, y = _augment(images[index].float()[:, None], masks[index].float()[:, None], generator)
-        gtv_logits, egfr_logits = model(x.contiguous(memory_format=torch.channels_last))
-        loss, _, _ = weighting(gtv_logits, egfr_logits, y, labels[index])
+    for step, index in enumerate(bar):
+        if config.crop_size is not None and step % 2:
+            loss = _crop_step_loss(model, weighting, data, crop_weights, config, generator)
+        else:
+            x, y = _augment(images[index].float()[:, None], masks[index].float()[:, None], generator)
+            gtv_logits, egfr_logits = model(x.contiguous(memory_format=torch.channels_last))
+            loss, _, _ = weighting(gtv_logits, egfr_logits, y, labels[index])
+            total += loss.item() * len(index)
+            count += len(index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         averaged.update_parameters(model)
-        total += loss.item() * len(index)
-        count += len(index)
-        bar.set_postfix(loss=f"{total / count:.4f}")
+        bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
     return total / max(count, 1)
 
 
@@ -468,6 +528,8 @@ def train(
 ) -> TrainingResult:
     """Train MTSA-Net with the uncertainty-weighted joint loss; save the best epoch as a package."""
     started = time.monotonic()
+    if config.crop_size is not None and config.crop_size >= model_config.input_size:
+        raise ValueError(f"crop_size ({config.crop_size}) must be smaller than input_size ({model_config.input_size})")
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = MTSANet(model_config).to(memory_format=torch.channels_last)

@@ -62,6 +62,9 @@ def train(
     small_tumour_weight: Annotated[
         float, typer.Option(help="Oversample slices with small tumour sections up to this weight (1 = off).")
     ] = 1.0,
+    crop_size: Annotated[
+        Optional[int], typer.Option(help="Every second step trains the GTV on tumour-centred crops of this size (px).")
+    ] = None,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
     """Train and save a model package."""
@@ -94,6 +97,7 @@ def train(
         selection_loss=selection_loss,
         ema_decay=ema_decay,
         small_tumour_weight=small_tumour_weight,
+        crop_size=crop_size,
         seed=seed,
     )
     size = model_config.input_size

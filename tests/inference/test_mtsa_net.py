@@ -86,3 +86,14 @@ def test_config_round_trip_and_unknown_keys() -> None:
     assert MTSANetConfig.from_dict(TINY.to_dict()) == TINY
     with pytest.raises(ValueError, match="unknown"):
         MTSANetConfig.from_dict({**TINY.to_dict(), "depth": 3})
+
+
+def test_segment_is_the_gtv_path_of_forward_and_takes_crops() -> None:
+    model = MTSANet(TINY).eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.inference_mode():
+        gtv, _ = model(x)
+        assert torch.equal(model.segment(x), gtv)
+        assert model.segment(torch.randn(3, 1, 32, 48)).shape == (3, 1, 32, 48)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        model.segment(torch.randn(1, 1, 40, 32))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +181,42 @@ def test_small_tumour_sections_are_drawn_more_often() -> None:
     )
     counts = torch.bincount(draws, minlength=3).float()
     assert counts[1] / counts[0] == pytest.approx(3.0, rel=0.2)
+
+
+def test_crops_cut_image_and_mask_together_and_mostly_around_tumour() -> None:
+    size, crop = 128, 64
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images = (rows * size + cols).float().expand(400, 1, size, size)  # each pixel names its place
+    masks = torch.zeros(400, 1, size, size)
+    masks[:200, :, 110:114, 4:8] = 1  # a small tumour in a corner; the other 200 slices have none
+    cropped, cropped_masks = training._crop(images, masks, crop, torch.Generator().manual_seed(0))
+    assert cropped.shape == cropped_masks.shape == (400, 1, crop, crop)
+    corner_rows, corner_cols = cropped[:, 0, 0, 0] // size, cropped[:, 0, 0, 0] % size
+    for i in range(400):  # the crop is a contiguous square, at the same place in the mask
+        r, c = int(corner_rows[i]), int(corner_cols[i])
+        assert torch.equal(cropped[i], images[i, :, r:r + crop, c:c + crop])
+        assert torch.equal(cropped_masks[i], masks[i, :, r:r + crop, c:c + crop])
+    on_tumour = (cropped_masks[:200].flatten(1).sum(1) == 16).float().mean()
+    assert training.CROP_ON_TUMOUR - 0.1 < on_tumour < 0.97  # the rest land anywhere (rarely on it)
+    assert cropped_masks[200:].sum() == 0
+
+
+def test_crop_steps_train_the_segmentation_on_crops(tmp_path: Path, monkeypatch) -> None:
+    torch.set_num_threads(2)
+    cases = [tiny_case(11), tiny_case(12)]
+    shapes: list[tuple[int, ...]] = []
+    segment = MTSANet.segment
+    monkeypatch.setattr(MTSANet, "segment", lambda self, x: shapes.append(tuple(x.shape)) or segment(self, x))
+    config = training.TrainingConfig(max_epochs=1, batch_size=2, seed=0, crop_size=32)
+    result = training.train(
+        TINY, cases[:1], cases[1:], config, tmp_path / "pkg",
+        name="tiny", version="0", is_demo=True, data_info={}, progress=False, log=lambda _: None,
+    )
+    steps = -(-len(cases[0].images) // 2)
+    assert shapes == [(2 * 4, 1, 32, 32)] * (steps // 2)  # every second step, 4 crops per slice of the batch
+    assert math.isfinite(result.history[0].train_loss) and result.package.training["settings"]["crop_size"] == 32
+    with pytest.raises(ValueError, match="smaller than input_size"):
+        training.train(TINY, cases[:1], cases[1:], training.TrainingConfig(crop_size=64), tmp_path / "x",
+                       name="tiny", version="0", is_demo=True, data_info={}, progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        training.TrainingConfig(crop_size=40)
