@@ -112,10 +112,11 @@ def send_series(files: list[Path], port: int, console: Console) -> str:
                     raise RuntimeError(f"storescu failed: {result.stderr.strip()}")
                 progress.advance(task, len(chunk))
             return "DCMTK storescu"
-        from pynetdicom import AE
         from pynetdicom.sop_class import MRImageStorage
 
-        ae = AE(ae_title="DEMO_MR")
+        from dicom_node.association import scu_ae
+
+        ae = scu_ae("DEMO_MR", 30)
         ae.add_requested_context(MRImageStorage)
         assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
         if not assoc.is_established:

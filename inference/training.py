@@ -70,13 +70,19 @@ Decisions:
   one full-slice batch (`batch_size * (input_size / crop_size)^2`, with the
   epoch's sampling weights), augments them at full size and cuts one
   `crop_size` square from each: with probability `CROP_ON_TUMOUR` around a
-  random tumour pixel (anywhere in the crop's middle half), otherwise
+  random tumour pixel (about in the crop's middle half, less at the image
+  border), otherwise
   anywhere. The GTV loss alone is applied (`MTSANet.segment`: the encoder and
   decoder are fully convolutional; the EGFR head needs a whole slice, so it
   learns on the full-slice steps). Why: on a 2-core CPU the budget, not the
   data, limits training; a crop step costs what a full-slice step costs but
   shows the network four times as many tumours, which is what the small,
   missed metastases need. Validation and deployment always use full slices.
+  Side effects, accepted: the focal term is a per-image sum, so on a crop
+  step it covers a quarter of the pixels and weighs less against the Dice
+  term; BatchNorm statistics (and their average) also see the crops, which
+  hold less air than whole slices; an epoch keeps its number of steps, so
+  only half of its drawn batches are used as whole slices.
 - Weight averaging: an exponential moving average of the weights and the
   BatchNorm statistics (`ema_decay`, default 0.995, i.e. about the last 200
   optimiser steps; `torch.optim.swa_utils.AveragedModel`) is what is
@@ -115,7 +121,7 @@ from tqdm import tqdm
 from inference import preprocess
 from inference.losses import UncertaintyWeightedLoss, egfr_loss, gtv_loss
 from inference.model_package import ModelPackage, save_package
-from inference.mtsa_net import MTSANet, MTSANetConfig
+from inference.mtsa_net import N_STAGES, MTSANet, MTSANetConfig
 from inference.phantoms import generate_phantom
 
 SELECTION_LOSSES = ("joint", "gtv")
@@ -123,7 +129,7 @@ MAX_ROTATION_DEG = 10.0
 SMALL_TUMOUR_AREA_PX = 300.0
 ZOOM_RANGE = (0.85, 1.2)
 CROP_ON_TUMOUR = 0.8  # share of crops of tumour slices that are placed around tumour
-CROP_MULTIPLE = 16  # the encoder halves the size four times
+CROP_MULTIPLE = 2 ** (N_STAGES - 1)  # the encoder halves the size N_STAGES - 1 times
 EGFR_NAMES = {"0": 0, "1": 1, "wild type": 0, "wildtype": 0, "wild-type": 0, "mutant": 1}
 
 
@@ -200,6 +206,12 @@ class TrainingResult:
     stop_reason: str
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def check_crop_size(config: TrainingConfig, model_config: MTSANetConfig) -> None:
+    """Raise ValueError unless crops (if any) are smaller than the model's slices."""
+    if config.crop_size is not None and config.crop_size >= model_config.input_size:
+        raise ValueError(f"crop_size ({config.crop_size}) must be smaller than input_size ({model_config.input_size})")
 
 
 def seed_everything(seed: int) -> None:
@@ -456,10 +468,11 @@ def _train_epoch(
     progress: bool,
     description: str,
 ) -> float:
-    """One pass over the training slices; returns the mean joint loss of the full-slice steps."""
+    """One epoch (as many steps as batches of the training slices); returns the mean joint loss of
+    its full-slice steps. With `crop_size`, every second step is a crop step instead."""
     images, masks, labels = data
     model.train()
-    crop_weights = slice_weights(masks, config.small_tumour_weight)
+    crop_weights = slice_weights(masks, config.small_tumour_weight) if config.crop_size is not None else None
     total, count = 0.0, 0
     bar = tqdm(
         _epoch_batches(masks, config, generator), desc=description, leave=False, disable=not progress
@@ -528,8 +541,7 @@ def train(
 ) -> TrainingResult:
     """Train MTSA-Net with the uncertainty-weighted joint loss; save the best epoch as a package."""
     started = time.monotonic()
-    if config.crop_size is not None and config.crop_size >= model_config.input_size:
-        raise ValueError(f"crop_size ({config.crop_size}) must be smaller than input_size ({model_config.input_size})")
+    check_crop_size(config, model_config)
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = MTSANet(model_config).to(memory_format=torch.channels_last)

@@ -86,20 +86,24 @@ def train(
         classifier_hidden=classifier_hidden,
         dropout=dropout,
     )
-    config = training.TrainingConfig(
-        learning_rate=learning_rate,
-        patience=patience,
-        max_epochs=max_epochs,
-        max_minutes=max_minutes,
-        batch_size=batch_size,
-        free_slice_ratio=free_slice_ratio,
-        val_fraction=val_fraction,
-        selection_loss=selection_loss,
-        ema_decay=ema_decay,
-        small_tumour_weight=small_tumour_weight,
-        crop_size=crop_size,
-        seed=seed,
-    )
+    try:
+        config = training.TrainingConfig(
+            learning_rate=learning_rate,
+            patience=patience,
+            max_epochs=max_epochs,
+            max_minutes=max_minutes,
+            batch_size=batch_size,
+            free_slice_ratio=free_slice_ratio,
+            val_fraction=val_fraction,
+            selection_loss=selection_loss,
+            ema_decay=ema_decay,
+            small_tumour_weight=small_tumour_weight,
+            crop_size=crop_size,
+            seed=seed,
+        )
+        training.check_crop_size(config, model_config)
+    except ValueError as exc:  # checked before minutes of data preparation
+        raise typer.BadParameter(str(exc)) from exc
     size = model_config.input_size
     if phantoms is not None:
         cases = training.phantom_cases(phantoms, seed, size=size, free_slice_ratio=free_slice_ratio)

@@ -122,9 +122,9 @@ class MisbehavingSCP:
 
 
 def test_destination_that_rejects_and_hangs_up_is_reported_as_rejecting(unstarted_node, mr_series, tmp_path):
-    node = unstarted_node
     """DCMTK storescp --refuse closes right after its A-ASSOCIATE-RJ; the reason must still say
     "rejected" with the peer's reason, not "could not be reached" (that raced about 1 in 4)."""
+    node = unstarted_node
     port = free_port()
     tps = start_storescp(port, tmp_path / "tps", "--refuse")
     try:
@@ -149,7 +149,7 @@ def test_failing_destination_is_retried_then_failed_with_reason_and_resendable(
     port = free_port()
     job_id, _ = exporting_job(node, mr_series[0], ["tps"])
     scp = MisbehavingSCP(port, **behaviour)
-    try:
+    try:  # an attempt at the silent peer takes about 1.2 s: give-up after 4 s leaves room for 2 on a slow host
         job = run_until_settled(exporter_for(node, port, give_up_after_s=4.0, dimse_timeout_s=1.0), node, job_id)
     finally:
         scp.stop()

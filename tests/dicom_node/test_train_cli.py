@@ -29,3 +29,15 @@ def test_evaluate_reports_a_missing_package(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "nowhere"), "--phantoms", "1"])
     assert result.exit_code != 0
     assert "does not exist" in str(result.exception) + result.output
+
+
+def test_train_rejects_bad_settings_before_preparing_any_data(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for option, message in ((["--crop-size", "384"], "smaller than input_size"),
+                            (["--crop-size", "100"], "multiple of 16"),
+                            (["--ema-decay", "1.5"], "ema_decay")):
+        result = runner.invoke(app, ["train", "--out", str(tmp_path / "pkg"), "--phantoms", "2", *option],
+                               terminal_width=200)
+        assert result.exit_code == 2, result.output  # a usage error, not a traceback
+        assert message in result.output
+    assert not (tmp_path / "pkg").exists()

@@ -8,8 +8,8 @@ and the bounds below sit just under those figures (one more missed lesion
 fails the test; 0.2.0 fails it with 10 of 13 found and mean 0.711, 0.1.0 with
 median 0.850 and 2 false-positive lesions). The accuracy figures are in
 inference/models/mtsa-demo/MODEL_CARD.md: 0.797 on the 40 test phantoms,
-0.783 over every phantom evaluated, so the Dice >= 0.80 goal is not met in
-general.
+0.783 over the 80 phantoms of its four evaluation sets, so the Dice >= 0.80
+goal is not met in general.
 """
 
 from __future__ import annotations
