@@ -50,6 +50,7 @@ STRIP_KERNELS = (5, 7, 11)
 DEPTHWISE_KERNEL = 5
 PATCH_GRID = 4  # the bottleneck is cut into PATCH_GRID x PATCH_GRID tokens
 N_STAGES = 5
+DOWNSAMPLING = 2 ** (N_STAGES - 1)  # the encoder halves the size N_STAGES - 1 times
 GTV_PRIOR = 0.01  # initial GTV probability of every pixel (see the module docstring)
 
 
@@ -69,7 +70,7 @@ class MTSANetConfig:
     def __post_init__(self) -> None:
         if self.width < 1:
             raise ValueError(f"width must be >= 1, got {self.width}")
-        if self.input_size % (2 ** (N_STAGES - 1) * PATCH_GRID):
+        if self.input_size % (DOWNSAMPLING * PATCH_GRID):
             raise ValueError(f"input_size must be a multiple of 64, got {self.input_size}")
         if self.transformer_dim % self.transformer_heads:
             raise ValueError(
@@ -87,7 +88,7 @@ class MTSANetConfig:
     @property
     def bottleneck_size(self) -> int:
         """Side of the bottleneck map (24 for a 384 input)."""
-        return self.input_size // 2 ** (N_STAGES - 1)
+        return self.input_size // DOWNSAMPLING
 
     def to_dict(self) -> dict[str, int | float]:
         """Plain dict for JSON manifests."""
@@ -248,9 +249,8 @@ class MTSANet(nn.Module):
         The encoder and decoder are fully convolutional; only the EGFR head needs the
         full `input_size` slice. The deployed model always runs `forward` on full slices.
         """
-        factor = 2 ** (N_STAGES - 1)
-        if x.ndim != 4 or x.shape[1] != 1 or x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"expected input of shape (B, 1, H, W) with H, W multiples of {factor}, "
+        if x.ndim != 4 or x.shape[1] != 1 or x.shape[2] % DOWNSAMPLING or x.shape[3] % DOWNSAMPLING:
+            raise ValueError(f"expected input of shape (B, 1, H, W) with H, W multiples of {DOWNSAMPLING}, "
                              f"got {tuple(x.shape)}")
         return self._decode(self._encode(x))
 

@@ -121,7 +121,7 @@ from tqdm import tqdm
 from inference import preprocess
 from inference.losses import UncertaintyWeightedLoss, egfr_loss, gtv_loss
 from inference.model_package import ModelPackage, save_package
-from inference.mtsa_net import N_STAGES, MTSANet, MTSANetConfig
+from inference.mtsa_net import DOWNSAMPLING, MTSANet, MTSANetConfig
 from inference.phantoms import generate_phantom
 
 SELECTION_LOSSES = ("joint", "gtv")
@@ -129,7 +129,6 @@ MAX_ROTATION_DEG = 10.0
 SMALL_TUMOUR_AREA_PX = 300.0
 ZOOM_RANGE = (0.85, 1.2)
 CROP_ON_TUMOUR = 0.8  # share of crops of tumour slices that are placed around tumour
-CROP_MULTIPLE = 2 ** (N_STAGES - 1)  # the encoder halves the size N_STAGES - 1 times
 EGFR_NAMES = {"0": 0, "1": 1, "wild type": 0, "wildtype": 0, "wild-type": 0, "mutant": 1}
 
 
@@ -167,9 +166,9 @@ class TrainingConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.small_tumour_weight < 1.0:
             raise ValueError(f"small_tumour_weight must be >= 1, got {self.small_tumour_weight}")
-        if self.crop_size is not None and (self.crop_size < 2 * CROP_MULTIPLE or self.crop_size % CROP_MULTIPLE):
-            raise ValueError(f"crop_size must be a multiple of {CROP_MULTIPLE} and at least "
-                             f"{2 * CROP_MULTIPLE}, got {self.crop_size}")
+        if self.crop_size is not None and (self.crop_size < 2 * DOWNSAMPLING or self.crop_size % DOWNSAMPLING):
+            raise ValueError(f"crop_size must be a multiple of {DOWNSAMPLING} and at least "
+                             f"{2 * DOWNSAMPLING}, got {self.crop_size}")
 
 
 @dataclass(frozen=True)
