@@ -25,8 +25,9 @@ Decisions:
   model was trained on seeds 1000-1063, see its model card).
 - Threshold calibration (`threshold_sweep`): one pipeline run per phantom, then
   the probability map on the source grid is re-thresholded with the package's
-  own `extract_lesions` step for every candidate threshold. Calibrate on seeds
-  that are neither training nor test seeds, and report which ones.
+  own `extract_lesions` step for every candidate threshold and minimum lesion
+  volume. Calibrate on seeds that are neither training nor test seeds, and
+  report which ones.
 """
 
 from __future__ import annotations
@@ -203,28 +204,35 @@ def threshold_sweep(
     seeds: Iterable[int],
     thresholds: Iterable[float],
     *,
+    min_volumes_mm3: Iterable[float] | None = None,
     min_diameter_mm: float = MIN_LESION_DIAMETER_MM,
     device: str | None = None,
     progress: bool = True,
     phantom_options: dict[str, Any] | None = None,
-) -> dict[float, dict[str, Any]]:
-    """Segmentation summary per GTV probability threshold (EGFR keys left out: they do not move)."""
-    thresholds = list(thresholds)
-    min_volume = package.thresholds.get("min_lesion_volume_mm3", 20.0)
-    per_threshold: dict[float, list[PhantomScore]] = {t: [] for t in thresholds}
+) -> dict[tuple[float, float], dict[str, Any]]:
+    """Segmentation summary per (GTV probability threshold, minimum lesion volume in mm3).
+
+    Minimum volumes default to the package's own. EGFR keys are left out: they do not move.
+    """
+    pairs = [
+        (t, v)
+        for t in thresholds
+        for v in (min_volumes_mm3 or [package.thresholds.get("min_lesion_volume_mm3", 20.0)])
+    ]
+    per_setting: dict[tuple[float, float], list[PhantomScore]] = {pair: [] for pair in pairs}
     with tempfile.TemporaryDirectory(prefix="dicom-node-sweep-") as tmp:
         for seed in tqdm(list(seeds), desc="sweeping", disable=not progress):
             phantom = generate_phantom(seed, **(phantom_options or {}))
             result = run_series(write_phantom_series(phantom, Path(tmp) / f"phantom-{seed}"), package, device=device)
-            for threshold in thresholds:
+            for threshold, min_volume in pairs:
                 label_map, lesions = extract_lesions(
                     result.probability_map, threshold=threshold, min_volume_mm3=min_volume
                 )
                 rethresholded = replace(result, label_map=label_map, lesions=lesions)
-                per_threshold[threshold].append(score_result(phantom, rethresholded))
+                per_setting[(threshold, min_volume)].append(score_result(phantom, rethresholded))
     return {
-        t: {k: v for k, v in summarise(scores, min_diameter_mm).items() if not k.startswith("egfr")}
-        for t, scores in per_threshold.items()
+        pair: {k: v for k, v in summarise(scores, min_diameter_mm).items() if not k.startswith("egfr")}
+        for pair, scores in per_setting.items()
     }
 
 

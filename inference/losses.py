@@ -12,6 +12,11 @@ Decisions:
   with smoothing 1. Per-slice Dice would be undefined or saturated on the many
   tumour-free slices the deployed model must also be trained on; the pooled form
   still yields a gradient that pushes false positives down on those slices.
+  `per_sample=True` (training's `crop_dice="per-crop"`, for tumour-centred crops
+  only) averages one Dice per image instead: pooled, a 5 mm metastasis next to a
+  30 mm one in the same batch carries about 1 % of the Dice term; per image it
+  carries its crop's full share. A tumour-free image's term is then
+  `1 - 1 / (sum(p) + 1)`, which still pushes its false positives down.
 - The focal sum is divided by the batch size (a sum over pixels per slice,
   averaged over slices), so beta keeps the paper's meaning whatever the batch.
 - EGFR cross-entropy is computed only on slices with tumour (the label is a
@@ -32,12 +37,17 @@ FOCAL_BETA = 1.0 / 25000.0
 DICE_SMOOTH = 1.0
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH) -> torch.Tensor:
-    """`1 - (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth)` over the whole batch."""
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH, *, per_sample: bool = False
+) -> torch.Tensor:
+    """`1 - (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth)` over the whole batch,
+    or with `per_sample` the mean over images of each image's own Dice loss."""
     probability = torch.sigmoid(logits.float())
     target = target.float()
-    intersection = (probability * target).sum()
-    return 1.0 - (2.0 * intersection + smooth) / (probability.sum() + target.sum() + smooth)
+    dims = tuple(range(1, logits.dim())) if per_sample else tuple(range(logits.dim()))
+    intersection = (probability * target).sum(dims)
+    dice = (2.0 * intersection + smooth) / (probability.sum(dims) + target.sum(dims) + smooth)
+    return 1.0 - dice.mean()
 
 
 def focal_loss(
@@ -57,9 +67,11 @@ def focal_loss(
     return per_pixel.sum() / logits.shape[0]
 
 
-def gtv_loss(logits: torch.Tensor, target: torch.Tensor, beta: float = FOCAL_BETA) -> torch.Tensor:
-    """`L_GTV = L_Dice + beta * L_Focal`."""
-    return soft_dice_loss(logits, target) + beta * focal_loss(logits, target)
+def gtv_loss(
+    logits: torch.Tensor, target: torch.Tensor, beta: float = FOCAL_BETA, *, per_sample_dice: bool = False
+) -> torch.Tensor:
+    """`L_GTV = L_Dice + beta * L_Focal` (Dice pooled over the batch unless `per_sample_dice`)."""
+    return soft_dice_loss(logits, target, per_sample=per_sample_dice) + beta * focal_loss(logits, target)
 
 
 def egfr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

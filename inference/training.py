@@ -83,6 +83,12 @@ Decisions:
   term; BatchNorm statistics (and their average) also see the crops, which
   hold less air than whole slices; an epoch keeps its number of steps, so
   only half of its drawn batches are used as whole slices.
+- Dice of the crop steps (`crop_dice`): "pooled" (default, as on full slices)
+  or "per-crop", one Dice per crop averaged (`inference.losses`): pooled, a
+  small metastasis sharing a crop batch with a large one carries almost none
+  of the Dice term, and small ring-enhancing metastases (a dark dot with a
+  faint rim) are what demo model 0.3.0 misses. Full-slice steps and
+  validation keep the pooled Dice.
 - Weight averaging: an exponential moving average of the weights and the
   BatchNorm statistics (`ema_decay`, default 0.995, i.e. about the last 200
   optimiser steps; `torch.optim.swa_utils.AveragedModel`) is what is
@@ -125,6 +131,7 @@ from inference.mtsa_net import DOWNSAMPLING, MTSANet, MTSANetConfig
 from inference.phantoms import generate_phantom
 
 SELECTION_LOSSES = ("joint", "gtv")
+CROP_DICE_MODES = ("pooled", "per-crop")
 MAX_ROTATION_DEG = 10.0
 SMALL_TUMOUR_AREA_PX = 300.0
 ZOOM_RANGE = (0.85, 1.2)
@@ -157,6 +164,7 @@ class TrainingConfig:
     ema_decay: float = 0.995  # weight averaging (module docstring); 0 = off
     small_tumour_weight: float = 1.0  # oversampling of small tumour sections (module docstring); 1 = off
     crop_size: int | None = None  # tumour-centred crop steps (module docstring); None = off
+    crop_dice: str = "pooled"  # Dice of crop steps: "pooled" over the batch or "per-crop" (module docstring)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -164,6 +172,8 @@ class TrainingConfig:
             raise ValueError(f"selection_loss must be one of {SELECTION_LOSSES}, got {self.selection_loss!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.crop_dice not in CROP_DICE_MODES:
+            raise ValueError(f"crop_dice must be one of {CROP_DICE_MODES}, got {self.crop_dice!r}")
         if self.small_tumour_weight < 1.0:
             raise ValueError(f"small_tumour_weight must be >= 1, got {self.small_tumour_weight}")
         if self.crop_size is not None and (self.crop_size < 2 * DOWNSAMPLING or self.crop_size % DOWNSAMPLING):
@@ -453,7 +463,8 @@ def _crop_step_loss(
     index = torch.multinomial(weights, count, replacement=True, generator=generator)
     x, y = _augment(images[index].float()[:, None], masks[index].float()[:, None], generator)
     x, y = _crop(x, y, crop, generator)
-    return weighting.combine(gtv_loss(model.segment(x.contiguous(memory_format=torch.channels_last)), y), None)
+    logits = model.segment(x.contiguous(memory_format=torch.channels_last))
+    return weighting.combine(gtv_loss(logits, y, per_sample_dice=config.crop_dice == "per-crop"), None)
 
 
 def _train_epoch(

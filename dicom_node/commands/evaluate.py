@@ -37,6 +37,10 @@ def evaluate(
         Optional[str],
         typer.Option(help="Comma-separated GTV thresholds: report segmentation per threshold instead (calibration)."),
     ] = None,
+    sweep_min_volumes: Annotated[
+        Optional[str],
+        typer.Option(help="With --sweep: comma-separated minimum lesion volumes (mm3) to try (default: the package's)."),
+    ] = None,
 ) -> None:
     """Evaluate and print the summary."""
     from inference.evaluation import evaluate_package, scores_as_dicts, threshold_sweep
@@ -44,13 +48,20 @@ def evaluate(
 
     package = load_package(model or default_package_path())
     if sweep:
-        thresholds = [float(value) for value in sweep.split(",")]
-        results = threshold_sweep(package, range(seed, seed + phantoms), thresholds, device=device)
+        thresholds = _numbers(sweep, "--sweep")
+        min_volumes = _numbers(sweep_min_volumes, "--sweep-min-volumes") if sweep_min_volumes else None
+        results = threshold_sweep(
+            package, range(seed, seed + phantoms), thresholds, min_volumes_mm3=min_volumes, device=device
+        )
         typer.echo(f"{package.identity.display}: threshold sweep on phantoms {seed}..{seed + phantoms - 1}")
-        for threshold, summary in results.items():
-            typer.echo(f"  threshold {threshold:.2f}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+        for (threshold, min_volume), summary in results.items():
+            typer.echo(
+                f"  threshold {threshold:.2f}, min volume {min_volume:g} mm3: "
+                + ", ".join(f"{k} {v}" for k, v in summary.items())
+            )
         if json_out is not None:
-            json_out.write_text(json.dumps({str(t): v for t, v in results.items()}, indent=2) + "\n", encoding="utf-8")
+            rows = [{"threshold": t, "min_lesion_volume_mm3": v, **summary} for (t, v), summary in results.items()]
+            json_out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         return
     summary, scores = evaluate_package(package, range(seed, seed + phantoms), device=device)
     typer.echo(f"{package.identity.display} on phantoms {seed}..{seed + phantoms - 1}")
@@ -60,3 +71,11 @@ def evaluate(
         report = {"model": package.identity.display, "seeds": [seed, seed + phantoms - 1], "summary": summary}
         report["phantoms"] = scores_as_dicts(scores)
         json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def _numbers(text: str, option: str) -> list[float]:
+    """Comma-separated numbers, or a usage error naming the option."""
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes comma-separated numbers, got {text!r}") from None

@@ -65,6 +65,9 @@ def train(
     crop_size: Annotated[
         Optional[int], typer.Option(help="Every second step trains the GTV on tumour-centred crops of this size (px).")
     ] = None,
+    crop_dice: Annotated[
+        str, typer.Option(help='Dice of the crop steps: "pooled" over the batch or "per-crop" (one per crop, averaged).')
+    ] = "pooled",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
     """Train and save a model package."""
@@ -99,6 +102,7 @@ def train(
             ema_decay=ema_decay,
             small_tumour_weight=small_tumour_weight,
             crop_size=crop_size,
+            crop_dice=crop_dice,
             seed=seed,
         )
         training.check_crop_size(config, model_config)

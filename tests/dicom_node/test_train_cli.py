@@ -35,7 +35,8 @@ def test_train_rejects_bad_settings_before_preparing_any_data(tmp_path: Path) ->
     runner = CliRunner()
     for option, message in ((["--crop-size", "384"], "smaller than input_size"),
                             (["--crop-size", "100"], "multiple of 16"),
-                            (["--ema-decay", "1.5"], "ema_decay")):
+                            (["--ema-decay", "1.5"], "ema_decay"),
+                            (["--crop-dice", "per-slice"], "crop_dice")):
         result = runner.invoke(app, ["train", "--out", str(tmp_path / "pkg"), "--phantoms", "2", *option],
                                terminal_width=200)
         assert result.exit_code == 2, result.output  # a usage error, not a traceback

@@ -81,6 +81,16 @@ def test_evaluation_runs_the_dicom_pipeline(tiny_package: ModelPackage) -> None:
 
 def test_threshold_sweep_extremes(tiny_package: ModelPackage) -> None:
     results = threshold_sweep(tiny_package, [31], [-1.0, 1.0], device="cpu", progress=False, phantom_options=SMALL)
-    assert results[1.0]["lesion_detection_rate"] == 0.0  # nothing is above probability 1
-    assert results[-1.0]["voxel_recall_mean"] == 1.0  # everything is above -1
-    assert not any(key.startswith("egfr") for key in results[1.0])
+    default = tiny_package.thresholds.get("min_lesion_volume_mm3", 20.0)
+    assert list(results) == [(-1.0, default), (1.0, default)]
+    assert results[(1.0, default)]["lesion_detection_rate"] == 0.0  # nothing is above probability 1
+    assert results[(-1.0, default)]["voxel_recall_mean"] == 1.0  # everything is above -1
+    assert not any(key.startswith("egfr") for key in results[(1.0, default)])
+
+
+def test_threshold_sweep_over_minimum_volumes(tiny_package: ModelPackage) -> None:
+    # at threshold -1 the whole head is one component: a floor above the volume's size drops it
+    results = threshold_sweep(tiny_package, [31], [-1.0], min_volumes_mm3=[0.0, 1e12], device="cpu",
+                              progress=False, phantom_options=SMALL)
+    assert results[(-1.0, 0.0)]["voxel_recall_mean"] == 1.0
+    assert results[(-1.0, 1e12)]["voxel_recall_mean"] == 0.0

@@ -30,6 +30,27 @@ def test_soft_dice_perfect_prediction_is_near_zero() -> None:
     assert soft_dice_loss(logits, ONE_TUMOUR).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_per_sample_dice_by_hand() -> None:
+    # image 1 as above: 0.5. Image 2 tumour-free, p = 0.5: 1 - 1 / (2 + 0 + 1) = 2/3.
+    logits = torch.zeros(2, 1, 2, 2)
+    target = torch.cat([ONE_TUMOUR, torch.zeros(1, 1, 2, 2)])
+    assert soft_dice_loss(logits, target, per_sample=True).item() == pytest.approx((0.5 + 2 / 3) / 2)
+    # pooled: intersection 0.5, sum p = 4, sum t = 1: 1 - 2 / 6
+    assert soft_dice_loss(logits, target).item() == pytest.approx(2 / 3)
+
+
+def test_per_sample_dice_gives_a_small_lesion_its_images_share() -> None:
+    # image 1: a large lesion found perfectly; image 2: a one-pixel lesion missed.
+    large = torch.zeros(1, 1, 8, 8)
+    large[..., :6, :6] = 1
+    small = torch.zeros(1, 1, 8, 8)
+    small[..., 0, 0] = 1
+    target = torch.cat([large, small])
+    logits = torch.cat([(large * 2 - 1) * 50, torch.full((1, 1, 8, 8), -50.0)])
+    assert soft_dice_loss(logits, target).item() < 0.03  # pooled: the miss barely counts
+    assert soft_dice_loss(logits, target, per_sample=True).item() == pytest.approx(0.25, abs=1e-4)
+
+
 def test_focal_is_a_sum_over_pixels_by_hand() -> None:
     # tumour: 0.8 * 0.5^2 * ln 2; each background pixel: 0.2 * 0.5^2 * ln 2
     expected = 0.8 * 0.25 * math.log(2) + 3 * 0.2 * 0.25 * math.log(2)

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from inference import training
+from inference.losses import UncertaintyWeightedLoss
 from inference.model_package import load_package
 from inference.mtsa_net import MTSANet, MTSANetConfig
 from inference.phantoms import generate_phantom
@@ -220,3 +221,21 @@ def test_crop_steps_train_the_segmentation_on_crops(tmp_path: Path, monkeypatch)
                        name="tiny", version="0", is_demo=True, data_info={}, progress=False, log=lambda _: None)
     with pytest.raises(ValueError, match="multiple of 16"):
         training.TrainingConfig(crop_size=40)
+
+
+def test_per_crop_dice_is_what_the_crop_steps_use(monkeypatch) -> None:
+    torch.set_num_threads(2)
+    case = tiny_case(11)
+    data = (torch.from_numpy(case.images), torch.from_numpy(case.masks), torch.full((len(case.images),), case.egfr))
+    weights = training.slice_weights(data[1], 6.0)
+    seen: list[bool] = []
+    gtv_loss = training.gtv_loss
+    monkeypatch.setattr(training, "gtv_loss", lambda *a, **k: seen.append(k["per_sample_dice"]) or gtv_loss(*a, **k))
+    model, weighting = MTSANet(TINY), UncertaintyWeightedLoss()
+    for mode in training.CROP_DICE_MODES:
+        config = training.TrainingConfig(batch_size=2, crop_size=32, crop_dice=mode)
+        loss = training._crop_step_loss(model, weighting, data, weights, config, torch.Generator().manual_seed(0))
+        assert math.isfinite(loss.item())
+    assert seen == [False, True]
+    with pytest.raises(ValueError, match="crop_dice"):
+        training.TrainingConfig(crop_dice="per-slice")
