@@ -252,13 +252,30 @@ def case_slices(
 
 
 def phantom_cases(
-    n: int, seed: int, *, size: int, free_slice_ratio: float, progress: bool = True
+    n: int,
+    seed: int,
+    *,
+    size: int,
+    free_slice_ratio: float,
+    lesions: tuple[int, int] | None = None,
+    progress: bool = True,
 ) -> list[CaseSlices]:
-    """`n` phantoms with seeds `seed .. seed + n - 1`, pre-processed and cached."""
+    """`n` phantoms with seeds `seed .. seed + n - 1`, pre-processed and cached.
+
+    `lesions` (lowest, highest) draws each phantom's lesion count uniformly from that
+    range instead of the generator's own 1-4 (more lesions per phantom: more lesion
+    examples for the same pre-processing time); everything else about a phantom
+    stays what its seed gives.
+    """
+    if lesions is not None and not 1 <= lesions[0] <= lesions[1]:
+        raise ValueError(f"phantom lesion counts must be 1 <= lowest <= highest, got {lesions}")
     rng = np.random.default_rng(seed)
+    counts = np.random.default_rng([seed, 1]).integers(lesions[0], lesions[1] + 1, size=n) if lesions else [None] * n
     cases = []
-    for phantom_seed in tqdm(range(seed, seed + n), desc="phantoms", disable=not progress):
-        phantom = generate_phantom(phantom_seed)
+    for phantom_seed, count in tqdm(
+        zip(range(seed, seed + n), counts), total=n, desc="phantoms", disable=not progress
+    ):
+        phantom = generate_phantom(phantom_seed, n_lesions=None if count is None else int(count))
         cases.append(
             case_slices(
                 f"phantom-{phantom_seed}",

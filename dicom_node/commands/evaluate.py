@@ -46,10 +46,12 @@ def evaluate(
     from inference.evaluation import evaluate_package, scores_as_dicts, threshold_sweep
     from inference.model_package import default_package_path, load_package
 
+    thresholds = _numbers(sweep, "--sweep") if sweep else None
+    min_volumes = _numbers(sweep_min_volumes, "--sweep-min-volumes") if sweep_min_volumes else None
+    if min_volumes is not None and thresholds is None:
+        raise typer.BadParameter("--sweep-min-volumes needs --sweep")
     package = load_package(model or default_package_path())
-    if sweep:
-        thresholds = _numbers(sweep, "--sweep")
-        min_volumes = _numbers(sweep_min_volumes, "--sweep-min-volumes") if sweep_min_volumes else None
+    if thresholds is not None:
         results = threshold_sweep(
             package, range(seed, seed + phantoms), thresholds, min_volumes_mm3=min_volumes, device=device
         )

@@ -65,6 +65,10 @@ def train(
     crop_size: Annotated[
         Optional[int], typer.Option(help="Every second step trains the GTV on tumour-centred crops of this size (px).")
     ] = None,
+    phantom_lesions: Annotated[
+        Optional[str],
+        typer.Option(help='With --phantoms: lesions per phantom, "LOW-HIGH" or "N" (default: the generator\'s 1-4).'),
+    ] = None,
     crop_dice: Annotated[
         str, typer.Option(help='Dice of the crop steps: "pooled" over the batch or "per-crop" (one per crop, averaged).')
     ] = "pooled",
@@ -73,6 +77,8 @@ def train(
     """Train and save a model package."""
     if (phantoms is None) == (data is None):
         raise typer.BadParameter("give exactly one of --phantoms N or --data DIR")
+    if phantom_lesions is not None and phantoms is None:
+        raise typer.BadParameter("--phantom-lesions only applies to --phantoms")
     import torch
 
     from inference import training
@@ -106,12 +112,17 @@ def train(
             seed=seed,
         )
         training.check_crop_size(config, model_config)
+        lesions = _lesion_range(phantom_lesions) if phantom_lesions else None
     except ValueError as exc:  # checked before minutes of data preparation
         raise typer.BadParameter(str(exc)) from exc
     size = model_config.input_size
     if phantoms is not None:
-        cases = training.phantom_cases(phantoms, seed, size=size, free_slice_ratio=free_slice_ratio)
+        cases = training.phantom_cases(
+            phantoms, seed, size=size, free_slice_ratio=free_slice_ratio, lesions=lesions
+        )
         data_info = {"source": "phantoms", "count": phantoms, "seeds": [seed, seed + phantoms - 1]}
+        if lesions is not None:
+            data_info["lesions_per_phantom"] = list(lesions)
     else:
         cases = training.folder_cases(
             data, size=size, free_slice_ratio=free_slice_ratio, seed=seed, roi_pattern=roi_pattern
@@ -131,3 +142,15 @@ def train(
         data_info=data_info,
     )
     typer.echo(f"model package written to {result.package.path} (best epoch {result.best_epoch})")
+
+
+def _lesion_range(text: str) -> tuple[int, int]:
+    """ "3-6" -> (3, 6), "4" -> (4, 4); ValueError with the reason otherwise."""
+    try:
+        low, _, high = text.partition("-")
+        bounds = (int(low), int(high or low))
+    except ValueError:
+        raise ValueError(f'--phantom-lesions takes "LOW-HIGH" or "N", got {text!r}') from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"--phantom-lesions needs 1 <= LOW <= HIGH, got {text!r}")
+    return bounds

@@ -36,9 +36,27 @@ def test_train_rejects_bad_settings_before_preparing_any_data(tmp_path: Path) ->
     for option, message in ((["--crop-size", "384"], "smaller than input_size"),
                             (["--crop-size", "100"], "multiple of 16"),
                             (["--ema-decay", "1.5"], "ema_decay"),
-                            (["--crop-dice", "per-slice"], "crop_dice")):
+                            (["--crop-dice", "per-slice"], "crop_dice"),
+                            (["--phantom-lesions", "three"], "LOW-HIGH"),
+                            (["--phantom-lesions", "5-2"], "1 <= LOW <= HIGH")):
         result = runner.invoke(app, ["train", "--out", str(tmp_path / "pkg"), "--phantoms", "2", *option],
                                terminal_width=200)
         assert result.exit_code == 2, result.output  # a usage error, not a traceback
         assert message in result.output
     assert not (tmp_path / "pkg").exists()
+
+
+def test_phantom_lesions_only_with_phantoms(tmp_path: Path) -> None:
+    args = ["train", "--out", str(tmp_path / "pkg"), "--data", str(tmp_path), "--phantom-lesions", "3-6"]
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 2 and "only applies to --phantoms" in result.output
+
+
+def test_evaluate_rejects_bad_sweep_values_before_any_work(tmp_path: Path) -> None:
+    runner = CliRunner()
+    model = ["--model", str(tmp_path / "nowhere")]  # never opened: the options are checked first
+    for option, message in ((["--sweep", "0.3,high"], "comma-separated numbers"),
+                            (["--sweep-min-volumes", "10"], "needs --sweep")):
+        result = runner.invoke(app, ["evaluate", *model, *option], terminal_width=200)
+        assert result.exit_code == 2, result.output
+        assert message in result.output

@@ -223,6 +223,24 @@ def test_crop_steps_train_the_segmentation_on_crops(tmp_path: Path, monkeypatch)
         training.TrainingConfig(crop_size=40)
 
 
+def test_phantom_lesion_counts_are_drawn_from_the_range(monkeypatch) -> None:
+    asked: list[int | None] = []
+    real = training.generate_phantom
+
+    def small_phantom(seed: int, n_lesions: int | None = None):
+        asked.append(n_lesions)
+        return real(seed, **{**SMALL_PHANTOM, "n_lesions": n_lesions or 1})
+
+    monkeypatch.setattr(training, "generate_phantom", small_phantom)
+    cases = training.phantom_cases(8, 40, size=64, free_slice_ratio=0.5, lesions=(2, 3), progress=False)
+    assert len(cases) == 8 and set(asked) == {2, 3}
+    asked.clear()
+    training.phantom_cases(2, 40, size=64, free_slice_ratio=0.5, progress=False)
+    assert asked == [None, None]  # the generator's own count
+    with pytest.raises(ValueError, match="lowest <= highest"):
+        training.phantom_cases(2, 40, size=64, free_slice_ratio=0.5, lesions=(3, 2), progress=False)
+
+
 def test_per_crop_dice_is_what_the_crop_steps_use(monkeypatch) -> None:
     torch.set_num_threads(2)
     case = tiny_case(11)
