@@ -214,11 +214,12 @@ def threshold_sweep(
 
     Minimum volumes default to the package's own. EGFR keys are left out: they do not move.
     """
-    pairs = [
-        (t, v)
-        for t in thresholds
-        for v in (min_volumes_mm3 or [package.thresholds.get("min_lesion_volume_mm3", 20.0)])
-    ]
+    volumes = (
+        [package.thresholds.get("min_lesion_volume_mm3", 20.0)] if min_volumes_mm3 is None else list(min_volumes_mm3)
+    )
+    pairs = list(dict.fromkeys((t, v) for t in thresholds for v in volumes))  # each setting once
+    if not pairs:
+        raise ValueError("threshold_sweep: no thresholds or no minimum volumes to try")
     per_setting: dict[tuple[float, float], list[PhantomScore]] = {pair: [] for pair in pairs}
     with tempfile.TemporaryDirectory(prefix="dicom-node-sweep-") as tmp:
         for seed in tqdm(list(seeds), desc="sweeping", disable=not progress):

@@ -14,9 +14,11 @@ Decisions:
   still yields a gradient that pushes false positives down on those slices.
   `per_sample=True` (training's `crop_dice="per-crop"`, for tumour-centred crops
   only) averages one Dice per image instead: pooled, a 5 mm metastasis next to a
-  30 mm one in the same batch carries about 1 % of the Dice term; per image it
-  carries its crop's full share. A tumour-free image's term is then
-  `1 - 1 / (sum(p) + 1)`, which still pushes its false positives down.
+  30 mm one in the same batch carries about 3 % of the Dice term (the ratio of
+  their sections); per image it carries its crop's full share. A tumour-free
+  image's term is then `1 - 1 / (sum(p) + 1)`: it pushes a small false-positive
+  mass down (gradient `1 / (sum(p) + 1)^2`), saturates for a large one, and
+  otherwise adds an almost constant term to the mean.
 - The focal sum is divided by the batch size (a sum over pixels per slice,
   averaged over slices), so beta keeps the paper's meaning whatever the batch.
 - EGFR cross-entropy is computed only on slices with tumour (the label is a

@@ -174,6 +174,8 @@ class TrainingConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.crop_dice not in CROP_DICE_MODES:
             raise ValueError(f"crop_dice must be one of {CROP_DICE_MODES}, got {self.crop_dice!r}")
+        if self.crop_dice != "pooled" and self.crop_size is None:
+            raise ValueError(f"crop_dice {self.crop_dice!r} needs crop steps (crop_size)")
         if self.small_tumour_weight < 1.0:
             raise ValueError(f"small_tumour_weight must be >= 1, got {self.small_tumour_weight}")
         if self.crop_size is not None and (self.crop_size < 2 * DOWNSAMPLING or self.crop_size % DOWNSAMPLING):

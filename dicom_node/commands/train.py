@@ -147,8 +147,8 @@ def train(
 def _lesion_range(text: str) -> tuple[int, int]:
     """ "3-6" -> (3, 6), "4" -> (4, 4); ValueError with the reason otherwise."""
     try:
-        low, _, high = text.partition("-")
-        bounds = (int(low), int(high or low))
+        low, dash, high = text.partition("-")
+        bounds = (int(low), int(high) if dash else int(low))
     except ValueError:
         raise ValueError(f'--phantom-lesions takes "LOW-HIGH" or "N", got {text!r}') from None
     if not 1 <= bounds[0] <= bounds[1]:

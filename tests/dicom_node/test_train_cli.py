@@ -38,6 +38,8 @@ def test_train_rejects_bad_settings_before_preparing_any_data(tmp_path: Path) ->
                             (["--ema-decay", "1.5"], "ema_decay"),
                             (["--crop-dice", "per-slice"], "crop_dice"),
                             (["--phantom-lesions", "three"], "LOW-HIGH"),
+                            (["--phantom-lesions", "3-"], "LOW-HIGH"),
+                            (["--crop-dice", "per-crop"], "needs crop steps"),
                             (["--phantom-lesions", "5-2"], "1 <= LOW <= HIGH")):
         result = runner.invoke(app, ["train", "--out", str(tmp_path / "pkg"), "--phantoms", "2", *option],
                                terminal_width=200)

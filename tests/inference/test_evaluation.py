@@ -94,3 +94,5 @@ def test_threshold_sweep_over_minimum_volumes(tiny_package: ModelPackage) -> Non
                               progress=False, phantom_options=SMALL)
     assert results[(-1.0, 0.0)]["voxel_recall_mean"] == 1.0
     assert results[(-1.0, 1e12)]["voxel_recall_mean"] == 0.0
+    with pytest.raises(ValueError, match="no minimum volumes"):
+        threshold_sweep(tiny_package, [31], [0.5], min_volumes_mm3=[], progress=False)

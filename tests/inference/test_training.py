@@ -257,3 +257,5 @@ def test_per_crop_dice_is_what_the_crop_steps_use(monkeypatch) -> None:
     assert seen == [False, True]
     with pytest.raises(ValueError, match="crop_dice"):
         training.TrainingConfig(crop_dice="per-slice")
+    with pytest.raises(ValueError, match="needs crop steps"):
+        training.TrainingConfig(crop_dice="per-crop")
