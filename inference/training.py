@@ -99,6 +99,13 @@ Decisions:
   Dice 0.00 for its first 3 epochs of 950 steps). 0 turns it off.
 - Seeds: Python, numpy and torch are seeded from `TrainingConfig.seed`; with
   the same data, seed and thread count the run is repeatable on CPU.
+- Device (`train(device=...)`, `dicom-node train --device`, default as for
+  inference: `$DICOM_NODE_DEVICE` or CUDA when present): model, loss weights
+  and optimiser state live there; slices stay cached in host memory, and
+  sampling, augmentation and crops run on the CPU with the seeded generator,
+  so a batch moves to the device just before its step. No mixed precision in
+  training. The CUDA path has not been run here (no GPU in any session); the
+  tests run it on the CPU.
 - The best epoch's weights (lowest validation loss) are saved as a model
   package with the full training record in the manifest's `training` field.
 """
@@ -481,7 +488,7 @@ def _crop_step_loss(
     count = config.batch_size * max(1, round((images.shape[-1] / crop) ** 2))
     index = torch.multinomial(weights, count, replacement=True, generator=generator)
     x, y = _augment(images[index].float()[:, None], masks[index].float()[:, None], generator)
-    x, y = _crop(x, y, crop, generator)
+    x, y = _to_device(*_crop(x, y, crop, generator), device=_device_of(model))
     logits = model.segment(x.contiguous(memory_format=torch.channels_last))
     return weighting.combine(gtv_loss(logits, y, per_sample_dice=config.crop_dice == "per-crop"), None)
 
@@ -511,8 +518,9 @@ def _train_epoch(
             loss = _crop_step_loss(model, weighting, data, crop_weights, config, generator)
         else:
             x, y = _augment(images[index].float()[:, None], masks[index].float()[:, None], generator)
+            x, y, batch_labels = _to_device(x, y, labels[index], device=_device_of(model))
             gtv_logits, egfr_logits = model(x.contiguous(memory_format=torch.channels_last))
-            loss, _, _ = weighting(gtv_logits, egfr_logits, y, labels[index])
+            loss, _, _ = weighting(gtv_logits, egfr_logits, y, batch_labels)
             total += loss.item() * len(index)
             count += len(index)
         optimizer.zero_grad(set_to_none=True)
@@ -521,6 +529,16 @@ def _train_epoch(
         averaged.update_parameters(model)
         bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
     return total / max(count, 1)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to_device(*tensors: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Batches move to the model's device only after sampling, augmentation and cropping, which
+    stay on the CPU with the seeded CPU generator (the cached slices stay in host memory)."""
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
 
 
 @torch.inference_mode()
@@ -534,13 +552,15 @@ def _validate(
     intersection = predicted = true = 0
     correct = tumour_slices = 0
     for index in _batches(len(images), batch_size, None):
-        x, y = images[index].float()[:, None], masks[index].float()[:, None]
+        x, y, batch_labels = _to_device(
+            images[index].float()[:, None], masks[index].float()[:, None], labels[index], device=_device_of(model)
+        )
         gtv_logits, egfr_logits = model(x.contiguous(memory_format=torch.channels_last))
         has_tumour = y.flatten(1).amax(1) > 0
         gtv_sum += float(gtv_loss(gtv_logits, y)) * len(index)
         count += len(index)
         if has_tumour.any():
-            tumour_labels = labels[index][has_tumour]
+            tumour_labels = batch_labels[has_tumour]
             egfr_sum += float(egfr_loss(egfr_logits[has_tumour], tumour_labels)) * int(has_tumour.sum())
             correct += int((egfr_logits[has_tumour].argmax(1) == tumour_labels).sum())
             tumour_slices += int(has_tumour.sum())
@@ -567,14 +587,16 @@ def train(
     data_info: dict[str, Any],
     progress: bool = True,
     log: Callable[[str], None] = tqdm.write,
+    device: torch.device | str = "cpu",
 ) -> TrainingResult:
-    """Train MTSA-Net with the uncertainty-weighted joint loss; save the best epoch as a package."""
+    """Train MTSA-Net with the uncertainty-weighted joint loss on `device`; save the best epoch as a package."""
     started = time.monotonic()
     check_crop_size(config, model_config)
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model = MTSANet(model_config).to(memory_format=torch.channels_last)
-    weighting = UncertaintyWeightedLoss()
+    device = torch.device(device)
+    model = MTSANet(model_config).to(device=device, memory_format=torch.channels_last)
+    weighting = UncertaintyWeightedLoss().to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *weighting.parameters()], lr=config.learning_rate)
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
     train_data, val_data = _stack(train_cases), _stack(val_cases)
@@ -611,7 +633,7 @@ def train(
     seconds = time.monotonic() - started
     log(f"stopped: {stop_reason}; best epoch {best_epoch} (val loss {best_loss:.4f}); {seconds / 60:.1f} min")
     model.load_state_dict(best_state)
-    model = model.to(memory_format=torch.contiguous_format)
+    model = model.to(device="cpu", memory_format=torch.contiguous_format)
     info = {
         "data": data_info,
         "train_cases": [c.case_id for c in train_cases],
@@ -620,6 +642,7 @@ def train(
         "val_slices": int(len(val_data[0])),
         "settings": asdict(config),
         "torch_threads": torch.get_num_threads(),
+        "device": str(device),
         "best_epoch": best_epoch,
         "stop_reason": stop_reason,
         "wall_clock_minutes": round(seconds / 60, 2),

@@ -73,6 +73,9 @@ def train(
         str, typer.Option(help='Dice of the crop steps: "pooled" over the batch or "per-crop" (one per crop, averaged).')
     ] = "pooled",
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    device: Annotated[
+        Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (default: $DICOM_NODE_DEVICE, else auto).")
+    ] = None,
 ) -> None:
     """Train and save a model package."""
     if (phantoms is None) == (data is None):
@@ -83,6 +86,7 @@ def train(
 
     from inference import training
     from inference.mtsa_net import MTSANetConfig
+    from inference.predictor import select_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -113,7 +117,8 @@ def train(
         )
         training.check_crop_size(config, model_config)
         lesions = _lesion_range(phantom_lesions) if phantom_lesions else None
-    except ValueError as exc:  # checked before minutes of data preparation
+        torch_device = select_device(device)
+    except (ValueError, RuntimeError) as exc:  # checked before minutes of data preparation
         raise typer.BadParameter(str(exc)) from exc
     size = model_config.input_size
     if phantoms is not None:
@@ -140,6 +145,7 @@ def train(
         version=version,
         is_demo=demo,
         data_info=data_info,
+        device=torch_device,
     )
     typer.echo(f"model package written to {result.package.path} (best epoch {result.best_epoch})")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
@@ -62,3 +64,12 @@ def test_evaluate_rejects_bad_sweep_values_before_any_work(tmp_path: Path) -> No
         result = runner.invoke(app, ["evaluate", *model, *option], terminal_width=200)
         assert result.exit_code == 2, result.output
         assert message in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_train_on_a_missing_gpu_is_a_usage_error(tmp_path: Path) -> None:
+    args = ["train", "--out", str(tmp_path / "pkg"), "--phantoms", "2", "--device", "cuda"]
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert "no such CUDA device" in result.output
+    assert not (tmp_path / "pkg").exists()

@@ -60,8 +60,21 @@ def test_two_epochs_write_a_loadable_package(tmp_path: Path) -> None:
     assert package.is_demo and package.config == TINY
     assert package.training["best_epoch"] == result.best_epoch
     assert package.training["val_cases"] == [val_cases[0].case_id]
-    assert len(package.training["history"]) == 2
+    assert len(package.training["history"]) == 2 and package.training["device"] == "cpu"
     package.build_model()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_the_gpu_writes_a_package_that_loads_on_the_cpu(tmp_path: Path) -> None:
+    cases = [tiny_case(11), tiny_case(12)]
+    config = training.TrainingConfig(max_epochs=1, batch_size=4, seed=0, crop_size=32, crop_dice="per-crop")
+    result = training.train(
+        TINY, cases[:1], cases[1:], config, tmp_path / "pkg", name="tiny", version="0", is_demo=True,
+        data_info={}, progress=False, log=lambda _: None, device="cuda",
+    )
+    assert math.isfinite(result.history[0].val_loss) and result.package.training["device"].startswith("cuda")
+    model = load_package(tmp_path / "pkg").build_model()
+    assert all(p.device.type == "cpu" for p in model.parameters())
 
 
 def test_time_budget_stops_before_an_epoch_that_would_overrun(tmp_path: Path) -> None:
