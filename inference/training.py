@@ -99,8 +99,8 @@ Decisions:
   Dice 0.00 for its first 3 epochs of 950 steps). 0 turns it off.
 - Seeds: Python, numpy and torch are seeded from `TrainingConfig.seed`; with
   the same data, seed and thread count the run is repeatable on CPU.
-- Device (`train(device=...)`, `dicom-node train --device`, default as for
-  inference: `$DICOM_NODE_DEVICE` or CUDA when present): model, loss weights
+- Device (`train(device=...)`, default the CPU; `dicom-node train --device`,
+  default as for inference: `$DICOM_NODE_DEVICE`, else CUDA when present): model, loss weights
   and optimiser state live there; slices stay cached in host memory, and
   sampling, augmentation and crops run on the CPU with the seeded generator,
   so a batch moves to the device just before its step. No mixed precision in
