@@ -18,14 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import pydicom
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from dicom_node.demo import find_dcmtk, free_port
 from dicom_node.logging_setup import configure_logging
+from dicom_node.peers import find_dcmtk, free_port
 from dicom_node.service import NodeService
 from dicom_node.settings import Destination, LoggingSettings, RoutingRule, Settings
-from inference.phantoms import generate_phantom, write_phantom_series
+from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 from storage.jobs import list_jobs, load_job
 from storage.models import EventKind
 
@@ -38,8 +37,9 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging(LoggingSettings(format="json", level="ERROR"))
     work = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
-    files = write_phantom_series(generate_phantom(12, orientation="axial", matrix=args.matrix,
-                                                  slices=args.slices, n_lesions=3), work / "series")
+    files = write_phantom_series(
+        generate_phantom(12, orientation="axial", matrix=args.matrix, slices=args.slices, n_lesions=3), work / "series"
+    )
     arrivals: dict[str, float] = {}
 
     def on_store(event):
@@ -50,8 +50,10 @@ def main() -> None:
     tps.supported_contexts = AllStoragePresentationContexts
     tps_port = free_port()
     server = tps.start_server(("127.0.0.1", tps_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    settings = Settings(destinations=[Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=tps_port)],
-                        rules=[RoutingRule(name="mr", match={"Modality": "MR"}, destinations=["tps"])])
+    settings = Settings(
+        destinations=[Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=tps_port)],
+        rules=[RoutingRule(name="mr", match={"Modality": "MR"}, destinations=["tps"])],
+    )
     settings.node.port = 0
     settings.storage.data_dir = work / "node"
     settings.series.quiet_period_s = args.quiet_period
@@ -60,8 +62,11 @@ def main() -> None:
     _, port = service.start()
     try:
         send_start = time.perf_counter()
-        subprocess.run([find_dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [find_dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)],
+            check=True,
+            capture_output=True,
+        )
         last_response = time.perf_counter()
         while "RTSTRUCT" not in arrivals and time.perf_counter() - last_response < 900:
             time.sleep(0.05)
@@ -71,16 +76,21 @@ def main() -> None:
         server.shutdown()
     latency = arrivals["RTSTRUCT"] - last_response
     stages = {e.message: round(e.duration_s, 2) for e in job.events if e.kind == EventKind.STAGE}
-    print(json.dumps({
-        "series": f"{len(files)} slices {args.matrix}x{args.matrix}",
-        "send_s": round(last_response - send_start, 2),
-        "latency_last_store_to_rtstruct_s": round(latency, 2),
-        "quiet_period_s": args.quiet_period,
-        "latency_without_quiet_period_s": round(latency - args.quiet_period, 2),
-        "sr_after_rtstruct_s": round(arrivals.get("SR", float("nan")) - arrivals["RTSTRUCT"], 2),
-        "job_state": job.state.value,
-        "stages_s": stages,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "series": f"{len(files)} slices {args.matrix}x{args.matrix}",
+                "send_s": round(last_response - send_start, 2),
+                "latency_last_store_to_rtstruct_s": round(latency, 2),
+                "quiet_period_s": args.quiet_period,
+                "latency_without_quiet_period_s": round(latency - args.quiet_period, 2),
+                "sr_after_rtstruct_s": round(arrivals.get("SR", float("nan")) - arrivals["RTSTRUCT"], 2),
+                "job_state": job.state.value,
+                "stages_s": stages,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

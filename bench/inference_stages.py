@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.model_package import default_package_path, load_package
-from inference.phantoms import generate_phantom, write_phantom_series
+from inference.model.package import default_package_path, load_package
+from inference.model.predictor import predict_slices, select_device
 from inference.pipeline import run_series
-from inference.predictor import predict_slices, select_device
+from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 
 
 def main() -> None:
@@ -34,8 +34,9 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="infer-bench-"))
-    files = write_phantom_series(generate_phantom(11, orientation="axial", matrix=args.matrix,
-                                                  slices=args.slices, n_lesions=3), work / "series")
+    files = write_phantom_series(
+        generate_phantom(11, orientation="axial", matrix=args.matrix, slices=args.slices, n_lesions=3), work / "series"
+    )
     package = load_package(args.model or default_package_path())
     device = select_device(args.device)
 

@@ -24,17 +24,20 @@ from pathlib import Path
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
 
-from dicom_node.demo import free_port
 from dicom_node.logging_setup import configure_logging
+from dicom_node.peers import free_port
 from dicom_node.service import NodeService
 from dicom_node.settings import LoggingSettings, Settings
-from inference.phantoms import generate_phantom, write_phantom_series
+from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 
 
 def send(port: int, files: list[Path], called: str) -> float:
     start = time.perf_counter()
-    result = subprocess.run(["storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port),
-                             *map(str, files)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+    )
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(result.stderr)
@@ -84,8 +87,11 @@ def main() -> None:
     phantom = generate_phantom(7, orientation="axial", matrix=args.matrix, slices=args.slices)
     files = write_phantom_series(phantom, work / "series")
     megabytes = sum(f.stat().st_size for f in files) / 1e6
-    receivers = {"node": (node_scp, "DICOMNODE"), "bare pynetdicom SCP": (bare_scp, "BARE"),
-                 "DCMTK storescp": (dcmtk_scp, "STORESCP")}
+    receivers = {
+        "node": (node_scp, "DICOMNODE"),
+        "bare pynetdicom SCP": (bare_scp, "BARE"),
+        "DCMTK storescp": (dcmtk_scp, "STORESCP"),
+    }
     times: dict[str, list[float]] = {name: [] for name in receivers}
     for repeat in range(args.repeats):
         for name, (start, called) in receivers.items():

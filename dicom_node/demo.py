@@ -11,11 +11,7 @@ TPS*, not from the node's internal mask, so it shows what the TPS imports.
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,111 +21,28 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dicom_node import peers
+from dicom_node.peers import ReceivingNode, free_port
 from dicom_node.service import NodeService
 from dicom_node.settings import Destination, RoutingRule, Settings
 from storage.jobs import list_jobs, load_job
 from storage.models import TERMINAL_STATES, EventKind, Job, JobState
 
-DEMO_SEED = 90210  # never used for training (see inference/models/mtsa-demo/MODEL_CARD.md)
-
-
-def find_dcmtk(name: str) -> str | None:
-    """Path of a DCMTK tool, ignoring the same-named pynetdicom scripts in our own venv."""
-    venv_bin = str(Path(sys.prefix) / "bin")
-    search = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
-    return shutil.which(name, path=search)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ReceivingNode:
-    """The stand-in TPS: a Store SCP writing what it receives to `folder`."""
-
-    def __init__(self, folder: Path, port: int, ae_title: str = "TPS") -> None:
-        self.folder, self.port, self.ae_title = folder, port, ae_title
-        folder.mkdir(parents=True, exist_ok=True)
-        self._process: subprocess.Popen | None = None
-        self._server = None
-        storescp = find_dcmtk("storescp")
-        if storescp:
-            self.kind = "DCMTK storescp"
-            self._process = subprocess.Popen([storescp, "-aet", ae_title, "-od", str(folder), str(port)],
-                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        else:
-            from pynetdicom import AE, AllStoragePresentationContexts, evt
-
-            self.kind = "pynetdicom Store SCP"
-            ae = AE(ae_title=ae_title)
-            ae.supported_contexts = AllStoragePresentationContexts
-
-            def handle(event):
-                ds = event.dataset
-                ds.file_meta = event.file_meta
-                ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
-                return 0x0000
-
-            self._server = ae.start_server(("127.0.0.1", port), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, handle)])
-        self._wait_listening()
-
-    def _wait_listening(self) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"the receiving node did not start on port {self.port}")
-
-    def received(self) -> list[Path]:
-        return sorted(p for p in self.folder.iterdir() if p.is_file())
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(10)
-        if self._server is not None:
-            self._server.shutdown()
+DEMO_SEED = 90210  # never used for training (see inference/model/shipped/mtsa-demo/MODEL_CARD.md)
 
 
 def send_series(files: list[Path], port: int, console: Console) -> str:
     """C-STORE every file to the node, with a progress bar; returns the sender's name."""
-    storescu = find_dcmtk("storescu")
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
         task = progress.add_task("C-STORE to DICOMNODE", total=len(files))
-        if storescu:
-            batch = 16
-            for start in range(0, len(files), batch):
-                chunk = files[start:start + batch]
-                result = subprocess.run([storescu, "-aet", "DEMO_MR", "-aec", "DICOMNODE", "127.0.0.1", str(port),
-                                         *map(str, chunk)], capture_output=True, text=True)
-                if result.returncode != 0:
-                    raise RuntimeError(f"storescu failed: {result.stderr.strip()}")
-                progress.advance(task, len(chunk))
-            return "DCMTK storescu"
-        from pynetdicom.sop_class import MRImageStorage
-
-        from dicom_node.association import scu_ae
-
-        ae = scu_ae("DEMO_MR", 30)
-        ae.add_requested_context(MRImageStorage)
-        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
-        if not assoc.is_established:
-            raise RuntimeError("the node refused the association")
-        try:
-            for path in files:
-                status = assoc.send_c_store(pydicom.dcmread(path))
-                if not status or status.Status != 0:
-                    raise RuntimeError(f"C-STORE of {path.name} failed: {status}")
-                progress.advance(task)
-        finally:
-            assoc.release()
-        return "pynetdicom"
+        return peers.send_series(files, port, on_sent=lambda n: progress.advance(task, n))
 
 
 def wait_for_job(service: NodeService, console: Console, timeout_s: float = 900) -> Job:
@@ -143,8 +56,9 @@ def wait_for_job(service: NodeService, console: Console, timeout_s: float = 900)
                 job = load_job(service.db, jobs[0].id)
                 for event in job.events[seen:]:
                     duration = f" ({event.duration_s:.1f} s)" if event.duration_s is not None else ""
-                    console.print(f"  [dim]{event.at:%H:%M:%S}[/] {event.kind.value:6} {event.message}{duration}",
-                                  highlight=False)
+                    console.print(
+                        f"  [dim]{event.at:%H:%M:%S}[/] {event.kind.value:6} {event.message}{duration}", highlight=False
+                    )
                     status.update(f"job {job.id}: {job.state.value}...")
                 seen = len(job.events)
                 if job.state in TERMINAL_STATES:
@@ -170,10 +84,14 @@ def print_report(job: Job, receiver: ReceivingNode, console: Console) -> None:
     console.print(lesions)
     egfr = summary.get("egfr", {})
     probability = egfr.get("mutant_probability")
-    console.print(f"EGFR: [bold]{egfr.get('call', '?')}[/]"
-                  + (f" (mutant probability {probability:.3f})" if probability is not None else ""))
-    console.print(f"Model: {model.get('name', '?')} {model.get('version', '')}"
-                  + ("  [bold red]DEMO MODEL - synthetic data - NOT FOR CLINICAL USE[/]" if model.get("is_demo") else ""))
+    console.print(
+        f"EGFR: [bold]{egfr.get('call', '?')}[/]"
+        + (f" (mutant probability {probability:.3f})" if probability is not None else "")
+    )
+    console.print(
+        f"Model: {model.get('name', '?')} {model.get('version', '')}"
+        + ("  [bold red]DEMO MODEL - synthetic data - NOT FOR CLINICAL USE[/]" if model.get("is_demo") else "")
+    )
     console.print(f"Received by the TPS ({receiver.kind}, AE {receiver.ae_title} on port {receiver.port}):")
     for path in receiver.received():
         header = pydicom.dcmread(path, stop_before_pixels=True)
@@ -189,9 +107,9 @@ def overlay_png(series_files: list[Path], rtstruct_path: Path, out_png: Path, ma
     import numpy as np
     import SimpleITK as sitk
 
-    from inference.rtstruct import polygon_area
-    from inference.rtstruct_raster import patient_to_continuous_index
-    from inference.volume_loader import load_series
+    from inference.imaging.volume_loader import load_series
+    from inference.outputs.rtstruct import polygon_area
+    from inference.outputs.rtstruct_raster import patient_to_continuous_index
 
     series = load_series(series_files)
     volume = sitk.GetArrayViewFromImage(series.image)
@@ -219,8 +137,9 @@ def overlay_png(series_files: list[Path], rtstruct_path: Path, out_png: Path, ma
             axis.plot(closed[:, 0], closed[:, 1], color=colour, linewidth=1.5)
         axis.set_title(f"{name} - slice {k + 1}/{volume.shape[0]}", fontsize=10)
         axis.axis("off")
-    figure.suptitle(f"{rtstruct.get('StructureSetLabel', '')}\ncontours from the RTSTRUCT received by the TPS",
-                    fontsize=10)
+    figure.suptitle(
+        f"{rtstruct.get('StructureSetLabel', '')}\ncontours from the RTSTRUCT received by the TPS", fontsize=10
+    )
     figure.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out_png, dpi=110)
@@ -235,10 +154,16 @@ class DemoResult:
     overlay: Path | None
 
 
-def run_demo(out_dir: Path, *, seed: int = DEMO_SEED, matrix: int | None = None, slices: int | None = None,
-             console: Console | None = None) -> DemoResult:
+def run_demo(
+    out_dir: Path,
+    *,
+    seed: int = DEMO_SEED,
+    matrix: int | None = None,
+    slices: int | None = None,
+    console: Console | None = None,
+) -> DemoResult:
     """Run the whole demo in `out_dir` (wiped first); see the module docstring."""
-    from inference.phantoms import generate_phantom, write_phantom_series
+    from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 
     console = console or Console()
     out_dir = out_dir.resolve()
@@ -262,10 +187,11 @@ def run_demo(out_dir: Path, *, seed: int = DEMO_SEED, matrix: int | None = None,
         console.print(f"[bold]2.[/] this node: AE DICOMNODE on {host}:{port}, data in {settings.storage.data_dir}")
         with console.status("generating a synthetic T1-CE study (MNI template + metastases)..."):
             phantom = generate_phantom(seed, orientation="axial", matrix=matrix, slices=slices)
-            files = write_phantom_series(phantom, out_dir / "study", patient_name="DEMO^PHANTOM",
-                                         patient_id="DEMO0001")
-        console.print(f"[bold]3.[/] synthetic study: {len(files)} slices, {len(phantom.lesion_diameters_mm)} "
-                      f"simulated lesion(s) {phantom.lesion_diameters_mm} mm, in {out_dir / 'study'}")
+            files = write_phantom_series(phantom, out_dir / "study", patient_name="DEMO^PHANTOM", patient_id="DEMO0001")
+        console.print(
+            f"[bold]3.[/] synthetic study: {len(files)} slices, {len(phantom.lesion_diameters_mm)} "
+            f"simulated lesion(s) {phantom.lesion_diameters_mm} mm, in {out_dir / 'study'}"
+        )
         sender = send_series(files, port, console)
         console.print(f"[bold]4.[/] sent with {sender}; following the job:")
         job = wait_for_job(service, console)
@@ -274,14 +200,17 @@ def run_demo(out_dir: Path, *, seed: int = DEMO_SEED, matrix: int | None = None,
             while len(receiver.received()) < len(job.exports) and time.monotonic() < deadline:
                 time.sleep(0.2)
         print_report(job, receiver, console)
-        rtstructs = [p for p in receiver.received()
-                     if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT"]
+        rtstructs = [
+            p for p in receiver.received() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "RTSTRUCT"
+        ]
         overlay = None
         if rtstructs:
             overlay = overlay_png(files, rtstructs[0], out_dir / "overlay.png")
             console.print(f"Overlay of the received contours on key slices: [bold]{overlay}[/]")
-        console.print(f"Follow it later: dicom-node jobs show {job.id} "
-                      f"(with DICOM_NODE__STORAGE__DATA_DIR={settings.storage.data_dir})")
+        console.print(
+            f"Follow it later: dicom-node jobs show {job.id} "
+            f"(with DICOM_NODE__STORAGE__DATA_DIR={settings.storage.data_dir})"
+        )
         return DemoResult(job=job, received=receiver.received(), overlay=overlay)
     finally:
         service.stop()

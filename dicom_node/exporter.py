@@ -14,8 +14,8 @@ import threading
 from collections import defaultdict
 
 import pydicom
-from pynetdicom.status import code_to_category
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.status import code_to_category
 
 from dicom_node.association import request_association, scu_ae
 from dicom_node.logging_setup import get_logger
@@ -30,13 +30,19 @@ log = get_logger(__name__)
 
 
 class Exporter:
-    def __init__(self, db: Database, store: InstanceStore, destinations: list[Destination],
-                 settings: ExportSettings, node_ae_title: str, dimse_timeout_s: float = 60) -> None:
+    def __init__(
+        self,
+        db: Database,
+        store: InstanceStore,
+        destinations: list[Destination],
+        settings: ExportSettings,
+        node_ae_title: str,
+        dimse_timeout_s: float = 60,
+    ) -> None:
         self.db = db
         self.store = store
         self.destinations = {d.name: d for d in destinations}
-        self.policy = RetryPolicy(settings.retry_initial_s, settings.retry_max_interval_s,
-                                  settings.give_up_after_s)
+        self.policy = RetryPolicy(settings.retry_initial_s, settings.retry_max_interval_s, settings.give_up_after_s)
         self.node_ae_title = node_ae_title
         self.dimse_timeout_s = dimse_timeout_s
         self._lock = threading.Lock()  # one export round at a time
@@ -59,8 +65,12 @@ class Exporter:
         record_attempt(self.db, export.id, delivered, message, self.policy)
         event = "export.delivered" if delivered else "export.failed"
         (log.info if delivered else log.warning)(
-            event, job_id=export.job_id, destination=export.destination,
-            sop_instance_uid=export.sop_instance_uid, message=message)
+            event,
+            job_id=export.job_id,
+            destination=export.destination,
+            sop_instance_uid=export.sop_instance_uid,
+            message=message,
+        )
 
     def _send(self, name: str, exports: list[Export]) -> None:
         destination = self.destinations.get(name)
@@ -74,8 +84,9 @@ class Exporter:
         ssl_context = client_ssl_context(destination.tls)
         where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         try:
-            request = request_association(ae, destination.host, destination.port,
-                                          ae_title=destination.ae_title, ssl_context=ssl_context)
+            request = request_association(
+                ae, destination.host, destination.port, ae_title=destination.ae_title, ssl_context=ssl_context
+            )
         except Exception as exc:  # e.g. TLS handshake failure
             for export in exports:
                 self._record(export, False, f"could not connect to {where}: {exc}")

@@ -112,10 +112,7 @@ class RouteDecision:
 
 def compile_rules(rules: Sequence[RoutingRule]) -> list[CompiledRule]:
     """Compile rules once (they were validated when the settings were loaded)."""
-    return [
-        CompiledRule(rule, tuple(Pattern.parse(k, v) for k, v in rule.match.items()))
-        for rule in rules
-    ]
+    return [CompiledRule(rule, tuple(Pattern.parse(k, v) for k, v in rule.match.items())) for rule in rules]
 
 
 def route_series(rules: Sequence[CompiledRule | RoutingRule], header: Dataset) -> RouteDecision:

@@ -27,8 +27,7 @@ log = get_logger(__name__)
 
 
 class SeriesWatcher:
-    def __init__(self, db: Database, store: InstanceStore, rules: list[CompiledRule],
-                 quiet_period_s: float) -> None:
+    def __init__(self, db: Database, store: InstanceStore, rules: list[CompiledRule], quiet_period_s: float) -> None:
         self.db = db
         self.store = store
         self.rules = rules
@@ -56,7 +55,8 @@ class SeriesWatcher:
         for series_id in series_ready_for_routing(self.db, self.quiet_period_s):
             outcome = self.route(series_id)
             job_id = complete_series(self.db, series_id, outcome)
-            log.info("series.complete", job_id=job_id, series_id=series_id,
-                     rule=outcome.rule_name, reason=outcome.reason)
+            log.info(
+                "series.complete", job_id=job_id, series_id=series_id, rule=outcome.rule_name, reason=outcome.reason
+            )
             job_ids.append(job_id)
         return job_ids

@@ -47,8 +47,7 @@ class NodeService:
         self.db = Database(s.storage.resolved_database_url)
         self.scp = StoreSCP(s.node, self.db, self.store)
         self.watcher = SeriesWatcher(self.db, self.store, compile_rules(s.rules), s.series.quiet_period_s)
-        self.exporter = Exporter(self.db, self.store, s.destinations, s.export, s.node.ae_title,
-                                 s.node.dimse_timeout_s)
+        self.exporter = Exporter(self.db, self.store, s.destinations, s.export, s.node.ae_title, s.node.dimse_timeout_s)
         self.registry = ModelRegistry()
         self._stop = threading.Event()
         self._workers: list[InferenceWorker] = []
@@ -58,24 +57,44 @@ class NodeService:
         removed = self.store.remove_partials()
         orphans = self.store.remove_unreferenced(stored_instance_paths(self.db))
         resumed = resume_interrupted(self.db, self.worker_prefix)
-        log.info("service.starting", data_dir=str(self.store.root), partials_removed=removed,
-                 unacknowledged_files_removed=orphans, jobs_resumed=resumed)
+        log.info(
+            "service.starting",
+            data_dir=str(self.store.root),
+            partials_removed=removed,
+            unacknowledged_files_removed=orphans,
+            jobs_resumed=resumed,
+        )
         s = self.settings
         every = {"max_instances": 1, "coalesce": True}
-        self._scheduler.add_job(self._guard(self.watcher.check_once), "interval",
-                                seconds=s.series.check_interval_s, id="series-watcher", **every)
-        self._scheduler.add_job(self._guard(self.exporter.run_once), "interval",
-                                seconds=max(1.0, min(s.export.retry_initial_s, 5.0)), id="exporter", **every)
+        self._scheduler.add_job(
+            self._guard(self.watcher.check_once),
+            "interval",
+            seconds=s.series.check_interval_s,
+            id="series-watcher",
+            **every,
+        )
+        self._scheduler.add_job(
+            self._guard(self.exporter.run_once),
+            "interval",
+            seconds=max(1.0, min(s.export.retry_initial_s, 5.0)),
+            id="exporter",
+            **every,
+        )
         if s.storage.retention_days is not None:
             from storage.retention import purge_expired
 
             self._scheduler.add_job(
                 self._guard(lambda: purge_expired(self.db, self.store, s.storage.retention_days)),
-                "interval", minutes=s.storage.retention_check_interval_min, id="retention", **every)
+                "interval",
+                minutes=s.storage.retention_check_interval_min,
+                id="retention",
+                **every,
+            )
         self._scheduler.start()
         for index in range(s.worker.count):
-            worker = InferenceWorker(f"{self.worker_prefix}{index}", self.db, self.store, s.worker, self.registry,
-                                     self._stop)
+            worker = InferenceWorker(
+                f"{self.worker_prefix}{index}", self.db, self.store, s.worker, self.registry, self._stop
+            )
             worker.start()
             self._workers.append(worker)
         self.address = self.scp.start()
@@ -89,11 +108,13 @@ class NodeService:
     @staticmethod
     def _guard(function):
         """A scheduled job that logs its errors instead of dying silently."""
+
         def run():
             try:
                 function()
             except Exception:
                 log.exception("scheduled_job.failed", job=getattr(function, "__name__", "job"))
+
         run.__name__ = getattr(function, "__name__", "job")
         return run
 

@@ -41,8 +41,7 @@ def _text(ds: Dataset, keyword: str) -> str | None:
 
 def instance_meta(ds: Dataset, transfer_syntax_uid: str, calling_ae: str | None) -> InstanceMeta:
     """The header values the job store keeps; raises if the identifying UIDs are absent."""
-    missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
-               if k not in ds]
+    missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID") if k not in ds]
     if missing:
         raise InvalidUIDError(f"missing {', '.join(missing)}")
     return InstanceMeta(
@@ -80,8 +79,12 @@ class StoreSCP:
         calling_ae = event.assoc.requestor.ae_title
         free = self.store.free_bytes()
         if free < self.settings.min_free_disk_mb * 1024 * 1024:
-            log.error("store.refused_disk_full", free_mb=free // (1024 * 1024),
-                      threshold_mb=self.settings.min_free_disk_mb, calling_ae=calling_ae)
+            log.error(
+                "store.refused_disk_full",
+                free_mb=free // (1024 * 1024),
+                threshold_mb=self.settings.min_free_disk_mb,
+                calling_ae=calling_ae,
+            )
             return status_codes.OUT_OF_RESOURCES
         try:
             ds = event.dataset
@@ -92,12 +95,19 @@ class StoreSCP:
         except Exception as exc:  # undecodable header from a peer: refuse, keep serving
             log.warning("store.rejected", reason=f"unreadable data set: {exc}", calling_ae=calling_ae)
             return status_codes.CANNOT_UNDERSTAND
-        bound = log.bind(sop_instance_uid=meta.sop_instance_uid, series_uid=meta.series_uid,
-                         study_uid=meta.study_uid, calling_ae=calling_ae)
+        bound = log.bind(
+            sop_instance_uid=meta.sop_instance_uid,
+            series_uid=meta.series_uid,
+            study_uid=meta.study_uid,
+            calling_ae=calling_ae,
+        )
         if meta.sop_class_uid != event.request.AffectedSOPClassUID:
-            bound.warning("store.rejected", reason="SOP Class UID of the data set "
-                          f"({meta.sop_class_uid}) differs from the request's "
-                          f"({event.request.AffectedSOPClassUID})")
+            bound.warning(
+                "store.rejected",
+                reason="SOP Class UID of the data set "
+                f"({meta.sop_class_uid}) differs from the request's "
+                f"({event.request.AffectedSOPClassUID})",
+            )
             return status_codes.DATASET_DOES_NOT_MATCH_SOP_CLASS
         try:
             outcome = store_instance(self.db, self.store, meta, event.encoded_dataset())
@@ -105,8 +115,7 @@ class StoreSCP:
             bound.warning("store.rejected", reason=str(exc))
             return status_codes.CANNOT_UNDERSTAND
         except OSError as exc:
-            bound.error("store.failed", reason=f"storage error: {exc}",
-                        disk_full=exc.errno == errno.ENOSPC)
+            bound.error("store.failed", reason=f"storage error: {exc}", disk_full=exc.errno == errno.ENOSPC)
             return status_codes.OUT_OF_RESOURCES
         except Exception as exc:  # database down or similar: refuse, never acknowledge
             bound.error("store.failed", reason=f"job store error: {exc}")
@@ -114,19 +123,24 @@ class StoreSCP:
         with self._counts_lock:
             self.counts[outcome] += 1
         if outcome is StoreOutcome.CONFLICT:
-            bound.warning("store.conflict", reason="same SOP Instance UID with different content; "
-                          "first version kept, new one saved under conflicts/")
+            bound.warning(
+                "store.conflict",
+                reason="same SOP Instance UID with different content; "
+                "first version kept, new one saved under conflicts/",
+            )
         else:
             bound.debug("store.ok", outcome=outcome.value)
         return status_codes.SUCCESS
 
     def handle_rejected(self, event: evt.Event) -> None:
-        log.warning("association.rejected", calling_ae=event.assoc.requestor.ae_title,
-                    address=event.assoc.requestor.address)
+        log.warning(
+            "association.rejected", calling_ae=event.assoc.requestor.ae_title, address=event.assoc.requestor.address
+        )
 
     def handle_aborted(self, event: evt.Event) -> None:
-        log.warning("association.aborted", calling_ae=event.assoc.requestor.ae_title,
-                    address=event.assoc.requestor.address)
+        log.warning(
+            "association.aborted", calling_ae=event.assoc.requestor.ae_title, address=event.assoc.requestor.address
+        )
 
     def handle_conn_close(self, event: evt.Event) -> None:
         """Free the slot of a connection that closed before any A-ASSOCIATE-RQ.
@@ -180,8 +194,7 @@ class StoreSCP:
         )
         self._server.verify_request = self._address_allowed  # type: ignore[method-assign]
         host, port = self._server.server_address[:2]
-        log.info("scp.listening", ae_title=self.settings.ae_title, host=host, port=port,
-                 tls=self.settings.tls.enabled)
+        log.info("scp.listening", ae_title=self.settings.ae_title, host=host, port=port, tls=self.settings.tls.enabled)
         return host, port
 
     def stop(self) -> None:

@@ -55,9 +55,7 @@ def _load_identity(context: ssl.SSLContext, tls: TlsSettings) -> None:
     try:
         context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(
-            f"tls: cannot load certificate {tls.cert_file} with key {tls.key_file}: {exc}"
-        ) from None
+        raise ConfigError(f"tls: cannot load certificate {tls.cert_file} with key {tls.key_file}: {exc}") from None
 
 
 def _load_ca(context: ssl.SSLContext, tls: TlsSettings) -> None:

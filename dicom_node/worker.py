@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import pydicom
 from sqlalchemy import select
 
 from dicom_node.logging_setup import get_logger
@@ -36,7 +35,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
 
     def get(self, name: str | None):
-        from inference.model_package import default_package_path, load_package
+        from inference.model.package import default_package_path, load_package
 
         key = name or "default"
         with self._lock:
@@ -49,34 +48,43 @@ class ModelRegistry:
 def series_files(db: Database, store: InstanceStore, series_id: int) -> list[Path]:
     with db.session() as session:
         paths = session.scalars(
-            select(Instance.path).where(Instance.series_id == series_id, Instance.purged_at.is_(None))
+            select(Instance.path)
+            .where(Instance.series_id == series_id, Instance.purged_at.is_(None))
             .order_by(Instance.id)
         ).all()
     return [store.absolute(p) for p in paths]
 
 
-def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegistry,
-            device: str | None) -> None:
+def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegistry, device: str | None) -> None:
     """Run one claimed job to `exporting`/`done`, or `failed` with its reason."""
     from inference.errors import InferenceError
 
     bound = log.bind(job_id=job_id)
     try:
-        from inference.dicom_outputs import write_dicom_outputs
+        from inference.outputs.dicom_outputs import write_dicom_outputs
         from inference.pipeline import run_series, write_offline_outputs
 
         with db.session() as session:
             job = get_job(session, job_id)
             series_id, model_name, destinations, attempt = (
-                job.series_id, job.model, list(job.destinations), job.attempts)
+                job.series_id,
+                job.model,
+                list(job.destinations),
+                job.attempts,
+            )
         bound = bound.bind(series_uid=job.series_uid, study_uid=job.study_uid)
         files = series_files(db, store, series_id)
         if not files:
             raise FileNotFoundError("the series' instances are no longer on disk (purged?)")
         start = time.perf_counter()
         package = registry.get(model_name)
-        add_event(db, job_id, EventKind.STAGE, f"model package {package.identity.display} ready",
-                  duration_s=time.perf_counter() - start)
+        add_event(
+            db,
+            job_id,
+            EventKind.STAGE,
+            f"model package {package.identity.display} ready",
+            duration_s=time.perf_counter() - start,
+        )
         result = run_series(files, package, device=device)
         for stage, seconds in result.timings_s.items():
             add_event(db, job_id, EventKind.STAGE, stage, duration_s=seconds)
@@ -85,16 +93,14 @@ def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegi
         summary = write_offline_outputs(result, out_dir)
         written = write_dicom_outputs(result, out_dir)
         add_event(db, job_id, EventKind.STAGE, "write outputs", duration_s=time.perf_counter() - start)
-        outputs = []
-        for path in written:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-            outputs.append((str(header.SOPInstanceUID), str(header.SOPClassUID),
-                            path.relative_to(store.root).as_posix()))
+        outputs = [
+            (output.sop_instance_uid, output.sop_class_uid, output.path.relative_to(store.root).as_posix())
+            for output in written
+        ]
         summary["outputs"] = outputs
         exports = [(dest, *output) for dest in destinations for output in outputs]
         record_outputs(db, job_id, out_dir.relative_to(store.root).as_posix(), summary, exports)
-        bound.info("job.inference_done", lesions=len(result.lesions), egfr=result.egfr.call.value,
-                   outputs=len(outputs))
+        bound.info("job.inference_done", lesions=len(result.lesions), egfr=result.egfr.call.value, outputs=len(outputs))
     except InferenceError as exc:
         bound.warning("job.failed", reason=str(exc))
         fail_job(db, job_id, str(exc), exc)
@@ -106,8 +112,15 @@ def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegi
 class InferenceWorker(threading.Thread):
     """Polls the job store for queued jobs until stopped."""
 
-    def __init__(self, worker_id: str, db: Database, store: InstanceStore, settings: WorkerSettings,
-                 registry: ModelRegistry, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        db: Database,
+        store: InstanceStore,
+        settings: WorkerSettings,
+        registry: ModelRegistry,
+        stop: threading.Event,
+    ) -> None:
         super().__init__(name=worker_id, daemon=True)
         self.worker_id = worker_id
         self.db = db

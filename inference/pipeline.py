@@ -33,16 +33,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import SimpleITK as sitk
 
-from inference import preprocess
-from inference.postprocess import aggregate_egfr, extract_lesions
+from inference.imaging import preprocess
+from inference.imaging.postprocess import aggregate_egfr, extract_lesions
+from inference.imaging.volume_loader import load_series
 from inference.result import InferenceResult
-from inference.volume_loader import load_series
 
 if TYPE_CHECKING:
-    from inference.model_package import ModelPackage
+    from inference.model.package import ModelPackage
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_MIN_VOLUME_MM3 = 20.0
@@ -57,7 +56,7 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 def run_series(files: Sequence[Path], package: ModelPackage, *, device: str | None = None) -> InferenceResult:
     """Run the whole engine on one series; raises `SeriesError` for an unusable series."""
-    from inference.predictor import predict_slices, select_device
+    from inference.model.predictor import predict_slices, select_device
 
     timings: dict[str, float] = {}
     with _timed(timings, "load"):

@@ -2,7 +2,7 @@
 
 `dicom_node` drives inference through one small interface
 (`inference.pipeline.run_series(files, package) -> InferenceResult`) and the
-DICOM writers (`inference.rtstruct`, `inference.sr`, `inference.seg`) consume
+DICOM writers (`inference.outputs.rtstruct`, `inference.outputs.sr`, `inference.outputs.seg`) consume
 an `InferenceResult` plus the source headers. Keeping these types in one
 module, free of torch and networking, lets each side be tested alone.
 """

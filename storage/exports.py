@@ -31,8 +31,9 @@ class RetryPolicy:
         return timedelta(seconds=min(self.initial_s * 2 ** max(attempts - 1, 0), self.max_interval_s))
 
 
-def record_attempt(db: Database, export_id: int, delivered: bool, message: str,
-                   policy: RetryPolicy, now: datetime | None = None) -> None:
+def record_attempt(
+    db: Database, export_id: int, delivered: bool, message: str, policy: RetryPolicy, now: datetime | None = None
+) -> None:
     """Store the outcome of one C-STORE attempt and settle the job when nothing is pending."""
     now = now or utcnow()
     with db.session() as session:
@@ -51,8 +52,12 @@ def record_attempt(db: Database, export_id: int, delivered: bool, message: str,
                 export.next_attempt_at = now + policy.delay(export.attempts)
                 message += f"; next attempt at {export.next_attempt_at:%H:%M:%S}"
         job = export.job
-        event_row(session, job, EventKind.EXPORT,
-               f"{export.destination}: {export.sop_class_name()} attempt {export.attempts}: {message}")
+        event_row(
+            session,
+            job,
+            EventKind.EXPORT,
+            f"{export.destination}: {export.sop_class_name()} attempt {export.attempts}: {message}",
+        )
         session.flush()
         _settle(session, job)
 
@@ -70,8 +75,9 @@ def _settle(session, job: Job) -> None:
         set_state(session, job, JobState.DONE, f"done: {len(states)} object(s) delivered")
 
 
-def resend(db: Database, job_id: int, destinations: list[str] | None = None,
-           outputs: list[tuple[str, str, str]] | None = None) -> int:
+def resend(
+    db: Database, job_id: int, destinations: list[str] | None = None, outputs: list[tuple[str, str, str]] | None = None
+) -> int:
     """Make a job's exports pending again (optionally only to `destinations`).
 
     A destination the job never had gets new rows for each of `outputs`
@@ -89,8 +95,8 @@ def resend(db: Database, job_id: int, destinations: list[str] | None = None,
             for sop_uid, class_uid, path in outputs or []:
                 if (destination, sop_uid) not in existing:
                     existing[(destination, sop_uid)] = Export(
-                        job=job, destination=destination, sop_instance_uid=sop_uid,
-                        sop_class_uid=class_uid, path=path)
+                        job=job, destination=destination, sop_instance_uid=sop_uid, sop_class_uid=class_uid, path=path
+                    )
                     session.add(existing[(destination, sop_uid)])
         for (destination, _), export in existing.items():
             if destination in wanted:
@@ -98,8 +104,7 @@ def resend(db: Database, job_id: int, destinations: list[str] | None = None,
                 export.created_at = now
                 export.next_attempt_at = now
                 count += 1
-        set_state(session, job, JobState.EXPORTING,
-                   f"re-sending {count} object(s) to {', '.join(wanted)}")
+        set_state(session, job, JobState.EXPORTING, f"re-sending {count} object(s) to {', '.join(wanted)}")
         return count
 
 
@@ -107,7 +112,10 @@ def due_exports(db: Database, now: datetime | None = None) -> list[Export]:
     """Pending exports whose next attempt is due, oldest first."""
     now = now or utcnow()
     with db.session() as session:
-        return list(session.scalars(
-            select(Export).where(Export.state == ExportState.PENDING, Export.next_attempt_at <= now)
-            .order_by(Export.next_attempt_at, Export.id)
-        ).all())
+        return list(
+            session.scalars(
+                select(Export)
+                .where(Export.state == ExportState.PENDING, Export.next_attempt_at <= now)
+                .order_by(Export.next_attempt_at, Export.id)
+            ).all()
+        )

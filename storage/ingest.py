@@ -85,9 +85,7 @@ def store_instance(db: Database, store: InstanceStore, meta: InstanceMeta, data:
     lock = _LOCKS[hash(meta.sop_instance_uid) % len(_LOCKS)]
     with lock:
         with db.session() as session:
-            existing = session.scalar(
-                select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)
-            )
+            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
             if existing is not None:
                 if existing.sha256 == digest:
                     return StoreOutcome.DUPLICATE

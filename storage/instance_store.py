@@ -16,7 +16,9 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -36,6 +38,28 @@ def validate_uid(value: object, what: str) -> str:
         shown = text if len(text) <= 64 else text[:61] + "..."
         raise InvalidUIDError(f"{what} {shown!r} is not a valid UID (digits and dots only)")
     return text
+
+
+def write_durably(target: Path, write: Callable[[BinaryIO], object], tmp_dir: Path | None = None) -> None:
+    """Make `target` appear complete or not at all, and survive a power cut once this returns.
+
+    `write(handle)` fills a temporary file in `tmp_dir` (default: beside the
+    target, same file system), which is fsync'd, renamed into place, and the
+    directory fsync'd. Used for received instances and for the node's outputs,
+    whose export rows are committed only after this returns.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = (tmp_dir or target.parent) / f"{uuid.uuid4().hex}.partial"
+    try:
+        with open(partial, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,22 +95,9 @@ class InstanceStore:
             raise InvalidUIDError(f"path {relative!r} escapes the data directory")
         return path
 
-    def write_atomic(self, relative: str, data: bytes) -> str:
-        """Durably write `data` at `relative`; return its sha256 hex digest."""
-        target = self.absolute(relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.tmp_dir / f"{uuid.uuid4().hex}.partial"
-        try:
-            with open(partial, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, target)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
-        return hashlib.sha256(data).hexdigest()
+    def write_atomic(self, relative: str, data: bytes) -> None:
+        """Durably write `data` at `relative` (see `write_durably`)."""
+        write_durably(self.absolute(relative), lambda handle: handle.write(data), self.tmp_dir)
 
     def remove(self, relative: str) -> None:
         self.absolute(relative).unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from storage.database import Database
 from storage.models import (
+    TERMINAL_STATES,
     EventKind,
     Export,
     Instance,
@@ -29,7 +30,6 @@ from storage.models import (
     JobEvent,
     JobState,
     Series,
-    TERMINAL_STATES,
     utcnow,
 )
 
@@ -57,8 +57,9 @@ def event_row(session: Session, job: Job, kind: EventKind, message: str, **field
     session.add(JobEvent(job=job, kind=kind, message=message, **fields))
 
 
-def set_state(session: Session, job: Job, state: JobState, message: str, *, reason: str | None = None,
-               details: str | None = None) -> None:
+def set_state(
+    session: Session, job: Job, state: JobState, message: str, *, reason: str | None = None, details: str | None = None
+) -> None:
     if state not in ALLOWED[job.state]:
         raise InvalidTransition(f"job {job.id}: {job.state.value} -> {state.value} is not allowed")
     now = utcnow()
@@ -81,15 +82,17 @@ def get_job(session: Session, job_id: int) -> Job:
     return job
 
 
-def open_job_on_first_instance(session: Session, series: Series, study_uid: str,
-                               patient_id: str | None) -> Job:
+def open_job_on_first_instance(session: Session, series: Series, study_uid: str, patient_id: str | None) -> Job:
     """The `received` job of a series, created when its first new instance arrives."""
-    job = session.scalar(
-        select(Job).where(Job.series_id == series.id, Job.state == JobState.RECEIVED)
-    )
+    job = session.scalar(select(Job).where(Job.series_id == series.id, Job.state == JobState.RECEIVED))
     if job is None:
-        job = Job(series=series, study_uid=study_uid, series_uid=series.series_uid,
-                  patient_id=patient_id, state=JobState.RECEIVED)
+        job = Job(
+            series=series,
+            study_uid=study_uid,
+            series_uid=series.series_uid,
+            patient_id=patient_id,
+            state=JobState.RECEIVED,
+        )
         session.add(job)
         event_row(session, job, EventKind.STATE, "receiving instances", state=JobState.RECEIVED)
     return job
@@ -100,10 +103,12 @@ def series_ready_for_routing(db: Database, quiet_period_s: float) -> list[int]:
     cutoff = utcnow() - timedelta(seconds=quiet_period_s)
     with db.session() as session:
         rows = session.scalars(
-            select(Series.id).where(
+            select(Series.id)
+            .where(
                 Series.last_received_at <= cutoff,
                 or_(Series.evaluated_at.is_(None), Series.evaluated_at < Series.last_received_at),
-            ).order_by(Series.last_received_at)
+            )
+            .order_by(Series.last_received_at)
         )
         return list(rows)
 
@@ -135,20 +140,24 @@ def complete_series(db: Database, series_id: int, outcome: RoutingOutcome) -> in
     """Mark a series evaluated; queue or reject its job. Returns the job id."""
     with db.session() as session:
         series = session.get(Series, series_id)
-        job = session.scalar(
-            select(Job).where(Job.series_id == series_id, Job.state == JobState.RECEIVED)
-        )
+        job = session.scalar(select(Job).where(Job.series_id == series_id, Job.state == JobState.RECEIVED))
         if job is None:  # evaluated before, new instances since: a new job
-            job = Job(series=series, study_uid=series.study.study_uid, series_uid=series.series_uid,
-                      patient_id=series.study.patient_id, state=JobState.RECEIVED)
+            job = Job(
+                series=series,
+                study_uid=series.study.study_uid,
+                series_uid=series.series_uid,
+                patient_id=series.study.patient_id,
+                state=JobState.RECEIVED,
+            )
             session.add(job)
             event_row(session, job, EventKind.STATE, "series received again", state=JobState.RECEIVED)
         series.evaluated_at = utcnow()
         job.instance_count = series.instance_count
         event_row(session, job, EventKind.LOG, f"series complete: {series.instance_count} instances")
         if outcome.rule_name is None:
-            set_state(session, job, JobState.REJECTED, f"rejected: {outcome.reason}",
-                       reason=f"rejected: {outcome.reason}")
+            set_state(
+                session, job, JobState.REJECTED, f"rejected: {outcome.reason}", reason=f"rejected: {outcome.reason}"
+            )
         else:
             job.rule_name = outcome.rule_name
             job.model = outcome.model
@@ -162,33 +171,53 @@ def claim_next_job(db: Database, worker_id: str) -> int | None:
     """Atomically move the oldest queued job to `running` for this worker."""
     with db.session() as session:
         candidate = session.scalar(
-            select(Job.id).where(Job.state == JobState.QUEUED).order_by(Job.id)
-            .limit(1).with_for_update(skip_locked=True)
+            select(Job.id)
+            .where(Job.state == JobState.QUEUED)
+            .order_by(Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
         )
         if candidate is None:
             return None
         claimed = session.execute(
-            update(Job).where(Job.id == candidate, Job.state == JobState.QUEUED)
-            .values(state=JobState.RUNNING, claimed_by=worker_id, started_at=utcnow(),
-                    updated_at=utcnow(), finished_at=None, reason=None, attempts=Job.attempts + 1)
+            update(Job)
+            .where(Job.id == candidate, Job.state == JobState.QUEUED)
+            .values(
+                state=JobState.RUNNING,
+                claimed_by=worker_id,
+                started_at=utcnow(),
+                updated_at=utcnow(),
+                finished_at=None,
+                reason=None,
+                attempts=Job.attempts + 1,
+            )
         ).rowcount
         if claimed != 1:
             return None
         job = session.get(Job, candidate)
         session.refresh(job)
-        event_row(session, job, EventKind.STATE, f"running on {worker_id} (attempt {job.attempts})",
-               state=JobState.RUNNING)
+        event_row(
+            session, job, EventKind.STATE, f"running on {worker_id} (attempt {job.attempts})", state=JobState.RUNNING
+        )
         return candidate
 
 
-def transition(db: Database, job_id: int, state: JobState, message: str, *,
-               reason: str | None = None, details: str | None = None) -> None:
+def transition(
+    db: Database, job_id: int, state: JobState, message: str, *, reason: str | None = None, details: str | None = None
+) -> None:
     with db.session() as session:
         set_state(session, get_job(session, job_id), state, message, reason=reason, details=details)
 
 
-def add_event(db: Database, job_id: int, kind: EventKind, message: str, *,
-              duration_s: float | None = None, details: str | None = None) -> None:
+def add_event(
+    db: Database,
+    job_id: int,
+    kind: EventKind,
+    message: str,
+    *,
+    duration_s: float | None = None,
+    details: str | None = None,
+) -> None:
     with db.session() as session:
         event_row(session, get_job(session, job_id), kind, message, duration_s=duration_s, details=details)
 
@@ -207,11 +236,13 @@ def retry_job(db: Database, job_id: int) -> None:
     with db.session() as session:
         job = get_job(session, job_id)
         if job.state not in TERMINAL_STATES:
-            raise InvalidTransition(f"job {job_id} is {job.state.value}; only done, failed or "
-                                    "rejected jobs can be retried")
+            raise InvalidTransition(
+                f"job {job_id} is {job.state.value}; only done, failed or rejected jobs can be retried"
+            )
         if job.state == JobState.REJECTED and job.rule_name is None:
-            raise InvalidTransition(f"job {job_id} matched no routing rule; fix the rules and "
-                                    "re-send the series instead")
+            raise InvalidTransition(
+                f"job {job_id} matched no routing rule; fix the rules and re-send the series instead"
+            )
         set_state(session, job, JobState.QUEUED, "queued again by retry")
 
 
@@ -222,16 +253,17 @@ def resume_interrupted(db: Database, worker_prefix: str) -> list[int]:
     touched, so a restarting host never steals jobs running on another one.
     """
     with db.session() as session:
-        jobs = session.scalars(select(Job).where(Job.state == JobState.RUNNING,
-                                                 Job.claimed_by.startswith(worker_prefix))).all()
+        jobs = session.scalars(
+            select(Job).where(Job.state == JobState.RUNNING, Job.claimed_by.startswith(worker_prefix))
+        ).all()
         for job in jobs:
-            set_state(session, job, JobState.QUEUED,
-                       f"re-queued after an interrupted run on {job.claimed_by}")
+            set_state(session, job, JobState.QUEUED, f"re-queued after an interrupted run on {job.claimed_by}")
         return [job.id for job in jobs]
 
 
-def record_outputs(db: Database, job_id: int, output_dir: str, summary: dict,
-                   exports: list[tuple[str, str, str, str]]) -> None:
+def record_outputs(
+    db: Database, job_id: int, output_dir: str, summary: dict, exports: list[tuple[str, str, str, str]]
+) -> None:
     """Store a job's results and its export rows (destination, sop uid, class uid, path);
     then move it to `exporting`, or `done` if there is nothing to send."""
     with db.session() as session:
@@ -239,11 +271,16 @@ def record_outputs(db: Database, job_id: int, output_dir: str, summary: dict,
         job.output_dir = output_dir
         job.summary = summary
         for destination, sop_uid, class_uid, path in exports:
-            session.add(Export(job=job, destination=destination, sop_instance_uid=sop_uid,
-                               sop_class_uid=class_uid, path=path))
+            session.add(
+                Export(job=job, destination=destination, sop_instance_uid=sop_uid, sop_class_uid=class_uid, path=path)
+            )
         if exports:
-            set_state(session, job, JobState.EXPORTING,
-                       f"exporting {len(exports)} object(s) to {', '.join(sorted({e[0] for e in exports}))}")
+            set_state(
+                session,
+                job,
+                JobState.EXPORTING,
+                f"exporting {len(exports)} object(s) to {', '.join(sorted({e[0] for e in exports}))}",
+            )
         else:
             set_state(session, job, JobState.DONE, "done (no destinations configured)")
 
@@ -278,8 +315,7 @@ def load_job(db: Database, job_id: int) -> Job:
     """A job with its events and exports loaded, for display."""
     with db.session() as session:
         job = session.scalar(
-            select(Job).where(Job.id == job_id)
-            .options(selectinload(Job.events), selectinload(Job.exports))
+            select(Job).where(Job.id == job_id).options(selectinload(Job.events), selectinload(Job.exports))
         )
         if job is None:
             raise JobNotFound(f"job {job_id} does not exist")

@@ -178,9 +178,7 @@ class JobEvent(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     at: Mapped[datetime] = mapped_column(default=utcnow)
     kind: Mapped[EventKind] = mapped_column(Enum(EventKind, native_enum=False, length=16))
-    state: Mapped[JobState | None] = mapped_column(
-        Enum(JobState, native_enum=False, length=16), default=None
-    )
+    state: Mapped[JobState | None] = mapped_column(Enum(JobState, native_enum=False, length=16), default=None)
     message: Mapped[str] = mapped_column(Text, default="")
     duration_s: Mapped[float | None] = mapped_column(Float, default=None)
     details: Mapped[str | None] = mapped_column(Text, default=None)  # e.g. a stack trace

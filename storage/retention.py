@@ -23,8 +23,7 @@ from storage.models import EventKind, Instance, Job, JobState, Series, utcnow
 PURGEABLE = (JobState.DONE, JobState.REJECTED)
 
 
-def purge_expired(db: Database, store: InstanceStore, retention_days: float,
-                  now: datetime | None = None) -> int:
+def purge_expired(db: Database, store: InstanceStore, retention_days: float, now: datetime | None = None) -> int:
     """Purge every expired series; returns the number of instance files removed."""
     cutoff = (now or utcnow()) - timedelta(days=retention_days)
     removed = 0
@@ -49,7 +48,11 @@ def purge_expired(db: Database, store: InstanceStore, retention_days: float,
                 if job.output_dir:
                     shutil.rmtree(store.absolute(job.output_dir).parent, ignore_errors=True)
                 job.purged_at = now or utcnow()
-                event_row(session, job, EventKind.LOG,
-                          f"retention: {len(instances)} image file(s) and outputs purged "
-                          f"(older than {retention_days:g} days); history kept")
+                event_row(
+                    session,
+                    job,
+                    EventKind.LOG,
+                    f"retention: {len(instances)} image file(s) and outputs purged "
+                    f"(older than {retention_days:g} days); history kept",
+                )
     return removed

@@ -1,6 +1,6 @@
 """Fixtures that make DICOM data, shared by every test folder.
 
-Phantom series come from `inference.phantoms` (the same generator the demo model
+Phantom series come from `inference.synthetic.phantoms` (the same generator the demo model
 is trained on), written as real MR Image Storage files. They are cached per test
 session: generating and writing costs about a second each, and tests must not
 modify the returned files (copy them first, see `copy_series`).
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.phantoms import Phantom, generate_phantom, write_phantom_series
+from inference.synthetic.phantoms import Phantom, generate_phantom, write_phantom_series
 
 
 @dataclass(frozen=True)

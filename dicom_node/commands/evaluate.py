@@ -1,6 +1,6 @@
 """`dicom-node evaluate`: score a model package on freshly generated phantoms.
 
-A thin layer over `inference.evaluation`; the engine is imported inside the
+A thin layer over `inference.evaluation.evaluate`; the engine is imported inside the
 command so the rest of the CLI starts fast.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,22 +29,24 @@ def evaluate(
     phantoms: Annotated[int, typer.Option(help="Number of phantoms.")] = 10,
     seed: Annotated[int, typer.Option(help="First phantom seed.")] = 90000,
     model: Annotated[
-        Optional[Path], typer.Option(help="Model package directory (default: $DICOM_NODE_MODEL or the demo).")
+        Path | None, typer.Option(help="Model package directory (default: $DICOM_NODE_MODEL or the demo).")
     ] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write summary and per-phantom scores here.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write summary and per-phantom scores here.")] = None,
     sweep: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Comma-separated GTV thresholds: report segmentation per threshold instead (calibration)."),
     ] = None,
     sweep_min_volumes: Annotated[
-        Optional[str],
-        typer.Option(help="With --sweep: comma-separated minimum lesion volumes (mm3) to try (default: the package's)."),
+        str | None,
+        typer.Option(
+            help="With --sweep: comma-separated minimum lesion volumes (mm3) to try (default: the package's)."
+        ),
     ] = None,
 ) -> None:
     """Evaluate and print the summary."""
-    from inference.evaluation import evaluate_package, scores_as_dicts, threshold_sweep
-    from inference.model_package import default_package_path, load_package
+    from inference.evaluation.evaluate import evaluate_package, scores_as_dicts, threshold_sweep
+    from inference.model.package import default_package_path, load_package
 
     thresholds = _numbers(sweep, "--sweep") if sweep else None
     min_volumes = _numbers(sweep_min_volumes, "--sweep-min-volumes") if sweep_min_volumes else None

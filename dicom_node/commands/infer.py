@@ -8,7 +8,7 @@ DICOMDIR skipped); the loader says precisely what is wrong with them otherwise.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -31,9 +31,7 @@ def register(app: typer.Typer) -> None:
 def series_files(folder: Path) -> list[Path]:
     """Regular files under `folder`, sorted, without hidden files and DICOMDIR."""
     return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+        p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
     )
 
 
@@ -41,14 +39,14 @@ def infer(
     dicom_dir: Annotated[Path, typer.Argument(help="Folder with the series' DICOM files.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     model: Annotated[
-        Optional[Path], typer.Option(help="Model package directory (default: $DICOM_NODE_MODEL or the demo).")
+        Path | None, typer.Option(help="Model package directory (default: $DICOM_NODE_MODEL or the demo).")
     ] = None,
     dicom: Annotated[bool, typer.Option("--dicom", help="Also write the RTSTRUCT and SR.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")] = None,
 ) -> None:
     """Load, preprocess, predict, postprocess; write and summarise the outputs."""
     from inference.errors import InferenceError
-    from inference.model_package import default_package_path, load_package
+    from inference.model.package import default_package_path, load_package
     from inference.pipeline import run_series, write_offline_outputs
 
     if not dicom_dir.is_dir():
@@ -64,9 +62,9 @@ def infer(
     summary = write_offline_outputs(result, out)
     written = [out / "mask.nii.gz", out / "summary.json"]
     if dicom:
-        from inference.dicom_outputs import write_dicom_outputs
+        from inference.outputs.dicom_outputs import write_dicom_outputs
 
-        written += write_dicom_outputs(result, out)
+        written += [output.path for output in write_dicom_outputs(result, out)]
     _print_summary(summary, written)
 
 

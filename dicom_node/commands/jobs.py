@@ -52,22 +52,32 @@ def job_dict(job, *, full: bool = False) -> dict:
         previous = None
         events = []
         for event in job.events:
-            events.append({
-                "at": _iso(event.at),
-                "kind": event.kind.value,
-                "state": event.state.value if event.state else None,
-                "message": event.message,
-                "duration_s": event.duration_s,
-                "since_previous_s": (event.at - previous).total_seconds() if previous else 0.0,
-                "details": event.details,
-            })
+            events.append(
+                {
+                    "at": _iso(event.at),
+                    "kind": event.kind.value,
+                    "state": event.state.value if event.state else None,
+                    "message": event.message,
+                    "duration_s": event.duration_s,
+                    "since_previous_s": (event.at - previous).total_seconds() if previous else 0.0,
+                    "details": event.details,
+                }
+            )
             previous = event.at
         data["events"] = events
-        data["exports"] = [{
-            "destination": e.destination, "object": e.sop_class_name(),
-            "sop_instance_uid": e.sop_instance_uid, "state": e.state.value, "attempts": e.attempts,
-            "last_error": e.last_error, "done_at": _iso(e.done_at), "path": e.path,
-        } for e in job.exports]
+        data["exports"] = [
+            {
+                "destination": e.destination,
+                "object": e.sop_class_name(),
+                "sop_instance_uid": e.sop_instance_uid,
+                "state": e.state.value,
+                "attempts": e.attempts,
+                "last_error": e.last_error,
+                "done_at": _iso(e.done_at),
+                "path": e.path,
+            }
+            for e in job.exports
+        ]
         data["output_dir"] = job.output_dir
         data["summary"] = job.summary
     return data
@@ -97,23 +107,36 @@ def list_jobs(
     config: Path | None = ConfigOption,
 ) -> None:
     """List jobs, newest first."""
-    from storage.jobs import JobFilter, list_jobs as query
+    from storage.jobs import JobFilter
+    from storage.jobs import list_jobs as query
     from storage.models import JobState
 
     try:
         job_state = JobState(state) if state else None
     except ValueError:
         raise fail(f"--state {state!r} is not one of {', '.join(s.value for s in JobState)}") from None
-    flt = JobFilter(state=job_state, since=_parse_day(since, "--since"), until=_parse_day(until, "--until"),
-                    patient_id=patient_id, study_uid=study_uid, limit=limit)
+    flt = JobFilter(
+        state=job_state,
+        since=_parse_day(since, "--since"),
+        until=_parse_day(until, "--until"),
+        patient_id=patient_id,
+        study_uid=study_uid,
+        limit=limit,
+    )
     jobs = query(_database(config), flt)
     if as_json:
         typer.echo(json.dumps([job_dict(j) for j in jobs], indent=2))
         return
     table = Table("id", "state", "patient", "series", "created (UTC)", "reason")
     for job in jobs:
-        table.add_row(str(job.id), job.state.value, job.patient_id or "", job.series_uid[-24:],
-                      f"{job.created_at:%Y-%m-%d %H:%M:%S}", job.reason or "")
+        table.add_row(
+            str(job.id),
+            job.state.value,
+            job.patient_id or "",
+            job.series_uid[-24:],
+            f"{job.created_at:%Y-%m-%d %H:%M:%S}",
+            job.reason or "",
+        )
     console.print(table)
 
 
@@ -130,15 +153,22 @@ def show(job_id: int, as_json: bool = typer.Option(False, "--json"), config: Pat
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    console.print(f"[bold]Job {job.id}[/] [cyan]{job.state.value}[/]  patient {job.patient_id or '-'}  "
-                  f"rule {job.rule_name or '-'}  attempts {job.attempts}")
+    console.print(
+        f"[bold]Job {job.id}[/] [cyan]{job.state.value}[/]  patient {job.patient_id or '-'}  "
+        f"rule {job.rule_name or '-'}  attempts {job.attempts}"
+    )
     console.print(f"study {job.study_uid}\nseries {job.series_uid}")
     if job.reason:
         console.print(f"[red]reason:[/] {job.reason}")
     table = Table("time (UTC)", "+s", "kind", "message", "duration")
     for event in data["events"]:
-        table.add_row(event["at"][11:23], f"{event['since_previous_s']:.1f}", event["kind"], event["message"],
-                      f"{event['duration_s']:.2f} s" if event["duration_s"] is not None else "")
+        table.add_row(
+            event["at"][11:23],
+            f"{event['since_previous_s']:.1f}",
+            event["kind"],
+            event["message"],
+            f"{event['duration_s']:.2f} s" if event["duration_s"] is not None else "",
+        )
     console.print(table)
     if data["exports"]:
         exports = Table("destination", "object", "state", "attempts", "last error")
@@ -163,8 +193,11 @@ def retry(job_id: int, config: Path | None = ConfigOption) -> None:
 
 
 @jobs_app.command("export")
-def export(job_id: int, to: list[str] = typer.Option(None, "--to", help="Destination name (repeatable)."),
-           config: Path | None = ConfigOption) -> None:
+def export(
+    job_id: int,
+    to: list[str] = typer.Option(None, "--to", help="Destination name (repeatable)."),
+    config: Path | None = ConfigOption,
+) -> None:
     """Re-send a job's results to its destinations (or only to --to)."""
     from storage.exports import resend
     from storage.jobs import InvalidTransition, JobNotFound, load_job

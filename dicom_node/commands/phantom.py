@@ -1,6 +1,6 @@
 """`dicom-node phantom`: write synthetic T1-CE phantom series (DICOM) with their truth.
 
-A thin layer over `inference.phantoms` (imported inside the command). Phantom
+A thin layer over `inference.synthetic.phantoms` (imported inside the command). Phantom
 `seed` goes to `OUT_DIR/phantom-<seed>/dicom/` with `mask.nii.gz` and
 `truth.json` next to it; the same seed always gives the same files.
 """
@@ -8,7 +8,7 @@ A thin layer over `inference.phantoms` (imported inside the command). Phantom
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,15 +29,15 @@ def phantom(
     seed: Annotated[int, typer.Option(help="Seed of the first phantom.")] = 0,
     count: Annotated[int, typer.Option(min=1, help="Number of phantoms (seeds SEED..SEED+COUNT-1).")] = 1,
     orientation: Annotated[
-        Optional[str], typer.Option(help="axial, sagittal, coronal or oblique (default: random).")
+        str | None, typer.Option(help="axial, sagittal, coronal or oblique (default: random).")
     ] = None,
-    matrix: Annotated[Optional[int], typer.Option(help="In-plane matrix (default: random 160-256).")] = None,
-    slices: Annotated[Optional[int], typer.Option(help="Number of slices (default: random 30-80).")] = None,
-    n_lesions: Annotated[Optional[int], typer.Option(help="Number of lesions (default: random 1-4).")] = None,
+    matrix: Annotated[int | None, typer.Option(help="In-plane matrix (default: random 160-256).")] = None,
+    slices: Annotated[int | None, typer.Option(help="Number of slices (default: random 30-80).")] = None,
+    n_lesions: Annotated[int | None, typer.Option(help="Number of lesions (default: random 1-4).")] = None,
     patient_name: Annotated[str, typer.Option(help="Patient's Name (DICOM PN).")] = "PHANTOM^DEMO",
 ) -> None:
     """Generate and write the phantoms."""
-    from inference.phantoms import ORIENTATIONS, generate_phantom, write_phantom_series, write_phantom_truth
+    from inference.synthetic.phantoms import ORIENTATIONS, generate_phantom, write_phantom_series, write_phantom_truth
 
     if orientation is not None and orientation not in ORIENTATIONS:
         raise typer.BadParameter(f"must be one of {', '.join(ORIENTATIONS)}", param_hint="--orientation")

@@ -57,10 +57,7 @@ def route(
                 "model": decision.rule.model if decision.rule else None,
                 "destinations": list(decision.rule.destinations) if decision.rule else [],
                 "reason": decision.reason,
-                "rules": [
-                    {"name": o.rule.name, "matched": o.matched, "detail": o.detail}
-                    for o in decision.outcomes
-                ],
+                "rules": [{"name": o.rule.name, "matched": o.matched, "detail": o.detail} for o in decision.outcomes],
             }
         )
     if as_json:

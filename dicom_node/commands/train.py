@@ -1,6 +1,6 @@
 """`dicom-node train`: train MTSA-Net on phantoms or a department's data.
 
-A thin layer over `inference.training`; torch and the engine are imported inside
+A thin layer over `inference.training.trainer`; torch and the engine are imported inside
 the command so the rest of the CLI starts fast.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -32,8 +32,8 @@ def register(app: typer.Typer) -> None:
 
 def train(
     out: Annotated[Path, typer.Option(help="Directory to write the model package to.")],
-    phantoms: Annotated[Optional[int], typer.Option(help="Train on N generated phantoms (seeds SEED..SEED+N-1).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help=DATA_HELP, exists=True, file_okay=False)] = None,
+    phantoms: Annotated[int | None, typer.Option(help="Train on N generated phantoms (seeds SEED..SEED+N-1).")] = None,
+    data: Annotated[Path | None, typer.Option(help=DATA_HELP, exists=True, file_okay=False)] = None,
     roi_pattern: Annotated[str, typer.Option(help="Regex on RTSTRUCT ROI names that are GTV.")] = "(?i)gtv",
     seed: Annotated[int, typer.Option(help="Seed of phantoms, split, initialisation and sampling.")] = 0,
     name: Annotated[str, typer.Option(help="Model name in the manifest.")] = "MTSA-Net",
@@ -47,7 +47,7 @@ def train(
     classifier_hidden: Annotated[int, typer.Option()] = 128,
     dropout: Annotated[float, typer.Option()] = 0.1,
     max_epochs: Annotated[int, typer.Option(help="Upper bound on epochs.")] = 300,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Wall-clock budget of the training loop.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of the training loop.")] = None,
     patience: Annotated[int, typer.Option(help="Early stopping patience in epochs.")] = 20,
     batch_size: Annotated[int, typer.Option()] = 8,
     learning_rate: Annotated[float, typer.Option("--lr")] = 3e-4,
@@ -63,18 +63,19 @@ def train(
         float, typer.Option(help="Oversample slices with small tumour sections up to this weight (1 = off).")
     ] = 1.0,
     crop_size: Annotated[
-        Optional[int], typer.Option(help="Every second step trains the GTV on tumour-centred crops of this size (px).")
+        int | None, typer.Option(help="Every second step trains the GTV on tumour-centred crops of this size (px).")
     ] = None,
     phantom_lesions: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help='With --phantoms: lesions per phantom, "LOW-HIGH" or "N" (default: the generator\'s 1-4).'),
     ] = None,
     crop_dice: Annotated[
-        str, typer.Option(help='Dice of the crop steps: "pooled" over the batch or "per-crop" (one per crop, averaged).')
+        str,
+        typer.Option(help='Dice of the crop steps: "pooled" over the batch or "per-crop" (one per crop, averaged).'),
     ] = "pooled",
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
     device: Annotated[
-        Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (default: $DICOM_NODE_DEVICE, else auto).")
+        str | None, typer.Option(help="cpu, cuda, cuda:N or auto (default: $DICOM_NODE_DEVICE, else auto).")
     ] = None,
 ) -> None:
     """Train and save a model package."""
@@ -84,9 +85,9 @@ def train(
         raise typer.BadParameter("--phantom-lesions only applies to --phantoms")
     import torch
 
-    from inference import training
-    from inference.mtsa_net import MTSANetConfig
-    from inference.predictor import select_device
+    from inference.model.mtsa_net import MTSANetConfig
+    from inference.model.predictor import select_device
+    from inference.training import trainer
 
     if threads:
         torch.set_num_threads(threads)
@@ -100,7 +101,7 @@ def train(
         dropout=dropout,
     )
     try:
-        config = training.TrainingConfig(
+        config = trainer.TrainingConfig(
             learning_rate=learning_rate,
             patience=patience,
             max_epochs=max_epochs,
@@ -115,27 +116,25 @@ def train(
             crop_dice=crop_dice,
             seed=seed,
         )
-        training.check_crop_size(config, model_config)
+        trainer.check_crop_size(config, model_config)
         lesions = _lesion_range(phantom_lesions) if phantom_lesions else None
         torch_device = select_device(device)
     except (ValueError, RuntimeError) as exc:  # checked before minutes of data preparation
         raise typer.BadParameter(str(exc)) from exc
     size = model_config.input_size
     if phantoms is not None:
-        cases = training.phantom_cases(
-            phantoms, seed, size=size, free_slice_ratio=free_slice_ratio, lesions=lesions
-        )
+        cases = trainer.phantom_cases(phantoms, seed, size=size, free_slice_ratio=free_slice_ratio, lesions=lesions)
         data_info = {"source": "phantoms", "count": phantoms, "seeds": [seed, seed + phantoms - 1]}
         if lesions is not None:
             data_info["lesions_per_phantom"] = list(lesions)
     else:
-        cases = training.folder_cases(
+        cases = trainer.folder_cases(
             data, size=size, free_slice_ratio=free_slice_ratio, seed=seed, roi_pattern=roi_pattern
         )
         data_info = {"source": "folder", "path": str(data), "count": len(cases)}
     data_info["command"] = "dicom-node " + shlex.join(sys.argv[1:])
-    train_cases, val_cases = training.split_cases(cases, val_fraction, seed)
-    result = training.train(
+    train_cases, val_cases = trainer.split_cases(cases, val_fraction, seed)
+    result = trainer.train(
         model_config,
         train_cases,
         val_cases,

@@ -38,8 +38,10 @@ def worker(
     registry = ModelRegistry()
     prefix = f"{socket.gethostname()}-worker-"
     resumed = resume_interrupted(db, prefix)
-    workers = [InferenceWorker(f"{prefix}{i}", db, store, settings.worker, registry, stop)
-               for i in range(count or max(settings.worker.count, 1))]
+    workers = [
+        InferenceWorker(f"{prefix}{i}", db, store, settings.worker, registry, stop)
+        for i in range(count or max(settings.worker.count, 1))
+    ]
     for w in workers:
         w.start()
     get_logger(__name__).info("workers.started", count=len(workers), jobs_resumed=resumed)

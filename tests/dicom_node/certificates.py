@@ -38,10 +38,16 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
 
 
 def _issue(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, issuer_key: ec.EllipticCurvePrivateKey,
-    *, ca: bool, usage: list[x509.ObjectIdentifier] | None = None, san: list[x509.GeneralName] | None = None,
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    usage: list[x509.ObjectIdentifier] | None = None,
+    san: list[x509.GeneralName] | None = None,
 ) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
@@ -66,7 +72,12 @@ def make_pki(folder: Path, *, ca_name: str = "Test DICOM CA") -> Pki:
     ca = _issue(ca_name, ca_key, _name(ca_name), ca_key, ca=True)
     server_key = ec.generate_private_key(ec.SECP256R1())
     server = _issue(
-        "dicom-node", server_key, ca.subject, ca_key, ca=False, usage=[ExtendedKeyUsageOID.SERVER_AUTH],
+        "dicom-node",
+        server_key,
+        ca.subject,
+        ca_key,
+        ca=False,
+        usage=[ExtendedKeyUsageOID.SERVER_AUTH],
         san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
     )
     client_key = ec.generate_private_key(ec.SECP256R1())

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.demo import find_dcmtk
 from dicom_node.logging_setup import configure_logging
+from dicom_node.peers import find_dcmtk
 from dicom_node.service import NodeService
 from dicom_node.settings import LoggingSettings, load_settings
-from inference.phantoms import generate_phantom, write_phantom_series
+from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "config" / "node.example.toml"
 
@@ -51,8 +51,9 @@ def mr_series(tmp_path_factory) -> list[Path]:
 def other_series(tmp_path_factory) -> list[Path]:
     """A second small series of another patient, described as a T2 FLAIR (matches no T1 rule)."""
     phantom = generate_phantom(4343, orientation="axial", matrix=64, slices=10, n_lesions=1)
-    return write_phantom_series(phantom, tmp_path_factory.mktemp("t2_series"), series_description="T2 FLAIR",
-                                patient_id="OTHER1")
+    return write_phantom_series(
+        phantom, tmp_path_factory.mktemp("t2_series"), series_description="T2 FLAIR", patient_id="OTHER1"
+    )
 
 
 @pytest.fixture

@@ -56,7 +56,8 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., int]]:
         port = free_port()
         process = subprocess.Popen(
             [binary, "--aetitle", "TPS", "--output-directory", str(tmp_path), *options, str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         processes.append(process)
         wait_listening(port, process)

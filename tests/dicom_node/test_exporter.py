@@ -31,8 +31,7 @@ def free_port() -> int:
 def exporting_job(node, source: Path, destinations: list[str]) -> tuple[int, Path]:
     """A job in `exporting` whose one output is a copy of `source` (any storable object)."""
     ds = pydicom.dcmread(source)
-    store_instance(node.db, node.store, instance_meta(ds, ds.file_meta.TransferSyntaxUID, "TEST"),
-                   source.read_bytes())
+    store_instance(node.db, node.store, instance_meta(ds, ds.file_meta.TransferSyntaxUID, "TEST"), source.read_bytes())
     job_id = complete_series(node.db, 1, RoutingOutcome("r", "default", destinations, "test"))
     assert claim_next_job(node.db, "test") == job_id
     out_dir = node.store.root / "outputs" / f"job-{job_id}" / "attempt-1"
@@ -41,13 +40,19 @@ def exporting_job(node, source: Path, destinations: list[str]) -> tuple[int, Pat
     shutil.copy(source, output)
     relative = output.relative_to(node.store.root).as_posix()
     outputs = [(str(ds.SOPInstanceUID), str(ds.SOPClassUID), relative)]
-    record_outputs(node.db, job_id, out_dir.relative_to(node.store.root).as_posix(), {"outputs": outputs},
-                   [(d, *outputs[0]) for d in destinations])
+    record_outputs(
+        node.db,
+        job_id,
+        out_dir.relative_to(node.store.root).as_posix(),
+        {"outputs": outputs},
+        [(d, *outputs[0]) for d in destinations],
+    )
     return job_id, output
 
 
-def exporter_for(node, port: int, *, give_up_after_s: float = 60, dimse_timeout_s: float = 5,
-                 ae_title: str = "TPS") -> Exporter:
+def exporter_for(
+    node, port: int, *, give_up_after_s: float = 60, dimse_timeout_s: float = 5, ae_title: str = "TPS"
+) -> Exporter:
     destination = Destination(name="tps", ae_title=ae_title, host="127.0.0.1", port=port)
     settings = ExportSettings(retry_initial_s=0.1, retry_max_interval_s=0.2, give_up_after_s=give_up_after_s)
     return Exporter(node.db, node.store, [destination], settings, "DICOMNODE", dimse_timeout_s)
@@ -58,18 +63,24 @@ def run_until_settled(exporter: Exporter, node, job_id: int, timeout: float = 30
         exporter.run_once()
         job = load_job(node.db, job_id)
         return job if job.state in (JobState.DONE, JobState.FAILED) else None
+
     return wait_for(settled, timeout=timeout, interval=0.15)
 
 
 def start_storescp(port: int, out_dir: Path, *options: str) -> subprocess.Popen:
     """DCMTK storescp on 127.0.0.1:`port`, ready when echoscu gets an answer (accepted or rejected)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen([require_tool("storescp"), "-aet", "TPS", "-od", str(out_dir), *options, str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [require_tool("storescp"), "-aet", "TPS", "-od", str(out_dir), *options, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     answer = "Association Rejected" if "--refuse" in options else "Received Echo Response"
     echo = [require_tool("echoscu"), "-v", "-aec", "TPS", "127.0.0.1", str(port)]
-    wait_for(lambda: answer in subprocess.run(echo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                              text=True).stdout, timeout=10)
+    wait_for(
+        lambda: answer in subprocess.run(echo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout,
+        timeout=10,
+    )
     return process
 
 
@@ -109,8 +120,7 @@ class MisbehavingSCP:
         ae = AE(ae_title=ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
         ae.require_called_aet = True
-        self.server = ae.start_server(("127.0.0.1", port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self.handle)])
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self.handle)])
 
     def handle(self, event):
         time.sleep(self.delay)
@@ -138,13 +148,17 @@ def test_destination_that_rejects_and_hangs_up_is_reported_as_rejecting(unstarte
         tps.wait(10)
 
 
-@pytest.mark.parametrize("behaviour, expected", [
-    ({"status": 0xA700}, "answered failure status 0xA700"),
-    ({"ae_title": "NOT_TPS"}, "rejected the association"),
-    ({"delay": 3.0}, "did not answer"),
-])
+@pytest.mark.parametrize(
+    "behaviour, expected",
+    [
+        ({"status": 0xA700}, "answered failure status 0xA700"),
+        ({"ae_title": "NOT_TPS"}, "rejected the association"),
+        ({"delay": 3.0}, "did not answer"),
+    ],
+)
 def test_failing_destination_is_retried_then_failed_with_reason_and_resendable(
-        unstarted_node, mr_series, behaviour, expected):
+    unstarted_node, mr_series, behaviour, expected
+):
     node = unstarted_node
     port = free_port()
     job_id, _ = exporting_job(node, mr_series[0], ["tps"])

@@ -17,8 +17,9 @@ from tests.dicom_node.test_store_scp import jobs_by_state, storescu
 def cli(node_env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **node_env}
     env.pop("DICOM_NODE_CONFIG", None)
-    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_jobs_list_show_retry_json_contract(start_node, node_env, mr_series):
@@ -44,8 +45,7 @@ def test_jobs_list_show_retry_json_contract(start_node, node_env, mr_series):
     fail_job(node.db, job["id"], "the series has a gap between slices 4 and 6")
     shown = json.loads(cli(node_env, "jobs", "show", str(job["id"]), "--json").stdout)
     assert shown["state"] == "failed" and "gap" in shown["reason"]
-    assert [e["state"] for e in shown["events"] if e["kind"] == "state"] == [
-        "received", "queued", "running", "failed"]
+    assert [e["state"] for e in shown["events"] if e["kind"] == "state"] == ["received", "queued", "running", "failed"]
 
     human = cli(node_env, "jobs", "show", str(job["id"]))
     assert human.returncode == 0 and "gap between slices" in human.stdout

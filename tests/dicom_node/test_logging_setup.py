@@ -86,8 +86,12 @@ def test_patient_identity_masked_by_default() -> None:
     stream = io.StringIO()
     configure_logging(LoggingSettings(format="json"), stream=stream)
     get_logger("x").info(
-        "stored", patient_name="Doe^Jane", PatientBirthDate="19700101", PatientID="P123",
-        who=PersonName("Roe^Richard"), sop_instance_uid="1.2.3.4",
+        "stored",
+        patient_name="Doe^Jane",
+        PatientBirthDate="19700101",
+        PatientID="P123",
+        who=PersonName("Roe^Richard"),
+        sop_instance_uid="1.2.3.4",
     )
     text = stream.getvalue()
     for secret in ("Doe", "19700101", "P123", "Roe"):

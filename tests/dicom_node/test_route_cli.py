@@ -52,7 +52,11 @@ def test_json_report(folder: Path) -> None:
     by_modality = {item["modality"]: item for item in report["series"]}
     mr, ct = by_modality["MR"], by_modality["CT"]
     assert (mr["matched"], mr["rule"], mr["model"], mr["destinations"], mr["instances"]) == (
-        True, "brain-mr", "default", ["tps"], 3
+        True,
+        "brain-mr",
+        "default",
+        ["tps"],
+        3,
     )
     assert mr["rules"] == [{"name": "brain-mr", "matched": True, "detail": "Modality 'MR' matches ^(?:MR)$"}]
     assert ct["matched"] is False and ct["rule"] is None

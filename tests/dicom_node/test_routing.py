@@ -75,7 +75,9 @@ def test_first_matching_rule_wins_and_every_rule_is_explained() -> None:
     decision = route_series(rules, header(Modality="MR"))
     assert decision.rule is not None and decision.rule.name == "mr-first"
     assert [(o.rule.name, o.matched) for o in decision.outcomes] == [
-        ("ct", False), ("mr-first", True), ("catch-all", True)
+        ("ct", False),
+        ("mr-first", True),
+        ("catch-all", True),
     ]
     assert str(decision.outcomes[0]) == "rule ct: Modality 'MR' does not match ^(?:CT)$"
     assert decision.outcomes[2].detail == "matches every series (no patterns)"

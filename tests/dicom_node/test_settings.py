@@ -52,7 +52,12 @@ def test_example_file_matches_the_contract(tmp_path: Path, monkeypatch: pytest.M
     assert settings.storage.data_dir == tmp_path / "var"
     assert settings.series.quiet_period_s == 30
     [rule] = settings.rules
-    assert (rule.name, rule.model, rule.match, rule.destinations) == ("brain-mr", "default", {"Modality": "MR"}, ["tps"])
+    assert (rule.name, rule.model, rule.match, rule.destinations) == (
+        "brain-mr",
+        "default",
+        {"Modality": "MR"},
+        ["tps"],
+    )
     tps = settings.destination("tps")
     assert (tps.ae_title, tps.host, tps.port, tps.calling_ae_title) == ("TPS", "127.0.0.1", 11113, None)
     assert not settings.node.tls.enabled and not tps.tls.enabled
@@ -131,12 +136,27 @@ def test_source_address_allow_list() -> None:
         ('[worker]\ndevice = "gpu"\n', "worker.device: String should match pattern"),
         ('[logging]\nformat = "xml"\n', "logging.format: Input should be 'auto', 'json' or 'console'"),
         ('[logging]\nlevel = "LOUD"\n', "logging.level: unknown log level 'LOUD'"),
-        ("[export]\nretry_initial_s = 10\nretry_max_interval_s = 5\n", "export: retry_max_interval_s must be >= retry_initial_s"),
-        ('[[destinations]]\nname = "pacs"\nae_title = "PACS"\nport = 104\n', "destinations[0] ('pacs').host: required key is missing"),
+        (
+            "[export]\nretry_initial_s = 10\nretry_max_interval_s = 5\n",
+            "export: retry_max_interval_s must be >= retry_initial_s",
+        ),
+        (
+            '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nport = 104\n',
+            "destinations[0] ('pacs').host: required key is missing",
+        ),
         (VALID_DESTINATION + VALID_DESTINATION, "destinations[].name: duplicate name(s) tps"),
-        ('[[rules]]\nname = "r"\ndestinations = ["nowhere"]\n', "rules[0] ('r').destinations: unknown destination(s) nowhere"),
-        ('[[rules]]\nname = "broken"\nmatch = { Modality = "(MR" }\n', "rules[0] ('broken'): match.Modality: invalid regex '(MR'"),
-        ('[[rules]]\nname = "typo"\nmatch = { modality = "MR" }\n', "rules[0] ('typo'): match: 'modality' is not a DICOM keyword"),
+        (
+            '[[rules]]\nname = "r"\ndestinations = ["nowhere"]\n',
+            "rules[0] ('r').destinations: unknown destination(s) nowhere",
+        ),
+        (
+            '[[rules]]\nname = "broken"\nmatch = { Modality = "(MR" }\n',
+            "rules[0] ('broken'): match.Modality: invalid regex '(MR'",
+        ),
+        (
+            '[[rules]]\nname = "typo"\nmatch = { modality = "MR" }\n',
+            "rules[0] ('typo'): match: 'modality' is not a DICOM keyword",
+        ),
         ('[[rules]]\nname = "seq"\nmatch = { ReferencedImageSequence = "x" }\n', "has no text value to match"),
         ("[node\n", "invalid TOML"),
     ],
@@ -187,7 +207,10 @@ def test_config_check_error_is_one_message_without_traceback(tmp_path: Path) -> 
     path = write(tmp_path, "[node]\nport = 70000\n")
     result = subprocess.run(
         [sys.executable, "-m", "dicom_node.cli", "config", "check", "--config", str(path)],
-        capture_output=True, text=True, timeout=60, env={"COLUMNS": "300", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "300", "PATH": ""},
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from dicom_node import status_codes
 from storage.instance_store import InstanceStore, sha256_file
-from storage.models import Instance, Job, JobState
+from storage.models import Instance, Job
 from tests.dicom_node.conftest import require_tool, wait_for
 
 RULES_CONFIG = """
@@ -37,13 +37,20 @@ SeriesDescription = "T1 CE.*"
 
 def storescu(port: int, files: list[Path], calling: str = "STORESCU") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [require_tool("storescu"), "-aet", calling, "-aec", "DICOMNODE", "127.0.0.1", str(port),
-         *map(str, files)], capture_output=True, text=True, timeout=120)
+        [require_tool("storescu"), "-aet", calling, "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def echoscu(port: int, calling: str) -> subprocess.CompletedProcess:
-    return subprocess.run([require_tool("echoscu"), "-aet", calling, "-aec", "DICOMNODE", "127.0.0.1", str(port)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [require_tool("echoscu"), "-aet", calling, "-aec", "DICOMNODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def count(service, model) -> int:
@@ -117,26 +124,36 @@ def test_calling_ae_outside_allow_list_is_refused(start_node):
     port = node.address[1]
     refused = echoscu(port, "INTRUDER")
     assert refused.returncode != 0
-    assert "Called AE Title Not Recognized" in refused.stderr or "Calling AE Title Not Recognized" in refused.stderr \
+    assert (
+        "Called AE Title Not Recognized" in refused.stderr
+        or "Calling AE Title Not Recognized" in refused.stderr
         or "rejected" in refused.stderr.lower()
+    )
     assert echoscu(port, "MR_SCANNER1").returncode == 0
 
 
 def test_wrong_called_ae_is_refused(start_node):
     node = start_node()
-    result = subprocess.run([require_tool("echoscu"), "-aet", "X", "-aec", "NOTTHENODE", "127.0.0.1",
-                             str(node.address[1])], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [require_tool("echoscu"), "-aet", "X", "-aec", "NOTTHENODE", "127.0.0.1", str(node.address[1])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
 
 
-@pytest.mark.parametrize("name", [
-    "MR_small.dcm",  # explicit VR little endian
-    "MR_small_implicit.dcm",
-    "MR_small_bigendian.dcm",
-    "MR_small_RLE.dcm",
-    "MR_small_jpeg_ls_lossless.dcm",
-    "MR_small_jp2klossless.dcm",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small.dcm",  # explicit VR little endian
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_jp2klossless.dcm",
+    ],
+)
 def test_pydicom_mr_files_in_each_transfer_syntax_stored_intact(start_node, name):
     node = start_node()
     original = pydicom.dcmread(get_testdata_file(name))
@@ -217,8 +234,14 @@ def test_invalid_uid_is_refused_and_never_becomes_a_path(start_node, mr_series, 
         ds.save_as(path)
         assert send_one(node.address[1], path) == status_codes.CANNOT_UNDERSTAND
     assert count(node, Instance) == 0
-    assert {p.name for p in node.store.root.iterdir()} <= {"instances", "outputs", "tmp", "dicom-node.db",
-                                                          "dicom-node.db-wal", "dicom-node.db-shm"}
+    assert {p.name for p in node.store.root.iterdir()} <= {
+        "instances",
+        "outputs",
+        "tmp",
+        "dicom-node.db",
+        "dicom-node.db-wal",
+        "dicom-node.db-shm",
+    }
 
 
 def test_instance_store_rejects_escaping_paths(tmp_path):

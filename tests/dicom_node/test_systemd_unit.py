@@ -78,7 +78,10 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     unit = _installable_copy(tmp_path)
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", str(unit)],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert "dicom-node.service" not in result.stderr, result.stderr
@@ -90,7 +93,10 @@ def test_systemd_security_exposure_is_low(tmp_path: Path) -> None:
     unit = _installable_copy(tmp_path)
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "--threshold=30", "--no-pager", str(unit)],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     if "--offline" in result.stderr or "--threshold" in result.stderr:
         pytest.skip("this systemd-analyze lacks --offline/--threshold (systemd < 250)")

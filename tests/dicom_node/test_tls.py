@@ -24,15 +24,20 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 def server_tls(pki: Pki, *, require_client_cert: bool = True) -> TlsSettings:
     return TlsSettings(
-        enabled=True, cert_file=pki.server_cert, key_file=pki.server_key, ca_file=pki.ca_file,
+        enabled=True,
+        cert_file=pki.server_cert,
+        key_file=pki.server_key,
+        ca_file=pki.ca_file,
         require_client_cert=require_client_cert,
     )
 
 
 def client_tls(pki: Pki, *, with_cert: bool = True, ca_file: Path | None = None) -> TlsSettings:
     return TlsSettings(
-        enabled=True, ca_file=ca_file or pki.ca_file,
-        cert_file=pki.client_cert if with_cert else None, key_file=pki.client_key if with_cert else None,
+        enabled=True,
+        ca_file=ca_file or pki.ca_file,
+        cert_file=pki.client_cert if with_cert else None,
+        key_file=pki.client_key if with_cert else None,
     )
 
 
@@ -143,8 +148,12 @@ def test_c_echo_over_mutual_tls(pki: Pki, tls_echo_scp: int) -> None:
 
 def test_c_echo_without_client_certificate_fails(pki: Pki, tls_echo_scp: int) -> None:
     result = send_echo(
-        "127.0.0.1", tls_echo_scp, calling_ae_title="ECHOSCU", called_ae_title="TLSSCP",
-        tls=client_tls(pki, with_cert=False), timeout_s=5,
+        "127.0.0.1",
+        tls_echo_scp,
+        calling_ae_title="ECHOSCU",
+        called_ae_title="TLSSCP",
+        tls=client_tls(pki, with_cert=False),
+        timeout_s=5,
     )
     assert not result.ok and result.status is None
 

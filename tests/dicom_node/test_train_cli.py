@@ -35,16 +35,19 @@ def test_evaluate_reports_a_missing_package(tmp_path: Path) -> None:
 
 def test_train_rejects_bad_settings_before_preparing_any_data(tmp_path: Path) -> None:
     runner = CliRunner()
-    for option, message in ((["--crop-size", "384"], "smaller than input_size"),
-                            (["--crop-size", "100"], "multiple of 16"),
-                            (["--ema-decay", "1.5"], "ema_decay"),
-                            (["--crop-dice", "per-slice"], "crop_dice"),
-                            (["--phantom-lesions", "three"], "LOW-HIGH"),
-                            (["--phantom-lesions", "3-"], "LOW-HIGH"),
-                            (["--crop-dice", "per-crop"], "needs crop steps"),
-                            (["--phantom-lesions", "5-2"], "1 <= LOW <= HIGH")):
-        result = runner.invoke(app, ["train", "--out", str(tmp_path / "pkg"), "--phantoms", "2", *option],
-                               terminal_width=200)
+    for option, message in (
+        (["--crop-size", "384"], "smaller than input_size"),
+        (["--crop-size", "100"], "multiple of 16"),
+        (["--ema-decay", "1.5"], "ema_decay"),
+        (["--crop-dice", "per-slice"], "crop_dice"),
+        (["--phantom-lesions", "three"], "LOW-HIGH"),
+        (["--phantom-lesions", "3-"], "LOW-HIGH"),
+        (["--crop-dice", "per-crop"], "needs crop steps"),
+        (["--phantom-lesions", "5-2"], "1 <= LOW <= HIGH"),
+    ):
+        result = runner.invoke(
+            app, ["train", "--out", str(tmp_path / "pkg"), "--phantoms", "2", *option], terminal_width=200
+        )
         assert result.exit_code == 2, result.output  # a usage error, not a traceback
         assert message in result.output
     assert not (tmp_path / "pkg").exists()
@@ -59,8 +62,10 @@ def test_phantom_lesions_only_with_phantoms(tmp_path: Path) -> None:
 def test_evaluate_rejects_bad_sweep_values_before_any_work(tmp_path: Path) -> None:
     runner = CliRunner()
     model = ["--model", str(tmp_path / "nowhere")]  # never opened: the options are checked first
-    for option, message in ((["--sweep", "0.3,high"], "comma-separated numbers"),
-                            (["--sweep-min-volumes", "10"], "needs --sweep")):
+    for option, message in (
+        (["--sweep", "0.3,high"], "comma-separated numbers"),
+        (["--sweep-min-volumes", "10"], "needs --sweep"),
+    ):
         result = runner.invoke(app, ["evaluate", *model, *option], terminal_width=200)
         assert result.exit_code == 2, result.output
         assert message in result.output

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 
 from dicom_node.settings import load_settings
-from inference.phantoms import generate_phantom, write_phantom_series
+from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 from storage.database import Database
 from storage.jobs import list_jobs, load_job
 from storage.models import EventKind, JobState
@@ -30,8 +30,14 @@ EXPECTED_STAGES = {"load", "preprocess", "model", "postprocess", "write outputs"
 
 
 def phantom_series(folder: Path, seed: int, patient_id: str, **kw) -> list[Path]:
-    phantom = generate_phantom(seed, orientation="axial", matrix=kw.pop("matrix", 96),
-                               slices=kw.pop("slices", 20), n_lesions=kw.pop("n_lesions", 2), **kw)
+    phantom = generate_phantom(
+        seed,
+        orientation="axial",
+        matrix=kw.pop("matrix", 96),
+        slices=kw.pop("slices", 20),
+        n_lesions=kw.pop("n_lesions", 2),
+        **kw,
+    )
     return write_phantom_series(phantom, folder, patient_id=patient_id)
 
 
@@ -53,8 +59,11 @@ def tps(tmp_path):
 
 
 def node_with_tps(start_node, tps_port: int):
-    return start_node(DICOM_NODE__WORKER__COUNT="1", DICOM_NODE__DESTINATIONS__0__PORT=str(tps_port),
-                      DICOM_NODE__EXPORT__RETRY_INITIAL_S="0.5")
+    return start_node(
+        DICOM_NODE__WORKER__COUNT="1",
+        DICOM_NODE__DESTINATIONS__0__PORT=str(tps_port),
+        DICOM_NODE__EXPORT__RETRY_INITIAL_S="0.5",
+    )
 
 
 def finished(node, count: int):
@@ -108,16 +117,25 @@ def test_corrupt_series_fails_with_reason_and_next_study_completes(start_node, t
 
 
 def serve_process(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
-                            env={**os.environ, **env}, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+        env={**os.environ, **env},
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, tps, tmp_path):
     tps_port, tps_folder = tps
     port = free_port()
-    env = {**node_env, "DICOM_NODE__NODE__PORT": str(port), "DICOM_NODE__WORKER__COUNT": "1",
-           "DICOM_NODE__DESTINATIONS__0__PORT": str(tps_port), "DICOM_NODE__EXPORT__RETRY_INITIAL_S": "0.5",
-           "DICOM_NODE__LOGGING__FORMAT": "json"}
+    env = {
+        **node_env,
+        "DICOM_NODE__NODE__PORT": str(port),
+        "DICOM_NODE__WORKER__COUNT": "1",
+        "DICOM_NODE__DESTINATIONS__0__PORT": str(tps_port),
+        "DICOM_NODE__EXPORT__RETRY_INITIAL_S": "0.5",
+        "DICOM_NODE__LOGGING__FORMAT": "json",
+    }
     config = Path(__file__).resolve().parents[2] / "config" / "node.example.toml"
     db = Database(load_settings(config, env=env).storage.resolved_database_url)
     files = phantom_series(tmp_path / "study", 3404, "E2EKILL", matrix=128, slices=40)
@@ -125,8 +143,15 @@ def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, 
     log = tmp_path / "serve.log"
     process = serve_process(config, env, log)
     try:
-        wait_for(lambda: subprocess.run([require_tool("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)],
-                                        capture_output=True).returncode == 0, timeout=60)
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    [require_tool("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)], capture_output=True
+                ).returncode
+                == 0
+            ),
+            timeout=60,
+        )
         assert storescu(port, files).returncode == 0
         wait_for(lambda: any(j.state == JobState.RUNNING for j in list_jobs(db)), timeout=120, interval=0.05)
         time.sleep(0.5)  # inside the pipeline (model loading / preprocessing)
@@ -136,8 +161,9 @@ def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, 
         assert job.state == JobState.RUNNING  # killed mid-run: nothing got further
 
         process = serve_process(config, env, log)
-        done = wait_for(lambda: (j := list_jobs(db)[0]).state in (JobState.DONE, JobState.FAILED) and j,
-                        timeout=300, interval=0.5)
+        done = wait_for(
+            lambda: (j := list_jobs(db)[0]).state in (JobState.DONE, JobState.FAILED) and j, timeout=300, interval=0.5
+        )
     finally:
         process.terminate()
         process.wait(30)
@@ -151,8 +177,12 @@ def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, 
 
 def test_demo_command_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "demo", "--out", str(out),
-                             "--matrix", "128", "--slices", "32"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", "demo", "--out", str(out), "--matrix", "128", "--slices", "32"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Stage timings" in result.stdout and "EGFR" in result.stdout
     assert "RTSTRUCT" in result.stdout and "NOT FOR CLINICAL USE" in result.stdout

@@ -3,7 +3,7 @@
 Series are written as real MR files and read back with SimpleITK's own DICOM
 reader (GDCM) for the geometry and pydicom for the headers, so the writers'
 header maths is checked against an independent implementation. Phantom series
-are loaded with the node's own `inference.volume_loader.load_series`, as in
+are loaded with the node's own `inference.imaging.volume_loader.load_series`, as in
 production. Tests get the
 helpers as fixtures (`mr_files`, `mr_series`, `phantom_case`, `result_on`, `dciodvfy`), so
 they work whether or not the test folders are packages.
@@ -26,6 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
+from inference.imaging.volume_loader import load_series
 from inference.result import (
     EgfrCall,
     EgfrPrediction,
@@ -34,9 +35,8 @@ from inference.result import (
     LoadedSeries,
     ModelIdentity,
 )
-from inference.phantoms import generate_phantom, write_phantom_series
+from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 from inference.uids import new_uid
-from inference.volume_loader import load_series
 
 DEMO_MODEL = ModelIdentity(name="mtsa-demo", version="0.1.0", is_demo=True)
 CLINICAL_MODEL = ModelIdentity(name="mtsa-net", version="2.3.1", is_demo=False)
@@ -142,9 +142,7 @@ def make_result(
     label_map.CopyInformation(series.image)
     if egfr is None:
         egfr = (
-            EgfrPrediction(EgfrCall.MUTANT, 0.8125, 3)
-            if lesions
-            else EgfrPrediction(EgfrCall.NOT_ASSESSABLE, None, 0)
+            EgfrPrediction(EgfrCall.MUTANT, 0.8125, 3) if lesions else EgfrPrediction(EgfrCall.NOT_ASSESSABLE, None, 0)
         )
     return InferenceResult(
         series=series,

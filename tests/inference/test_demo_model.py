@@ -7,7 +7,7 @@ mean 0.762, median 0.927, 11 of 13 lesions found, no false-positive lesion,
 and the bounds below sit just under those figures (one more missed lesion
 fails the test; 0.2.0 fails it with 10 of 13 found and mean 0.711, 0.1.0 with
 median 0.850 and 2 false-positive lesions). The accuracy figures are in
-inference/models/mtsa-demo/MODEL_CARD.md: 0.797 on the 40 test phantoms,
+inference/model/shipped/mtsa-demo/MODEL_CARD.md: 0.797 on the 40 test phantoms,
 0.783 over the 80 phantoms of its four evaluation sets, so the Dice >= 0.80
 goal is not met in general.
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.evaluation import evaluate_package
-from inference.model_package import DEMO_PACKAGE_DIR, load_package
+from inference.evaluation.evaluate import evaluate_package
+from inference.model.package import DEMO_PACKAGE_DIR, load_package
 
 TEST_SEEDS = range(90000, 90008)
 

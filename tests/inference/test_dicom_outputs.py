@@ -16,23 +16,25 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
-from inference import sr_codes
-from inference.dicom_outputs import write_dataset, write_dicom_outputs
-from inference.postprocess import extract_lesions
+from inference.imaging.postprocess import extract_lesions
+from inference.outputs import codes
+from inference.outputs.dicom_outputs import write_dataset, write_dicom_outputs
+from inference.outputs.rtstruct_raster import rasterise_roi
 from inference.result import EgfrCall, EgfrPrediction, InferenceResult, ModelIdentity
-from inference.rtstruct_raster import rasterise_roi
 
 # The one dciodvfy warning accepted for our SRs; see tests/inference/test_sr.py.
-ACCEPTED_WARNING = (
-    "Unrecognized defined term <99DICOMNODE> for value 1 of attribute <Coding Scheme Designator>"
-)
+ACCEPTED_WARNING = "Unrecognized defined term <99DICOMNODE> for value 1 of attribute <Coding Scheme Designator>"
 
 
 @pytest.fixture
 def series(tmp_path: Path, mr_series):
     series = mr_series(
-        shape=(4, 30, 30), row_spacing=1.0, col_spacing=1.0, slice_spacing=2.0,
-        along_row=(1, 0, 0), along_col=(0, 1, 0),
+        shape=(4, 30, 30),
+        row_spacing=1.0,
+        col_spacing=1.0,
+        slice_spacing=2.0,
+        along_row=(1, 0, 0),
+        along_col=(0, 1, 0),
     )
     return series
 
@@ -40,7 +42,7 @@ def series(tmp_path: Path, mr_series):
 def test_writes_rtstruct_and_sr(series, tmp_path: Path, result_on) -> None:
     labels = np.zeros((4, 30, 30), np.uint16)
     labels[1:3, 5:15, 5:15] = 1
-    paths = write_dicom_outputs(result_on(series, labels), tmp_path / "out")
+    paths = [o.path for o in write_dicom_outputs(result_on(series, labels), tmp_path / "out")]
     assert [p.name.split("_")[0] for p in paths] == ["RTSTRUCT", "SR"]
     for path, sop_class in zip(paths, (RTStructureSetStorage, Comprehensive3DSRStorage)):
         ds = pydicom.dcmread(path)
@@ -54,7 +56,7 @@ def test_writes_rtstruct_and_sr(series, tmp_path: Path, result_on) -> None:
 def test_seg_is_opt_in(series, tmp_path: Path, result_on, dciodvfy) -> None:
     labels = np.zeros((4, 30, 30), np.uint16)
     labels[1:3, 5:15, 5:15] = 1
-    paths = write_dicom_outputs(result_on(series, labels), tmp_path / "out", include_seg=True)
+    paths = [o.path for o in write_dicom_outputs(result_on(series, labels), tmp_path / "out", include_seg=True)]
     assert [p.name.split("_")[0] for p in paths] == ["RTSTRUCT", "SEG", "SR"]
     rtstruct, seg, sr = (pydicom.dcmread(p) for p in paths)
     assert seg.SOPClassUID == SegmentationStorage
@@ -73,7 +75,7 @@ def test_seg_is_opt_in(series, tmp_path: Path, result_on, dciodvfy) -> None:
 
 def test_no_lesions_writes_only_the_sr(series, tmp_path: Path, result_on) -> None:
     result = result_on(series, np.zeros((4, 30, 30), np.uint16))
-    (path,) = write_dicom_outputs(result, tmp_path / "out", include_seg=True)
+    (path,) = [o.path for o in write_dicom_outputs(result, tmp_path / "out", include_seg=True)]
     assert path.name.startswith("SR_")
 
 
@@ -87,10 +89,14 @@ def test_phantom_through_postprocess_and_all_writers(tmp_path: Path, phantom_cas
     label_map, lesions = extract_lesions(probability, threshold=0.5, min_volume_mm3=0.0)
     assert lesions
     result = InferenceResult(
-        series=series, label_map=label_map, probability_map=probability, lesions=lesions,
-        egfr=EgfrPrediction(EgfrCall.WILD_TYPE, 0.25, 4), model=ModelIdentity("mtsa-demo", "0.1.0", True),
+        series=series,
+        label_map=label_map,
+        probability_map=probability,
+        lesions=lesions,
+        egfr=EgfrPrediction(EgfrCall.WILD_TYPE, 0.25, 4),
+        model=ModelIdentity("mtsa-demo", "0.1.0", True),
     )
-    rtstruct_path, seg_path, sr_path = write_dicom_outputs(result, tmp_path / "out", include_seg=True)
+    rtstruct_path, seg_path, sr_path = [o.path for o in write_dicom_outputs(result, tmp_path / "out", include_seg=True)]
     rtstruct = pydicom.dcmread(rtstruct_path)
     assert rtstruct.PatientName == "Müller^Jörg"
     for roi in rtstruct.StructureSetROISequence:
@@ -100,9 +106,9 @@ def test_phantom_through_postprocess_and_all_writers(tmp_path: Path, phantom_cas
         assert 2.0 * (raster & mask).sum() / (raster.sum() + mask.sum()) >= 0.95
     report = hd.sr.MeasurementReport.from_sequence(hd.sr.srread(sr_path).content)
     volumes = {
-        group.tracking_identifier: group.get_measurements(name=sr_codes.VOLUME)[0].value
+        group.tracking_identifier: group.get_measurements(name=codes.VOLUME)[0].value
         for group in report.get_image_measurement_groups()
-        if group.get_measurements(name=sr_codes.VOLUME)
+        if group.get_measurements(name=codes.VOLUME)
     }
     assert volumes == {lesion.name: lesion.volume_cm3 for lesion in lesions}
     for path in (rtstruct_path, seg_path, sr_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.evaluation import (
+from inference.evaluation.evaluate import (
     PhantomScore,
     equivalent_diameter_mm,
     evaluate_package,
@@ -16,8 +16,8 @@ from inference.evaluation import (
     summarise,
     threshold_sweep,
 )
-from inference.model_package import ModelPackage, save_package
-from inference.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.package import ModelPackage, save_package
 
 
 def test_equivalent_diameter_of_a_sphere_volume() -> None:
@@ -48,7 +48,9 @@ def test_summary_filters_small_lesions_and_unassessable_egfr() -> None:
     small = lesion_scores(1, np.pad(np.ones((1, 1, 1), np.uint8), 2), np.zeros((5, 5, 5), np.uint8), (1, 1, 1))
     common = {"orientation": "axial", "dice": 0.9, "precision": 1.0, "recall": 0.8, "false_positive_lesions": 0}
     scores = [
-        PhantomScore(seed=1, genotype=1, egfr_call="mutant", egfr_probability=0.9, hd95_mm=2.0, lesions=big + small, **common),
+        PhantomScore(
+            seed=1, genotype=1, egfr_call="mutant", egfr_probability=0.9, hd95_mm=2.0, lesions=big + small, **common
+        ),
         PhantomScore(seed=2, genotype=0, egfr_call="mutant", egfr_probability=0.6, hd95_mm=math.inf, **common),
         PhantomScore(seed=3, genotype=0, egfr_call="not assessable", egfr_probability=None, hd95_mm=4.0, **common),
     ]
@@ -62,8 +64,14 @@ def test_summary_filters_small_lesions_and_unassessable_egfr() -> None:
 @pytest.fixture(scope="module")
 def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
     config = MTSANetConfig(
-        width=2, input_size=64, transformer_dim=8, transformer_depth=1, transformer_heads=2,
-        transformer_mlp_dim=16, classifier_hidden=8, dropout=0.0,
+        width=2,
+        input_size=64,
+        transformer_dim=8,
+        transformer_depth=1,
+        transformer_heads=2,
+        transformer_mlp_dim=16,
+        classifier_hidden=8,
+        dropout=0.0,
     )
     torch.manual_seed(0)
     return save_package(MTSANet(config), config, tmp_path_factory.mktemp("pkg"), "tiny", "0", is_demo=True)
@@ -90,8 +98,9 @@ def test_threshold_sweep_extremes(tiny_package: ModelPackage) -> None:
 
 def test_threshold_sweep_over_minimum_volumes(tiny_package: ModelPackage) -> None:
     # at threshold -1 the whole head is one component: a floor above the volume's size drops it
-    results = threshold_sweep(tiny_package, [31], [-1.0], min_volumes_mm3=[0.0, 1e12], device="cpu",
-                              progress=False, phantom_options=SMALL)
+    results = threshold_sweep(
+        tiny_package, [31], [-1.0], min_volumes_mm3=[0.0, 1e12], device="cpu", progress=False, phantom_options=SMALL
+    )
     assert results[(-1.0, 0.0)]["voxel_recall_mean"] == 1.0
     assert results[(-1.0, 1e12)]["voxel_recall_mean"] == 0.0
     with pytest.raises(ValueError, match="no minimum volumes"):

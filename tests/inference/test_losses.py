@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from inference.losses import (
+from inference.training.losses import (
     UncertaintyWeightedLoss,
     egfr_loss,
     focal_loss,

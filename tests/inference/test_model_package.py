@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from inference.errors import ModelPackageError
-from inference.model_package import (
+from inference.model.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.package import (
     DEMO_PACKAGE_DIR,
     MODEL_ENV_VAR,
     default_package_path,
@@ -17,11 +18,16 @@ from inference.model_package import (
     save_package,
     sha256_of,
 )
-from inference.mtsa_net import MTSANet, MTSANetConfig
 
 TINY = MTSANetConfig(
-    width=2, input_size=64, transformer_dim=8, transformer_depth=1, transformer_heads=2,
-    transformer_mlp_dim=16, classifier_hidden=8, dropout=0.0,
+    width=2,
+    input_size=64,
+    transformer_dim=8,
+    transformer_depth=1,
+    transformer_heads=2,
+    transformer_mlp_dim=16,
+    classifier_hidden=8,
+    dropout=0.0,
 )
 
 
@@ -120,6 +126,6 @@ def test_state_dict_not_matching_the_config(package_dir: Path) -> None:
 def test_default_package_path_honours_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(MODEL_ENV_VAR, raising=False)
     assert default_package_path() == DEMO_PACKAGE_DIR
-    assert DEMO_PACKAGE_DIR.parts[-3:] == ("inference", "models", "mtsa-demo")
+    assert DEMO_PACKAGE_DIR.parts[-4:] == ("inference", "model", "shipped", "mtsa-demo")
     monkeypatch.setenv(MODEL_ENV_VAR, str(tmp_path))
     assert default_package_path() == tmp_path

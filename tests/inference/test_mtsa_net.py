@@ -5,11 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.mtsa_net import MSAModule, MTSANet, MTSANetConfig
+from inference.model.mtsa_net import MSAModule, MTSANet, MTSANetConfig
 
 TINY = MTSANetConfig(
-    width=2, input_size=64, transformer_dim=8, transformer_depth=1, transformer_heads=2,
-    transformer_mlp_dim=16, classifier_hidden=8, dropout=0.0,
+    width=2,
+    input_size=64,
+    transformer_dim=8,
+    transformer_depth=1,
+    transformer_heads=2,
+    transformer_mlp_dim=16,
+    classifier_hidden=8,
+    dropout=0.0,
 )
 
 

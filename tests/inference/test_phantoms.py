@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
-from inference.phantoms import generate_phantom, write_phantom_series, write_phantom_truth
+from inference.synthetic.phantoms import generate_phantom, write_phantom_series, write_phantom_truth
 
 SMALL = {"matrix": 64, "slices": 16}
 
@@ -77,8 +77,9 @@ def test_mask_is_a_label_map_of_the_lesions_on_the_image_grid():
 
 
 def test_lesions_enhance_against_the_brain():
-    phantom = generate_phantom(13, orientation="axial", matrix=192, slices=60, slice_spacing=2.0, n_lesions=2,
-                               genotype=1)
+    phantom = generate_phantom(
+        13, orientation="axial", matrix=192, slices=60, slice_spacing=2.0, n_lesions=2, genotype=1
+    )
     image = sitk.GetArrayFromImage(phantom.image)
     labels = sitk.GetArrayFromImage(phantom.mask)
     brain = image[(labels == 0) & (image > 300)]

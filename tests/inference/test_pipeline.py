@@ -17,10 +17,10 @@ import torch
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
-from inference import preprocess
 from inference.errors import SeriesError
-from inference.model_package import ModelPackage, save_package
-from inference.mtsa_net import MTSANet, MTSANetConfig
+from inference.imaging import preprocess
+from inference.model.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.package import ModelPackage, save_package
 from inference.pipeline import run_series, write_offline_outputs
 from inference.result import EgfrCall
 
@@ -31,12 +31,23 @@ STAGES = ["load", "preprocess", "model", "postprocess"]
 def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
     """An untrained, small MTSA-Net package (64x64 input)."""
     config = MTSANetConfig(
-        width=4, input_size=64, transformer_dim=16, transformer_depth=1, transformer_heads=2,
-        transformer_mlp_dim=16, classifier_hidden=8,
+        width=4,
+        input_size=64,
+        transformer_dim=16,
+        transformer_depth=1,
+        transformer_heads=2,
+        transformer_mlp_dim=16,
+        classifier_hidden=8,
     )
     torch.manual_seed(0)
-    return save_package(MTSANet(config), config, tmp_path_factory.mktemp("tiny-package"), name="tiny-test",
-                        version="0.0.1", is_demo=True)
+    return save_package(
+        MTSANet(config),
+        config,
+        tmp_path_factory.mktemp("tiny-package"),
+        name="tiny-test",
+        version="0.0.1",
+        is_demo=True,
+    )
 
 
 @pytest.fixture
@@ -57,7 +68,7 @@ def oracle(monkeypatch: pytest.MonkeyPatch):
             return truth.astype(np.float32), mutant
 
         monkeypatch.setattr(preprocess, "prepare_model_input", prepare)
-        monkeypatch.setattr("inference.predictor.predict_slices", predict)
+        monkeypatch.setattr("inference.model.predictor.predict_slices", predict)
 
     return use
 
@@ -87,8 +98,9 @@ def test_run_series_plumbing_with_an_untrained_package(small_axial_series, tiny_
 def test_run_series_is_deterministic(small_axial_series, tiny_package):
     first = run_series(small_axial_series.files, tiny_package, device="cpu")
     second = run_series(small_axial_series.files, tiny_package, device="cpu")
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(first.probability_map),
-                                  sitk.GetArrayFromImage(second.probability_map))
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(first.probability_map), sitk.GetArrayFromImage(second.probability_map)
+    )
     assert first.egfr == second.egfr
 
 
@@ -131,8 +143,12 @@ def test_offline_outputs(small_axial_series, tiny_package, oracle, tmp_path):
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk == summary
     assert summary["series"]["series_instance_uid"] == result.series.datasets[0].SeriesInstanceUID
-    assert summary["model"] == {"name": "tiny-test", "version": "0.0.1", "is_demo": True,
-                                "display": tiny_package.identity.display}
+    assert summary["model"] == {
+        "name": "tiny-test",
+        "version": "0.0.1",
+        "is_demo": True,
+        "display": tiny_package.identity.display,
+    }
     assert [lesion["name"] for lesion in summary["lesions"]] == [f"GTV_{i + 1}" for i in range(len(result.lesions))]
     assert summary["lesions"][0]["volume_cm3"] > 0 and summary["lesions"][0]["max_diameter_mm"] > 0
     assert summary["egfr"] == {"call": "mutant", "mutant_probability": 0.9, "slices_used": result.egfr.slices_used}

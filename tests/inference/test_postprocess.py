@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from inference.postprocess import aggregate_egfr, extract_lesions
+from inference.imaging.postprocess import aggregate_egfr, extract_lesions
 from inference.result import EgfrCall
 
 

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from inference.mtsa_net import MTSANet, MTSANetConfig
-from inference.predictor import DEVICE_ENV_VAR, predict_slices, select_device
+from inference.model.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.predictor import DEVICE_ENV_VAR, predict_slices, select_device
 
 TINY = MTSANetConfig(
-    width=2, input_size=64, transformer_dim=8, transformer_depth=1, transformer_heads=2,
-    transformer_mlp_dim=16, classifier_hidden=8, dropout=0.1,
+    width=2,
+    input_size=64,
+    transformer_dim=8,
+    transformer_depth=1,
+    transformer_heads=2,
+    transformer_mlp_dim=16,
+    classifier_hidden=8,
+    dropout=0.1,
 )
 
 

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from inference.errors import SeriesError
-from inference.preprocess import (
+from inference.imaging.preprocess import (
     NEAR_AXIAL_DEGREES,
     head_mask,
     is_near_axial,
@@ -45,9 +45,7 @@ def assert_within_one_voxel(original: np.ndarray, back: np.ndarray) -> None:
     ],
     ids=["axial", "sagittal", "coronal", "oblique-9deg", "oblique-30deg", "oblique-81deg"],
 )
-def test_mask_round_trip_through_the_model_grid_is_within_one_voxel(
-    phantom_series, seed, orientation, kwargs, aligned
-):
+def test_mask_round_trip_through_the_model_grid_is_within_one_voxel(phantom_series, seed, orientation, kwargs, aligned):
     series = phantom_series(seed, orientation=orientation, matrix=128, n_lesions=3, **kwargs)
     model_input = prepare_model_input(series.phantom.image, size=SIZE, n4=False)
     assert model_input.slice_aligned is aligned

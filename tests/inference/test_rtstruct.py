@@ -14,26 +14,24 @@ import pytest
 import SimpleITK as sitk
 import skimage.draw
 
-from inference.output_notice import DEMO_WARNING
-from inference.rtstruct import (
+from inference.imaging.volume_loader import load_series
+from inference.outputs.notice import DEMO_WARNING
+from inference.outputs.rtstruct import (
     MAX_SIMPLIFY_TOLERANCE_PX,
     build_rtstruct,
     pixel_to_patient,
     roi_display_colours,
     slice_contours,
 )
+from inference.outputs.rtstruct_raster import patient_to_continuous_index, rasterise_roi
 from inference.result import ModelIdentity
-from inference.rtstruct_raster import patient_to_continuous_index, rasterise_roi
-from inference.volume_loader import load_series
 
 DEMO_MODEL = ModelIdentity(name="mtsa-demo", version="0.1.0", is_demo=True)
 CLINICAL_MODEL = ModelIdentity(name="mtsa-net", version="2.3.1", is_demo=False)
 
 # Direction cosines (along a row, along a column) of the hand-built series.
 _OBLIQUE_ROW = (np.cos(0.3) * np.cos(0.2), np.sin(0.3) * np.cos(0.2), np.sin(0.2))
-_OBLIQUE_COL = tuple(
-    np.cross((0.0, 0.0, 1.0), _OBLIQUE_ROW) / np.linalg.norm(np.cross((0.0, 0.0, 1.0), _OBLIQUE_ROW))
-)
+_OBLIQUE_COL = tuple(np.cross((0.0, 0.0, 1.0), _OBLIQUE_ROW) / np.linalg.norm(np.cross((0.0, 0.0, 1.0), _OBLIQUE_ROW)))
 ORIENTATIONS = {
     "axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0)),
     "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),
@@ -129,8 +127,12 @@ def test_roi_display_colours_are_distinct() -> None:
 def test_pixel_to_patient_agrees_with_gdcm_geometry(orientation: str, tmp_path: Path, mr_series) -> None:
     along_row, along_col = ORIENTATIONS[orientation]
     series = mr_series(
-        shape=(3, 7, 11), row_spacing=0.6, col_spacing=1.4, slice_spacing=3.0,
-        along_row=along_row, along_col=along_col,
+        shape=(3, 7, 11),
+        row_spacing=0.6,
+        col_spacing=1.4,
+        slice_spacing=3.0,
+        along_row=along_row,
+        along_col=along_col,
     )
     points_rc = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 10.0], [2.25, 7.5]])
     for k in range(3):
@@ -150,8 +152,12 @@ def test_round_trip_reproduces_holes_and_islands_exactly(
 ) -> None:
     along_row, along_col = ORIENTATIONS[orientation]
     series = mr_series(
-        shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
-        along_row=along_row, along_col=along_col,
+        shape=(6, 40, 50),
+        row_spacing=0.7,
+        col_spacing=1.3,
+        slice_spacing=2.5,
+        along_row=along_row,
+        along_col=along_col,
     )
     result = result_on(series, tricky_labels((6, 40, 50)))
     rtstruct = write_and_read(build_rtstruct(result), tmp_path / "rs.dcm")
@@ -164,13 +170,16 @@ def test_round_trip_reproduces_holes_and_islands_exactly(
     assert warnings == []
 
 
-def test_jittered_slice_positions_loaded_by_the_node(
-    tmp_path: Path, mr_files, result_on, dciodvfy
-) -> None:
+def test_jittered_slice_positions_loaded_by_the_node(tmp_path: Path, mr_files, result_on, dciodvfy) -> None:
     along_row, along_col = ORIENTATIONS["oblique"]
     paths = mr_files(
-        shape=(10, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=1.0,
-        along_row=along_row, along_col=along_col, position_jitter_mm=0.045,
+        shape=(10, 40, 50),
+        row_spacing=0.7,
+        col_spacing=1.3,
+        slice_spacing=1.0,
+        along_row=along_row,
+        along_col=along_col,
+        position_jitter_mm=0.045,
     )
     series = load_series(paths)
     labels = np.zeros((10, 40, 50), np.uint16)
@@ -186,8 +195,12 @@ def test_jittered_slice_positions_loaded_by_the_node(
 def test_contour_image_references_match_geometry(tmp_path: Path, mr_series, result_on) -> None:
     along_row, along_col = ORIENTATIONS["oblique"]
     series = mr_series(
-        shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
-        along_row=along_row, along_col=along_col,
+        shape=(6, 40, 50),
+        row_spacing=0.7,
+        col_spacing=1.3,
+        slice_spacing=2.5,
+        along_row=along_row,
+        along_col=along_col,
     )
     labels = tricky_labels((6, 40, 50))
     rtstruct = build_rtstruct(result_on(series, labels))
@@ -213,9 +226,7 @@ def test_contour_image_references_match_geometry(tmp_path: Path, mr_series, resu
 # --- round trip on synthetic phantoms ------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("orientation", "seed"), [("axial", 11), ("sagittal", 12), ("oblique", 13)]
-)
+@pytest.mark.parametrize(("orientation", "seed"), [("axial", 11), ("sagittal", 12), ("oblique", 13)])
 def test_phantom_round_trip_dice(
     orientation: str, seed: int, tmp_path: Path, phantom_case, result_on, dciodvfy
 ) -> None:
@@ -242,8 +253,13 @@ def test_phantom_round_trip_dice(
 @pytest.fixture
 def small_series(tmp_path: Path, mr_series):
     series = mr_series(
-        shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
-        along_row=(1, 0, 0), along_col=(0, 1, 0), patient_name="Müller^Jörg",
+        shape=(6, 40, 50),
+        row_spacing=0.7,
+        col_spacing=1.3,
+        slice_spacing=2.5,
+        along_row=(1, 0, 0),
+        along_col=(0, 1, 0),
+        patient_name="Müller^Jörg",
     )
     return series
 
@@ -276,7 +292,9 @@ def test_study_patient_series_and_observations(small_series, tmp_path: Path, res
     assert ds.SpecificCharacterSet == "ISO_IR 192"
     assert ds.PatientName == "Müller^Jörg"
     assert (ds.PatientID, ds.StudyInstanceUID, ds.FrameOfReferenceUID) == (
-        source.PatientID, source.StudyInstanceUID, source.FrameOfReferenceUID
+        source.PatientID,
+        source.StudyInstanceUID,
+        source.FrameOfReferenceUID,
     )
     assert ds.SeriesInstanceUID != source.SeriesInstanceUID
     assert ds.SOPInstanceUID.startswith("2.25.") and ds.SeriesInstanceUID.startswith("2.25.")

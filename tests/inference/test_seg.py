@@ -8,14 +8,12 @@ import highdicom as hd
 import numpy as np
 import pytest
 
-from inference.output_notice import DEMO_WARNING
+from inference.outputs.notice import DEMO_WARNING
+from inference.outputs.seg import METASTATIC_NEOPLASM, build_seg
 from inference.result import LoadedSeries
-from inference.seg import METASTATIC_NEOPLASM, build_seg
 
 
-def read_back(
-    seg: hd.seg.Segmentation, path: Path, series: LoadedSeries
-) -> tuple[hd.seg.Segmentation, np.ndarray]:
+def read_back(seg: hd.seg.Segmentation, path: Path, series: LoadedSeries) -> tuple[hd.seg.Segmentation, np.ndarray]:
     """Write, read back and return the combined segment numbers on the source slices."""
     uids = [ds.SOPInstanceUID for ds in series.datasets]
     seg.save_as(path, enforce_file_format=True)
@@ -28,8 +26,13 @@ def read_back(
 
 def test_sagittal_segments_are_voxel_exact(tmp_path: Path, mr_series, result_on, dciodvfy) -> None:
     series = mr_series(
-        shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
-        along_row=(0, 1, 0), along_col=(0, 0, -1), patient_name="Müller^Jörg",
+        shape=(6, 40, 50),
+        row_spacing=0.7,
+        col_spacing=1.3,
+        slice_spacing=2.5,
+        along_row=(0, 1, 0),
+        along_col=(0, 0, -1),
+        patient_name="Müller^Jörg",
     )
     labels = np.zeros((6, 40, 50), np.uint16)
     labels[1:4, 5:25, 5:25] = 7
@@ -63,8 +66,12 @@ def test_oblique_phantom_seg(tmp_path: Path, phantom_case, result_on, dciodvfy) 
 
 def test_no_lesions_is_rejected(tmp_path: Path, mr_series, result_on) -> None:
     series = mr_series(
-        shape=(2, 8, 8), row_spacing=1.0, col_spacing=1.0, slice_spacing=1.0,
-        along_row=(1, 0, 0), along_col=(0, 1, 0),
+        shape=(2, 8, 8),
+        row_spacing=1.0,
+        col_spacing=1.0,
+        slice_spacing=1.0,
+        along_row=(1, 0, 0),
+        along_col=(0, 1, 0),
     )
     with pytest.raises(ValueError, match="no lesions"):
         build_seg(result_on(series, np.zeros((2, 8, 8), np.uint16)))

@@ -2,7 +2,7 @@
 
 dciodvfy warnings accepted (anything else, and every "Error" line, fails):
 ``Unrecognized defined term <99DICOMNODE> ... <Coding Scheme Designator>`` --
-our private coding scheme (`inference.sr_codes`) is not in dciodvfy's list of
+our private coding scheme (`inference.outputs.codes`) is not in dciodvfy's list of
 known designators; it is declared in the Coding Scheme Identification Sequence
 as PS3.16 8.2 asks for private schemes.
 """
@@ -15,24 +15,27 @@ import highdicom as hd
 import numpy as np
 import pytest
 
-from inference import sr_codes
-from inference.output_notice import DEMO_DATA_WARNING, DEMO_WARNING, REVIEW_NOTICE
+from inference.outputs import codes
+from inference.outputs.codes import PrivateCode
+from inference.outputs.notice import DEMO_DATA_WARNING, DEMO_WARNING, REVIEW_NOTICE
+from inference.outputs.sr import EGFR_TRACKING_IDENTIFIER, build_sr
 from inference.result import EgfrCall, EgfrPrediction, InferenceResult, ModelIdentity
 
 CLINICAL_MODEL = ModelIdentity(name="mtsa-net", version="2.3.1", is_demo=False)
-from inference.sr import EGFR_TRACKING_IDENTIFIER, build_sr
-from inference.sr_codes import PrivateCode
 
-ACCEPTED_WARNING = (
-    "Unrecognized defined term <99DICOMNODE> for value 1 of attribute <Coding Scheme Designator>"
-)
+ACCEPTED_WARNING = "Unrecognized defined term <99DICOMNODE> for value 1 of attribute <Coding Scheme Designator>"
 
 
 @pytest.fixture
 def series(tmp_path: Path, mr_series):
     series = mr_series(
-        shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5,
-        along_row=(1, 0, 0), along_col=(0, 1, 0), patient_name="Müller^Jörg",
+        shape=(6, 40, 50),
+        row_spacing=0.7,
+        col_spacing=1.3,
+        slice_spacing=2.5,
+        along_row=(1, 0, 0),
+        along_col=(0, 1, 0),
+        patient_name="Müller^Jörg",
     )
     return series
 
@@ -65,8 +68,9 @@ def assert_dciodvfy_clean(messages: tuple[list[str], list[str]]) -> None:
 def statement(sr: hd.sr.Comprehensive3DSR) -> str:
     """The TEXT of the TID 1500 Qualitative Evaluations container."""
     (container,) = [
-        item for item in sr.ContentSequence
-        if item.ConceptNameCodeSequence[0].CodeValue == sr_codes.QUALITATIVE_EVALUATIONS.value
+        item
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value
     ]
     (text,) = container.ContentSequence
     assert text.ConceptNameCodeSequence[0].CodeValue == PrivateCode.AI_STATEMENT.value[0]
@@ -81,26 +85,26 @@ def test_lesion_measurements_and_egfr_read_back(series, tmp_path: Path, result_o
     for lesion in result.lesions:
         group = groups[lesion.name]
         assert group.tracking_uid.startswith("2.25.")
-        assert group.finding_type == sr_codes.METASTATIC_NEOPLASM
-        (volume,) = group.get_measurements(name=sr_codes.VOLUME)
+        assert group.finding_type == codes.METASTATIC_NEOPLASM
+        (volume,) = group.get_measurements(name=codes.VOLUME)
         assert volume.value == lesion.volume_cm3
-        assert volume.unit == sr_codes.CUBIC_CENTIMETRE
-        (diameter,) = group.get_measurements(name=sr_codes.DIAMETER)
+        assert volume.unit == codes.CUBIC_CENTIMETRE
+        (diameter,) = group.get_measurements(name=codes.DIAMETER)
         assert diameter.value == lesion.max_diameter_mm
-        assert diameter.unit == sr_codes.MILLIMETRE
-        assert diameter.derivation == sr_codes.MAXIMUM
+        assert diameter.unit == codes.MILLIMETRE
+        assert diameter.derivation == codes.MAXIMUM
     egfr = groups[EGFR_TRACKING_IDENTIFIER]
     (probability,) = egfr.get_measurements(name=PrivateCode.EGFR_MUTANT_PROBABILITY.code)
     assert probability.value == result.egfr.mutant_probability
     (call,) = egfr.get_qualitative_evaluations(name=PrivateCode.EGFR_STATUS.code)
-    assert sr_codes.egfr_call_from_code(call.value.value) == result.egfr.call
+    assert codes.egfr_call_from_code(call.value.value) == result.egfr.call
     assert_dciodvfy_clean(dciodvfy(tmp_path / "sr.dcm"))
 
 
 def test_observer_is_the_algorithm(series, result_on) -> None:
     sr = build_sr(result_on(series, two_lesions((6, 40, 50))))
     report = hd.sr.MeasurementReport.from_sequence(sr.content)
-    (device,) = report.get_observer_contexts(observer_type=sr_codes.DEVICE)
+    (device,) = report.get_observer_contexts(observer_type=codes.DEVICE)
     assert device.observer_identifying_attributes.name == "mtsa-demo"
     names = {
         (item.ConceptNameCodeSequence[0].CodeValue, item.TextValue)
@@ -128,12 +132,10 @@ def test_demo_model_statement_and_series_description(series, tmp_path: Path, res
     text = statement(sr)
     assert DEMO_DATA_WARNING in text and REVIEW_NOTICE in text and "mtsa-demo 0.1.0" in text
     assert DEMO_WARNING in sr.SeriesDescription
-    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == (
-        "COMPLETE", "UNVERIFIED", "PRELIMINARY"
-    )
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == ("COMPLETE", "UNVERIFIED", "PRELIMINARY")
     assert sr.ContentDate and sr.ContentTime and sr.SeriesDate and sr.InstanceCreationDate
     (scheme,) = sr.CodingSchemeIdentificationSequence
-    assert scheme.CodingSchemeDesignator == sr_codes.PRIVATE_SCHEME
+    assert scheme.CodingSchemeDesignator == codes.PRIVATE_SCHEME
 
 
 def test_clinical_model_statement(series, result_on) -> None:
@@ -166,7 +168,8 @@ def test_phantom_sr_with_japanese_name(tmp_path: Path, phantom_case, result_on, 
         21, orientation="oblique", matrix=64, slices=24, n_lesions=2, patient_name="山田^太郎"
     )
     result = result_on(
-        series, labels,
+        series,
+        labels,
         egfr=EgfrPrediction(EgfrCall.WILD_TYPE, 0.125, 2),
         model=ModelIdentity("mtsa-net", "1.0.0", is_demo=False),
     )
@@ -174,7 +177,7 @@ def test_phantom_sr_with_japanese_name(tmp_path: Path, phantom_case, result_on, 
     assert sr.PatientName == "山田^太郎"
     groups = groups_by_identifier(sr)
     for lesion in result.lesions:
-        (volume,) = groups[lesion.name].get_measurements(name=sr_codes.VOLUME)
+        (volume,) = groups[lesion.name].get_measurements(name=codes.VOLUME)
         assert volume.value == lesion.volume_cm3
     (probability,) = groups[EGFR_TRACKING_IDENTIFIER].get_measurements()
     assert probability.value == 0.125
@@ -203,6 +206,6 @@ def test_series_number_is_validated(series, result_on) -> None:
 
 def test_egfr_call_codes_round_trip() -> None:
     for call in EgfrCall:
-        assert sr_codes.egfr_call_from_code(sr_codes.egfr_call_code(call).value) == call
+        assert codes.egfr_call_from_code(codes.egfr_call_code(call).value) == call
     with pytest.raises(ValueError, match="value"):
-        sr_codes.egfr_call_from_code("EGFR-XX")
+        codes.egfr_call_from_code("EGFR-XX")

@@ -11,12 +11,12 @@ import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, MPEG2MPML, RLELossless
+from pydicom.uid import MPEG2MPML, JPEG2000Lossless, RLELossless
 
 from inference.errors import SeriesError
-from inference.phantoms import write_phantom_series
+from inference.imaging.volume_loader import MIN_SLICES, load_series
+from inference.synthetic.phantoms import write_phantom_series
 from inference.uids import new_uid
-from inference.volume_loader import MIN_SLICES, load_series
 
 
 def edit(path: Path, **changes) -> None:

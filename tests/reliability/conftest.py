@@ -9,13 +9,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import MRImageStorage, Verification
 from sqlalchemy import select
 
-from inference.phantoms import generate_phantom, write_phantom_series
+from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 from storage.database import Database
 from storage.instance_store import sha256_file
 from storage.models import Instance
@@ -53,16 +53,30 @@ def phantom_factory(tmp_path_factory):
     """`make(seed, patient_id, slices=10, matrix=64, **kw) -> files`, cached per session."""
     cache: dict[tuple, list[Path]] = {}
 
-    def make(seed: int, patient_id: str, *, slices: int = 10, matrix: int = 64,
-             patient_name: str = "PHANTOM^DEMO", series_description: str = "T1 CE AX", **kw) -> list[Path]:
+    def make(
+        seed: int,
+        patient_id: str,
+        *,
+        slices: int = 10,
+        matrix: int = 64,
+        patient_name: str = "PHANTOM^DEMO",
+        series_description: str = "T1 CE AX",
+        **kw,
+    ) -> list[Path]:
         key = (seed, patient_id, slices, matrix, patient_name, series_description, tuple(sorted(kw.items())))
         if key not in cache:
-            phantom = generate_phantom(seed, orientation=kw.pop("orientation", "axial"), matrix=matrix,
-                                       slices=slices, n_lesions=kw.pop("n_lesions", 1), **kw)
+            phantom = generate_phantom(
+                seed,
+                orientation=kw.pop("orientation", "axial"),
+                matrix=matrix,
+                slices=slices,
+                n_lesions=kw.pop("n_lesions", 1),
+                **kw,
+            )
             folder = tmp_path_factory.mktemp(f"series-{seed}")
-            cache[key] = write_phantom_series(phantom, folder, patient_id=patient_id,
-                                              patient_name=patient_name,
-                                              series_description=series_description)
+            cache[key] = write_phantom_series(
+                phantom, folder, patient_id=patient_id, patient_name=patient_name, series_description=series_description
+            )
         return cache[key]
 
     return make
@@ -76,13 +90,28 @@ _SENDING = re.compile(r"Sending file: (.+)$")
 _RESPONSE = re.compile(r"Received Store Response \((.*)\)")
 
 
-def storescu_statuses(port: int, files: list[Path], *, calling: str = "STORESCU",
-                      timeout: float = 120, extra: Iterable[str] = ()) -> dict[Path, bool]:
+def storescu_statuses(
+    port: int, files: list[Path], *, calling: str = "STORESCU", timeout: float = 120, extra: Iterable[str] = ()
+) -> dict[Path, bool]:
     """Send `files` with DCMTK storescu on one association; return, per file, whether
     the node answered Success. A file without a response (killed peer) is False."""
     result = subprocess.run(
-        [require_tool("storescu"), "-v", *extra, "-aet", calling, "-aec", "DICOMNODE", "127.0.0.1",
-         str(port), *map(str, files)], capture_output=True, text=True, timeout=timeout)
+        [
+            require_tool("storescu"),
+            "-v",
+            *extra,
+            "-aet",
+            calling,
+            "-aec",
+            "DICOMNODE",
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return parse_storescu(result.stdout + result.stderr, files)
 
 
@@ -98,8 +127,9 @@ def parse_storescu(output: str, files: list[Path]) -> dict[Path, bool]:
     return outcome
 
 
-def pynetdicom_statuses(port: int, files: list[Path], *, calling: str = "PYSCU",
-                        called: str = "DICOMNODE", timeout: float = 30) -> dict[Path, int | None]:
+def pynetdicom_statuses(
+    port: int, files: list[Path], *, calling: str = "PYSCU", called: str = "DICOMNODE", timeout: float = 30
+) -> dict[Path, int | None]:
     """Send `files` on one pynetdicom association; status per file (None: no answer).
 
     Files are sent as they are on disk (pynetdicom's path mode: the request takes
@@ -169,7 +199,8 @@ def audit_store(db: Database, root: Path) -> dict[str, Instance]:
     by_path = {root / r.path: r for r in rows.values()}
     assert set(by_path) == on_disk, (
         f"files without rows: {sorted(on_disk - set(by_path))[:5]}; "
-        f"rows without files: {sorted(set(by_path) - on_disk)[:5]}")
+        f"rows without files: {sorted(set(by_path) - on_disk)[:5]}"
+    )
     for path, row in by_path.items():
         assert sha256_file(path) == row.sha256, f"{path} does not match its recorded sha256"
     return rows
@@ -185,12 +216,19 @@ def tiny_model(tmp_path_factory) -> Path:
 
     import torch
 
-    from inference.model_package import MANIFEST_NAME, save_package
-    from inference.mtsa_net import MTSANet, MTSANetConfig
+    from inference.model.mtsa_net import MTSANet, MTSANetConfig
+    from inference.model.package import MANIFEST_NAME, save_package
 
     torch.manual_seed(0)
-    config = MTSANetConfig(width=4, input_size=64, transformer_dim=16, transformer_depth=1, transformer_heads=2,
-                           transformer_mlp_dim=32, classifier_hidden=8)
+    config = MTSANetConfig(
+        width=4,
+        input_size=64,
+        transformer_dim=16,
+        transformer_depth=1,
+        transformer_heads=2,
+        transformer_mlp_dim=32,
+        classifier_hidden=8,
+    )
     folder = tmp_path_factory.mktemp("tiny-model")
     save_package(MTSANet(config), config, folder, "tiny-reliability-test", "0.0.1", True)
     manifest = json.loads((folder / MANIFEST_NAME).read_text())

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from dicom_node import status_codes
 from dicom_node.logging_setup import configure_logging
 from dicom_node.settings import LoggingSettings
 from storage.jobs import list_jobs, load_job
-from storage.models import Instance, JobState, TERMINAL_STATES
+from storage.models import TERMINAL_STATES, Instance, JobState
 from tests.reliability.conftest import (
     SUCCESS,
     audit_store,
@@ -87,6 +86,7 @@ def rewrite(source: Path, target: Path, **changes) -> Path:
 
 # --- refused at the C-STORE --------------------------------------------------------------
 
+
 def test_wrong_sop_class_for_the_payload_is_refused(start_node, node_log, phantom_factory, tmp_path):
     node = start_node()
     good = phantom_factory(8101, "BAD01")
@@ -102,10 +102,12 @@ def test_wrong_sop_class_for_the_payload_is_refused(start_node, node_log, phanto
 
 
 @pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SeriesInstanceUID"])
-@pytest.mark.parametrize("bad", ["1.2.3/../../../etc/passwd", "..", "1.2.3\\4", "1.2." + "9" * 70],
-                         ids=["separator", "dotdot", "backslash", "over64"])
-def test_invalid_uid_is_refused_and_never_becomes_a_path(start_node, node_log, phantom_factory, tmp_path,
-                                                         keyword, bad):
+@pytest.mark.parametrize(
+    "bad",
+    ["1.2.3/../../../etc/passwd", "..", "1.2.3\\4", "1.2." + "9" * 70],
+    ids=["separator", "dotdot", "backslash", "over64"],
+)
+def test_invalid_uid_is_refused_and_never_becomes_a_path(start_node, node_log, phantom_factory, tmp_path, keyword, bad):
     node = start_node()
     good = phantom_factory(8102, "BAD02")
     # Sent from the file: the request carries the (valid) file-meta UID, the data set the bad one.
@@ -137,8 +139,9 @@ def test_truncated_header_is_refused(start_node, node_log, phantom_factory, tmp_
     assert_still_serving(node, good[1])
 
 
-def test_same_uid_with_different_content_keeps_first_and_saves_the_new_one(start_node, node_log,
-                                                                          phantom_factory, tmp_path):
+def test_same_uid_with_different_content_keeps_first_and_saves_the_new_one(
+    start_node, node_log, phantom_factory, tmp_path
+):
     """Policy (storage/ingest.py): first version kept and used; the new bytes kept under
     conflicts/<sop uid>/<sha256>.dcm; Success answered; a warning logged for review."""
     node = start_node()
@@ -164,7 +167,7 @@ def _refused_within(sock: socket.socket, seconds: float) -> bool:
     sock.settimeout(seconds)
     try:
         data = sock.recv(4096)
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return False
     except OSError:
         return True  # reset by the node
@@ -213,8 +216,12 @@ def test_wrong_called_ae_title_is_rejected(start_node, node_log, phantom_factory
     node = start_node()
     good = phantom_factory(8106, "BAD06")
     port = node.address[1]
-    result = subprocess.run([require_tool("storescu"), "-aet", "MODALITY", "-aec", "NOT_THE_NODE",
-                             "127.0.0.1", str(port), str(good[0])], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [require_tool("storescu"), "-aet", "MODALITY", "-aec", "NOT_THE_NODE", "127.0.0.1", str(port), str(good[0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     said = (result.stdout + result.stderr).lower()
     assert result.returncode != 0
     assert "association rejected" in said and "called ae title not recognized" in said
@@ -244,10 +251,12 @@ def job_node(start_node, with_tiny_model, tmp_path):
 
 def settled(node, count: int, timeout: float = 120) -> list:
     """Wait until `count` jobs are done/failed/rejected; return them (with events), oldest first."""
+
     def finished():
         jobs = [load_job(node.db, j.id) for j in list_jobs(node.db)]
         done = [j for j in jobs if j.state in TERMINAL_STATES]
         return sorted(done, key=lambda j: j.id) if len(done) >= count else None
+
     return wait_for(finished, timeout=timeout, interval=0.3)
 
 
@@ -299,10 +308,14 @@ def test_pixel_data_shorter_than_rows_by_columns_fails_its_job(job_node, phantom
     assert_still_serving(job_node, phantom_factory(8202, "JOB02")[0])
 
 
-@pytest.mark.parametrize("other, expected", [
-    ({"orientation": "sagittal"}, "mixed orientations"),
-    ({"matrix": 48}, "mixed image sizes"),
-], ids=["orientation", "matrix"])
+@pytest.mark.parametrize(
+    "other, expected",
+    [
+        ({"orientation": "sagittal"}, "mixed orientations"),
+        ({"matrix": 48}, "mixed image sizes"),
+    ],
+    ids=["orientation", "matrix"],
+)
 def test_mixed_series_under_one_series_uid_fails_naming_it(job_node, phantom_factory, tmp_path, other, expected):
     first = phantom_factory(8206, "JOB06", slices=6)
     second = phantom_factory(8207, "JOB06", slices=6, **other)
@@ -320,8 +333,9 @@ def test_single_slice_series_fails_too_few_slices(job_node, phantom_factory):
 
 
 @pytest.mark.slow
-def test_2000_slice_series_is_stored_completely_and_its_job_ends_clearly(start_node, with_tiny_model,
-                                                                         phantom_factory, tmp_path):
+def test_2000_slice_series_is_stored_completely_and_its_job_ends_clearly(
+    start_node, with_tiny_model, phantom_factory, tmp_path
+):
     """2000 slices of 8x8, sent by four storescu processes at once (as a PACS pushing with
     parallel associations): all 2000 stored, one series, one job, and the job ends done or
     failed with a readable reason. The quiet period is 5 s here (production default 30 s):
@@ -333,8 +347,11 @@ def test_2000_slice_series_is_stored_completely_and_its_job_ends_clearly(start_n
     files = phantom_factory(8107, "BAD07", slices=2000, matrix=8, slice_spacing=0.1, pixel_spacing=1.0)
     start = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
-        parts = list(pool.map(lambda k: storescu_statuses(node.address[1], files[k::4], calling=f"PACS{k}",
-                                                            timeout=600), range(4)))
+        parts = list(
+            pool.map(
+                lambda k: storescu_statuses(node.address[1], files[k::4], calling=f"PACS{k}", timeout=600), range(4)
+            )
+        )
     took = time.monotonic() - start
     outcome = {f: ok for part in parts for f, ok in part.items()}
     assert len(outcome) == 2000
@@ -347,5 +364,7 @@ def test_2000_slice_series_is_stored_completely_and_its_job_ends_clearly(start_n
     if job.state == JobState.FAILED:
         assert job.reason and not job.reason.startswith("internal error"), job.reason
     job_s = (job.finished_at - job.started_at).total_seconds()
-    print(f"\n2000-SLICE: stored 2000 instances in {took:.1f} s ({2000 / took:.0f}/s); job {job.state.value} "
-          f"in {job_s:.1f} s: {job.reason or job.summary.get('lesions', '')}")
+    print(
+        f"\n2000-SLICE: stored 2000 instances in {took:.1f} s ({2000 / took:.0f}/s); job {job.state.value} "
+        f"in {job_s:.1f} s: {job.reason or job.summary.get('lesions', '')}"
+    )

@@ -32,7 +32,7 @@ from sqlalchemy import select
 
 from storage.database import Database
 from storage.instance_store import sha256_file
-from storage.models import EventKind, Export, ExportState, Instance, Job, JobEvent, JobState, TERMINAL_STATES
+from storage.models import TERMINAL_STATES, EventKind, Export, ExportState, Instance, Job, JobEvent, JobState
 from tests.dicom_node.test_exporter import free_port, start_storescp
 from tests.reliability.conftest import (
     SUCCESS,
@@ -93,8 +93,13 @@ class Node:
         begin = time.monotonic()
         executable = Path(sys.executable).parent / "dicom-node"
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([str(executable), "serve", "--config", str(self.config)],
-                                            stdout=log, stderr=log, env=self.env, start_new_session=True)
+            self.process = subprocess.Popen(
+                [str(executable), "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=log,
+                env=self.env,
+                start_new_session=True,
+            )
         self.starts += 1
         wait_for(lambda: self.process.poll() is None and echo_ok(self.port), timeout=60, interval=0.1)
         return time.monotonic() - begin
@@ -112,8 +117,16 @@ class Sender(threading.Thread):
     """Sends its series one after another; re-sends what was not acknowledged (as a PACS
     does) whenever the node is up. `acknowledged` holds only files answered Success."""
 
-    def __init__(self, kind: str, series: list[list[Path]], port: int, node_up: threading.Event,
-                 stop: threading.Event, no_more: threading.Event, pause_s: float):
+    def __init__(
+        self,
+        kind: str,
+        series: list[list[Path]],
+        port: int,
+        node_up: threading.Event,
+        stop: threading.Event,
+        no_more: threading.Event,
+        pause_s: float,
+    ):
         super().__init__(name=f"sender-{kind}", daemon=True)
         self.kind, self.series, self.port = kind, series, port
         self.node_up, self.stop_event, self.no_more, self.pause_s = node_up, stop, no_more, pause_s
@@ -128,8 +141,9 @@ class Sender(threading.Thread):
         if self.kind == "dcmtk":
             return {f for f, ok in storescu_statuses(self.port, files, calling="DCMTK", timeout=60).items() if ok}
         try:
-            return {f for f, s in pynetdicom_statuses(self.port, files, calling="PYSCU",
-                                                                  timeout=5).items() if s == SUCCESS}
+            return {
+                f for f, s in pynetdicom_statuses(self.port, files, calling="PYSCU", timeout=5).items() if s == SUCCESS
+            }
         # pynetdicom notices a peer killed mid C-STORE only at its DIMSE timeout, hence 5 s.
         except Exception:  # the association died under us: nothing more was acknowledged
             return set()
@@ -163,8 +177,9 @@ def inferring_job_id(db: Database) -> int | None:
     (or writing outputs). Before that event the worker is importing torch / the package."""
     with db.session() as session:
         for job in session.scalars(select(Job).where(Job.state == JobState.RUNNING)).all():
-            events = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id)
-                                     .order_by(JobEvent.id.desc())).all()
+            events = session.scalars(
+                select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id.desc())
+            ).all()
             for event in events:  # newest first, back to this attempt's "running on" event
                 if event.kind == EventKind.STAGE and event.message.startswith("model package"):
                     return job.id
@@ -188,8 +203,7 @@ def snapshot(db_url: str) -> dict:
             pending = len(session.scalars(select(Export).where(Export.state == ExportState.PENDING)).all())
         inferring = inferring_job_id(db) is not None
         loading = states["running"] > 0 and not inferring
-        return {"rows": rows, "states": states, "pending_exports": pending, "inferring": inferring,
-                "loading": loading}
+        return {"rows": rows, "states": states, "pending_exports": pending, "inferring": inferring, "loading": loading}
     finally:
         db.dispose()
 
@@ -221,16 +235,23 @@ def test_sigkill_while_storing_running_and_exporting_loses_nothing(phantom_facto
     db_url = f"sqlite:///{data_dir}/dicom-node.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE")}
     env |= {"DICOM_NODE_MODEL": str(tiny_model), "OMP_NUM_THREADS": "1"}
-    series = [[phantom_factory(9000 + 50 * s + k, f"CRASH{s}{k:02d}", slices=8 + k % 3, matrix=32)
-               for k in range(SERIES_PER_SENDER)] for s in range(2)]
+    series = [
+        [
+            phantom_factory(9000 + 50 * s + k, f"CRASH{s}{k:02d}", slices=8 + k % 3, matrix=32)
+            for k in range(SERIES_PER_SENDER)
+        ]
+        for s in range(2)
+    ]
     sop_of = {f: sop_uid(f) for group in series for files in group for f in files}
 
     tps_folder = tmp_path / "tps"
     tps = start_storescp(tps_port, tps_folder)
     node = Node(config, port, tmp_path / "node.log", env)
     node_up, stop, no_more = threading.Event(), threading.Event(), threading.Event()
-    senders = [Sender("dcmtk", series[0], port, node_up, stop, no_more, pause_s=3.5),
-               Sender("pynetdicom", series[1], port, node_up, stop, no_more, pause_s=3.5)]
+    senders = [
+        Sender("dcmtk", series[0], port, node_up, stop, no_more, pause_s=3.5),
+        Sender("pynetdicom", series[1], port, node_up, stop, no_more, pause_s=3.5),
+    ]
     kills: list[dict] = []
     orphans_seen = 0
     restart_s: list[float] = []
@@ -253,10 +274,12 @@ def test_sigkill_while_storing_running_and_exporting_loses_nothing(phantom_facto
             elif aim != "random":
                 db = Database(db_url)
                 try:
-                    def hit():
+
+                    def hit(aim: str = aim, db: Database = db) -> int | None:
                         if aim == "exporting":
                             return exporting_job_id(db)
                         return inferring_job_id(db)
+
                     try:
                         wait_for(hit, timeout=10, interval=0.05)
                     except AssertionError:
@@ -276,14 +299,28 @@ def test_sigkill_while_storing_running_and_exporting_loses_nothing(phantom_facto
             acknowledged = {sop_of[f] for s in senders for f in s.acknowledged}
             state = check_after_kill(data_dir, db_url, acknowledged)
             orphans_seen += state["orphans"]
-            stages = [name for name, on in (("storing", storing),
-                                            ("loading model", state["loading"]),
-                                            ("inference", state["inferring"]),
-                                            ("exporting", state["states"]["exporting"])) if on]
-            kills.append({"kill": index + 1, "aimed": aim, "stages": stages or ["idle"],
-                          "acknowledged": len(acknowledged), "rows": len(state["rows"]),
-                          "orphans": state["orphans"], "states": dict(state["states"]),
-                          "sender_settle_s": settle_s})
+            stages = [
+                name
+                for name, on in (
+                    ("storing", storing),
+                    ("loading model", state["loading"]),
+                    ("inference", state["inferring"]),
+                    ("exporting", state["states"]["exporting"]),
+                )
+                if on
+            ]
+            kills.append(
+                {
+                    "kill": index + 1,
+                    "aimed": aim,
+                    "stages": stages or ["idle"],
+                    "acknowledged": len(acknowledged),
+                    "rows": len(state["rows"]),
+                    "orphans": state["orphans"],
+                    "states": dict(state["states"]),
+                    "sender_settle_s": settle_s,
+                }
+            )
             restart_s.append(node.start())
             assert not list((data_dir / "tmp").glob("*.partial")), "partial files survived the restart"
             node_up.set()
@@ -302,7 +339,8 @@ def test_sigkill_while_storing_running_and_exporting_loses_nothing(phantom_facto
             state = snapshot(db_url)
             busy = sum(n for k, n in state["states"].items() if JobState(k) not in TERMINAL_STATES)
             return state if not busy and not state["pending_exports"] else None
-        final = wait_for(settled, timeout=240, interval=0.5)
+
+        wait_for(settled, timeout=240, interval=0.5)
         drain_s = time.monotonic() - began - loop_s
         assert node.stop() == 0, "the node did not stop cleanly on SIGTERM"
     finally:
@@ -352,16 +390,20 @@ def test_sigkill_while_storing_running_and_exporting_loses_nothing(phantom_facto
     duplicates = sum(len(v) - 1 for v in received.values())
     stage_counts = Counter(stage for k in kills for stage in k["stages"])
     for k in kills:
-        print(f"KILL {k['kill']:2d} aimed={k['aimed']:<9} stages={'+'.join(k['stages']):<40} "
-              f"acknowledged={k['acknowledged']:3d} rows={k['rows']:3d} orphans={k['orphans']} "
-              f"settle_s={k['sender_settle_s']:.1f} jobs={k['states']}")
+        print(
+            f"KILL {k['kill']:2d} aimed={k['aimed']:<9} stages={'+'.join(k['stages']):<40} "
+            f"acknowledged={k['acknowledged']:3d} rows={k['rows']:3d} orphans={k['orphans']} "
+            f"settle_s={k['sender_settle_s']:.1f} jobs={k['states']}"
+        )
     objects = Counter(m for c in per_job.values() for m in c.elements())
-    print(f"\nCRASH: kills={len(kills)} stages={dict(stage_counts)} instances sent={len(expected)} "
-          f"acknowledged={len(expected)} stored={len(rows)} lost=0 orphans_seen={orphans_seen} "
-          f"series={len(last_job)} jobs={len(jobs)} done={len(done_ids)} "
-          f"failed={sum(j.state == JobState.FAILED for j in jobs)} delivered={dict(objects)} "
-          f"duplicate_deliveries={duplicates} restart_s_max={max(restart_s):.1f} "
-          f"sender_attempts={[s.attempts for s in senders]} kill_loop_s={loop_s:.0f} drain_s={drain_s:.0f}")
+    print(
+        f"\nCRASH: kills={len(kills)} stages={dict(stage_counts)} instances sent={len(expected)} "
+        f"acknowledged={len(expected)} stored={len(rows)} lost=0 orphans_seen={orphans_seen} "
+        f"series={len(last_job)} jobs={len(jobs)} done={len(done_ids)} "
+        f"failed={sum(j.state == JobState.FAILED for j in jobs)} delivered={dict(objects)} "
+        f"duplicate_deliveries={duplicates} restart_s_max={max(restart_s):.1f} "
+        f"sender_attempts={[s.attempts for s in senders]} kill_loop_s={loop_s:.0f} drain_s={drain_s:.0f}"
+    )
     assert len(kills) >= KILLS
     assert stage_counts["inference"] >= 3, f"too few kills during inference: {stage_counts}"
     assert stage_counts["storing"] >= 3 and stage_counts["exporting"] >= 3, stage_counts

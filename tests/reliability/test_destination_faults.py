@@ -31,8 +31,7 @@ class DroppingSCP:
         self.hard = hard
         ae = AE(ae_title="TPS")
         ae.supported_contexts = AllStoragePresentationContexts
-        self.server = ae.start_server(("127.0.0.1", port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self.handle)])
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self.handle)])
 
     def handle(self, event):
         self.attempts += 1
@@ -60,8 +59,9 @@ def _check_dropped_then_resent(node, mr_series, hard: bool):
     assert job.state == JobState.FAILED
     assert scp.attempts >= 2 and job.exports[0].attempts >= 2  # retried
     assert "export to tps failed" in job.reason
-    assert ("did not answer" in job.reason or "dropped" in job.reason
-            or "could not be reached or aborted" in job.reason), job.reason
+    assert (
+        "did not answer" in job.reason or "dropped" in job.reason or "could not be reached or aborted" in job.reason
+    ), job.reason
     attempts = [e.message for e in job.events if e.kind.value == "export"]
     assert any("next attempt at" in m for m in attempts) and "giving up" in attempts[-1]
 

@@ -116,17 +116,21 @@ class _FullDisk:
 
 
 @pytest.mark.parametrize("where", ["write", "fsync"])
-def test_real_enospc_while_writing_is_refused_and_leaves_nothing(start_node, node_log, phantom_factory,
-                                                                monkeypatch, where):
+def test_real_enospc_while_writing_is_refused_and_leaves_nothing(
+    start_node, node_log, phantom_factory, monkeypatch, where
+):
     node = start_node()
     port = node.address[1]
     files = phantom_factory(8403, "DISK03")
     if where == "write":
-        monkeypatch.setattr(storage.instance_store, "open",
-                            lambda *a, **k: _FullDisk(open(*a, **k), room=1000), raising=False)
+        monkeypatch.setattr(
+            storage.instance_store, "open", lambda *a, **k: _FullDisk(open(*a, **k), room=1000), raising=False
+        )
     else:
+
         def fsync(fd):
             raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
         monkeypatch.setattr(storage.instance_store.os, "fsync", fsync)
 
     statuses = pynetdicom_statuses(port, files[:3])
@@ -143,8 +147,7 @@ def test_real_enospc_while_writing_is_refused_and_leaves_nothing(start_node, nod
     assert_nothing_partial(node)
 
 
-def test_database_full_after_the_file_was_written_removes_the_file(start_node, node_log, phantom_factory,
-                                                                   monkeypatch):
+def test_database_full_after_the_file_was_written_removes_the_file(start_node, node_log, phantom_factory, monkeypatch):
     """SQLite's 'database or disk is full' at commit: the instance was already on disk;
     it must be removed again, and the store answered 0xA700, never success."""
     node = start_node()

@@ -20,7 +20,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from storage.jobs import list_jobs, load_job
-from storage.models import Job, JobState, Series, TERMINAL_STATES
+from storage.models import TERMINAL_STATES, Job, JobState, Series
 from tests.dicom_node.test_exporter import free_port, start_storescp
 from tests.reliability.conftest import (
     SUCCESS,
@@ -37,22 +37,30 @@ SENDERS = 4
 SERIES_PER_SENDER = 3
 
 
-def test_four_concurrent_senders_and_echo_probes_lose_nothing(start_node, with_tiny_model, phantom_factory,
-                                                              tmp_path):
+def test_four_concurrent_senders_and_echo_probes_lose_nothing(start_node, with_tiny_model, phantom_factory, tmp_path):
     """Ingest under load while one worker runs the jobs (tiny model) and exports every
     result to a DCMTK storescp: every job must end done with its results delivered."""
     tps_port = free_port()
     tps = start_storescp(tps_port, tmp_path / "tps")
     config = tmp_path / "node.toml"
     config.write_text(tps_rules(tps_port))
-    node = start_node(config, DICOM_NODE__NODE__MAX_ASSOCIATIONS="8", DICOM_NODE__WORKER__COUNT="1",
-                      DICOM_NODE__WORKER__POLL_INTERVAL_S="0.2", DICOM_NODE__EXPORT__RETRY_INITIAL_S="0.5",
-                      DICOM_NODE__SERIES__QUIET_PERIOD_S="2")
+    node = start_node(
+        config,
+        DICOM_NODE__NODE__MAX_ASSOCIATIONS="8",
+        DICOM_NODE__WORKER__COUNT="1",
+        DICOM_NODE__WORKER__POLL_INTERVAL_S="0.2",
+        DICOM_NODE__EXPORT__RETRY_INITIAL_S="0.5",
+        DICOM_NODE__SERIES__QUIET_PERIOD_S="2",
+    )
     port = node.address[1]
     plan: list[list[list[Path]]] = []  # sender -> series -> files
     for sender in range(SENDERS):
-        plan.append([phantom_factory(7000 + 10 * sender + k, f"LOAD{sender}{k}", slices=10 + k)
-                     for k in range(SERIES_PER_SENDER)])
+        plan.append(
+            [
+                phantom_factory(7000 + 10 * sender + k, f"LOAD{sender}{k}", slices=10 + k)
+                for k in range(SERIES_PER_SENDER)
+            ]
+        )
     sent = sum(len(files) for series in plan for files in series)
 
     stop = threading.Event()
@@ -84,8 +92,12 @@ def test_four_concurrent_senders_and_echo_probes_lose_nothing(start_node, with_t
     started = time.monotonic()
     try:
         with ThreadPoolExecutor(SENDERS) as pool:
-            futures = [pool.submit(dcmtk_sender, 0), pool.submit(dcmtk_sender, 1),
-                       pool.submit(pynetdicom_sender, 2), pool.submit(pynetdicom_sender, 3)]
+            futures = [
+                pool.submit(dcmtk_sender, 0),
+                pool.submit(dcmtk_sender, 1),
+                pool.submit(pynetdicom_sender, 2),
+                pool.submit(pynetdicom_sender, 3),
+            ]
             outcomes = [f.result() for f in futures]
     finally:
         elapsed = time.monotonic() - started
@@ -102,9 +114,11 @@ def test_four_concurrent_senders_and_echo_probes_lose_nothing(start_node, with_t
     # One job per series, each with all its instances, each done with its results delivered.
     n_series = SENDERS * SERIES_PER_SENDER
     try:
+
         def all_done():
             jobs = [load_job(node.db, j.id) for j in list_jobs(node.db)]
             return jobs if len(jobs) == n_series and all(j.state in TERMINAL_STATES for j in jobs) else None
+
         jobs = wait_for(all_done, timeout=180, interval=0.5)
         jobs_s = time.monotonic() - started
     finally:
@@ -120,11 +134,13 @@ def test_four_concurrent_senders_and_echo_probes_lose_nothing(start_node, with_t
     exports = [e for j in jobs for e in j.exports]
     assert exports and all(e.sop_instance_uid in received for e in exports)
     assert probes["failed"] == 0 and probes["ok"] > 0
-    print(f"\nLOAD: senders={SENDERS} series={n_series} sent={sent} acknowledged={len(acknowledged)} "
-          f"stored={len(rows)} lost={lost} jobs={len(jobs)} echo_ok={probes['ok']} "
-          f"echo_failed={probes['failed']} echo_max_s={probes['max_s']:.2f} elapsed_s={elapsed:.1f} "
-          f"rate={sent / elapsed:.0f}/s jobs_done={len(jobs)} results_delivered={len(exports)} "
-          f"all_jobs_done_after_s={jobs_s:.0f}")
+    print(
+        f"\nLOAD: senders={SENDERS} series={n_series} sent={sent} acknowledged={len(acknowledged)} "
+        f"stored={len(rows)} lost={lost} jobs={len(jobs)} echo_ok={probes['ok']} "
+        f"echo_failed={probes['failed']} echo_max_s={probes['max_s']:.2f} elapsed_s={elapsed:.1f} "
+        f"rate={sent / elapsed:.0f}/s jobs_done={len(jobs)} results_delivered={len(exports)} "
+        f"all_jobs_done_after_s={jobs_s:.0f}"
+    )
 
 
 def test_association_over_the_limit_is_rejected_promptly(start_node):
@@ -146,8 +162,12 @@ def test_association_over_the_limit_is_rejected_promptly(start_node):
         # A real peer sees a proper A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-transient,
         # service-provider (presentation), local limit exceeded; and gets it at once.
         start = time.monotonic()
-        dcmtk = subprocess.run([require_tool("echoscu"), "-aet", "DCMTK", "-aec", "DICOMNODE",
-                                "127.0.0.1", str(port)], capture_output=True, text=True, timeout=30)
+        dcmtk = subprocess.run(
+            [require_tool("echoscu"), "-aet", "DCMTK", "-aec", "DICOMNODE", "127.0.0.1", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         dcmtk_took = time.monotonic() - start
         assert dcmtk.returncode != 0
         said = (dcmtk.stderr + dcmtk.stdout).lower()
@@ -161,8 +181,10 @@ def test_association_over_the_limit_is_rejected_promptly(start_node):
             assoc.release()
     # Once they are released a new association is admitted again.
     assert wait_for(lambda: echo_ok(port), timeout=5)
-    print(f"\nASSOC LIMIT: third association rejected in {took * 1000:.0f} ms (pynetdicom), "
-          f"{dcmtk_took * 1000:.0f} ms (echoscu)")
+    print(
+        f"\nASSOC LIMIT: third association rejected in {took * 1000:.0f} ms (pynetdicom), "
+        f"{dcmtk_took * 1000:.0f} ms (echoscu)"
+    )
 
 
 def test_one_series_over_four_parallel_associations_is_counted_exactly(start_node, phantom_factory):

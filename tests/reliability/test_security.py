@@ -25,7 +25,7 @@ from storage.jobs import load_job
 from storage.models import JobState
 from tests.dicom_node.certificates import Pki, make_pki
 from tests.dicom_node.test_exporter import exporting_job, free_port, run_until_settled
-from tests.reliability.conftest import SUCCESS, audit_store, echo_ok, require_tool, wait_for
+from tests.reliability.conftest import SUCCESS, audit_store, echo_ok, require_tool
 from tests.reliability.test_bad_input import NO_DESTINATION_RULES, settled
 
 
@@ -41,8 +41,10 @@ def tls_env(pki: Pki, *, require_client_cert: bool = False) -> dict[str, str]:
         "DICOM_NODE__NODE__TLS__KEY_FILE": str(pki.server_key),
     }
     if require_client_cert:
-        env |= {"DICOM_NODE__NODE__TLS__CA_FILE": str(pki.ca_file),
-                "DICOM_NODE__NODE__TLS__REQUIRE_CLIENT_CERT": "true"}
+        env |= {
+            "DICOM_NODE__NODE__TLS__CA_FILE": str(pki.ca_file),
+            "DICOM_NODE__NODE__TLS__REQUIRE_CLIENT_CERT": "true",
+        }
     return env
 
 
@@ -52,8 +54,7 @@ def store_over(port: int, path, *, tls: TlsSettings | None) -> int | None:
     ae.add_requested_context(MRImageStorage)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
     context = client_ssl_context(tls) if tls else None
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE",
-                         tls_args=(context, "127.0.0.1") if context else None)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE", tls_args=(context, "127.0.0.1") if context else None)
     if not assoc.is_established:
         return None
     try:
@@ -71,8 +72,12 @@ def test_tls_scp_stores_for_a_tls_client_and_refuses_plain_tcp(start_node, pki, 
     assert store_over(port, files[0], tls=TlsSettings(enabled=True, ca_file=pki.ca_file)) == SUCCESS
     assert store_over(port, files[1], tls=None) is None
     # DCMTK without TLS fails as well.
-    plain = subprocess.run([require_tool("echoscu"), "-to", "5", "-aec", "DICOMNODE", "127.0.0.1", str(port)],
-                           capture_output=True, text=True, timeout=30)
+    plain = subprocess.run(
+        [require_tool("echoscu"), "-to", "5", "-aec", "DICOMNODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert plain.returncode != 0
     assert len(audit_store(node.db, node.store.root)) == 1
     # The plain attempts did not hurt the TLS service.
@@ -112,8 +117,12 @@ class TlsReceiver:
         ae = AE(ae_title="TPS")
         ae.supported_contexts = AllStoragePresentationContexts
         tls = TlsSettings(enabled=True, cert_file=pki.server_cert, key_file=pki.server_key)
-        self.server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=server_ssl_context(tls),
-                                      evt_handlers=[(evt.EVT_C_STORE, self.handle)])
+        self.server = ae.start_server(
+            ("127.0.0.1", port),
+            block=False,
+            ssl_context=server_ssl_context(tls),
+            evt_handlers=[(evt.EVT_C_STORE, self.handle)],
+        )
 
     def handle(self, event):
         self.received.append(str(event.dataset.SOPInstanceUID))
@@ -124,8 +133,9 @@ class TlsReceiver:
 
 
 def tls_exporter(node, port: int, ca_file) -> Exporter:
-    destination = Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=port,
-                              tls=TlsSettings(enabled=True, ca_file=ca_file))
+    destination = Destination(
+        name="tps", ae_title="TPS", host="127.0.0.1", port=port, tls=TlsSettings(enabled=True, ca_file=ca_file)
+    )
     settings = ExportSettings(retry_initial_s=0.1, retry_max_interval_s=0.2, give_up_after_s=2)
     return Exporter(node.db, node.store, [destination], settings, "DICOMNODE", 5)
 
@@ -162,8 +172,9 @@ def test_tls_export_to_an_untrusted_destination_fails_with_reason(unstarted_node
 
 
 @pytest.mark.timeout(60)  # before the fix this hung until the peer closed
-def test_tls_destination_that_never_answers_the_handshake_does_not_stall_the_exporter(unstarted_node, pki,
-                                                                                        phantom_factory):
+def test_tls_destination_that_never_answers_the_handshake_does_not_stall_the_exporter(
+    unstarted_node, pki, phantom_factory
+):
     """A peer that accepts TCP and then says nothing (wrong port, hung proxy) must cost one
     timeout per attempt; an unbounded TLS handshake would hold the exporter, and with it every
     destination, until the peer hangs up."""
@@ -184,13 +195,21 @@ def test_calling_ae_allow_list(start_node, phantom_factory):
     node = start_node(DICOM_NODE__NODE__ALLOWED_CALLING_AETS='["MR_SCANNER1", "PACS"]')
     port = node.address[1]
     files = phantom_factory(8306, "SEC06")
-    refused = subprocess.run([require_tool("storescu"), "-aet", "INTRUDER", "-aec", "DICOMNODE", "127.0.0.1",
-                              str(port), str(files[0])], capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [require_tool("storescu"), "-aet", "INTRUDER", "-aec", "DICOMNODE", "127.0.0.1", str(port), str(files[0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     said = (refused.stdout + refused.stderr).lower()
     assert refused.returncode != 0 and "calling ae title not recognized" in said
     assert not audit_store(node.db, node.store.root)
-    allowed = subprocess.run([require_tool("storescu"), "-aet", "MR_SCANNER1", "-aec", "DICOMNODE", "127.0.0.1",
-                              str(port), str(files[0])], capture_output=True, text=True, timeout=60)
+    allowed = subprocess.run(
+        [require_tool("storescu"), "-aet", "MR_SCANNER1", "-aec", "DICOMNODE", "127.0.0.1", str(port), str(files[0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert allowed.returncode == 0, allowed.stderr
     assert len(audit_store(node.db, node.store.root)) == 1
 
@@ -218,8 +237,9 @@ PATIENT_NAME = "Zyxwvutsky^Quenbertha"
 
 
 @pytest.mark.parametrize("log_patient_names", [False, True])
-def test_no_patient_name_in_the_logs_of_a_full_run(start_node, with_tiny_model, phantom_factory, tmp_path,
-                                                   log_patient_names):
+def test_no_patient_name_in_the_logs_of_a_full_run(
+    start_node, with_tiny_model, phantom_factory, tmp_path, log_patient_names
+):
     """Store a series with a distinctive name, let its job run, then grep every log line
     (DEBUG, JSON, our loggers and the libraries') for any part of the name. The code
     never logs patient names, so with `log_patient_names = true` they stay out too; the
@@ -228,12 +248,15 @@ def test_no_patient_name_in_the_logs_of_a_full_run(start_node, with_tiny_model, 
     config.write_text(NO_DESTINATION_RULES)
     node = start_node(config, DICOM_NODE__WORKER__COUNT="1", DICOM_NODE__WORKER__POLL_INTERVAL_S="0.2")
     stream = io.StringIO()
-    configure_logging(LoggingSettings(format="json", level="DEBUG", log_patient_names=log_patient_names),
-                      stream=stream)
+    configure_logging(LoggingSettings(format="json", level="DEBUG", log_patient_names=log_patient_names), stream=stream)
     try:
         files = phantom_factory(8307, "SEC07", patient_name=PATIENT_NAME)
-        result = subprocess.run([require_tool("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(node.address[1]),
-                                 *map(str, files)], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [require_tool("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(node.address[1]), *map(str, files)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         (job,) = settled(node, 1)
         assert job.state == JobState.DONE, job.reason
@@ -245,8 +268,14 @@ def test_no_patient_name_in_the_logs_of_a_full_run(start_node, with_tiny_model, 
         ds.SeriesInstanceUID = pydicom.uid.generate_uid()
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
         ds.save_as(one)
-        assert subprocess.run([require_tool("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(node.address[1]),
-                               str(one)], capture_output=True, timeout=60).returncode == 0
+        assert (
+            subprocess.run(
+                [require_tool("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(node.address[1]), str(one)],
+                capture_output=True,
+                timeout=60,
+            ).returncode
+            == 0
+        )
         jobs = settled(node, 2)
         assert jobs[1].state == JobState.FAILED
     finally:
@@ -254,6 +283,7 @@ def test_no_patient_name_in_the_logs_of_a_full_run(start_node, with_tiny_model, 
         configure_logging(LoggingSettings(format="json", level="WARNING"))
     with node.db.session() as session:  # the name was received and is in the job store
         from storage.models import Study
+
         assert PATIENT_NAME in {s.patient_name for s in session.query(Study).all()}
     assert "store.ok" in logs and "job.inference_done" in logs and "job.failed" in logs
     for part in PATIENT_NAME.split("^"):

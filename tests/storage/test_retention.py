@@ -27,8 +27,13 @@ def setup(tmp_path: Path):
     out_dir = store.root / "outputs" / f"job-{job_id}" / "attempt-1"
     out_dir.mkdir(parents=True)
     (out_dir / "rt.dcm").write_bytes(b"rt")
-    record_outputs(db, job_id, out_dir.relative_to(store.root).as_posix(), {},
-                   [("tps", "2.25.1", "1.2.840.10008.5.1.4.1.1.481.3", "outputs/rt.dcm")])
+    record_outputs(
+        db,
+        job_id,
+        out_dir.relative_to(store.root).as_posix(),
+        {},
+        [("tps", "2.25.1", "1.2.840.10008.5.1.4.1.1.481.3", "outputs/rt.dcm")],
+    )
     return db, store, job_id
 
 

@@ -85,9 +85,7 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
-def _directed_distances(
-    from_surface: np.ndarray, to_surface: np.ndarray, spacing: Spacing
-) -> np.ndarray:
+def _directed_distances(from_surface: np.ndarray, to_surface: np.ndarray, spacing: Spacing) -> np.ndarray:
     """Distance (mm) from every voxel of `from_surface` to the nearest voxel of `to_surface`."""
     distance_map = ndimage.distance_transform_edt(~to_surface, sampling=tuple(spacing))
     return distance_map[from_surface]
@@ -98,9 +96,7 @@ def _check_spacing(mask: np.ndarray, spacing: Spacing) -> None:
         raise ValueError(f"spacing {tuple(spacing)} does not match a {np.ndim(mask)}-D mask")
 
 
-def surface_distances(
-    pred: np.ndarray, truth: np.ndarray, spacing: Spacing
-) -> tuple[np.ndarray, np.ndarray]:
+def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: Spacing) -> tuple[np.ndarray, np.ndarray]:
     """Directed surface distances in mm: (pred -> truth, truth -> pred); both masks non-empty."""
     _check_spacing(pred, spacing)
     pred_surface, truth_surface = surface(pred), surface(truth)

@@ -18,25 +18,33 @@ The one call the node's worker and `dicom-node infer --dicom` use. Decisions:
 
 from __future__ import annotations
 
-import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 from pydicom.dataset import Dataset
 
+from inference.outputs.rtstruct import build_rtstruct
+from inference.outputs.seg import build_seg
+from inference.outputs.sr import build_sr
 from inference.result import InferenceResult
-from inference.rtstruct import build_rtstruct
-from inference.seg import build_seg
-from inference.sr import build_sr
+from storage.instance_store import InvalidUIDError, validate_uid, write_durably
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 log = structlog.get_logger(__name__)
 
 
-def write_dicom_outputs(
-    result: InferenceResult, out_dir: Path, *, include_seg: bool = False
-) -> list[Path]:
+@dataclass(frozen=True)
+class WrittenOutput:
+    """One written DICOM output, with the identity the exporter needs (no re-read of the file)."""
+
+    kind: str
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+
+
+def write_dicom_outputs(result: InferenceResult, out_dir: Path, *, include_seg: bool = False) -> list[WrittenOutput]:
     """Build and write the RTSTRUCT and SEG (when there are lesions) and the SR of `result`.
 
     Parameters
@@ -50,8 +58,8 @@ def write_dicom_outputs(
 
     Returns
     -------
-    list of pathlib.Path
-        The written files in the order RTSTRUCT, SEG, SR (those written).
+    list of WrittenOutput
+        The written files in the order RTSTRUCT, SEG, SR (those written), with their UIDs.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -72,8 +80,8 @@ def write_dicom_outputs(
     return written
 
 
-def write_dataset(ds: Dataset, out_dir: Path, kind: str) -> Path:
-    """Write `ds` as ``<kind>_<SOPInstanceUID>.dcm`` (DICOM Part 10), atomically.
+def write_dataset(ds: Dataset, out_dir: Path, kind: str) -> WrittenOutput:
+    """Write `ds` as ``<kind>_<SOPInstanceUID>.dcm`` (DICOM Part 10), atomically and fsync'd.
 
     Raises
     ------
@@ -82,11 +90,10 @@ def write_dataset(ds: Dataset, out_dir: Path, kind: str) -> Path:
     """
     if not re.fullmatch(r"[A-Z]+", kind):
         raise ValueError(f"kind: {kind!r} must be an upper-case word such as 'RTSTRUCT'")
-    uid = str(ds.SOPInstanceUID)
-    if len(uid) > 64 or not _UID.match(uid):
-        raise ValueError(f"ds: SOP Instance UID {uid!r} is not a valid UID")
+    try:
+        uid = validate_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
+    except InvalidUIDError as exc:
+        raise ValueError(f"ds: {exc}") from None
     path = Path(out_dir) / f"{kind}_{uid}.dcm"
-    partial = path.with_suffix(".partial")
-    ds.save_as(partial, enforce_file_format=True)
-    os.replace(partial, path)
-    return path
+    write_durably(path, lambda handle: ds.save_as(handle, enforce_file_format=True))
+    return WrittenOutput(kind=kind, path=path, sop_instance_uid=uid, sop_class_uid=str(ds.SOPClassUID))

@@ -15,7 +15,7 @@ Decisions:
   overlaps it; its Dice is against the union of those components (a component
   touching two true lesions counts for both). No overlap = missed, Dice 0.
 - Patient scores over the whole volume: Dice, HD95 (mm), voxel precision and
-  recall (`inference.metrics`). HD95 is `inf` when the truth or the prediction
+  recall (`inference.evaluation.metrics`). HD95 is `inf` when the truth or the prediction
   is empty; the summary reports the median of the finite values and how many
   were infinite.
 - EGFR: the phantom's stored synthetic genotype is the truth (it carries the
@@ -44,12 +44,12 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
-from inference import metrics
-from inference.model_package import ModelPackage
-from inference.phantoms import Phantom, generate_phantom, write_phantom_series
+from inference.evaluation.evaluate import metrics
+from inference.imaging.postprocess import extract_lesions
+from inference.model.package import ModelPackage
 from inference.pipeline import run_series
-from inference.postprocess import extract_lesions
 from inference.result import EgfrCall, InferenceResult
+from inference.synthetic.phantoms import Phantom, generate_phantom, write_phantom_series
 
 MIN_LESION_DIAMETER_MM = 5.0
 

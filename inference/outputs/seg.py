@@ -13,9 +13,9 @@ Decisions
 - Frames on the source slices (plane positions and orientation from the source
   images), empty frames omitted, BINARY (1 bit per pixel).
 - Content Description and Series Description carry the same AI-review / demo
-  wording as the RTSTRUCT (`inference.output_notice`).
+  wording as the RTSTRUCT (`inference.outputs.notice`).
 - No lesions: a SEG needs at least one segment, so `build_seg` raises and
-  `inference.dicom_outputs` skips it, as for the RTSTRUCT.
+  `inference.outputs.dicom_outputs` skips it, as for the RTSTRUCT.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.sr.coding import Code
 
-from inference.output_notice import short_label
+from inference.outputs.notice import short_label
 from inference.result import InferenceResult
 from inference.uids import new_uid
 

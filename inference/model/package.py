@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from inference.errors import ModelPackageError
-from inference.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.mtsa_net import MTSANet, MTSANetConfig
 from inference.result import ModelIdentity
 
 FORMAT_VERSION = 1
@@ -38,7 +38,7 @@ ARCHITECTURE = "MTSA-Net"
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.pt"
 MODEL_ENV_VAR = "DICOM_NODE_MODEL"
-DEMO_PACKAGE_DIR = Path(__file__).resolve().parent / "models" / "mtsa-demo"
+DEMO_PACKAGE_DIR = Path(__file__).resolve().parent / "shipped" / "mtsa-demo"
 
 INPUT_SPEC: dict[str, Any] = {
     "modality": "MR",
@@ -133,9 +133,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             f"(this node reads {FORMAT_VERSION})"
         )
     if manifest["architecture"] != ARCHITECTURE:
-        raise ModelPackageError(
-            f"{manifest_path}: architecture {manifest['architecture']!r} is not {ARCHITECTURE!r}"
-        )
+        raise ModelPackageError(f"{manifest_path}: architecture {manifest['architecture']!r} is not {ARCHITECTURE!r}")
     return manifest
 
 

@@ -24,7 +24,7 @@ import os
 import numpy as np
 import torch
 
-from inference.mtsa_net import MTSANet
+from inference.model.mtsa_net import MTSANet
 
 DEVICE_ENV_VAR = "DICOM_NODE_DEVICE"
 SEED = 0
@@ -83,8 +83,9 @@ def predict_slices(
     amp_dtype = _autocast_dtype(device)
     gtv = np.empty(slices.shape, dtype=np.float32)
     mutant = np.empty(slices.shape[0], dtype=np.float32)
-    with torch.inference_mode(), torch.autocast(
-        device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None
+    with (
+        torch.inference_mode(),
+        torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
     ):
         for start in range(0, slices.shape[0], batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(slices[start : start + batch_size], dtype=np.float32))

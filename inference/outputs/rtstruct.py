@@ -33,7 +33,7 @@ Decisions
   left without any contour is an error, never an empty ROI.
 - No lesions: the Structure Set ROI Sequence is Type 1 (at least one item), so an
   RTSTRUCT without ROIs would be invalid; `build_rtstruct` raises `ValueError`
-  and `inference.dicom_outputs` skips the RTSTRUCT and says so.
+  and `inference.outputs.dicom_outputs` skips the RTSTRUCT and says so.
 - Approval Status is UNAPPROVED: the structure set is a proposal until a
   clinician approves it in the TPS.
 - Patient and study attributes are copied from the source headers, text decoded,
@@ -55,7 +55,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
 from pydicom.valuerep import PersonName
 from skimage.measure import approximate_polygon, find_contours
 
-from inference.output_notice import full_statement, short_label, structure_set_label
+from inference.outputs.notice import full_statement, short_label, structure_set_label
 from inference.result import InferenceResult, Lesion
 from inference.uids import new_uid
 
@@ -150,8 +150,7 @@ def _check_tolerance(simplify_tolerance_px: float) -> None:
     """Raise `ValueError` unless ``0 <= simplify_tolerance_px < MAX_SIMPLIFY_TOLERANCE_PX``."""
     if not 0.0 <= simplify_tolerance_px < MAX_SIMPLIFY_TOLERANCE_PX:
         raise ValueError(
-            f"simplify_tolerance_px: {simplify_tolerance_px} is outside "
-            f"[0, {MAX_SIMPLIFY_TOLERANCE_PX:.3f}) px"
+            f"simplify_tolerance_px: {simplify_tolerance_px} is outside [0, {MAX_SIMPLIFY_TOLERANCE_PX:.3f}) px"
         )
 
 
@@ -279,15 +278,23 @@ def _validate_result(result: InferenceResult) -> None:
     for index, ds in enumerate(sources):
         missing = [
             keyword
-            for keyword in ("SOPClassUID", "SOPInstanceUID", "ImagePositionPatient",
-                            "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+            for keyword in (
+                "SOPClassUID",
+                "SOPInstanceUID",
+                "ImagePositionPatient",
+                "ImageOrientationPatient",
+                "PixelSpacing",
+                "Rows",
+                "Columns",
+            )
             if keyword not in ds
         ]
         if missing:
             raise ValueError(f"result: source header {index} lacks {', '.join(missing)}")
         if (ds.Rows, ds.Columns) != (size[1], size[0]):
-            raise ValueError(f"result: source header {index} is {ds.Rows}x{ds.Columns}, "
-                             f"label map slices are {size[1]}x{size[0]}")
+            raise ValueError(
+                f"result: source header {index} is {ds.Rows}x{ds.Columns}, label map slices are {size[1]}x{size[0]}"
+            )
     _check_slice_geometry(result)
 
 
@@ -307,9 +314,8 @@ def _check_slice_geometry(result: InferenceResult) -> None:
         expected = np.asarray(label_map.TransformIndexToPhysicalPoint((0, 0, index)))
         position = np.asarray(ds.ImagePositionPatient, dtype=float)
         orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
-        if (
-            np.linalg.norm(position - expected) > tolerance
-            or not np.allclose(orientation, direction[:, :2].T.ravel(), atol=1e-3)
+        if np.linalg.norm(position - expected) > tolerance or not np.allclose(
+            orientation, direction[:, :2].T.ravel(), atol=1e-3
         ):
             raise ValueError(
                 f"result: source header {index} (Image Position/Orientation) does not lie on "
@@ -325,9 +331,7 @@ def _generation_description(result: InferenceResult) -> str:
     return text
 
 
-def _base_dataset(
-    result: InferenceResult, series_number: int, manufacturer: str, when: datetime
-) -> Dataset:
+def _base_dataset(result: InferenceResult, series_number: int, manufacturer: str, when: datetime) -> Dataset:
     """Top-level modules without the ROI sequences.
 
     SOP Common, Patient, General Study, RT Series, Frame of Reference (C.7.4.1,
@@ -432,15 +436,11 @@ def _lesion_contour_items(
             item.ContourData = [f"{v:.4f}" for v in patient.ravel()]
             items.append((int(index), item))
     if not items:
-        raise ValueError(
-            f"result: lesion {lesion.name} (label {lesion.label}) has no contour on any slice"
-        )
+        raise ValueError(f"result: lesion {lesion.name} (label {lesion.label}) has no contour on any slice")
     return items
 
 
-def _structure_set_roi(
-    number: int, lesion: Lesion, frame_of_reference_uid: str, result: InferenceResult
-) -> Dataset:
+def _structure_set_roi(number: int, lesion: Lesion, frame_of_reference_uid: str, result: InferenceResult) -> Dataset:
     """A Structure Set ROI Sequence item (PS3.3 C.8.8.5)."""
     item = Dataset()
     item.ROINumber = number

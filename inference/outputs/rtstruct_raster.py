@@ -1,6 +1,6 @@
 """Rasterise RTSTRUCT contours back onto a source grid, the way a TPS does.
 
-An independent reader of `inference.rtstruct`'s output, used by the tests and
+An independent reader of `inference.outputs.rtstruct`'s output, used by the tests and
 by the demo's overlay image. It deliberately shares no geometry code with the
 writer: patient coordinates are mapped to voxel indices through the SimpleITK
 geometry of the loaded series (origin, spacing, direction matrix, built by the
@@ -25,8 +25,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from skimage.draw import polygon
 
+from inference.outputs.rtstruct import ContourGeometricType
 from inference.result import LoadedSeries
-from inference.rtstruct import ContourGeometricType
 
 
 def patient_to_continuous_index(points: np.ndarray, reference_series: LoadedSeries) -> np.ndarray:
@@ -77,16 +77,12 @@ def rasterise_roi(
     mask = np.zeros((slices, rows, columns), dtype=bool)
     for contour in _roi_contours(rtstruct, roi_number):
         if contour.ContourGeometricType != ContourGeometricType.CLOSED_PLANAR.value:
-            raise ValueError(
-                f"rtstruct: ROI {roi_number} has a {contour.ContourGeometricType} contour"
-            )
+            raise ValueError(f"rtstruct: ROI {roi_number} has a {contour.ContourGeometricType} contour")
         points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
         index = patient_to_continuous_index(points, reference_series)
         k = int(np.rint(index[0, 2]))
         if not 0 <= k < slices or np.abs(index[:, 2] - k).max() > plane_tolerance:
-            raise ValueError(
-                f"rtstruct: a contour of ROI {roi_number} does not lie on a slice of the series"
-            )
+            raise ValueError(f"rtstruct: a contour of ROI {roi_number} does not lie on a slice of the series")
         filled = np.zeros((rows, columns), dtype=bool)
         rr, cc = polygon(index[:, 1], index[:, 0], shape=(rows, columns))
         filled[rr, cc] = True

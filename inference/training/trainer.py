@@ -2,13 +2,13 @@
 
 The paper's weights are not public, so a department trains its own model with
 this module (or uses the demo model trained by it on phantoms). Everything a
-trained model sees goes through `inference.preprocess`, the same code the node
+trained model sees goes through `inference.imaging.preprocess`, the same code the node
 runs at inference, so training and deployment cannot drift apart.
 
 Data sources:
 
 - Phantoms: `phantom_cases(n, seed)` generates `n` synthetic series with seeds
-  `seed, seed + 1, ..., seed + n - 1` (`inference.phantoms`).
+  `seed, seed + 1, ..., seed + n - 1` (`inference.synthetic.phantoms`).
 - A folder (`folder_cases(data_dir)`), laid out as::
 
       DATA_DIR/
@@ -84,7 +84,7 @@ Decisions:
   hold less air than whole slices; an epoch keeps its number of steps, so
   only half of its drawn batches are used as whole slices.
 - Dice of the crop steps (`crop_dice`): "pooled" (default, as on full slices)
-  or "per-crop", one Dice per crop averaged (`inference.losses`): pooled, a
+  or "per-crop", one Dice per crop averaged (`inference.training.losses`): pooled, a
   small metastasis sharing a crop batch with a large one carries almost none
   of the Dice term, and small ring-enhancing metastases (a dark dot with a
   faint rim) are what demo model 0.3.0 misses. Full-slice steps and
@@ -131,11 +131,11 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from inference import preprocess
-from inference.losses import UncertaintyWeightedLoss, egfr_loss, gtv_loss
-from inference.model_package import ModelPackage, save_package
-from inference.mtsa_net import DOWNSAMPLING, MTSANet, MTSANetConfig
-from inference.phantoms import generate_phantom
+from inference.imaging import preprocess
+from inference.model.mtsa_net import DOWNSAMPLING, MTSANet, MTSANetConfig
+from inference.model.package import ModelPackage, save_package
+from inference.synthetic.phantoms import generate_phantom
+from inference.training.losses import UncertaintyWeightedLoss, egfr_loss, gtv_loss
 
 SELECTION_LOSSES = ("joint", "gtv")
 CROP_DICE_MODES = ("pooled", "per-crop")
@@ -186,8 +186,9 @@ class TrainingConfig:
         if self.small_tumour_weight < 1.0:
             raise ValueError(f"small_tumour_weight must be >= 1, got {self.small_tumour_weight}")
         if self.crop_size is not None and (self.crop_size < 2 * DOWNSAMPLING or self.crop_size % DOWNSAMPLING):
-            raise ValueError(f"crop_size must be a multiple of {DOWNSAMPLING} and at least "
-                             f"{2 * DOWNSAMPLING}, got {self.crop_size}")
+            raise ValueError(
+                f"crop_size must be a multiple of {DOWNSAMPLING} and at least {2 * DOWNSAMPLING}, got {self.crop_size}"
+            )
 
 
 @dataclass(frozen=True)
@@ -281,9 +282,7 @@ def phantom_cases(
     rng = np.random.default_rng(seed)
     counts = np.random.default_rng([seed, 1]).integers(lesions[0], lesions[1] + 1, size=n) if lesions else [None] * n
     cases = []
-    for phantom_seed, count in tqdm(
-        zip(range(seed, seed + n), counts), total=n, desc="phantoms", disable=not progress
-    ):
+    for phantom_seed, count in tqdm(zip(range(seed, seed + n), counts), total=n, desc="phantoms", disable=not progress):
         phantom = generate_phantom(phantom_seed, n_lesions=None if count is None else int(count))
         cases.append(
             case_slices(
@@ -321,7 +320,7 @@ def _read_case_image(case_dir: Path) -> tuple[sitk.Image, Any]:
             return sitk.Cast(sitk.ReadImage(str(case_dir / name)), sitk.sitkFloat32), None
     series_dir = case_dir / "image"
     if series_dir.is_dir():
-        from inference.volume_loader import load_series
+        from inference.imaging.volume_loader import load_series
 
         series = load_series(sorted(p for p in series_dir.rglob("*") if p.is_file()))
         return series.image, series
@@ -345,12 +344,10 @@ def _read_case_mask(case_dir: Path, image: sitk.Image, series: Any, roi_pattern:
 
 
 def _rasterise_rtstruct(rtstruct: pydicom.Dataset, series: Any, roi_pattern: str, path: Path) -> sitk.Image:
-    from inference.rtstruct_raster import rasterise_roi
+    from inference.outputs.rtstruct_raster import rasterise_roi
 
     pattern = re.compile(roi_pattern)
-    numbers = [
-        int(roi.ROINumber) for roi in rtstruct.StructureSetROISequence if pattern.search(str(roi.ROIName))
-    ]
+    numbers = [int(roi.ROINumber) for roi in rtstruct.StructureSetROISequence if pattern.search(str(roi.ROIName))]
     if not numbers:
         raise ValueError(f"{path}: no ROI name matches {roi_pattern!r}")
     union = np.zeros(sitk.GetArrayViewFromImage(series.image).shape, bool)
@@ -384,9 +381,7 @@ def folder_cases(
         image, series = _read_case_image(data_dir / case_id)
         mask = _read_case_mask(data_dir / case_id, image, series, roi_pattern)
         cases.append(
-            case_slices(
-                case_id, image, mask, labels[case_id], size=size, free_slice_ratio=free_slice_ratio, rng=rng
-            )
+            case_slices(case_id, image, mask, labels[case_id], size=size, free_slice_ratio=free_slice_ratio, rng=rng)
         )
     return cases
 
@@ -426,9 +421,7 @@ def slice_weights(masks: torch.Tensor, max_weight: float) -> torch.Tensor:
     return weights
 
 
-def _epoch_batches(
-    masks: torch.Tensor, config: TrainingConfig, generator: torch.Generator
-) -> list[torch.Tensor]:
+def _epoch_batches(masks: torch.Tensor, config: TrainingConfig, generator: torch.Generator) -> list[torch.Tensor]:
     """An epoch's batches: a permutation, or weighted draws with replacement when oversampling."""
     if config.small_tumour_weight == 1.0:
         return list(_batches(len(masks), config.batch_size, generator))
@@ -436,7 +429,9 @@ def _epoch_batches(
     return list(torch.multinomial(weights, len(masks), replacement=True, generator=generator).split(config.batch_size))
 
 
-def _augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _augment(
+    images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random flip, rotation and zoom (one affine, shared by image and mask), then intensity."""
     n = images.shape[0]
     angle = torch.deg2rad((2 * torch.rand(n, generator=generator) - 1) * MAX_ROTATION_DEG)
@@ -470,8 +465,10 @@ def _crop(
             corner = torch.randint(0, size - crop + 1, (2,), generator=generator)
         corners.append(corner.tolist())
     pick = [(slice(None), slice(r, r + crop), slice(c, c + crop)) for r, c in corners]
-    return (torch.stack([image[p] for image, p in zip(images, pick)]),
-            torch.stack([mask[p] for mask, p in zip(masks, pick)]))
+    return (
+        torch.stack([image[p] for image, p in zip(images, pick)]),
+        torch.stack([mask[p] for mask, p in zip(masks, pick)]),
+    )
 
 
 def _crop_step_loss(
@@ -510,9 +507,7 @@ def _train_epoch(
     model.train()
     crop_weights = slice_weights(masks, config.small_tumour_weight) if config.crop_size is not None else None
     total, count = 0.0, 0
-    bar = tqdm(
-        _epoch_batches(masks, config, generator), desc=description, leave=False, disable=not progress
-    )
+    bar = tqdm(_epoch_batches(masks, config, generator), desc=description, leave=False, disable=not progress)
     for step, index in enumerate(bar):
         if config.crop_size is not None and step % 2:
             loss = _crop_step_loss(model, weighting, data, crop_weights, config, generator)
@@ -548,7 +543,7 @@ def _validate(
     """(L_GTV, L_EGFR on tumour slices, pooled voxel Dice at 0.5, slice EGFR accuracy), batch means."""
     images, masks, labels = data
     model.eval()
-    gtv_sum, egfr_sum, count, egfr_batches = 0.0, 0.0, 0, 0
+    gtv_sum, egfr_sum, count = 0.0, 0.0, 0
     intersection = predicted = true = 0
     correct = tumour_slices = 0
     for index in _batches(len(images), batch_size, None):
@@ -621,7 +616,16 @@ def train(
         val_loss = val_gtv + val_egfr if config.selection_loss == "joint" else val_gtv
         s1, s2 = weighting.sigmas
         record = EpochRecord(
-            epoch, train_loss, val_loss, val_gtv, val_egfr, val_dice, val_accuracy, s1, s2, time.monotonic() - epoch_start
+            epoch,
+            train_loss,
+            val_loss,
+            val_gtv,
+            val_egfr,
+            val_dice,
+            val_accuracy,
+            s1,
+            s2,
+            time.monotonic() - epoch_start,
         )
         history.append(record)
         log(record.line())

@@ -18,7 +18,7 @@ Decisions
   TID 1411 can reference a SEG segment but not an RTSTRUCT ROI.
 - One TID 1501 group for the patient-level EGFR prediction: the call as a coded
   qualitative evaluation and, when assessable, the mutant probability (UCUM "1").
-  The codes are private (`inference.sr_codes`): no standard code exists.
+  The codes are private (`inference.outputs.codes`): no standard code exists.
 - The AI-review statement (and the demo-model warning) is a TEXT item in the
   TID 1500 "Qualitative Evaluations" container, and the Series Description says
   the same in short.
@@ -39,10 +39,10 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from inference import sr_codes
-from inference.output_notice import full_statement, short_label
+from inference.outputs import codes
+from inference.outputs.codes import PrivateCode
+from inference.outputs.notice import full_statement, short_label
 from inference.result import EgfrCall, EgfrPrediction, InferenceResult, Lesion, ModelIdentity
-from inference.sr_codes import PrivateCode
 from inference.uids import new_uid
 
 EGFR_TRACKING_IDENTIFIER = "EGFR (patient level)"
@@ -99,7 +99,7 @@ def build_sr(
     groups.append(_egfr_group(result.egfr, algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result.model, manufacturer),
-        procedure_reported=sr_codes.MR_BRAIN,
+        procedure_reported=codes.MR_BRAIN,
         imaging_measurements=groups,
     )
     report[0].ContentSequence.append(_statement_container(result.model))
@@ -152,9 +152,7 @@ def _validate_measurements(result: InferenceResult) -> None:
     probability = result.egfr.mutant_probability
     assessable = result.egfr.call != EgfrCall.NOT_ASSESSABLE
     if assessable != (probability is not None):
-        raise ValueError(
-            f"result: EGFR call '{result.egfr.call.value}' with probability {probability}"
-        )
+        raise ValueError(f"result: EGFR call '{result.egfr.call.value}' with probability {probability}")
     if probability is not None and not 0.0 <= probability <= 1.0:
         raise ValueError(f"result: EGFR mutant probability {probability} is outside [0, 1]")
 
@@ -169,7 +167,7 @@ def _observation_context(model: ModelIdentity, manufacturer: str) -> hd.sr.Obser
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
-            observer_type=sr_codes.DEVICE, observer_identifying_attributes=device
+            observer_type=codes.DEVICE, observer_identifying_attributes=device
         )
     )
 
@@ -179,22 +177,22 @@ def _lesion_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group of one lesion: volume (cm3) and maximum diameter (mm)."""
     volume = hd.sr.Measurement(
-        name=sr_codes.VOLUME,
+        name=codes.VOLUME,
         value=lesion.volume_cm3,
-        unit=sr_codes.CUBIC_CENTIMETRE,
+        unit=codes.CUBIC_CENTIMETRE,
         algorithm_id=algorithm,
     )
     diameter = hd.sr.Measurement(
-        name=sr_codes.DIAMETER,
+        name=codes.DIAMETER,
         value=lesion.max_diameter_mm,
-        unit=sr_codes.MILLIMETRE,
-        derivation=sr_codes.MAXIMUM,
+        unit=codes.MILLIMETRE,
+        derivation=codes.MAXIMUM,
         algorithm_id=algorithm,
     )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(), identifier=lesion.name),
-        finding_type=sr_codes.METASTATIC_NEOPLASM,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=sr_codes.BRAIN)],
+        finding_type=codes.METASTATIC_NEOPLASM,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.BRAIN)],
         algorithm_id=algorithm,
         measurements=[volume, diameter],
     )
@@ -210,17 +208,13 @@ def _egfr_group(
             hd.sr.Measurement(
                 name=PrivateCode.EGFR_MUTANT_PROBABILITY.code,
                 value=egfr.mutant_probability,
-                unit=sr_codes.NO_UNITS,
+                unit=codes.NO_UNITS,
                 algorithm_id=algorithm,
             )
         )
-    call = hd.sr.QualitativeEvaluation(
-        name=PrivateCode.EGFR_STATUS.code, value=sr_codes.egfr_call_code(egfr.call)
-    )
+    call = hd.sr.QualitativeEvaluation(name=PrivateCode.EGFR_STATUS.code, value=codes.egfr_call_code(egfr.call))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=new_uid(), identifier=EGFR_TRACKING_IDENTIFIER
-        ),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(), identifier=EGFR_TRACKING_IDENTIFIER),
         finding_type=PrivateCode.EGFR_STATUS.code,
         algorithm_id=algorithm,
         measurements=measurements or None,
@@ -231,7 +225,7 @@ def _egfr_group(
 def _statement_container(model: ModelIdentity) -> hd.sr.ContainerContentItem:
     """TID 1500 "Qualitative Evaluations" container holding the AI-review statement."""
     container = hd.sr.ContainerContentItem(
-        name=sr_codes.QUALITATIVE_EVALUATIONS,
+        name=codes.QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
     container.ContentSequence = hd.sr.ContentSequence(
@@ -254,6 +248,4 @@ def _finish_header(sr: Dataset, model: ModelIdentity, when: datetime) -> None:
     sr.SeriesDate, sr.SeriesTime = date, time
     sr.ContentDate, sr.ContentTime = date, time
     sr.InstanceCreationDate, sr.InstanceCreationTime = date, time
-    sr.CodingSchemeIdentificationSequence = DicomSequence(
-        [sr_codes.coding_scheme_identification()]
-    )
+    sr.CodingSchemeIdentificationSequence = DicomSequence([codes.coding_scheme_identification()])

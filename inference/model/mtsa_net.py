@@ -118,9 +118,7 @@ class MSAModule(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.local = nn.Conv2d(channels, channels, 3, padding=1)
-        self.depthwise = nn.Conv2d(
-            channels, channels, DEPTHWISE_KERNEL, padding=DEPTHWISE_KERNEL // 2, groups=channels
-        )
+        self.depthwise = nn.Conv2d(channels, channels, DEPTHWISE_KERNEL, padding=DEPTHWISE_KERNEL // 2, groups=channels)
         self.branches = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(channels, channels, (k, 1), padding=(k // 2, 0), groups=channels),
@@ -224,13 +222,9 @@ class MTSANet(nn.Module):
         super().__init__()
         self.config = config or MTSANetConfig()
         channels = self.config.stage_channels
-        self.encoder = nn.ModuleList(
-            MSABlock(c_in, c_out) for c_in, c_out in zip((1, *channels[:-1]), channels)
-        )
+        self.encoder = nn.ModuleList(MSABlock(c_in, c_out) for c_in, c_out in zip((1, *channels[:-1]), channels))
         self.pool = nn.MaxPool2d(2)
-        self.decoder = nn.ModuleList(
-            UpStage(channels[i + 1], channels[i]) for i in reversed(range(N_STAGES - 1))
-        )
+        self.decoder = nn.ModuleList(UpStage(channels[i + 1], channels[i]) for i in reversed(range(N_STAGES - 1)))
         self.gtv_out = nn.Conv2d(channels[0], 1, 1)
         nn.init.constant_(self.gtv_out.bias, math.log(GTV_PRIOR / (1.0 - GTV_PRIOR)))
         self.egfr_head = EgfrHead(self.config)
@@ -250,8 +244,9 @@ class MTSANet(nn.Module):
         full `input_size` slice. The deployed model always runs `forward` on full slices.
         """
         if x.ndim != 4 or x.shape[1] != 1 or x.shape[2] % DOWNSAMPLING or x.shape[3] % DOWNSAMPLING:
-            raise ValueError(f"expected input of shape (B, 1, H, W) with H, W multiples of {DOWNSAMPLING}, "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected input of shape (B, 1, H, W) with H, W multiples of {DOWNSAMPLING}, got {tuple(x.shape)}"
+            )
         return self._decode(self._encode(x))
 
     def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -48,7 +48,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
 from scipy import ndimage
 
 from inference.uids import new_uid
