@@ -43,9 +43,6 @@ from inference.result import InferenceResult
 if TYPE_CHECKING:
     from inference.model.package import ModelPackage
 
-DEFAULT_THRESHOLD = 0.5
-DEFAULT_MIN_VOLUME_MM3 = 20.0
-
 
 @contextmanager
 def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
@@ -74,8 +71,7 @@ def run_series(files: Sequence[Path], package: ModelPackage, *, device: str | No
         model = package.build_model(torch_device)
         gtv_prob, mutant_prob = predict_slices(model, model_input.slices, device=torch_device)
     with _timed(timings, "postprocess"):
-        threshold = package.thresholds.get("gtv_probability", DEFAULT_THRESHOLD)
-        min_volume = package.thresholds.get("min_lesion_volume_mm3", DEFAULT_MIN_VOLUME_MM3)
+        threshold, min_volume = package.gtv_threshold, package.min_lesion_volume_mm3
         probability = preprocess.to_source_grid(gtv_prob, model_input, series.image)
         label_map, lesions = extract_lesions(probability, threshold=threshold, min_volume_mm3=min_volume)
         reported = preprocess.to_model_grid(label_map, model_input, nearest=True) > 0

@@ -44,7 +44,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
-from inference.evaluation.evaluate import metrics
+from inference.evaluation import metrics
 from inference.imaging.postprocess import extract_lesions
 from inference.model.package import ModelPackage
 from inference.pipeline import run_series
@@ -214,9 +214,7 @@ def threshold_sweep(
 
     Minimum volumes default to the package's own. EGFR keys are left out: they do not move.
     """
-    volumes = (
-        [package.thresholds.get("min_lesion_volume_mm3", 20.0)] if min_volumes_mm3 is None else list(min_volumes_mm3)
-    )
+    volumes = [package.min_lesion_volume_mm3] if min_volumes_mm3 is None else list(min_volumes_mm3)
     pairs = list(dict.fromkeys((t, v) for t in thresholds for v in volumes))  # each setting once
     if not pairs:
         raise ValueError("threshold_sweep: no thresholds or no minimum volumes to try")

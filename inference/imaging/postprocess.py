@@ -93,7 +93,7 @@ def _centroid_index(component: np.ndarray, offset: np.ndarray) -> np.ndarray:
 
 
 def extract_lesions(
-    probability: sitk.Image, *, threshold: float = 0.5, min_volume_mm3: float = 20.0
+    probability: sitk.Image, *, threshold: float, min_volume_mm3: float
 ) -> tuple[sitk.Image, list[Lesion]]:
     """uint16 label map (GTV_i has value i) on `probability`'s grid, and the lesions by size."""
     binary = sitk.Cast(probability > threshold, sitk.sitkUInt8)

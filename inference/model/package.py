@@ -88,6 +88,16 @@ class ModelPackage:
         return ModelIdentity(name=self.name, version=self.version, is_demo=self.is_demo)
 
     @property
+    def gtv_threshold(self) -> float:
+        """GTV probability above which a voxel is tumour (manifest `thresholds`, else the default)."""
+        return float(self.thresholds.get("gtv_probability", DEFAULT_THRESHOLDS["gtv_probability"]))
+
+    @property
+    def min_lesion_volume_mm3(self) -> float:
+        """Smallest connected component reported as a lesion (manifest `thresholds`, else the default)."""
+        return float(self.thresholds.get("min_lesion_volume_mm3", DEFAULT_THRESHOLDS["min_lesion_volume_mm3"]))
+
+    @property
     def weights_path(self) -> Path:
         return self.path / self.weights_file
 

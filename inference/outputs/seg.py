@@ -24,16 +24,16 @@ from datetime import datetime
 
 import highdicom as hd
 import numpy as np
-from pydicom.sr.coding import Code
 
+from inference.outputs.codes import (
+    ARTIFICIAL_INTELLIGENCE,
+    BRAIN,
+    METASTATIC_NEOPLASM,
+    MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+)
 from inference.outputs.notice import short_label
 from inference.result import InferenceResult
 from inference.uids import new_uid
-
-MORPHOLOGICALLY_ABNORMAL_STRUCTURE = Code("49755003", "SCT", "Morphologically abnormal structure")
-METASTATIC_NEOPLASM = Code("14799000", "SCT", "Neoplasm, metastatic")
-ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
-BRAIN = Code("12738006", "SCT", "Brain")
 
 
 def build_seg(

@@ -89,7 +89,7 @@ def test_evaluation_runs_the_dicom_pipeline(tiny_package: ModelPackage) -> None:
 
 def test_threshold_sweep_extremes(tiny_package: ModelPackage) -> None:
     results = threshold_sweep(tiny_package, [31], [-1.0, 1.0], device="cpu", progress=False, phantom_options=SMALL)
-    default = tiny_package.thresholds.get("min_lesion_volume_mm3", 20.0)
+    default = tiny_package.min_lesion_volume_mm3
     assert list(results) == [(-1.0, default), (1.0, default)]
     assert results[(1.0, default)]["lesion_detection_rate"] == 0.0  # nothing is above probability 1
     assert results[(-1.0, default)]["voxel_recall_mean"] == 1.0  # everything is above -1

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from inference.evaluation.evaluate import metrics
+from inference.evaluation import metrics
 
 
 def slabs(z_a: int, z_b: int, thickness: int = 2) -> tuple[np.ndarray, np.ndarray]:

@@ -48,7 +48,7 @@ def test_diagonal_neighbours_are_one_lesion():
     array = np.zeros((10, 10, 10))
     for k in range(6):
         array[k + 2, k + 2, k + 2] = 1.0  # a chain touching only at corners
-    _, lesions = extract_lesions(probability_image(array), min_volume_mm3=0)
+    _, lesions = extract_lesions(probability_image(array), threshold=0.5, min_volume_mm3=0)
     assert len(lesions) == 1 and lesions[0].voxel_count == 6
 
 
@@ -56,7 +56,7 @@ def test_equal_sizes_are_ordered_by_position():
     array = np.zeros((10, 20, 20))
     array[5:7, 12:14, 2:4] = 1.0
     array[5:7, 2:4, 12:14] = 1.0  # same size, earlier in array order
-    label_map, lesions = extract_lesions(probability_image(array), min_volume_mm3=0)
+    label_map, lesions = extract_lesions(probability_image(array), threshold=0.5, min_volume_mm3=0)
     labels = sitk.GetArrayFromImage(label_map)
     assert labels[5, 2, 12] == 1 and labels[5, 12, 2] == 2
 
@@ -67,7 +67,7 @@ def test_volume_diameter_and_centroid_of_a_box_use_real_spacing_and_geometry():
     spacing = (0.5, 0.8, 4.0)  # column, row, slice spacing
     rotation = sitk.VersorTransform((1.0, 1.0, 0.3), 0.7).GetMatrix()
     image = probability_image(array, spacing, origin=(-50.0, 20.0, 7.0), direction=rotation)
-    _, (lesion,) = extract_lesions(image, min_volume_mm3=0)
+    _, (lesion,) = extract_lesions(image, threshold=0.5, min_volume_mm3=0)
     assert lesion.voxel_count == 600
     assert lesion.volume_cm3 == pytest.approx(600 * 0.5 * 0.8 * 4.0 / 1000)
     extent = np.array([20 * 0.5, 10 * 0.8, 3 * 4.0])
@@ -85,7 +85,7 @@ def test_diameter_of_a_sphere_is_within_one_voxel_diagonal():
         ((i - centre[2]) * spacing[0]) ** 2 + ((j - centre[1]) * spacing[1]) ** 2 + ((k - centre[0]) * spacing[2]) ** 2
     )
     array = (distance <= radius_mm).astype(float)
-    _, (lesion,) = extract_lesions(probability_image(array, spacing), min_volume_mm3=0)
+    _, (lesion,) = extract_lesions(probability_image(array, spacing), threshold=0.5, min_volume_mm3=0)
     diagonal = math.dist((0, 0, 0), spacing)
     assert 2 * radius_mm <= lesion.max_diameter_mm <= 2 * radius_mm + diagonal
     assert lesion.volume_cm3 == pytest.approx(4 / 3 * math.pi * radius_mm**3 / 1000, rel=0.05)
@@ -99,7 +99,7 @@ def test_single_voxel_diameter_is_its_diagonal():
 
 
 def test_no_tumour_gives_an_empty_label_map():
-    label_map, lesions = extract_lesions(probability_image(np.zeros((6, 6, 6))))
+    label_map, lesions = extract_lesions(probability_image(np.zeros((6, 6, 6))), threshold=0.5, min_volume_mm3=20.0)
     assert lesions == [] and not sitk.GetArrayViewFromImage(label_map).any()
 
 

@@ -8,8 +8,9 @@ import highdicom as hd
 import numpy as np
 import pytest
 
+from inference.outputs.codes import METASTATIC_NEOPLASM
 from inference.outputs.notice import DEMO_WARNING
-from inference.outputs.seg import METASTATIC_NEOPLASM, build_seg
+from inference.outputs.seg import build_seg
 from inference.result import LoadedSeries
 
 
