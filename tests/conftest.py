@@ -9,13 +9,15 @@ modify the returned files (copy them first, see `copy_series`).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from inference.synthetic.phantoms import Phantom, generate_phantom, write_phantom_series
+from tests.helpers.postgres import PostgresServer, postgres_bin_dir, wait_ready
 
 
 @dataclass(frozen=True)
@@ -58,3 +60,25 @@ def copy_series(tmp_path: Path) -> Callable[[list[Path]], list[Path]]:
         return [Path(shutil.copy2(f, target / f.name)) for f in files]
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throw-away PostgreSQL server for the session (Debian `postgresql`; skipped where absent)."""
+    if postgres_bin_dir() is None:
+        pytest.skip("PostgreSQL server not installed (Debian package 'postgresql'; .ci/run installs it)")
+    server = PostgresServer()
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def job_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty job store URL: SQLite in tmp_path, and a new database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/jobs.db"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database(f"t{uuid.uuid4().hex[:12]}")

@@ -1,0 +1,1 @@
+"""Test infrastructure shared by every test folder (fixtures register it in tests/conftest.py)."""
