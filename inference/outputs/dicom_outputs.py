@@ -11,6 +11,8 @@ The one call the node's worker and `dicom-node infer --dicom` use. Decisions:
   one segment), so neither is written (logged as ``dicom_outputs.skipped``);
   the SR is still written, it reports zero lesions and EGFR "not assessable".
 - The SR lists the RTSTRUCT and SEG written with it as pertinent other evidence.
+- The RTSTRUCT is checked against what planning systems are known to reject
+  (`tps_compat`) before anything is written; a problem raises `ValueError`.
 - The SEG is opt-in (``include_seg``): SPEC promises RTSTRUCT + SR to the
   destinations, and a TPS that does not accept Segmentation Storage would fail
   the export of the whole job.
@@ -28,6 +30,7 @@ from pydicom.dataset import Dataset
 from inference.outputs.rtstruct import build_rtstruct
 from inference.outputs.seg import build_seg
 from inference.outputs.sr import build_sr
+from inference.outputs.tps_compat import check_tps_compatible
 from inference.result import InferenceResult
 from storage.instance_store import InvalidUIDError, validate_uid, write_durably
 
@@ -65,7 +68,9 @@ def write_dicom_outputs(result: InferenceResult, out_dir: Path, *, include_seg: 
     out_dir.mkdir(parents=True, exist_ok=True)
     written, related = [], []
     if result.lesions:
-        related.append(build_rtstruct(result))
+        rtstruct = build_rtstruct(result)
+        check_tps_compatible(rtstruct, result.series.datasets)
+        related.append(rtstruct)
         if include_seg:
             related.append(build_seg(result))
         written += [write_dataset(ds, out_dir, str(ds.Modality)) for ds in related]
