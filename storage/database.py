@@ -4,8 +4,9 @@ Decision: SQLite in WAL mode with `synchronous=FULL` by default, because a
 C-STORE success is only returned after the instance row is committed, and a
 committed row must survive a power cut. A busy timeout lets the SCP threads,
 the watcher and the workers share one file. Any other SQLAlchemy URL
-(PostgreSQL for several hosts) is used as given. The schema is created on
-first use (`create_all`); there is no migration history yet.
+(PostgreSQL for several hosts) is used as given. The schema is versioned with
+Alembic (`storage.schema`): an empty database gets the current schema, one at
+another revision is refused until `dicom-node db upgrade` has run.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.models import Base
+from storage.schema import ensure_current
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -39,7 +40,6 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
     return engine
 
 
@@ -47,8 +47,14 @@ class Database:
     """The job store: an engine plus a session factory."""
 
     def __init__(self, url: str) -> None:
+        """Open the job store at `url`; raises `storage.schema.SchemaError` for a stale schema."""
         self.url = url
         self.engine = make_engine(url)
+        try:
+            ensure_current(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager

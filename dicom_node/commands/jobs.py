@@ -15,16 +15,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dicom_node.commands._common import ConfigOption, fail, settings_or_exit
+from dicom_node.commands._common import ConfigOption, fail, job_store_or_exit, settings_or_exit
 
 jobs_app = typer.Typer(help="Follow, retry and re-export jobs.", no_args_is_help=True)
 console = Console()
 
 
 def _database(config: Path | None):
-    from storage.database import Database
 
-    return Database(settings_or_exit(config).storage.resolved_database_url)
+    return job_store_or_exit(settings_or_exit(config))
 
 
 def _iso(value: datetime | None) -> str | None:

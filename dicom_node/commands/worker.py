@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from dicom_node.commands._common import ConfigOption, settings_or_exit
+from dicom_node.commands._common import ConfigOption, job_store_or_exit, settings_or_exit
 
 
 def worker(
@@ -24,13 +24,12 @@ def worker(
     """Claim and run queued jobs until stopped (SIGTERM/Ctrl-C)."""
     from dicom_node.logging_setup import configure_logging, get_logger
     from dicom_node.worker import InferenceWorker, ModelRegistry
-    from storage.database import Database
     from storage.instance_store import InstanceStore
     from storage.jobs import resume_interrupted
 
     settings = settings_or_exit(config)
     configure_logging(settings.logging)
-    db = Database(settings.storage.resolved_database_url)
+    db = job_store_or_exit(settings)
     store = InstanceStore(settings.storage.data_dir)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
