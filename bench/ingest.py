@@ -1,118 +1,202 @@
-"""Ingest benchmark: node C-STORE throughput vs. a bare pynetdicom SCP and DCMTK storescp.
+"""Ingest benchmark: the node's C-STORE receive against Orthanc, a bare pynetdicom SCP and DCMTK storescp.
 
 One 176-slice 512x512 MR series (synthetic phantom) is sent with DCMTK
-`storescu` (one association) to each receiver in turn, `--repeats` times,
-alternating receivers so machine noise hits all of them alike. Reported:
-median seconds per series, instances per second, and the node's ratio to
-each baseline. The node does everything a clinical receive needs (header
-parse, UID validation, fsync'd file, directory fsync, committed SQLite row);
-the bare SCP only writes the received bytes to a file.
+`storescu` over one association to each receiver in turn, `--repeats` times,
+alternating receivers so machine noise hits all of them alike; then
+`--concurrent` series are sent at once by as many `storescu` processes
+(aggregate time). DCMTK runs with `TCP_NODELAY=1` (Nagle off, as in a tuned
+PACS; with Nagle on both DCMTK peers wait on delayed ACKs). Each receiver runs
+as its own process, so the node's peak resident memory (VmHWM) is its own.
 
-    .venv/bin/python bench/ingest.py [--repeats 3]
+Receivers:
+- node: `dicom-node serve` with the embedded defaults (fsync'd file, directory
+  fsync, committed SQLite WAL row before each success), no workers;
+- Orthanc (Debian package, when installed): fsync'd storage, SQLite index;
+- bare pynetdicom SCP: writes the received bytes, no fsync, no database;
+- DCMTK storescp: writes files, not durable.
+
+    .venv/bin/python bench/ingest.py [--repeats 3] [--concurrent 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
+import textwrap
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
-
-from dicom_node.logging_setup import configure_logging
-from dicom_node.peers import free_port
-from dicom_node.service import NodeService
-from dicom_node.settings import LoggingSettings, Settings
+from dicom_node.peers import find_dcmtk, free_port, wait_listening
 from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+Receiver = tuple[int, str, Callable[[], None], Callable[[], int | None]]  # port, AE, stop, peak RSS (kB)
 
-def send(port: int, files: list[Path], called: str) -> float:
-    start = time.perf_counter()
-    result = subprocess.run(
-        ["storescu", "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-    )
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(result.stderr)
-    return elapsed
-
-
-def bare_scp(folder: Path):
+BARE_SCP = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+    folder, port = Path(sys.argv[1]), int(sys.argv[2])
     ae = AE(ae_title="BARE")
     for context in StoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-
     def handle(event):
         (folder / f"{event.request.AffectedSOPInstanceUID}.dcm").write_bytes(event.encoded_dataset())
         return 0x0000
+    ae.maximum_associations = 16
+    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, handle)])
+    """
+)
 
+
+def peak_rss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def process_receiver(command: list[str], port: int, ae: str, env: dict[str, str] | None = None) -> Receiver:
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listening(port, 60)
+
+    def stop() -> None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    return port, ae, stop, lambda: peak_rss_kb(process.pid)
+
+
+def node(folder: Path) -> Receiver:
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)])
-    return port, server.shutdown
+    env = {
+        **os.environ,
+        "DICOM_NODE__NODE__PORT": str(port),
+        "DICOM_NODE__NODE__MAX_ASSOCIATIONS": "16",
+        "DICOM_NODE__NODE__MIN_FREE_DISK_MB": "1",
+        "DICOM_NODE__STORAGE__DATA_DIR": str(folder),
+        "DICOM_NODE__WORKER__COUNT": "0",
+        "DICOM_NODE__SERIES__QUIET_PERIOD_S": "3600",
+        "DICOM_NODE__LOGGING__FORMAT": "json",
+        "DICOM_NODE__LOGGING__LEVEL": "WARNING",
+        "DICOM_NODE__HTTP__ENABLED": "false",
+    }
+    executable = str(Path(sys.executable).parent / "dicom-node")
+    return process_receiver([executable, "serve"], port, "DICOMNODE", env)
 
 
-def dcmtk_scp(folder: Path):
+def bare(folder: Path) -> Receiver:
     port = free_port()
-    process = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(folder), str(port)])
-    time.sleep(0.5)
-    return port, lambda: (process.terminate(), process.wait())
+    return process_receiver([sys.executable, "-c", BARE_SCP, str(folder), str(port)], port, "BARE")
 
 
-def node_scp(folder: Path):
-    settings = Settings()
-    settings.node.port = 0
-    settings.storage.data_dir = folder
-    settings.worker.count = 0
-    settings.node.min_free_disk_mb = 1
-    service = NodeService(settings)
-    _, port = service.start()
-    return port, service.stop
+def storescp(folder: Path) -> Receiver:
+    port = free_port()
+    binary = find_dcmtk("storescp") or "storescp"
+    return process_receiver([binary, "-aet", "STORESCP", "-od", str(folder), str(port)], port, "STORESCP", DCMTK_ENV)
+
+
+def orthanc(folder: Path) -> Receiver:
+    port, http = free_port(), free_port()
+    config = {
+        "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
+        "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http, "RemoteAccessAllowed": False,
+        "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "Plugins": [],
+        "SyncStorageArea": True, "MaximumStorageCacheSize": 0,
+    }  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    return process_receiver(["Orthanc", str(folder / "orthanc.json")], port, "ORTHANC")
+
+
+def send(port: int, called: str, files: list[Path]) -> None:
+    binary = find_dcmtk("storescu") or "storescu"
+    result = subprocess.run(
+        [binary, "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True, text=True, env=DCMTK_ENV,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu to {called} failed: {result.stderr[-500:]}")
+
+
+def timed_run(start: Callable[[Path], Receiver], folder: Path, batches: list[list[Path]]) -> tuple[float, int | None]:
+    folder.mkdir(parents=True)
+    port, called, stop, peak = start(folder)
+    try:
+        began = time.perf_counter()
+        with ThreadPoolExecutor(len(batches)) as pool:
+            list(pool.map(lambda files: send(port, called, files), batches))
+        elapsed = time.perf_counter() - began
+        rss = peak()
+    finally:
+        stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    return elapsed, rss
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--concurrent", type=int, default=4)
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--slices", type=int, default=176)
     args = parser.parse_args()
-    configure_logging(LoggingSettings(format="json", level="ERROR"))
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
-    phantom = generate_phantom(7, orientation="axial", matrix=args.matrix, slices=args.slices)
-    files = write_phantom_series(phantom, work / "series")
-    megabytes = sum(f.stat().st_size for f in files) / 1e6
-    receivers = {
-        "node": (node_scp, "DICOMNODE"),
-        "bare pynetdicom SCP": (bare_scp, "BARE"),
-        "DCMTK storescp": (dcmtk_scp, "STORESCP"),
-    }
-    times: dict[str, list[float]] = {name: [] for name in receivers}
+    series = []
+    for k in range(max(1, args.concurrent)):
+        phantom = generate_phantom(7 + k, orientation="axial", matrix=args.matrix, slices=args.slices)
+        series.append(write_phantom_series(phantom, work / f"series-{k}", patient_id=f"BENCH{k}"))
+    megabytes = sum(f.stat().st_size for f in series[0]) / 1e6
+    receivers: dict[str, Callable[[Path], Receiver]] = {"node": node}
+    if shutil.which("Orthanc"):
+        receivers["Orthanc"] = orthanc
+    else:
+        print("Orthanc not installed (Debian package 'orthanc'): skipped", file=sys.stderr)
+    receivers |= {"bare pynetdicom SCP": bare, "DCMTK storescp": storescp}
+
+    one: dict[str, list[float]] = {name: [] for name in receivers}
+    peaks: dict[str, int | None] = {}
     for repeat in range(args.repeats):
-        for name, (start, called) in receivers.items():
-            folder = work / f"{name.replace(' ', '_')}-{repeat}"
-            folder.mkdir()
-            port, stop = start(folder)
-            try:
-                times[name].append(send(port, files, called))
-            finally:
-                stop()
-            shutil.rmtree(folder)
-    median = {name: statistics.median(values) for name, values in times.items()}
-    report = {
-        "series": f"{len(files)} slices {args.matrix}x{args.matrix}, {megabytes:.1f} MB",
-        "median_s": {k: round(v, 3) for k, v in median.items()},
-        "instances_per_s": {k: round(len(files) / v, 1) for k, v in median.items()},
-        "node_time_ratio_vs_bare_pynetdicom": round(median["node"] / median["bare pynetdicom SCP"], 2),
-        "node_time_ratio_vs_dcmtk_storescp": round(median["node"] / median["DCMTK storescp"], 2),
+        for name, start in receivers.items():
+            elapsed, rss = timed_run(start, work / f"{name.replace(' ', '_')}-{repeat}", [series[0]])
+            one[name].append(elapsed)
+            peaks[name] = max(peaks.get(name) or 0, rss or 0) or None
+    many: dict[str, float] = {}
+    if args.concurrent > 1:
+        for name, start in receivers.items():
+            many[name], _ = timed_run(start, work / f"{name.replace(' ', '_')}-many", series)
+
+    median = {name: statistics.median(values) for name, values in one.items()}
+    report: dict[str, object] = {
+        "series": f"{len(series[0])} slices {args.matrix}x{args.matrix}, {megabytes:.1f} MB; DCMTK TCP_NODELAY=1",
+        "one_series_median_s": {k: round(v, 3) for k, v in median.items()},
+        "instances_per_s": {k: round(len(series[0]) / v, 1) for k, v in median.items()},
+        "node_time_ratio": {f"vs {k}": round(median["node"] / v, 2) for k, v in median.items() if k != "node"},
+        "peak_rss_mb": {k: round(v / 1024, 1) for k, v in peaks.items() if v},
     }
+    if many:
+        report[f"{args.concurrent}_concurrent_series_s"] = {k: round(v, 3) for k, v in many.items()}
+        report["node_time_ratio_concurrent"] = {
+            f"vs {k}": round(many["node"] / v, 2) for k, v in many.items() if k != "node"
+        }
     print(json.dumps(report, indent=2))
-    shutil.rmtree(work)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
