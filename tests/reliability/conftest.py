@@ -20,6 +20,7 @@ from storage.database import Database
 from storage.instance_store import sha256_file
 from storage.models import Instance
 from tests.dicom_node.conftest import (  # noqa: F401  (fixtures re-exported for this folder)
+    mr_outputs,
     mr_series,
     node_env,
     require_tool,
