@@ -104,8 +104,9 @@ def resend(
     A destination the job never had gets new rows for each of `outputs`
     (sop uid, class uid, relative path). `wants(destination, sop_class_uid)`
     (the destinations' object filters) says which objects go where: an object
-    a destination does not want gets no row and an existing row of it is left
-    as it is. Returns the number of pending exports.
+    a destination does not want gets no row, and its undelivered row is
+    removed (e.g. the SR a TPS refused, once `objects = ["RTSTRUCT"]` is set),
+    so that it no longer fails the job. Returns the number of pending exports.
     """
     wants = wants or (lambda _destination, _class_uid: True)
     now = utcnow()
@@ -124,11 +125,21 @@ def resend(
                     )
                     session.add(existing[(destination, sop_uid)])
         for (destination, _), export in existing.items():
-            if destination in wanted and wants(destination, export.sop_class_uid):
+            if destination not in wanted:
+                continue
+            if wants(destination, export.sop_class_uid):
                 export.state = ExportState.PENDING
                 export.created_at = now
                 export.next_attempt_at = now
                 count += 1
+            elif export.state != ExportState.DONE:  # filtered out since: its failure no longer fails the job
+                job.exports.remove(export)
+                event_row(
+                    session,
+                    job,
+                    EventKind.EXPORT,
+                    f"{destination}: {export.sop_class_name()} no longer sent there (its `objects` filter)",
+                )
         if not count:
             raise ValueError(
                 f"job {job_id}: nothing to send to {', '.join(wanted)} (their `objects` filters exclude every output)"

@@ -10,8 +10,10 @@ import pytest
 from pydantic import ValidationError
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification
+from typer.testing import CliRunner
 
 from dicom_node import export_status
+from dicom_node.cli import app
 from dicom_node.export_targets import ExportTargets
 from dicom_node.peers import free_port
 from dicom_node.settings import Destination
@@ -19,6 +21,7 @@ from storage.exports import resend
 from storage.jobs import load_job
 from storage.models import ExportState, JobState
 from tests.dicom_node.conftest import (
+    EXAMPLE_CONFIG,
     MisbehavingSCP,
     assert_resend_delivers,
     exporter_for,
@@ -232,6 +235,32 @@ def test_objects_filter_makes_no_sr_rows_for_a_tps(unstarted_node, mr_series, mr
     assert [c for c, _, _ in tps.received] == [RTSTRUCT_CLASS] * 2
     assert len(pacs.received) == 4
     assert {(e.destination, e.sop_class_uid) for e in load_job(node.db, job_id).exports} == rows
+
+
+def test_jobs_export_after_leaving_the_refused_sr_out_ends_done(unstarted_node, node_env, mr_series, mr_outputs):
+    """The operator's path after the TPS refused the SR: set its `objects = ["RTSTRUCT"]`, then
+    `dicom-node jobs export`. The refused SR row goes, the RTSTRUCT is re-sent, the job ends `done`."""
+    node = unstarted_node
+    port = free_port()
+    tps = MisbehavingSCP(port, contexts=[RTSTRUCT_CLASS])
+    try:
+        job_id, _ = exporting_job_with(node, [o.path for o in mr_outputs], ["tps"], mr_source=mr_series[0])
+        assert run_until_settled(exporter_for(node, port, give_up_after_s=3600), node, job_id).state == JobState.FAILED
+        env = {
+            **node_env,
+            "DICOM_NODE__DESTINATIONS__0__PORT": str(port),
+            "DICOM_NODE__DESTINATIONS__0__OBJECTS": '["RTSTRUCT"]',
+        }
+        result = CliRunner().invoke(app, ["jobs", "export", str(job_id), "--config", str(EXAMPLE_CONFIG)], env=env)
+        assert result.exit_code == 0, result.output
+        assert f"job {job_id}: 1 export(s) pending" in result.output
+        job = run_until_settled(exporter_for(node, port), node, job_id)
+    finally:
+        tps.stop()
+    assert job.state == JobState.DONE, job.reason
+    assert [e.sop_class_uid for e in job.exports] == [RTSTRUCT_CLASS]
+    assert [c for c, _, _ in tps.received] == [RTSTRUCT_CLASS] * 2
+    assert any("SR no longer sent there" in e.message for e in job.events)
 
 
 def test_objects_filter_is_validated():

@@ -67,7 +67,7 @@ def test_example_file_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     models = [Settings.model_fields[s].annotation for s in ("node", "storage", "series", "worker", "export", "logging")]
     keys = {key for model in models for key in model.model_fields}  # type: ignore[union-attr]
-    keys |= {"cert_file", "key_file", "ca_file", "require_client_cert", "calling_ae_title", "match", "model"}
+    keys |= {"cert_file", "key_file", "ca_file", "require_client_cert", "calling_ae_title", "objects", "match", "model"}
     missing = [key for key in sorted(keys) if f"{key} =" not in text and f".{key}]" not in text]
     assert missing == []
 

@@ -130,15 +130,26 @@ def test_hung_destination_does_not_delay_a_healthy_one(unstarted_node, mr_series
     try:
         job_id, _ = exporting_job(node, mr_series[0], ["tps", "pacs"])  # the TPS's row comes first
         start = time.monotonic()
-        wait_for(lambda: exporter.dispatch() is not None and pacs.received, timeout=20, interval=0.1)
+        first_round = threading.Thread(target=exporter.run_once, daemon=True)
+        first_round.start()
+        wait_for(lambda: pacs.received, timeout=20, interval=0.05)
         delivered_s = pacs.received[0][2] - start
         print(f"\nHUNG TPS: PACS received its object after {delivered_s:.2f} s (TPS timeout 6 s)")
         assert delivered_s < 3.0
-        job = load_job(node.db, job_id)
-        assert {e.destination: e.state for e in job.exports}["tps"] == ExportState.PENDING
-        exporter.stop(timeout_s=15)
+
+        # While the TPS's round still hangs, the scheduler's next dispatch serves a new PACS job at once.
+        second_id, _ = exporting_job(node, mr_series[0], ["pacs"])
+        before = time.monotonic()
+        assert [r.name for r in exporter.dispatch()] == ["export-pacs"]
+        assert time.monotonic() - before < 1.0
+        wait_for(lambda: load_job(node.db, second_id).state == JobState.DONE, timeout=5, interval=0.05)
+        assert len(pacs.received) == 2
+        assert first_round.is_alive()  # the TPS attempt is still waiting for its timeout
+
+        first_round.join(20)
         tps_row = next(e for e in load_job(node.db, job_id).exports if e.destination == "tps")
-        assert tps_row.attempts == 1 and "could not be reached" in tps_row.last_error
+        assert tps_row.attempts == 1 and tps_row.state == ExportState.PENDING
+        assert "could not be reached" in tps_row.last_error, tps_row.last_error
     finally:
         exporter.stop(timeout_s=15)
         hung.stop()
