@@ -18,6 +18,7 @@ import struct
 import threading
 import time
 
+import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import RTStructureSetStorage
 
@@ -35,6 +36,9 @@ from tests.dicom_node.conftest import (
     run_until_settled,
     wait_for,
 )
+from tests.reliability.conftest import make_tiny_package, pynetdicom_statuses
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
 
 
 class DroppingSCP:
@@ -113,6 +117,7 @@ class SilentPeer:
             connection.close()
 
 
+@pytest.mark.slow
 def test_hung_destination_does_not_delay_a_healthy_one(unstarted_node, mr_series):
     """The exporter served destinations one after the other: a silent TPS held the PACS's exports
     for the whole DIMSE timeout (60 s by default; 6 s here), every round."""
@@ -184,6 +189,7 @@ def _pacs_delivery_s(node, mr_series, mr_outputs, with_refusing_tps: bool) -> fl
         pacs.stop()
 
 
+@pytest.mark.slow
 def test_pacs_delivery_time_while_the_tps_refuses_the_sr(unstarted_node, mr_series, mr_outputs):
     """Issue 13.1 figure: before the fix the PACS received 0 of 4 objects, ever."""
     runs = 3
@@ -195,3 +201,57 @@ def test_pacs_delivery_time_while_the_tps_refuses_the_sr(unstarted_node, mr_seri
         f" without it {', '.join(f'{t:.2f}' for t in alone)} s; median ratio {ratio:.2f}"
     )
     assert max(refusing) < 5.0
+
+
+@pytest.mark.slow
+def test_running_node_sends_each_destination_only_its_objects(
+    start_node, mr_series, tmp_path, tmp_path_factory, monkeypatch
+):
+    """The whole path in a running node: config -> worker's export rows -> concurrent exporter.
+    The TPS (`objects = ["RTSTRUCT"]`, accepts only RT Structure Set) gets the RTSTRUCT, the PACS both."""
+    model = make_tiny_package(tmp_path_factory.mktemp("lesions-everywhere"), gtv_bias=8.0)
+    monkeypatch.setenv("DICOM_NODE_MODEL", str(model))
+    tps_port, pacs_port = free_port(), free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f"""
+[[destinations]]
+name = "tps"
+ae_title = "TPS"
+host = "127.0.0.1"
+port = {tps_port}
+objects = ["RTSTRUCT"]
+
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {pacs_port}
+
+[[rules]]
+name = "mr"
+destinations = ["tps", "pacs"]
+[rules.match]
+Modality = "MR"
+"""
+    )
+    tps = MisbehavingSCP(tps_port, contexts=[RTStructureSetStorage])
+    pacs = MisbehavingSCP(pacs_port, ae_title="PACS")
+    try:
+        node = start_node(
+            config,
+            DICOM_NODE__WORKER__COUNT="1",
+            DICOM_NODE__WORKER__POLL_INTERVAL_S="0.2",
+            DICOM_NODE__EXPORT__RETRY_INITIAL_S="0.5",
+        )
+        assert set(pynetdicom_statuses(node.address[1], mr_series).values()) == {0x0000}
+        job = wait_for(lambda: (j := load_job(node.db, 1)).state in (JobState.DONE, JobState.FAILED) and j, timeout=120)
+    finally:
+        tps.stop()
+        pacs.stop()
+    assert job.state == JobState.DONE, job.reason
+    assert sorted((e.destination, e.sop_class_uid) for e in job.exports) == sorted(
+        [("tps", RTStructureSetStorage), ("pacs", RTStructureSetStorage), ("pacs", SR_CLASS)]
+    )
+    assert [c for c, _, _ in tps.received] == [RTStructureSetStorage]
+    assert sorted(c for c, _, _ in pacs.received) == sorted([RTStructureSetStorage, SR_CLASS])
