@@ -22,6 +22,7 @@ Decisions:
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import NamedTuple
@@ -84,13 +85,15 @@ class Exporter:
         What the service's scheduler calls: a destination that hangs keeps only its own round busy.
         """
         with self._lock:
+            # Busy before reading the rows: a round that ends in between has recorded its rows by then,
+            # so none of them is read as still due and sent twice.
+            busy = {name for name, running in self._rounds.items() if running.is_alive()}
             by_destination: dict[str, list[Export]] = defaultdict(list)
             for export in due_exports(self.db):
-                by_destination[export.destination].append(export)
+                if export.destination not in busy:
+                    by_destination[export.destination].append(export)
             started = []
             for name, exports in by_destination.items():
-                if name in self._rounds and self._rounds[name].is_alive():
-                    continue
                 self._rounds[name] = _Round(name, exports, self._round)
                 self._rounds[name].start()
                 started.append(self._rounds[name])
@@ -104,11 +107,12 @@ class Exporter:
         return sum(len(thread.exports) for thread in started)
 
     def stop(self, timeout_s: float = 10) -> None:
-        """Wait up to `timeout_s` for rounds in flight (an unrecorded attempt is simply made again)."""
+        """Wait up to `timeout_s` in all for rounds in flight (an unrecorded attempt is simply made again)."""
         with self._lock:
             rounds = list(self._rounds.values())
+        deadline = time.monotonic() + timeout_s
         for thread in rounds:
-            thread.join(timeout_s)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _round(self, name: str, exports: list[Export]) -> None:
         """One destination's round; whatever goes wrong, every row gets an outcome."""
