@@ -225,3 +225,15 @@ def test_config_check_rejects_unloadable_certificate(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["config", "check", "--config", str(path)])
     assert result.exit_code == 2
     assert "cannot load certificate" in result.output
+
+
+def test_destination_objects_filter_from_toml_and_in_config_check(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID_DESTINATION + 'objects = ["RTSTRUCT"]\n')
+    assert load_settings(path, env={}).destination("tps").objects == ["RTSTRUCT"]
+    result = CliRunner().invoke(app, ["config", "check", "--config", str(path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "RTSTRUCT" in result.output and "SR" not in result.output.split("objects", 1)[1]
+
+    bad = write(tmp_path, VALID_DESTINATION + 'objects = ["RTSTRUCT", "PDF"]\n')
+    result = CliRunner().invoke(app, ["config", "check", "--config", str(bad)])
+    assert result.exit_code == 2 and "destinations[0] ('tps').objects" in result.output, result.output
