@@ -13,6 +13,10 @@ This happened in about 1 of 4 tries on loopback. The A-ASSOCIATE-RJ PDU is
 decoded in either case, so the reason is taken from EVT_PDU_RECV. An operator
 then reads "rejected (reason)" and not "could not be reached", which points
 the wrong way.
+
+For the same reason the request tells apart a peer that accepted the
+association but none of the proposed presentation contexts (pynetdicom then
+aborts it): that is a configuration mismatch, not an unreachable peer.
 """
 
 from __future__ import annotations
@@ -37,10 +41,18 @@ def scu_ae(ae_title: str, timeout_s: float) -> AE:
 
 @dataclass(frozen=True)
 class AssociationRequest:
-    """The association and, when the peer sent A-ASSOCIATE-RJ, its result, source and reason."""
+    """The association and, when the peer refused it, why.
+
+    `rejection`: the peer's A-ASSOCIATE-RJ (result, source, reason); `rejected_permanently`
+    when its result was *rejected-permanent* (a retry gets the same answer).
+    `contexts_refused`: the peer accepted the association but none of the proposed
+    presentation contexts; each one's SOP class and result.
+    """
 
     assoc: Association
     rejection: str | None
+    rejected_permanently: bool = False
+    contexts_refused: str | None = None
 
     @property
     def rejected(self) -> bool:
@@ -54,20 +66,31 @@ def request_association(
     from pynetdicom import evt
     from pynetdicom.pdu import A_ASSOCIATE_RJ
 
-    rejections: list[str] = []
+    rejections: list[tuple[str, bool]] = []
+    refused: list[str] = []
 
     def on_pdu(event: Any) -> None:
         if isinstance(event.pdu, A_ASSOCIATE_RJ):
             primitive = event.pdu.to_primitive()
-            rejections.append(f"{primitive.result_str}, source {primitive.source_str}: {primitive.reason_str}")
+            text = f"{primitive.result_str}, source {primitive.source_str}: {primitive.reason_str}"
+            rejections.append((text, primitive.result == REJECTED_PERMANENT))
+
+    def on_accepted(event: Any) -> None:
+        if not event.assoc.accepted_contexts:
+            refused.extend(f"{cx.abstract_syntax.name} ({cx.status})" for cx in event.assoc.rejected_contexts)
 
     assoc = ae.associate(
         host,
         port,
         ae_title=ae_title,
         tls_args=(ssl_context, host) if ssl_context is not None else None,
-        evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)],
+        evt_handlers=[(evt.EVT_PDU_RECV, on_pdu), (evt.EVT_ACCEPTED, on_accepted)],
     )
     if rejections:
-        return AssociationRequest(assoc, rejections[0])
-    return AssociationRequest(assoc, "no reason given" if assoc.is_rejected else None)
+        return AssociationRequest(assoc, *rejections[0])
+    if assoc.is_rejected:
+        return AssociationRequest(assoc, "no reason given")
+    return AssociationRequest(assoc, None, contexts_refused=", ".join(refused) or None)
+
+
+REJECTED_PERMANENT = 0x01  # A-ASSOCIATE-RJ Result (PS3.8 9.3.4); 0x02 is rejected-transient

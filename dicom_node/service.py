@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicom_node.export_targets import ExportTargets
 from dicom_node.exporter import Exporter
 from dicom_node.logging_setup import get_logger
 from dicom_node.routing import compile_rules
@@ -74,7 +75,7 @@ class NodeService:
             **every,
         )
         self._scheduler.add_job(
-            self._guard(self.exporter.run_once),
+            self._guard(self.exporter.dispatch),
             "interval",
             seconds=max(1.0, min(s.export.retry_initial_s, 5.0)),
             id="exporter",
@@ -93,7 +94,13 @@ class NodeService:
         self._scheduler.start()
         for index in range(s.worker.count):
             worker = InferenceWorker(
-                f"{self.worker_prefix}{index}", self.db, self.store, s.worker, self.registry, self._stop
+                f"{self.worker_prefix}{index}",
+                self.db,
+                self.store,
+                s.worker,
+                self.registry,
+                self._stop,
+                ExportTargets(s.destinations),
             )
             worker.start()
             self._workers.append(worker)
@@ -124,6 +131,7 @@ class NodeService:
         self.scp.stop()
         self._stop.set()
         self._scheduler.shutdown(wait=False)
+        self.exporter.stop(timeout_s=10)
         for worker in self._workers:
             worker.join(timeout=60)
         self.db.dispose()

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import select
 
+from dicom_node.export_targets import ExportTargets
 from dicom_node.logging_setup import get_logger
 from dicom_node.settings import WorkerSettings
 from storage.database import Database
 from storage.instance_store import InstanceStore
 from storage.jobs import add_event, claim_next_job, fail_job, get_job, record_outputs
 from storage.models import EventKind, Instance
+from storage.write_retry import retry_write
 
 log = get_logger(__name__)
 
@@ -55,8 +58,18 @@ def series_files(db: Database, store: InstanceStore, series_id: int) -> list[Pat
     return [store.absolute(p) for p in paths]
 
 
-def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegistry, device: str | None) -> None:
-    """Run one claimed job to `exporting`/`done`, or `failed` with its reason."""
+def run_job(
+    job_id: int,
+    db: Database,
+    store: InstanceStore,
+    registry: ModelRegistry,
+    device: str | None,
+    targets: ExportTargets,
+) -> None:
+    """Run one claimed job to `exporting`/`done`, or `failed` with its reason.
+
+    `targets` applies the destinations' object filters: a filtered-out output gets no export row.
+    """
     from inference.errors import InferenceError
 
     bound = log.bind(job_id=job_id)
@@ -98,15 +111,16 @@ def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegi
             for output in written
         ]
         summary["outputs"] = outputs
-        exports = [(dest, *output) for dest in destinations for output in outputs]
+        exports = targets.rows(destinations, outputs)
         record_outputs(db, job_id, out_dir.relative_to(store.root).as_posix(), summary, exports)
         bound.info("job.inference_done", lesions=len(result.lesions), egfr=result.egfr.call.value, outputs=len(outputs))
     except InferenceError as exc:
         bound.warning("job.failed", reason=str(exc))
-        fail_job(db, job_id, str(exc), exc)
+        retry_write(partial(fail_job, db, job_id, str(exc), exc), f"job {job_id} failure")
     except Exception as exc:
         bound.exception("job.failed", reason=repr(exc))
-        fail_job(db, job_id, f"internal error: {type(exc).__name__}: {exc}", exc)
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        retry_write(partial(fail_job, db, job_id, reason, exc), f"job {job_id} failure")
 
 
 class InferenceWorker(threading.Thread):
@@ -120,6 +134,7 @@ class InferenceWorker(threading.Thread):
         settings: WorkerSettings,
         registry: ModelRegistry,
         stop: threading.Event,
+        targets: ExportTargets,
     ) -> None:
         super().__init__(name=worker_id, daemon=True)
         self.worker_id = worker_id
@@ -128,6 +143,7 @@ class InferenceWorker(threading.Thread):
         self.settings = settings
         self.registry = registry
         self.stop_event = stop
+        self.targets = targets
 
     def run(self) -> None:
         device = None if self.settings.device == "auto" else self.settings.device
@@ -141,6 +157,6 @@ class InferenceWorker(threading.Thread):
                 self.stop_event.wait(self.settings.poll_interval_s)
                 continue
             try:
-                run_job(job_id, self.db, self.store, self.registry, device)
+                run_job(job_id, self.db, self.store, self.registry, device, self.targets)
             except Exception:  # e.g. the job store went away while recording a failure
                 log.exception("worker.job_crashed", worker=self.worker_id, job_id=job_id)

@@ -282,7 +282,12 @@ def record_outputs(
                 f"exporting {len(exports)} object(s) to {', '.join(sorted({e[0] for e in exports}))}",
             )
         else:
-            set_state(session, job, JobState.DONE, "done (no destinations configured)")
+            set_state(
+                session,
+                job,
+                JobState.DONE,
+                "done (nothing to send: no destinations, or their `objects` filters leave out every output)",
+            )
 
 
 @dataclass(frozen=True)

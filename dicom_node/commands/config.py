@@ -54,7 +54,7 @@ def check(config: Path | None = ConfigOption) -> None:
     console.print(summary)
 
     destinations = Table(title="destinations")
-    for column in ("name", "AE title", "address", "calling AE", "TLS"):
+    for column in ("name", "AE title", "address", "calling AE", "TLS", "objects"):
         destinations.add_column(column)
     for dest in settings.destinations:
         destinations.add_row(
@@ -63,6 +63,7 @@ def check(config: Path | None = ConfigOption) -> None:
             f"{dest.host}:{dest.port}",
             dest.calling_ae_title or node.ae_title,
             _on(dest.tls.enabled),
+            ", ".join(dest.objects),
         )
     console.print(destinations)
 

@@ -197,7 +197,8 @@ def export(
     to: list[str] = typer.Option(None, "--to", help="Destination name (repeatable)."),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Re-send a job's results to its destinations (or only to --to)."""
+    """Re-send a job's results to its destinations (or only to --to), as their `objects` filters allow."""
+    from dicom_node.export_targets import ExportTargets
     from storage.exports import resend
     from storage.jobs import InvalidTransition, JobNotFound, load_job
 
@@ -209,7 +210,7 @@ def export(
     db = _database(config)
     try:
         outputs = [tuple(o) for o in (load_job(db, job_id).summary or {}).get("outputs", [])]
-        count = resend(db, job_id, list(to) if to else None, outputs)
+        count = resend(db, job_id, list(to) if to else None, outputs, ExportTargets(settings.destinations).wants)
     except (JobNotFound, InvalidTransition, ValueError) as exc:
         raise fail(str(exc)) from None
     console.print(f"job {job_id}: {count} export(s) pending; the running service sends them")

@@ -22,6 +22,7 @@ def worker(
     count: int | None = typer.Option(None, help="Workers in this process (default: [worker] count, at least 1)."),
 ) -> None:
     """Claim and run queued jobs until stopped (SIGTERM/Ctrl-C)."""
+    from dicom_node.export_targets import ExportTargets
     from dicom_node.logging_setup import configure_logging, get_logger
     from dicom_node.worker import InferenceWorker, ModelRegistry
     from storage.instance_store import InstanceStore
@@ -35,10 +36,11 @@ def worker(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     registry = ModelRegistry()
+    targets = ExportTargets(settings.destinations)
     prefix = f"{socket.gethostname()}-worker-"
     resumed = resume_interrupted(db, prefix)
     workers = [
-        InferenceWorker(f"{prefix}{i}", db, store, settings.worker, registry, stop)
+        InferenceWorker(f"{prefix}{i}", db, store, settings.worker, registry, stop, targets)
         for i in range(count or max(settings.worker.count, 1))
     ]
     for w in workers:

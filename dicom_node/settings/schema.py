@@ -40,7 +40,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -199,6 +199,11 @@ class SeriesSettings(_Section):
     check_interval_s: float = Field(default=5, gt=0)
 
 
+# The output objects the node writes, as named in a destination's `objects` filter.
+OutputKind = Literal["RTSTRUCT", "SR", "SEG"]
+OUTPUT_KINDS: tuple[str, ...] = get_args(OutputKind)
+
+
 class Destination(_Section):
     """A C-STORE SCP (PACS, TPS) that receives the node's results."""
 
@@ -208,6 +213,12 @@ class Destination(_Section):
     port: int = Field(ge=1, le=65535)
     calling_ae_title: AETitle | None = None  # None: the node's own ae_title
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    # Which outputs it receives: a TPS may take only ["RTSTRUCT"], a PACS ["RTSTRUCT", "SR"].
+    objects: list[OutputKind] = Field(default_factory=lambda: list(OUTPUT_KINDS), min_length=1)
+
+    def wants(self, kind: str) -> bool:
+        """Whether outputs of `kind` (RTSTRUCT, SR, SEG) are sent here; others get no export row."""
+        return kind in self.objects
 
 
 class RoutingRule(_Section):

@@ -67,7 +67,7 @@ def test_example_file_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     models = [Settings.model_fields[s].annotation for s in ("node", "storage", "series", "worker", "export", "logging")]
     keys = {key for model in models for key in model.model_fields}  # type: ignore[union-attr]
-    keys |= {"cert_file", "key_file", "ca_file", "require_client_cert", "calling_ae_title", "match", "model"}
+    keys |= {"cert_file", "key_file", "ca_file", "require_client_cert", "calling_ae_title", "objects", "match", "model"}
     missing = [key for key in sorted(keys) if f"{key} =" not in text and f".{key}]" not in text]
     assert missing == []
 
@@ -225,3 +225,15 @@ def test_config_check_rejects_unloadable_certificate(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["config", "check", "--config", str(path)])
     assert result.exit_code == 2
     assert "cannot load certificate" in result.output
+
+
+def test_destination_objects_filter_from_toml_and_in_config_check(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID_DESTINATION + 'objects = ["RTSTRUCT"]\n')
+    assert load_settings(path, env={}).destination("tps").objects == ["RTSTRUCT"]
+    result = CliRunner().invoke(app, ["config", "check", "--config", str(path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "RTSTRUCT" in result.output and "SR" not in result.output.split("objects", 1)[1]
+
+    bad = write(tmp_path, VALID_DESTINATION + 'objects = ["RTSTRUCT", "PDF"]\n')
+    result = CliRunner().invoke(app, ["config", "check", "--config", str(bad)])
+    assert result.exit_code == 2 and "destinations[0] ('tps').objects" in result.output, result.output
