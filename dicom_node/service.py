@@ -85,7 +85,14 @@ class NodeService:
             from storage.retention import purge_expired
 
             self._scheduler.add_job(
-                self._guard(lambda: purge_expired(self.db, self.store, s.storage.retention_days)),
+                self._guard(
+                    lambda: purge_expired(
+                        self.db,
+                        self.store,
+                        s.storage.retention_days,
+                        pseudonymise=s.storage.pseudonymise_after_retention,
+                    )
+                ),
                 "interval",
                 minutes=s.storage.retention_check_interval_min,
                 id="retention",

@@ -101,7 +101,7 @@ def run_job(
         result = run_series(files, package, device=device)
         for stage, seconds in result.timings_s.items():
             add_event(db, job_id, EventKind.STAGE, stage, duration_s=seconds)
-        out_dir = store.root / "outputs" / f"job-{job_id}" / f"attempt-{attempt}"
+        out_dir = store.attempt_outputs(job_id, attempt)
         start = time.perf_counter()
         summary = write_offline_outputs(result, out_dir)
         written = write_dicom_outputs(result, out_dir)

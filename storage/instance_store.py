@@ -88,6 +88,18 @@ class InstanceStore:
         ]
         return "/".join(["instances", *parts])
 
+    def job_outputs(self, job_id: int) -> Path:
+        """Every attempt's outputs of one job: `outputs/job-<id>/` (retention removes it whole)."""
+        return self.root / "outputs" / f"job-{int(job_id)}"
+
+    def attempt_outputs(self, job_id: int, attempt: int) -> Path:
+        """One attempt's outputs, `outputs/job-<id>/attempt-<n>/`: a retried job never mixes its results."""
+        return self.job_outputs(job_id) / f"attempt-{int(attempt)}"
+
+    def conflicts(self, sop_instance_uid: str) -> Path:
+        """Re-sent content that differed from the stored instance: `conflicts/<SOP Instance UID>/`."""
+        return self.root / "conflicts" / validate_uid(sop_instance_uid, "SOP Instance UID")
+
     def absolute(self, relative: str) -> Path:
         """Absolute path of a stored file; refuses anything outside the root."""
         path = (self.root / relative).resolve()

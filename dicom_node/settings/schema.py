@@ -170,6 +170,8 @@ class StorageSettings(_Section):
     database_url: str | None = None
     retention_days: float | None = Field(default=None, gt=0)  # None: keep forever
     retention_check_interval_min: float = Field(default=60, gt=0)
+    # After retention: drop patient names, replace patient IDs by keyed pseudonyms in the kept history.
+    pseudonymise_after_retention: bool = False
 
     _absolute_data_dir = field_validator("data_dir")(_absolute)
 

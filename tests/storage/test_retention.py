@@ -11,16 +11,23 @@ from storage.database import Database
 from storage.exports import RetryPolicy, record_attempt
 from storage.ingest import InstanceMeta, store_instance
 from storage.instance_store import InstanceStore
-from storage.jobs import RoutingOutcome, claim_next_job, complete_series, load_job, record_outputs
-from storage.models import Instance, JobState, utcnow
+from storage.jobs import RoutingOutcome, claim_next_job, complete_series, fail_job, load_job, record_outputs
+from storage.models import Instance, Job, JobState, Study, utcnow
 from storage.retention import purge_expired
 
+MR = "1.2.840.10008.5.1.4.1.1.4"
+RT = "1.2.840.10008.5.1.4.1.1.481.3"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
-def setup(tmp_path: Path):
+
+def setup(tmp_path: Path, patient: tuple[str, str] | None = None):
     db = Database(f"sqlite:///{tmp_path}/jobs.db")
     store = InstanceStore(tmp_path / "data")
+    patient_id, patient_name = patient or (None, None)
     for k in range(3):
-        meta = InstanceMeta(f"1.2.3.4.{k}", "1.2.840.10008.5.1.4.1.1.4", "1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1")
+        meta = InstanceMeta(
+            f"1.2.3.4.{k}", MR, "1.2.3", "1.2.3.4", EXPLICIT_LE, patient_id=patient_id, patient_name=patient_name
+        )
         store_instance(db, store, meta, b"DICM-ish bytes %d" % k)
     job_id = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
     claim_next_job(db, "w")
@@ -32,7 +39,7 @@ def setup(tmp_path: Path):
         job_id,
         out_dir.relative_to(store.root).as_posix(),
         {},
-        [("tps", "2.25.1", "1.2.840.10008.5.1.4.1.1.481.3", "outputs/rt.dcm")],
+        [("tps", "2.25.1", RT, "outputs/rt.dcm")],
     )
     return db, store, job_id
 
@@ -61,3 +68,61 @@ def test_nothing_is_purged_before_export_then_purged_after_age(tmp_path):
     assert "retention" in job.events[-1].message
     # Idempotent.
     assert purge_expired(db, store, retention_days=30, now=utcnow() + timedelta(days=60)) == 0
+
+
+def deliver(db, job_id: int) -> None:
+    export_id = load_job(db, job_id).exports[0].id
+    record_attempt(db, export_id, True, "delivered", RetryPolicy(1, 1, 60))
+
+
+def test_a_failed_earlier_job_does_not_keep_a_delivered_series_forever(tmp_path):
+    db, store, first = setup(tmp_path)
+    fail_job(db, first, "model crashed")
+    assert purge_expired(db, store, retention_days=30, now=utcnow() + timedelta(days=400)) == 0  # latest failed: kept
+    store_instance(db, store, InstanceMeta("1.2.3.4.9", MR, "1.2.3", "1.2.3.4", EXPLICIT_LE), b"late instance")
+    second = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "re-run"))
+    assert second != first
+    claim_next_job(db, "w")
+    record_outputs(db, second, f"outputs/job-{second}/attempt-1", {}, [("tps", "2.25.2", RT, "outputs/rt2.dcm")])
+    deliver(db, second)
+    assert purge_expired(db, store, retention_days=30, now=utcnow() + timedelta(days=31)) == 4
+    assert load_job(db, first).purged_at is not None and load_job(db, second).purged_at is not None
+
+
+def test_conflicting_resends_are_purged_with_their_series(tmp_path):
+    db, store, job_id = setup(tmp_path)
+    meta = InstanceMeta("1.2.3.4.0", MR, "1.2.3", "1.2.3.4", EXPLICIT_LE)
+    store_instance(db, store, meta, b"different content for the same SOP Instance UID")
+    assert list(store.conflicts("1.2.3.4.0").iterdir())
+    deliver(db, job_id)
+    purge_expired(db, store, retention_days=30, now=utcnow() + timedelta(days=31))
+    assert not store.conflicts("1.2.3.4.0").exists()
+
+
+def test_the_latest_job_not_done_keeps_everything(tmp_path):
+    db, store, job_id = setup(tmp_path)
+    fail_job(db, job_id, "export refused")
+    assert purge_expired(db, store, retention_days=30, now=utcnow() + timedelta(days=400)) == 0
+    assert len(list((store.root / "instances").rglob("*.dcm"))) == 3
+
+
+def test_patient_identifiers_are_pseudonymised_after_retention_when_configured(tmp_path):
+    db, store, job_id = setup(tmp_path, patient=("PAT001", "DOE^JANE"))
+    deliver(db, job_id)
+    purge_expired(db, store, retention_days=30, now=utcnow() + timedelta(days=31), pseudonymise=True)
+    with db.session() as session:
+        study = session.scalars(select(Study)).one()
+        job = session.get(Job, job_id)
+        assert study.patient_name is None
+        assert study.patient_id.startswith("PSEUDO-") and "PAT001" not in study.patient_id
+        assert job.patient_id == study.patient_id  # the same patient keeps the same pseudonym
+    key = (store.root / "pseudonym.key").stat()
+    assert key.st_mode & 0o077 == 0  # readable by the service user only
+
+
+def test_without_pseudonymisation_identifiers_stay(tmp_path):
+    db, store, job_id = setup(tmp_path, patient=("PAT002", "ROE^JOHN"))
+    deliver(db, job_id)
+    purge_expired(db, store, retention_days=30, now=utcnow() + timedelta(days=31))
+    with db.session() as session:
+        assert session.scalars(select(Study.patient_id)).one() == "PAT002"
