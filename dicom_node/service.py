@@ -28,6 +28,7 @@ from dicom_node.worker import InferenceWorker, ModelRegistry
 from storage.database import Database
 from storage.instance_store import InstanceStore
 from storage.jobs import resume_interrupted, stored_instance_paths
+from storage.store_identity import check_and_bind
 
 log = get_logger(__name__)
 
@@ -55,6 +56,7 @@ class NodeService:
         self._scheduler = BackgroundScheduler(timezone="UTC")
 
     def start(self) -> tuple[str, int]:
+        check_and_bind(self.db, self.store)  # before anything is deleted: never against the wrong database
         removed = self.store.remove_partials()
         orphans = self.store.remove_unreferenced(stored_instance_paths(self.db))
         resumed = resume_interrupted(self.db, self.worker_prefix)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.schema import ensure_current
@@ -67,6 +67,11 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    @property
+    def url_for_humans(self) -> str:
+        """The URL with any password masked, for messages and logs."""
+        return make_url(self.url).render_as_string(hide_password=True)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -222,3 +222,12 @@ class Export(Base):
         return OUTPUT_CLASS_NAMES.get(self.sop_class_uid, self.sop_class_uid)
 
     __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid"),)
+
+
+class NodeMeta(Base):
+    """Facts about the installation the job store belongs to (e.g. which data directory: `store_id`)."""
+
+    __tablename__ = "node_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(400))
