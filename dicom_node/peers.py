@@ -120,7 +120,7 @@ def send_series(
             if on_sent:
                 on_sent(len(chunk))
         return "DCMTK storescu"
-    from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+    from pynetdicom.sop_class import MRImageStorage
 
     ae = scu_ae(calling_ae, 30)
     ae.add_requested_context(MRImageStorage)

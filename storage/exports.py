@@ -52,6 +52,8 @@ def record_attempt(
     now = now or utcnow()
     with db.session() as session:
         export = session.get(Export, export_id)
+        if export is None:
+            raise LookupError(f"export {export_id} does not exist")
         export.attempts += 1
         if delivered:
             export.state = ExportState.DONE

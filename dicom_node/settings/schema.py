@@ -203,7 +203,7 @@ class SeriesSettings(_Section):
 
 # The output objects the node writes, as named in a destination's `objects` filter.
 OutputKind = Literal["RTSTRUCT", "SR", "SEG"]
-OUTPUT_KINDS: tuple[str, ...] = get_args(OutputKind)
+OUTPUT_KINDS: tuple[OutputKind, ...] = get_args(OutputKind)
 
 
 class Destination(_Section):

@@ -124,7 +124,7 @@ def extract_lesions(
                 voxel_count=count,
                 volume_cm3=count * voxel_mm3 / 1000.0,
                 max_diameter_mm=max_diameter_mm(component, offset, probability),
-                centroid_mm=tuple(float(v) for v in centroid),
+                centroid_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
             )
         )
     out = sitk.GetImageFromArray(label_map)

@@ -226,6 +226,7 @@ class MTSANet(nn.Module):
         self.pool = nn.MaxPool2d(2)
         self.decoder = nn.ModuleList(UpStage(channels[i + 1], channels[i]) for i in reversed(range(N_STAGES - 1)))
         self.gtv_out = nn.Conv2d(channels[0], 1, 1)
+        assert self.gtv_out.bias is not None  # Conv2d has a bias unless bias=False
         nn.init.constant_(self.gtv_out.bias, math.log(GTV_PRIOR / (1.0 - GTV_PRIOR)))
         self.egfr_head = EgfrHead(self.config)
 

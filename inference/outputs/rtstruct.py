@@ -423,7 +423,7 @@ def _lesion_contour_items(
     # Contours are traced on the lesion's bounding box only, then shifted back.
     box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     offset = np.array([rows[0], cols[0]], dtype=float)
-    items = []
+    items: list[Dataset] = []
     for index in np.flatnonzero(mask.any(axis=(1, 2))):
         source = result.series.datasets[index]
         for points_rc in slice_contours(mask[index][box], simplify_tolerance_px):
