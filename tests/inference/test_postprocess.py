@@ -94,7 +94,7 @@ def test_diameter_of_a_sphere_is_within_one_voxel_diagonal():
 def test_single_voxel_diameter_is_its_diagonal():
     array = np.zeros((5, 5, 5))
     array[2, 2, 2] = 1.0
-    _, (lesion,) = extract_lesions(probability_image(array, (1.0, 2.0, 3.0)), min_volume_mm3=0)
+    _, (lesion,) = extract_lesions(probability_image(array, (1.0, 2.0, 3.0)), threshold=0.5, min_volume_mm3=0)
     assert lesion.max_diameter_mm == pytest.approx(math.sqrt(1 + 4 + 9))
 
 
@@ -153,5 +153,5 @@ def test_egfr_rejects_mismatched_inputs():
 def test_diameter_of_a_flat_lesion_on_one_slice():
     array = np.zeros((5, 20, 20))
     array[2, 5:10, 5:15] = 1.0  # 5 rows x 10 columns on one 3 mm slice
-    _, (lesion,) = extract_lesions(probability_image(array, (0.5, 0.5, 3.0)), min_volume_mm3=0)
+    _, (lesion,) = extract_lesions(probability_image(array, (0.5, 0.5, 3.0)), threshold=0.5, min_volume_mm3=0)
     assert lesion.max_diameter_mm == pytest.approx(math.sqrt(5.0**2 + 2.5**2 + 3.0**2))
