@@ -14,6 +14,9 @@ Decisions:
   positive. Origin = IPP of the first sorted slice; spacing = (column spacing
   PixelSpacing[1], row spacing PixelSpacing[0], measured inter-slice distance).
   SliceThickness and SpacingBetweenSlices are not used (thickness is not spacing).
+- Non-finite (NaN, infinity) ImagePositionPatient, ImageOrientationPatient or
+  PixelSpacing is refused here too, although screening refuses it first: every
+  comparison with NaN is False, so it would pass every tolerance check below.
 - Tolerances: orientations agree when every IOP component differs by at most
   1e-4; pixel spacings when they differ by at most 1e-4 mm. Slice positions must
   lie on a uniform grid: every slice within max(1 % of the spacing, 0.1 mm) of
@@ -117,6 +120,10 @@ def _as_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
         spacing = np.array([float(v) for v in ds.PixelSpacing])
     except (TypeError, ValueError) as err:
         raise SeriesError(f"{path.name}: unreadable geometry values ({err})") from err
+    geometry = {"ImagePositionPatient": position, "ImageOrientationPatient": orientation, "PixelSpacing": spacing}
+    for name, values in geometry.items():
+        if not np.all(np.isfinite(values)):
+            raise SeriesError(f"{path.name}: non-finite {name} {list(values)} (NaN or infinity)")
     if position.shape != (3,) or orientation.shape != (6,) or spacing.shape != (2,) or np.any(spacing <= 0):
         raise SeriesError(
             f"{path.name}: malformed geometry (IPP {list(position)}, IOP {list(orientation)}, "

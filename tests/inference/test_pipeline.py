@@ -24,7 +24,7 @@ from inference.model.package import ModelPackage, save_package
 from inference.pipeline import run_series, write_offline_outputs
 from inference.result import EgfrCall
 
-STAGES = ["load", "preprocess", "model", "postprocess"]
+STAGES = ["screen", "load", "preprocess", "model", "postprocess"]
 
 
 @pytest.fixture(scope="module")
