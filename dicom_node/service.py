@@ -93,7 +93,7 @@ class NodeService:
         self._scheduler.start()
         for index in range(s.worker.count):
             worker = InferenceWorker(
-                f"{self.worker_prefix}{index}", self.db, self.store, s.worker, self.registry, self._stop
+                f"{self.worker_prefix}{index}", self.db, self.store, s.worker, self.registry, self._stop, s.rules
             )
             worker.start()
             self._workers.append(worker)

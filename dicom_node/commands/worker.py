@@ -39,7 +39,7 @@ def worker(
     prefix = f"{socket.gethostname()}-worker-"
     resumed = resume_interrupted(db, prefix)
     workers = [
-        InferenceWorker(f"{prefix}{i}", db, store, settings.worker, registry, stop)
+        InferenceWorker(f"{prefix}{i}", db, store, settings.worker, registry, stop, settings.rules)
         for i in range(count or max(settings.worker.count, 1))
     ]
     for w in workers:
