@@ -9,10 +9,11 @@ modify the returned files (copy them first, see `copy_series`).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from inference.synthetic.phantoms import Phantom, generate_phantom, write_phantom_series
@@ -58,3 +59,24 @@ def copy_series(tmp_path: Path) -> Callable[[list[Path]], list[Path]]:
         return [Path(shutil.copy2(f, target / f.name)) for f in files]
 
     return copy
+
+
+@pytest.fixture
+def edited_series(copy_series: Callable[[list[Path]], list[Path]]) -> Callable[..., list[Path]]:
+    """`edit(files, indices=None, **changes) -> files`: private copies with data set elements set
+    (a value of None deletes the element) in the files at `indices` (default: every file)."""
+
+    def edit(files: list[Path], indices: Iterable[int] | None = None, **changes: object) -> list[Path]:
+        copies = copy_series(files)
+        for index in range(len(copies)) if indices is None else indices:
+            ds = pydicom.dcmread(copies[index])
+            for keyword, value in changes.items():
+                if value is None:
+                    if keyword in ds:
+                        delattr(ds, keyword)
+                else:
+                    setattr(ds, keyword, value)
+            ds.save_as(copies[index], enforce_file_format=False)
+        return copies
+
+    return edit

@@ -13,7 +13,8 @@ Two kinds of refusal:
 - `SeriesError`: the headers are defective (not DICOM, mixed PatientID,
   StudyInstanceUID, FrameOfReferenceUID or SeriesInstanceUID in one series,
   missing or non-finite ImagePositionPatient, ImageOrientationPatient,
-  PixelSpacing or SliceThickness). The job fails.
+  PixelSpacing or SliceThickness, and the loader's own check of one
+  orientation, matrix and pixel spacing). The job fails.
 - `SeriesRefused` (a `SeriesError`): the series is readable but not what the
   model accepts (modality, contrast, spacing, slice count, field of view,
   model-grid size, memory). The job is rejected, with every bound it breaks.
@@ -77,6 +78,7 @@ from pydicom.errors import InvalidDicomError
 
 from inference.errors import SeriesError, SeriesRefused
 from inference.imaging.preprocess import NEAR_AXIAL_DEGREES
+from inference.imaging.volume_loader import SliceHeader, check_consistent
 from inference.model.accepts import ModelAccepts
 
 MAX_T1_ECHO_TIME_MS = 30.0
@@ -342,39 +344,38 @@ def _floats(h: _Header, keyword: str, count: int) -> np.ndarray:
 
 def _geometry(headers: list[_Header]) -> _Geometry:
     """Parse and check each file's geometry attributes; measure slice spacing and z extent."""
-    positions = []
+    slices = []
     for h in headers:
         missing = [k for k in (*_GEOMETRY, "Rows", "Columns") if h.ds.get(k) in (None, "")]
         if missing:
             raise SeriesError(f"{h.path.name}: not a usable image, missing geometry: {', '.join(missing)}")
-        positions.append(_floats(h, "ImagePositionPatient", 3))
-        _floats(h, "ImageOrientationPatient", 6)
-        _floats(h, "PixelSpacing", 2)
+        geometry = (_floats(h, keyword, count) for keyword, count in zip(_GEOMETRY, (3, 6, 2), strict=True))
+        slices.append(SliceHeader(h.path, h.ds, *geometry))
         if h.ds.get("SliceThickness") not in (None, ""):
             _floats(h, "SliceThickness", 1)
-    first = headers[0]
-    orientation = _floats(first, "ImageOrientationPatient", 6)
-    row_dir, col_dir = orientation[:3], orientation[3:]
+    check_consistent(slices)  # the loader's own check: one orientation, matrix and pixel spacing
+    first = slices[0]
+    row_dir, col_dir = first.orientation[:3], first.orientation[3:]
     normal = np.cross(row_dir, col_dir)
     if np.linalg.norm(normal) < 0.5:
         raise SeriesError(
-            f"{first.path.name}: ImageOrientationPatient {_fmt(orientation)} is not two orthogonal unit vectors"
+            f"{first.path.name}: ImageOrientationPatient {_fmt(first.orientation)} is not two orthogonal unit vectors"
         )
     normal /= np.linalg.norm(normal)
-    row_spacing, col_spacing = (float(v) for v in _floats(first, "PixelSpacing", 2))
+    row_spacing, col_spacing = (float(v) for v in first.pixel_spacing)
     rows, columns = int(first.ds.Rows), int(first.ds.Columns)
-    depth = np.array([p @ normal for p in positions])
+    depth = np.array([s.position @ normal for s in slices])
     span = float(depth.max() - depth.min())
     slice_spacing = span / (len(depth) - 1) if len(depth) > 1 and span > 0.01 else None
     corners = np.array(
         [
             p + a * (columns - 1) * col_spacing * row_dir + b * (rows - 1) * row_spacing * col_dir
-            for p in (positions[int(np.argmin(depth))], positions[int(np.argmax(depth))])
+            for p in (slices[int(np.argmin(depth))].position, slices[int(np.argmax(depth))].position)
             for a in (0, 1)
             for b in (0, 1)
         ]
     )
-    thickness = float(_floats(first, "SliceThickness", 1)[0]) if first.ds.get("SliceThickness") else None
+    thickness = float(first.ds.SliceThickness) if first.ds.get("SliceThickness") not in (None, "") else None
     return _Geometry(
         slices=len(headers),
         rows=rows,
