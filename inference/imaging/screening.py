@@ -109,7 +109,7 @@ REFUSE_NAMES: tuple[tuple[str, str], ...] = (
     ("angiography", _word(r"tof|mra|angio\w*")),
     ("perfusion", _word(r"perf\w*|dsc|dce|asl|pwi")),
     ("STIR", _word(r"stir")),
-    ("pre-contrast", _word(r"pre|pre[-_ ]?(?:contrast|gd|gad)|precontrast|nativ\w*|w/o|wo|non[-_ ]?contrast")),
+    ("pre-contrast", _word(r"pre|precontrast|nativ\w*|w/o|wo|non[-_ ]?contrast|no[-_ ]?contrast")),
     ("localizer", _word(r"locali[sz]er|scout|survey|aahead\w*")),
     ("derived", _word(r"sub|subtraction|mip|minip")),
 )
