@@ -217,6 +217,8 @@ def _check_one_series(headers: list[_Header]) -> None:
                 "a series must belong to one patient"
             )
         listed = ", ".join(f"{_shown(value)} ({n} files)" for value, n in values.most_common(3))
+        if keyword == "SeriesInstanceUID":  # worded as the loader words it
+            raise SeriesError(f"files from {len(values)} series (one series per job): {listed}")
         raise SeriesError(f"mixed {keyword} in one series: {len(values)} different values: {listed}")
 
 

@@ -227,6 +227,12 @@ def test_absurd_spacing_is_refused_on_grid_size_before_any_pixel_is_decoded(seri
     assert "decod" not in message
 
 
+def test_files_of_two_series_fail(series, edited_series):
+    files = edited_series(series, indices=[19], SeriesInstanceUID="1.2.826.0.1.3680043.8.498.7")
+    with pytest.raises(SeriesError, match=r"files from 2 series \(one series per job\): .* \(19 files\)"):
+        screen_series(files)
+
+
 @pytest.mark.parametrize("keyword", ["PatientID", "StudyInstanceUID", "FrameOfReferenceUID"])
 def test_mixed_identity_in_one_series_fails(series, edited_series, keyword):
     value = "SECRET-ID-42" if keyword == "PatientID" else "1.2.826.0.1.3680043.8.498.99"
