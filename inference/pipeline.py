@@ -73,7 +73,7 @@ def run_series(
     timings: dict[str, float] = {}
     size = int(package.input.get("size", package.config.input_size))
     with _timed(timings, "screen"):
-        screen_series(files, package.accepts, model_size=size, names=names)
+        screening = screen_series(files, package.accepts, model_size=size, names=names)
     with _timed(timings, "load"):
         series = load_series(files)
     with _timed(timings, "preprocess"):
@@ -103,11 +103,12 @@ def run_series(
         egfr=egfr,
         model=package.identity,
         timings_s=timings,
+        screening=screening.contrast,
     )
 
 
 def summary_of(result: InferenceResult) -> dict[str, Any]:
-    """The JSON-ready summary: series UIDs, model, lesions, EGFR, timings."""
+    """The JSON-ready summary: series UIDs, screening evidence, model, lesions, EGFR, timings."""
     first = result.series.datasets[0]
     return {
         "series": {
@@ -118,6 +119,7 @@ def summary_of(result: InferenceResult) -> dict[str, Any]:
             "size": list(result.series.image.GetSize()),
             "spacing_mm": [round(v, 4) for v in result.series.image.GetSpacing()],
         },
+        "screening": result.screening,
         "model": {
             "name": result.model.name,
             "version": result.model.version,

@@ -155,6 +155,9 @@ def test_offline_outputs(small_axial_series, tiny_package, oracle, tmp_path):
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk == summary
     assert summary["series"]["series_instance_uid"] == result.series.datasets[0].SeriesInstanceUID
+    assert summary["screening"] == (
+        "post-contrast T1: SeriesDescription 'T1 CE AX' names T1; ContrastBolusAgent 'Gadolinium (synthetic)'"
+    )
     assert summary["model"] == {
         "name": "tiny-test",
         "version": "0.0.1",
