@@ -110,6 +110,7 @@ class NodeService:
                 self.registry,
                 self._stop,
                 ExportTargets(s.destinations),
+                s.rules,
             )
             worker.start()
             self._workers.append(worker)

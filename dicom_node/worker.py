@@ -5,7 +5,9 @@ on the CPU). A job runs through `inference.pipeline.run_series` (load,
 preprocess, model, postprocess, each timed) and `write_dicom_outputs`; each
 stage becomes a job event with its duration. Any failure is recorded with a
 readable reason and the stack trace, and the worker takes the next job: a bad
-series never stops the service. Outputs go to `outputs/job-<id>/attempt-<n>/`
+series never stops the service. A series the input screening refuses (not what
+the model accepts) is `rejected` with the reason instead; the job's routing rule
+may add its own screening names (`rules.screening`). Outputs go to `outputs/job-<id>/attempt-<n>/`
 so a retried job never mixes its results with an earlier attempt's.
 """
 
@@ -13,19 +15,24 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
 from dicom_node.export_targets import ExportTargets
 from dicom_node.logging_setup import get_logger
-from dicom_node.settings import WorkerSettings
+from dicom_node.settings import RoutingRule, WorkerSettings
 from storage.database import Database
 from storage.instance_store import InstanceStore
-from storage.jobs import add_event, claim_next_job, fail_job, get_job, record_outputs
+from storage.jobs import add_event, claim_next_job, fail_job, get_job, record_outputs, reject_job
 from storage.models import EventKind, Instance
 from storage.write_retry import retry_write
+
+if TYPE_CHECKING:
+    from inference.imaging.screening import NamePatterns
 
 log = get_logger(__name__)
 
@@ -58,6 +65,13 @@ def series_files(db: Database, store: InstanceStore, series_id: int) -> list[Pat
     return [store.absolute(p) for p in paths]
 
 
+def screening_names(rules: Sequence[RoutingRule]) -> dict[str, NamePatterns]:
+    """Each rule's own screening names, as the engine takes them, by rule name."""
+    from inference.imaging.screening import NamePatterns
+
+    return {r.name: NamePatterns(accept=tuple(r.screening.accept), refuse=tuple(r.screening.refuse)) for r in rules}
+
+
 def run_job(
     job_id: int,
     db: Database,
@@ -65,12 +79,14 @@ def run_job(
     registry: ModelRegistry,
     device: str | None,
     targets: ExportTargets,
+    names: Mapping[str, NamePatterns] | None = None,
 ) -> None:
-    """Run one claimed job to `exporting`/`done`, or `failed` with its reason.
+    """Run one claimed job to `exporting`/`done`, `rejected` or `failed` with its reason.
 
     `targets` applies the destinations' object filters: a filtered-out output gets no export row.
+    `names`: `screening_names` of the configured rules; the job's rule picks its own.
     """
-    from inference.errors import InferenceError
+    from inference.errors import InferenceError, SeriesRefused
 
     bound = log.bind(job_id=job_id)
     try:
@@ -79,11 +95,12 @@ def run_job(
 
         with db.session() as session:
             job = get_job(session, job_id)
-            series_id, model_name, destinations, attempt = (
+            series_id, model_name, destinations, attempt, rule_name = (
                 job.series_id,
                 job.model,
                 list(job.destinations),
                 job.attempts,
+                job.rule_name,
             )
         bound = bound.bind(series_uid=job.series_uid, study_uid=job.study_uid)
         files = series_files(db, store, series_id)
@@ -98,7 +115,7 @@ def run_job(
             f"model package {package.identity.display} ready",
             duration_s=time.perf_counter() - start,
         )
-        result = run_series(files, package, device=device)
+        result = run_series(files, package, device=device, names=(names or {}).get(rule_name or ""))
         for stage, seconds in result.timings_s.items():
             add_event(db, job_id, EventKind.STAGE, stage, duration_s=seconds)
         out_dir = store.attempt_outputs(job_id, attempt)
@@ -114,6 +131,9 @@ def run_job(
         exports = targets.rows(destinations, outputs)
         record_outputs(db, job_id, out_dir.relative_to(store.root).as_posix(), summary, exports)
         bound.info("job.inference_done", lesions=len(result.lesions), egfr=result.egfr.call.value, outputs=len(outputs))
+    except SeriesRefused as exc:
+        bound.warning("job.rejected", reason=str(exc))
+        reject_job(db, job_id, str(exc))
     except InferenceError as exc:
         bound.warning("job.failed", reason=str(exc))
         retry_write(partial(fail_job, db, job_id, str(exc), exc), f"job {job_id} failure")
@@ -135,6 +155,7 @@ class InferenceWorker(threading.Thread):
         registry: ModelRegistry,
         stop: threading.Event,
         targets: ExportTargets,
+        rules: Sequence[RoutingRule] = (),
     ) -> None:
         super().__init__(name=worker_id, daemon=True)
         self.worker_id = worker_id
@@ -144,6 +165,7 @@ class InferenceWorker(threading.Thread):
         self.registry = registry
         self.stop_event = stop
         self.targets = targets
+        self.names = screening_names(rules)
 
     def run(self) -> None:
         device = None if self.settings.device == "auto" else self.settings.device
@@ -157,6 +179,6 @@ class InferenceWorker(threading.Thread):
                 self.stop_event.wait(self.settings.poll_interval_s)
                 continue
             try:
-                run_job(job_id, self.db, self.store, self.registry, device, self.targets)
+                run_job(job_id, self.db, self.store, self.registry, device, self.targets, self.names)
             except Exception:  # e.g. the job store went away while recording a failure
                 log.exception("worker.job_crashed", worker=self.worker_id, job_id=job_id)

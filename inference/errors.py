@@ -13,3 +13,7 @@ class SeriesError(InferenceError):
 
 class ModelPackageError(InferenceError):
     """A model package is missing, incomplete or corrupt (e.g. sha256 mismatch)."""
+
+
+class SeriesRefused(SeriesError):
+    """A readable series the model does not accept (contrast, modality, spacing, size): rejected, not failed."""

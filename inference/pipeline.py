@@ -1,13 +1,17 @@
 """The one interface the node uses: a series' files in, lesions and EGFR out, each stage timed.
 
 Why: `dicom_node` (worker, `infer`, `demo`) and the evaluation all run the same
-chain, load -> preprocess -> model -> postprocess (MONAI-Deploy-style named
-stages), so a change to any stage reaches every caller and every timing is
+chain, screen -> load -> preprocess -> model -> postprocess (MONAI-Deploy-style
+named stages), so a change to any stage reaches every caller and every timing is
 recorded the same way.
 
 Decisions:
 
-- `timings_s` holds the four stages "load", "preprocess", "model",
+- "screen" comes first: the headers are checked against the package's
+  `accepts` (and a routing rule's name patterns) before any pixel is decoded
+  (`inference.imaging.screening`); a series the model does not accept raises
+  `SeriesRefused`, a defective one `SeriesError`.
+- `timings_s` holds the five stages "screen", "load", "preprocess", "model",
   "postprocess" in seconds (they add up to the run), plus "preprocess: n4", the
   part of "preprocess" spent in N4 (reported because N4 must stay under a quarter
   of `infer`; not to be added to the total).
@@ -37,6 +41,7 @@ import SimpleITK as sitk
 
 from inference.imaging import preprocess
 from inference.imaging.postprocess import aggregate_egfr, extract_lesions
+from inference.imaging.screening import NamePatterns, screen_series
 from inference.imaging.volume_loader import load_series
 from inference.result import InferenceResult
 
@@ -51,15 +56,24 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = time.perf_counter() - start
 
 
-def run_series(files: Sequence[Path], package: ModelPackage, *, device: str | None = None) -> InferenceResult:
-    """Run the whole engine on one series; raises `SeriesError` for an unusable series."""
+def run_series(
+    files: Sequence[Path],
+    package: ModelPackage,
+    *,
+    device: str | None = None,
+    names: NamePatterns | None = None,
+) -> InferenceResult:
+    """Run the whole engine on one series; raises `SeriesError` for an unusable series and
+    `SeriesRefused` for one the package does not accept (`names`: the routing rule's own patterns)."""
     from inference.model.predictor import predict_slices, select_device
 
     timings: dict[str, float] = {}
+    size = int(package.input.get("size", package.config.input_size))
+    with _timed(timings, "screen"):
+        screening = screen_series(files, package.accepts, model_size=size, names=names)
     with _timed(timings, "load"):
         series = load_series(files)
     with _timed(timings, "preprocess"):
-        size = int(package.input.get("size", package.config.input_size))
         parts: dict[str, float] = {}
         model_input = preprocess.prepare_model_input(
             series.image, size=size, n4=bool(package.input.get("n4", True)), timings=parts
@@ -85,11 +99,12 @@ def run_series(files: Sequence[Path], package: ModelPackage, *, device: str | No
         egfr=egfr,
         model=package.identity,
         timings_s=timings,
+        screening=screening.contrast,
     )
 
 
 def summary_of(result: InferenceResult) -> dict[str, Any]:
-    """The JSON-ready summary: series UIDs, model, lesions, EGFR, timings."""
+    """The JSON-ready summary: series UIDs, screening evidence, model, lesions, EGFR, timings."""
     first = result.series.datasets[0]
     return {
         "series": {
@@ -100,6 +115,7 @@ def summary_of(result: InferenceResult) -> dict[str, Any]:
             "size": list(result.series.image.GetSize()),
             "spacing_mm": [round(v, 4) for v in result.series.image.GetSpacing()],
         },
+        "screening": result.screening,
         "model": {
             "name": result.model.name,
             "version": result.model.version,

@@ -92,6 +92,7 @@ class InferenceResult:
     egfr: EgfrPrediction
     model: ModelIdentity
     timings_s: dict[str, float] = field(default_factory=dict)
+    screening: str = ""  # the header evidence the input screening accepted the series on
 
     def lesion_mask(self, lesion: Lesion) -> np.ndarray:
         """Boolean array (k, rows, cols) of one lesion on the source grid."""

@@ -37,7 +37,7 @@ from storage.models import (
 ALLOWED = {
     JobState.RECEIVED: {JobState.QUEUED, JobState.REJECTED},
     JobState.QUEUED: {JobState.RUNNING, JobState.FAILED},
-    JobState.RUNNING: {JobState.EXPORTING, JobState.DONE, JobState.FAILED, JobState.QUEUED},
+    JobState.RUNNING: {JobState.EXPORTING, JobState.DONE, JobState.FAILED, JobState.QUEUED, JobState.REJECTED},
     JobState.EXPORTING: {JobState.DONE, JobState.FAILED, JobState.EXPORTING},
     JobState.DONE: {JobState.QUEUED, JobState.EXPORTING},
     JobState.FAILED: {JobState.QUEUED, JobState.EXPORTING},
@@ -229,6 +229,13 @@ def fail_job(db: Database, job_id: int, reason: str, exc: BaseException | None =
         job = get_job(session, job_id)
         event_row(session, job, EventKind.ERROR, reason, details=details)
         set_state(session, job, JobState.FAILED, f"failed: {reason}", reason=reason)
+
+
+def reject_job(db: Database, job_id: int, reason: str) -> None:
+    """A running job whose series the model does not accept (input screening): rejected, with why."""
+    with db.session() as session:
+        job = get_job(session, job_id)
+        set_state(session, job, JobState.REJECTED, f"rejected: {reason}", reason=f"rejected: {reason}")
 
 
 def retry_job(db: Database, job_id: int) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from inference.synthetic.phantoms import Phantom, generate_phantom, write_phantom_series
@@ -82,3 +83,24 @@ def job_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/jobs.db"
     server: PostgresServer = request.getfixturevalue("postgres_server")
     return server.create_database(f"t{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def edited_series(copy_series: Callable[[list[Path]], list[Path]]) -> Callable[..., list[Path]]:
+    """`edit(files, indices=None, **changes) -> files`: private copies with data set elements set
+    (a value of None deletes the element) in the files at `indices` (default: every file)."""
+
+    def edit(files: list[Path], indices: Iterable[int] | None = None, **changes: object) -> list[Path]:
+        copies = copy_series(files)
+        for index in range(len(copies)) if indices is None else indices:
+            ds = pydicom.dcmread(copies[index])
+            for keyword, value in changes.items():
+                if value is None:
+                    if keyword in ds:
+                        delattr(ds, keyword)
+                else:
+                    setattr(ds, keyword, value)
+            ds.save_as(copies[index], enforce_file_format=False)
+        return copies
+
+    return edit

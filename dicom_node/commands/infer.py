@@ -3,18 +3,30 @@
 A thin layer over `inference.pipeline` (imported inside the command so the CLI
 starts fast). The folder's regular files are the series (hidden files and
 DICOMDIR skipped); the loader says precisely what is wrong with them otherwise.
+The series is screened exactly as the service screens it (the package's
+`accepts`, and with `--rule` that routing rule's screening names).
+
+Exit status: 0 outputs written; 2 nothing written: the series was refused by
+the screening or could not be used, or the model package or options are
+wrong, with the reason on one line (no traceback). 3 is kept for a result the
+plausibility gate holds.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from dicom_node.commands._common import fail
+from dicom_node.commands._common import ConfigOption, fail, settings_or_exit
+
+if TYPE_CHECKING:
+    from inference.imaging.screening import NamePatterns
+
+EXIT_REFUSED = 2  # also the status of every other error (`fail`'s default)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,7 +35,8 @@ def register(app: typer.Typer) -> None:
         "infer",
         help=(
             "Run the model on a folder holding one T1-CE MR series; write mask.nii.gz (lesion label map "
-            "in source geometry) and summary.json to --out, and with --dicom the RTSTRUCT and SR."
+            "in source geometry) and summary.json to --out, and with --dicom the RTSTRUCT and SR. A series the "
+            "input screening refuses (or cannot use) exits with status 2 and the reason."
         ),
     )(infer)
 
@@ -43,8 +56,12 @@ def infer(
     ] = None,
     dicom: Annotated[bool, typer.Option("--dicom", help="Also write the RTSTRUCT and SR.")] = False,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto.")] = None,
+    rule: Annotated[
+        str | None, typer.Option(help="Screen with this routing rule's own names (rules.screening in --config).")
+    ] = None,
+    config: Path | None = ConfigOption,
 ) -> None:
-    """Load, preprocess, predict, postprocess; write and summarise the outputs."""
+    """Screen, load, preprocess, predict, postprocess; write and summarise the outputs."""
     from inference.errors import InferenceError
     from inference.model.package import default_package_path, load_package
     from inference.pipeline import run_series, write_offline_outputs
@@ -54,11 +71,12 @@ def infer(
     files = series_files(dicom_dir)
     if not files:
         raise fail(f"{dicom_dir} holds no files")
+    names = _rule_names(rule, config) if rule else None
     try:
         package = load_package(model or default_package_path())
-        result = run_series(files, package, device=device)
+        result = run_series(files, package, device=device, names=names)
     except InferenceError as exc:
-        raise fail(str(exc)) from None
+        raise fail(str(exc), EXIT_REFUSED) from None
     summary = write_offline_outputs(result, out)
     written = [out / "mask.nii.gz", out / "summary.json"]
     if dicom:
@@ -66,6 +84,16 @@ def infer(
 
         written += [output.path for output in write_dicom_outputs(result, out)]
     _print_summary(summary, written)
+
+
+def _rule_names(rule: str, config: Path | None) -> NamePatterns:
+    """The screening names of the configured routing rule called `rule`."""
+    from dicom_node.worker import screening_names
+
+    names = screening_names(settings_or_exit(config).rules)
+    if rule not in names:
+        raise fail(f"no routing rule named {rule!r} (configured: {', '.join(names) or 'none'})")
+    return names[rule]
 
 
 def _print_summary(summary: dict, written: list[Path]) -> None:

@@ -223,6 +223,25 @@ class Destination(_Section):
         return kind in self.objects
 
 
+class ScreeningNames(_Section):
+    """A rule's own series names for the post-contrast T1 screening (``rules.screening``):
+    regexes searched case-insensitively in SeriesDescription and ProtocolName. ``refuse``
+    refuses; ``accept`` accepts, before the built-in names (sequence parameters still apply)."""
+
+    accept: list[str] = []
+    refuse: list[str] = []
+
+    @field_validator("accept", "refuse")
+    @classmethod
+    def _check_regexes(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {pattern!r} ({exc})") from None
+        return patterns
+
+
 class RoutingRule(_Section):
     """Which series a model runs on and where its results go (see module docstring
     for the pattern syntax)."""
@@ -231,6 +250,7 @@ class RoutingRule(_Section):
     model: str = Field(default="default", min_length=1)
     match: dict[str, str] = {}
     destinations: list[str] = []
+    screening: ScreeningNames = Field(default_factory=ScreeningNames)
 
     @model_validator(mode="after")
     def _check_patterns(self) -> RoutingRule:

@@ -14,6 +14,9 @@ Decisions:
   positive. Origin = IPP of the first sorted slice; spacing = (column spacing
   PixelSpacing[1], row spacing PixelSpacing[0], measured inter-slice distance).
   SliceThickness and SpacingBetweenSlices are not used (thickness is not spacing).
+- Non-finite (NaN, infinity) ImagePositionPatient, ImageOrientationPatient or
+  PixelSpacing is refused here too, although screening refuses it first: every
+  comparison with NaN is False, so it would pass every tolerance check below.
 - Tolerances: orientations agree when every IOP component differs by at most
   1e-4; pixel spacings when they differ by at most 1e-4 mm. Slice positions must
   lie on a uniform grid: every slice within max(1 % of the spacing, 0.1 mm) of
@@ -64,7 +67,9 @@ _GEOMETRY_TAGS = ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPa
 
 
 @dataclass
-class _Slice:
+class SliceHeader:
+    """One instance's header and parsed geometry (the screening checks the same from headers only)."""
+
     path: Path
     ds: pydicom.Dataset
     position: np.ndarray  # IPP, mm
@@ -97,7 +102,7 @@ def _no_pixel_data(path: Path, ds: pydicom.Dataset) -> SeriesError:
     return SeriesError(f"{path.name}: no pixel data (SOP Class {uid or 'missing'}: not an image, or a truncated file)")
 
 
-def _as_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
+def _as_slice(path: Path, ds: pydicom.Dataset) -> SliceHeader:
     """Check one instance is a single-frame greyscale image with geometry."""
     if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
         raise SeriesError(
@@ -117,6 +122,10 @@ def _as_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
         spacing = np.array([float(v) for v in ds.PixelSpacing])
     except (TypeError, ValueError) as err:
         raise SeriesError(f"{path.name}: unreadable geometry values ({err})") from err
+    geometry = {"ImagePositionPatient": position, "ImageOrientationPatient": orientation, "PixelSpacing": spacing}
+    for name, values in geometry.items():
+        if not np.all(np.isfinite(values)):
+            raise SeriesError(f"{path.name}: non-finite {name} {list(values)} (NaN or infinity)")
     if position.shape != (3,) or orientation.shape != (6,) or spacing.shape != (2,) or np.any(spacing <= 0):
         raise SeriesError(
             f"{path.name}: malformed geometry (IPP {list(position)}, IOP {list(orientation)}, "
@@ -127,10 +136,10 @@ def _as_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
         raise SeriesError(
             f"{path.name}: ImageOrientationPatient {list(orientation)} is not two orthogonal unit vectors"
         )
-    return _Slice(path, ds, position, orientation, spacing)
+    return SliceHeader(path, ds, position, orientation, spacing)
 
 
-def _check_one_series(slices: list[_Slice]) -> None:
+def _check_one_series(slices: list[SliceHeader]) -> None:
     uids = Counter(str(s.ds.get("SeriesInstanceUID", "")) for s in slices)
     if len(uids) > 1:
         listed = ", ".join(f"{uid or '(none)'} ({n} files)" for uid, n in uids.most_common())
@@ -141,8 +150,8 @@ def _check_one_series(slices: list[_Slice]) -> None:
         raise SeriesError(f"duplicated SOP Instance UID {repeated[0]} ({instances[repeated[0]]} files)")
 
 
-def _check_consistent(slices: list[_Slice]) -> None:
-    """Same orientation, matrix and pixel spacing in every slice."""
+def check_consistent(slices: list[SliceHeader]) -> None:
+    """Same orientation, matrix and pixel spacing in every slice (also used by the screening)."""
     first = slices[0]
     for s in slices[1:]:
         if np.abs(s.orientation - first.orientation).max() > ORIENTATION_TOLERANCE:
@@ -166,7 +175,7 @@ def _fmt(values: np.ndarray) -> str:
     return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
 
 
-def _slice_spacing(slices: list[_Slice], normal: np.ndarray) -> float:
+def _slice_spacing(slices: list[SliceHeader], normal: np.ndarray) -> float:
     """Check the sorted slices form a uniform stack along `normal`; return the spacing in mm."""
     depth = np.array([s.position @ normal for s in slices])
     steps = np.diff(depth)
@@ -205,7 +214,7 @@ def _slice_spacing(slices: list[_Slice], normal: np.ndarray) -> float:
     return spacing
 
 
-def _pixels(s: _Slice) -> np.ndarray:
+def _pixels(s: SliceHeader) -> np.ndarray:
     """Decoded, rescaled pixel values (rows, cols) float32."""
     ds = s.ds
     meta = getattr(ds, "file_meta", None)
@@ -246,7 +255,7 @@ def load_series(files: Sequence[Path]) -> LoadedSeries:
     paths = [Path(f) for f in files]
     slices = [_as_slice(path, _read(path)) for path in paths]
     _check_one_series(slices)
-    _check_consistent(slices)
+    check_consistent(slices)
     row, col = slices[0].orientation[:3], slices[0].orientation[3:]
     row = row / np.linalg.norm(row)
     col = col - (col @ row) * row  # remove the (tolerated) rounding non-orthogonality

@@ -5,12 +5,15 @@ with `dicom-node train`) and the node ships a demo package. A package is a
 directory holding `manifest.json` and a weights file (a PyTorch `state_dict`
 written by `torch.save`). The manifest names the architecture and its
 configuration, the input the model expects, its output labels, decision
-thresholds, whether it is a demo model, and the weights' sha256.
+thresholds, whether it is a demo model, the weights' sha256, and (`accepts`)
+which series the model may run on: modality, contrast, spacing, slice count,
+field of view, model-grid size and memory (`inference.model.accepts`; a
+package without the section gets that module's documented defaults).
 
 Decisions:
 - Loading checks, in order: directory, manifest JSON, required keys, format
-  version, architecture, config, weights file, sha256, state_dict against the
-  architecture (strict). Each failure raises `ModelPackageError` saying which
+  version, architecture, config, accepts, weights file, sha256, state_dict
+  against the architecture (strict). Each failure raises `ModelPackageError` saying which
   check failed and where, so a physicist can read it in the job log.
 - Weights are read with `torch.load(weights_only=True)`: a package never runs
   pickled code.
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 
 from inference.errors import ModelPackageError
+from inference.model.accepts import ModelAccepts
 from inference.model.mtsa_net import MTSANet, MTSANetConfig
 from inference.result import ModelIdentity
 
@@ -79,6 +83,7 @@ class ModelPackage:
     weights_file: str
     weights_sha256: str
     training: dict[str, Any] = field(default_factory=dict)
+    accepts: ModelAccepts = field(default_factory=ModelAccepts)
     format_version: int = FORMAT_VERSION
     architecture: str = ARCHITECTURE
 
@@ -154,6 +159,13 @@ def _parse_config(manifest: dict[str, Any], path: Path) -> MTSANetConfig:
         raise ModelPackageError(f"model package {path}: invalid config: {err}") from err
 
 
+def _parse_accepts(manifest: dict[str, Any], path: Path) -> ModelAccepts:
+    try:
+        return ModelAccepts.from_manifest(manifest.get("accepts"))
+    except ValueError as err:
+        raise ModelPackageError(f"model package {path}: {err}") from err
+
+
 def _check_state_dict(config: MTSANetConfig, weights_path: Path) -> None:
     """Fail now, with the mismatching keys, rather than at the first job."""
     try:
@@ -171,6 +183,7 @@ def load_package(path: str | os.PathLike[str]) -> ModelPackage:
         raise ModelPackageError(f"model package directory {path} does not exist")
     manifest = _read_manifest(path)
     config = _parse_config(manifest, path)
+    accepts = _parse_accepts(manifest, path)
     weights_path = path / str(manifest["weights_file"])
     if Path(manifest["weights_file"]).name != manifest["weights_file"]:
         raise ModelPackageError(f"model package {path}: weights_file must be a plain file name")
@@ -195,6 +208,7 @@ def load_package(path: str | os.PathLike[str]) -> ModelPackage:
         weights_file=str(manifest["weights_file"]),
         weights_sha256=actual,
         training=dict(manifest.get("training") or {}),
+        accepts=accepts,
         format_version=int(manifest["format_version"]),
     )
 
@@ -208,8 +222,12 @@ def save_package(
     is_demo: bool,
     training_info: dict[str, Any] | None = None,
     thresholds: dict[str, float] | None = None,
+    accepts: ModelAccepts | None = None,
 ) -> ModelPackage:
-    """Write `manifest.json` and the weights to `out_dir`; returns the re-loaded package."""
+    """Write `manifest.json` and the weights to `out_dir`; returns the re-loaded package.
+
+    `accepts` defaults to `ModelAccepts()`, written out in full so the package says what it accepts.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_path = out_dir / WEIGHTS_NAME
@@ -224,6 +242,7 @@ def save_package(
         "input": dict(INPUT_SPEC, size=config.input_size),
         "output_labels": OUTPUT_LABELS,
         "thresholds": dict(thresholds or DEFAULT_THRESHOLDS),
+        "accepts": (accepts or ModelAccepts()).to_manifest(),
         "is_demo": is_demo,
         "weights_file": WEIGHTS_NAME,
         "weights_sha256": sha256_of(weights_path),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from inference.errors import ModelPackageError
+from inference.model.accepts import ModelAccepts
 from inference.model.mtsa_net import MTSANet, MTSANetConfig
 from inference.model.package import (
     DEMO_PACKAGE_DIR,
@@ -103,12 +104,39 @@ def rewrite_manifest(package_dir: Path, **changes: object) -> None:
         ({"format_version": 99}, "format_version 99"),
         ({"config": {"width": 2, "input_size": 100}}, "invalid config"),
         ({"weights_file": "../weights.pt"}, "plain file name"),
+        ({"accepts": {"spacing_mm": [10, 0.1]}}, r"accepts.spacing_mm must be \[low, high\] with 0 < low <= high"),
+        ({"accepts": {"slices": [8.5, 100]}}, "accepts.slices must be whole numbers"),
+        ({"accepts": {"contrast": "T2"}}, "accepts.contrast must be one of T1-CE, any"),
+        ({"accepts": {"modality": "MR"}}, "accepts.modality must be a list"),
+        ({"accepts": {"max_memory_mib": 0}}, "accepts.max_memory_mib must be positive"),
+        ({"accepts": {"fov": [1, 2]}}, "accepts: unknown key\\(s\\) fov"),
     ],
 )
 def test_manifest_defects_are_named(package_dir: Path, changes: dict, message: str) -> None:
     rewrite_manifest(package_dir, **changes)
     with pytest.raises(ModelPackageError, match=message):
         load_package(package_dir)
+
+
+def test_accepts_is_written_and_read_back(package_dir: Path) -> None:
+    manifest = json.loads((package_dir / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["accepts"] == ModelAccepts().to_manifest()
+    assert manifest["accepts"]["slices"] == [8, 1024] and manifest["accepts"]["contrast"] == "T1-CE"
+    rewrite_manifest(package_dir, accepts={"slices": [16, 400], "field_of_view_mm": [150, 300]})
+    accepts = load_package(package_dir).accepts
+    assert accepts.slices == (16, 400) and accepts.field_of_view_mm == (150.0, 300.0)
+    assert accepts.spacing_mm == ModelAccepts().spacing_mm  # keys left out keep their defaults
+
+
+def test_a_package_without_accepts_gets_the_defaults(package_dir: Path) -> None:
+    rewrite_manifest(package_dir, accepts=None)
+    assert load_package(package_dir).accepts == ModelAccepts()
+
+
+def test_the_demo_package_declares_what_it_accepts() -> None:
+    manifest = json.loads((DEMO_PACKAGE_DIR / "manifest.json").read_text(encoding="utf-8"))
+    assert ModelAccepts.from_manifest(manifest["accepts"]) == ModelAccepts()
+    assert manifest["accepts"]["modality"] == ["MR"] and manifest["accepts"]["max_model_grid_voxels"] == 384 * 384 * 512
 
 
 def test_missing_weights(package_dir: Path) -> None:

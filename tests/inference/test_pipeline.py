@@ -17,14 +17,15 @@ import torch
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
-from inference.errors import SeriesError
+from inference.errors import SeriesError, SeriesRefused
 from inference.imaging import preprocess
+from inference.imaging.screening import NamePatterns
 from inference.model.mtsa_net import MTSANet, MTSANetConfig
 from inference.model.package import ModelPackage, save_package
 from inference.pipeline import run_series, write_offline_outputs
 from inference.result import EgfrCall
 
-STAGES = ["load", "preprocess", "model", "postprocess"]
+STAGES = ["screen", "load", "preprocess", "model", "postprocess"]
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,17 @@ def test_series_errors_propagate(small_axial_series, tiny_package):
         run_series(files, tiny_package, device="cpu")
 
 
+def test_series_the_package_does_not_accept_is_refused_before_loading(
+    small_axial_series, tiny_package, edited_series, monkeypatch
+):
+    t2 = edited_series(small_axial_series.files, SeriesDescription="T2 TSE", EchoTime="98", RepetitionTime="6000")
+    monkeypatch.setattr("inference.pipeline.load_series", lambda files: pytest.fail("loaded a refused series"))
+    with pytest.raises(SeriesRefused, match="not a post-contrast T1: .*SeriesDescription 'T2 TSE', EchoTime 98 ms"):
+        run_series(t2, tiny_package, device="cpu")
+    with pytest.raises(SeriesRefused, match="'T1 CE AX' matches 'ce' \\(the rule refuses it\\)"):
+        run_series(small_axial_series.files, tiny_package, device="cpu", names=NamePatterns(refuse=("ce",)))
+
+
 def test_offline_outputs(small_axial_series, tiny_package, oracle, tmp_path):
     oracle(small_axial_series.phantom)
     result = run_series(small_axial_series.files, tiny_package, device="cpu")
@@ -143,6 +155,9 @@ def test_offline_outputs(small_axial_series, tiny_package, oracle, tmp_path):
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk == summary
     assert summary["series"]["series_instance_uid"] == result.series.datasets[0].SeriesInstanceUID
+    assert summary["screening"] == (
+        "post-contrast T1: SeriesDescription 'T1 CE AX' names T1; ContrastBolusAgent 'Gadolinium (synthetic)'"
+    )
     assert summary["model"] == {
         "name": "tiny-test",
         "version": "0.0.1",
@@ -180,6 +195,29 @@ def test_infer_command_bad_series_is_one_red_line(small_axial_series, tiny_packa
     result = invoke(str(files[0].parent), "--out", str(files[0].parent / "out"), "--model", str(tiny_package.path))
     assert result.exit_code == 2
     assert "error: missing slice(s)" in result.output and "Traceback" not in result.output
+
+
+def test_infer_command_refused_series_exits_2_with_the_reason(small_axial_series, tiny_package, edited_series):
+    files = edited_series(small_axial_series.files, SeriesDescription="AX T2 FLAIR", ContrastBolusAgent=None)
+    out = files[0].parent / "out"
+    result = invoke(str(files[0].parent), "--out", str(out), "--model", str(tiny_package.path))
+    assert result.exit_code == 2
+    assert "error: not a post-contrast T1: ContrastBolusAgent empty, SeriesDescription 'AX T2 FLAIR'" in result.output
+    assert "names FLAIR" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_infer_command_applies_a_rules_screening_names(small_axial_series, tiny_package, tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text('[[rules]]\nname = "brain"\n[rules.screening]\nrefuse = ["t1 ce ax"]\n', encoding="utf-8")
+    folder = str(Path(small_axial_series.files[0]).parent)
+    common = [folder, "--out", str(tmp_path / "out"), "--model", str(tiny_package.path), "--config", str(config)]
+    result = invoke(*common, "--rule", "brain")
+    assert result.exit_code == 2
+    assert "SeriesDescription 'T1 CE AX' matches 't1 ce ax' (the rule refuses it)" in result.output
+    result = invoke(*common, "--rule", "other")
+    assert result.exit_code == 2 and "no routing rule named 'other' (configured: brain)" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_infer_command_missing_model_package(small_axial_series, tmp_path):

@@ -326,10 +326,46 @@ def test_mixed_series_under_one_series_uid_fails_naming_it(job_node, phantom_fac
     assert_still_serving(job_node, phantom_factory(8202, "JOB02")[0])
 
 
-def test_single_slice_series_fails_too_few_slices(job_node, phantom_factory):
-    (job,) = [send_series_expect_failure(job_node, phantom_factory(8208, "JOB08")[:1], "only 1 slice")]
-    assert "at least" in job.reason
+def send_series_expect_rejection(node, files: list[Path], *reason_parts: str):
+    """Store `files`, wait for the job: rejected by the input screening, with its reason, no outputs."""
+    statuses = pynetdicom_statuses(node.address[1], files)
+    assert set(statuses.values()) == {SUCCESS}, statuses
+    (job,) = settled(node, 1)
+    assert job.state == JobState.REJECTED, (job.state, job.reason)
+    assert job.reason.startswith("rejected: ") and job.output_dir is None, job.reason
+    for part in reason_parts:
+        assert part in job.reason, job.reason
+    assert "model" not in {e.message for e in job.events}  # refused before the model ran
+    return job
+
+
+def test_single_slice_series_is_rejected_too_few_slices(job_node, phantom_factory):
+    job = send_series_expect_rejection(job_node, phantom_factory(8208, "JOB08")[:1], "only 1 slice")
+    assert "at least 8" in job.reason
     assert_still_serving(job_node, phantom_factory(8202, "JOB02")[0])
+
+
+def test_t2_series_is_rejected_by_screening_naming_its_headers(job_node, phantom_factory):
+    files = phantom_factory(8209, "JOB09", series_description="AX T2 FLAIR")
+    send_series_expect_rejection(
+        job_node, files, "not a post-contrast T1: ContrastBolusAgent 'Gadolinium (synthetic)'", "'AX T2 FLAIR' names T2"
+    )
+    assert_still_serving(job_node, phantom_factory(8202, "JOB02")[0])
+
+
+def test_nan_geometry_fails_its_job_naming_the_file(job_node, phantom_factory, tmp_path):
+    files = list(phantom_factory(8210, "JOB10"))
+    files[3] = rewrite(files[3], tmp_path / "IM_0004_nan.dcm", ImagePositionPatient=["NaN", "0", "0"])
+    job = send_series_expect_failure(job_node, files, sop_uid(files[3]) + ".dcm", "non-finite ImagePositionPatient")
+    assert job.output_dir is None
+    assert_still_serving(job_node, phantom_factory(8202, "JOB02")[0])
+
+
+def test_a_rules_screening_names_reach_the_worker(start_node, with_tiny_model, phantom_factory, tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text(NO_DESTINATION_RULES + '[rules.screening]\nrefuse = ["^t1 ce ax$"]\n')
+    node = start_node(config, DICOM_NODE__WORKER__COUNT="1", DICOM_NODE__WORKER__POLL_INTERVAL_S="0.2")
+    send_series_expect_rejection(node, phantom_factory(8211, "JOB11"), "matches '^t1 ce ax$' (the rule refuses it)")
 
 
 @pytest.mark.slow
@@ -360,8 +396,8 @@ def test_2000_slice_series_is_stored_completely_and_its_job_ends_clearly(
     assert len(rows) == 2000
     (job,) = settled(node, 1, timeout=240)
     assert job.instance_count == 2000 and len(list_jobs(node.db)) == 1
-    assert job.state in (JobState.DONE, JobState.FAILED)
-    if job.state == JobState.FAILED:
+    assert job.state in (JobState.DONE, JobState.FAILED, JobState.REJECTED)
+    if job.state != JobState.DONE:
         assert job.reason and not job.reason.startswith("internal error"), job.reason
     job_s = (job.finished_at - job.started_at).total_seconds()
     print(

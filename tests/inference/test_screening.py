@@ -1,0 +1,269 @@
+"""Input screening: real phantom series with realistic vendor headers, refused or accepted
+from the headers alone, each reason naming the DICOM attributes it rests on."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit
+
+from inference.errors import SeriesError, SeriesRefused
+from inference.imaging import preprocess
+from inference.imaging.screening import NamePatterns, screen_series
+from inference.imaging.volume_loader import load_series
+from inference.model.accepts import ModelAccepts
+
+# Sequence parameters as the three vendors' consoles write them for each kind of series.
+SIEMENS = {"Manufacturer": "SIEMENS"}
+GE = {"Manufacturer": "GE MEDICAL SYSTEMS"}
+PHILIPS = {"Manufacturer": "Philips Medical Systems"}
+MPRAGE = {"ScanningSequence": ["GR", "IR"], "SequenceVariant": ["SK", "SP", "MP"], "RepetitionTime": "2300",
+          "EchoTime": "2.32", "InversionTime": "900", "FlipAngle": "8"}  # fmt: skip
+SPGR = {"ScanningSequence": "GR", "SequenceVariant": ["SS", "SK"], "RepetitionTime": "8.2", "EchoTime": "3.2",
+        "InversionTime": "450", "FlipAngle": "12"}  # fmt: skip
+TFE = {"ScanningSequence": "GR", "SequenceVariant": "SP", "RepetitionTime": "8.1", "EchoTime": "3.7", "FlipAngle": "8"}
+T1_SE = {"ScanningSequence": "SE", "SequenceVariant": ["SK", "SP"], "RepetitionTime": "550", "EchoTime": "12"}
+T2_TSE = {"ScanningSequence": "SE", "SequenceVariant": ["SK", "SP", "OSP"], "RepetitionTime": "6000", "EchoTime": "98"}
+FLAIR = {"ScanningSequence": ["SE", "IR"], "SequenceVariant": ["SK", "SP", "MP"], "RepetitionTime": "9000",
+         "EchoTime": "81", "InversionTime": "2500"}  # fmt: skip
+DWI = {"ScanningSequence": ["SE", "EP"], "SequenceVariant": ["SK", "SP"], "RepetitionTime": "5300", "EchoTime": "89"}
+NO_AGENT = {"ContrastBolusAgent": None}
+
+ACCEPTED = {
+    "siemens-mprage-gd": {
+        **SIEMENS,
+        **MPRAGE,
+        **NO_AGENT,
+        "SeriesDescription": "t1_mprage_tra_Gd",
+        "ProtocolName": "t1_mprage_tra_Gd",
+    },  # fmt: skip
+    "ge-bravo-post": {**GE, **SPGR, "SeriesDescription": "AX T1 POST", "ContrastBolusAgent": "MULTIHANCE"},
+    "ge-t1-se-gd": {**GE, **T1_SE, **NO_AGENT, "SeriesDescription": "T1 SE +GD"},
+    "philips-tfe-c": {**PHILIPS, **TFE, **NO_AGENT, "SeriesDescription": "3D T1W TFE +C"},
+    "agent-only": {**PHILIPS, **TFE, "SeriesDescription": "sT1W_3D_TFE", "ContrastBolusAgent": "Gadovist 1.0"},
+}
+REFUSED = {
+    "siemens-t2": (
+        {**SIEMENS, **T2_TSE, **NO_AGENT, "SeriesDescription": "T2 TSE"},
+        [
+            "not a post-contrast T1: ContrastBolusAgent empty, SeriesDescription 'T2 TSE', EchoTime 98 ms",
+            "EchoTime 98 ms is above the 30 ms of a T1",
+            "names T2",
+        ],
+    ),  # fmt: skip
+    "siemens-flair-with-agent": (
+        {**SIEMENS, **FLAIR, "SeriesDescription": "t2_tirm_tra_dark-fluid", "ContrastBolusAgent": "Dotarem"},
+        ["ContrastBolusAgent 'Dotarem'", "InversionTime 2500 ms nulls fluid (FLAIR)", "names T2"],
+    ),
+    "siemens-dwi": (
+        {**SIEMENS, **DWI, **NO_AGENT, "SeriesDescription": "ep2d_diff_3scan_trace_p2"},
+        [
+            "ScanningSequence SE\\EP (",
+            "ScanningSequence EP is echo planar",
+            "SeriesDescription 'ep2d_diff_3scan_trace_p2' names diffusion",
+        ],
+    ),
+    "siemens-mprage-no-contrast": (
+        {**SIEMENS, **MPRAGE, **NO_AGENT, "SeriesDescription": "t1_mprage_sag_p2_iso"},
+        ["no contrast: ContrastBolusAgent empty and no contrast name"],
+    ),
+    "ge-t2": (
+        {**GE, **T2_TSE, **NO_AGENT, "SeriesDescription": "AX T2 FRFSE", "RepetitionTime": "4000", "EchoTime": "102"},
+        ["EchoTime 102 ms", "SeriesDescription 'AX T2 FRFSE' names T2"],
+    ),
+    "ge-flair": (
+        {**GE, **FLAIR, **NO_AGENT, "SeriesDescription": "AX T2 FLAIR"},
+        ["InversionTime 2500 ms", "names T2"],
+    ),
+    "ge-dwi": (
+        {**GE, **DWI, **NO_AGENT, "SeriesDescription": "AX DWI ASSET b1000"},
+        ["ScanningSequence SE\\EP", "names diffusion"],
+    ),
+    "ge-t1-pre": (
+        {**GE, **T1_SE, **NO_AGENT, "SeriesDescription": "AX T1 PRE"},
+        ["SeriesDescription 'AX T1 PRE' names pre-contrast"],
+    ),
+    "ge-t1-flair-post": (  # T1-weighted by its parameters, but a FLAIR: not what the model was trained on
+        {
+            **GE,
+            **T1_SE,
+            "SeriesDescription": "AX T1 FLAIR +C",
+            "RepetitionTime": "2200",
+            "InversionTime": "860",
+            "ContrastBolusAgent": "GAD",
+        },  # fmt: skip
+        ["SeriesDescription 'AX T1 FLAIR +C' names FLAIR"],
+    ),
+    "philips-t2": (
+        {**PHILIPS, **T2_TSE, **NO_AGENT, "SeriesDescription": "T2W_TSE", "RepetitionTime": "3000", "EchoTime": "80"},
+        ["EchoTime 80 ms", "names T2"],
+    ),
+    "philips-flair": (
+        {**PHILIPS, **FLAIR, **NO_AGENT, "SeriesDescription": "FLAIR_longTR", "RepetitionTime": "11000"},
+        ["RepetitionTime 11000 ms is above the 3000 ms of a T1", "names FLAIR"],
+    ),
+    "philips-dwi": (
+        {**PHILIPS, **DWI, **NO_AGENT, "SeriesDescription": "DWI_SSh b1000"},
+        ["names diffusion"],
+    ),
+    "philips-t1-pre": (
+        {**PHILIPS, **TFE, **NO_AGENT, "SeriesDescription": "T1W_3D_TFE pre"},
+        ["names pre-contrast"],
+    ),
+    "nothing-said": (
+        {**NO_AGENT, "SeriesDescription": None, "EchoTime": None, "RepetitionTime": None},
+        ["SeriesDescription empty", "no T1 weighting", "no contrast"],
+    ),
+}
+
+
+@pytest.fixture
+def series(small_axial_series) -> list[Path]:
+    """The phantom's files (T1 CE AX, 96x96, 20 slices of 4 mm): read-only."""
+    return list(small_axial_series.files)
+
+
+def test_the_phantoms_the_node_sends_are_accepted(series):
+    screened = screen_series(series)
+    assert screened.slices == 20 and screened.model_grid == (384, 384, 20)
+    assert "ContrastBolusAgent 'Gadolinium (synthetic)'" in screened.contrast and "names T1" in screened.contrast
+    assert 0 < screened.memory_mib < 100
+
+
+@pytest.mark.parametrize("headers", ACCEPTED.values(), ids=ACCEPTED.keys())
+def test_post_contrast_t1_is_accepted(series, edited_series, headers):
+    screened = screen_series(edited_series(series, **headers))
+    assert screened.contrast.startswith("post-contrast T1: ")
+
+
+@pytest.mark.parametrize(("headers", "reasons"), REFUSED.values(), ids=REFUSED.keys())
+def test_other_series_are_refused_naming_the_attributes(series, edited_series, headers, reasons):
+    with pytest.raises(SeriesRefused) as refused:
+        screen_series(edited_series(series, **headers))
+    message = str(refused.value)
+    assert message.startswith("not a post-contrast T1: ContrastBolusAgent ")
+    for reason in reasons:
+        assert reason in message, message
+
+
+def test_a_rule_names_its_own_t1ce_and_refuses_its_own(series, edited_series):
+    files = edited_series(series, **TFE, **NO_AGENT, SeriesDescription="T1 PRE-OP +C")
+    with pytest.raises(SeriesRefused, match="'T1 PRE-OP \\+C' names pre-contrast"):
+        screen_series(files)
+    screened = screen_series(files, names=NamePatterns(accept=(r"^t1 pre-op \+c$",)))
+    assert "matches '^t1 pre-op \\\\+c$' (the rule accepts it)" in screened.contrast
+    with pytest.raises(SeriesRefused, match="SeriesDescription 'T1 CE AX' matches 'ce ax' \\(the rule refuses it\\)"):
+        screen_series(series, names=NamePatterns(refuse=("ce ax",)))
+    t2 = edited_series(series, **T2_TSE, SeriesDescription="T2 TSE")
+    with pytest.raises(SeriesRefused, match="EchoTime 98 ms"):  # parameters beat a rule's names
+        screen_series(t2, names=NamePatterns(accept=("t2 tse",)))
+
+
+def test_a_model_for_any_contrast_and_other_modalities(series, edited_series):
+    t2 = edited_series(series, **T2_TSE, SeriesDescription="T2 TSE")
+    assert "not checked" in screen_series(t2, ModelAccepts(contrast="any")).contrast
+    with pytest.raises(SeriesRefused, match="Modality 'CT': the model accepts MR only"):
+        screen_series(edited_series(series, Modality="CT"))
+
+
+# --- geometry ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("ImagePositionPatient", ["-100", "NaN", "20"]),
+        ("ImageOrientationPatient", ["1", "0", "0", "0", "nan", "0"]),
+        ("PixelSpacing", ["NaN", "2.4"]),
+        ("SliceThickness", "inf"),
+    ],
+)
+def test_non_finite_geometry_fails_naming_attribute_and_file(series, edited_series, keyword, value):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns that NaN is not a valid DS
+        files = edited_series(series, indices=[6], **{keyword: value})
+        with pytest.raises(SeriesError, match=f"IM_0007.dcm: non-finite {keyword}") as failed:
+            screen_series(files)
+        assert not isinstance(failed.value, SeriesRefused)  # a defective series fails, it is not "rejected"
+        if keyword != "SliceThickness":  # the loader does not use SliceThickness
+            with pytest.raises(SeriesError, match=f"IM_0007.dcm: non-finite {keyword}"):
+                load_series(files)  # defence in depth
+
+
+def _sagittal_16x16x8_with_1000mm_pixels(series: list[Path], out: Path) -> list[Path]:
+    """The review's example, with pixel data no decoder can read (JPEG syntax, raw garbage)."""
+    out.mkdir()
+    paths = []
+    for k, source in enumerate(series[:8]):
+        ds = pydicom.dcmread(source)
+        ds.Rows = ds.Columns = 16
+        ds.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
+        ds.ImagePositionPatient = [f"{-4 + k:g}", "-8000", "8000"]
+        ds.PixelSpacing = ["1000", "1000"]
+        ds.SliceThickness = "1"
+        ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG stream " * 30])
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        paths.append(out / source.name)
+        ds.save_as(paths[-1], enforce_file_format=False)
+    return paths
+
+
+def test_absurd_spacing_is_refused_on_grid_size_before_any_pixel_is_decoded(series, tmp_path):
+    files = _sagittal_16x16x8_with_1000mm_pixels(series, tmp_path / "sag")
+    with pytest.raises(SeriesError, match="cannot be decoded"):
+        load_series(files)  # the pixel data really is undecodable ...
+    with pytest.raises(SeriesRefused) as refused:
+        screen_series(files)  # ... and screening never touches it
+    message = str(refused.value)
+    assert message.startswith("outside what the model accepts: ")
+    assert "PixelSpacing (row) 1000 mm outside 0.1-10 mm" in message
+    assert "field of view 16000 x 16000 mm" in message
+    assert "model grid 384x384x15003 (2212.3 M voxels) exceeds the maximum of 75.5 M" in message
+    assert "estimated memory 24.7 GiB exceeds 4.0 GiB" in message
+    assert "decod" not in message
+
+
+def test_files_of_two_series_fail(series, edited_series):
+    files = edited_series(series, indices=[19], SeriesInstanceUID="1.2.826.0.1.3680043.8.498.7")
+    with pytest.raises(SeriesError, match=r"files from 2 series \(one series per job\): .* \(19 files\)"):
+        screen_series(files)
+
+
+@pytest.mark.parametrize("keyword", ["PatientID", "StudyInstanceUID", "FrameOfReferenceUID"])
+def test_mixed_identity_in_one_series_fails(series, edited_series, keyword):
+    value = "SECRET-ID-42" if keyword == "PatientID" else "1.2.826.0.1.3680043.8.498.99"
+    files = edited_series(series, indices=range(12, 20), **{keyword: value})
+    with pytest.raises(SeriesError, match=f"mixed {keyword} in one series") as failed:
+        screen_series(files)
+    if keyword == "PatientID":
+        assert "SECRET" not in str(failed.value) and "12 and 8 files" in str(failed.value)
+    else:
+        assert value in str(failed.value)
+
+
+def test_slice_count_and_field_of_view_bounds(series):
+    with pytest.raises(SeriesRefused, match=r"only 5 slice\(s\); at least 8 are needed"):
+        screen_series(series[:5])
+    with pytest.raises(SeriesRefused, match="20 slices; the model accepts at most 12"):
+        screen_series(series, ModelAccepts(slices=(8, 12)))
+    with pytest.raises(SeriesRefused, match=r"field of view [\d.]+ x [\d.]+ mm \(Columns 96 x PixelSpacing"):
+        screen_series(series, ModelAccepts(field_of_view_mm=(300.0, 500.0)))
+    with pytest.raises(SeriesRefused, match="slice spacing \\(from ImagePositionPatient\\) 4 mm outside 0.5-3 mm"):
+        screen_series(series, ModelAccepts(spacing_mm=(0.5, 3.0)))
+
+
+@pytest.mark.slow
+def test_grid_estimate_bounds_the_grid_the_pipeline_builds(phantom_series):
+    """Sagittal and oblique: the estimate (volume z extent) is at least the real grid (head z extent)."""
+    for seed, orientation in ((34, "sagittal"), (30, "oblique")):
+        phantom = phantom_series(seed, orientation=orientation, matrix=96, slices=24, slice_spacing=3.5, n_lesions=3)
+        estimated = screen_series(phantom.files).model_grid
+        image = load_series(phantom.files).image
+        grid, aligned = preprocess.model_grid(image, preprocess.head_mask(image), 384)
+        assert not aligned
+        real = grid.GetSize()
+        assert estimated[:2] == real[:2] and real[2] <= estimated[2] <= 2 * real[2], (estimated, real)
