@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -46,6 +47,7 @@ class Exporter:
         self.node_ae_title = node_ae_title
         self.dimse_timeout_s = dimse_timeout_s
         self._lock = threading.Lock()  # one export round at a time
+        self.on_attempt: Callable[[str, bool], None] | None = None  # (destination, delivered): metrics
 
     def run_once(self) -> int:
         """Send every due export; returns how many attempts were made."""
@@ -63,6 +65,8 @@ class Exporter:
 
     def _record(self, export: Export, delivered: bool, message: str) -> None:
         record_attempt(self.db, export.id, delivered, message, self.policy)
+        if self.on_attempt is not None:
+            self.on_attempt(export.destination, delivered)
         event = "export.delivered" if delivered else "export.failed"
         (log.info if delivered else log.warning)(
             event,

@@ -1,0 +1,62 @@
+"""The JSON API under /api/: the same objects as `dicom-node jobs list/show --json` (one serialiser)."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Request
+
+from dicom_node.commands.jobs import job_dict
+from dicom_node.http.actions import perform
+from dicom_node.http.app import require_actor
+from dicom_node.http.auth import User
+from storage.jobs import JobFilter, JobNotFound, list_jobs, load_job
+from storage.models import JobState
+
+router = APIRouter(prefix="/api", tags=["jobs"])
+
+
+def job_filter(
+    state: JobState | None = None,
+    since: date | None = None,
+    until: date | None = None,
+    patient_id: str | None = None,
+    study_uid: str | None = None,
+    limit: int = 100,
+) -> JobFilter:
+    """Query parameters as the job store's filter; `until` includes that whole day (UTC)."""
+    if not 1 <= limit <= 1000:
+        raise HTTPException(422, "limit must be between 1 and 1000")
+    return JobFilter(
+        state=state,
+        since=datetime.combine(since, time(), UTC) if since else None,
+        until=datetime.combine(until + timedelta(days=1), time(), UTC) if until else None,
+        patient_id=patient_id or None,
+        study_uid=study_uid or None,
+        limit=limit,
+    )
+
+
+@router.get("/jobs", summary="Jobs, newest first (as `dicom-node jobs list --json`).")
+def api_jobs(request: Request, flt: Annotated[JobFilter, Depends(job_filter)]) -> list[dict[str, Any]]:
+    return [job_dict(job) for job in list_jobs(request.app.state.service.db, flt)]
+
+
+@router.get("/jobs/{job_id}", summary="One job with events, exports and summary (as `dicom-node jobs show --json`).")
+def api_job(request: Request, job_id: int) -> dict[str, Any]:
+    try:
+        return job_dict(load_job(request.app.state.service.db, job_id), full=True)
+    except JobNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+@router.post("/jobs/{job_id}/{action}", summary="retry, export, release or cancel (physicist or admin).")
+def api_action(
+    request: Request,
+    job_id: int,
+    action: str,
+    user: Annotated[User, Depends(require_actor)],
+    destinations: Annotated[list[str] | None, Body(embed=True)] = None,
+) -> dict[str, str]:
+    return {"result": perform(request.app.state.service, job_id, action, user, destinations)}
