@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
 # Set up everything the node needs on a fresh Linux machine (idempotent):
-#   - Debian packages dcmtk (storescu/storescp/echoscu) and dicom3tools (dciodvfy),
-#     installed with apt when missing and we are root or have passwordless sudo;
+#   - Debian packages dcmtk (storescu/storescp/echoscu), dicom3tools (dciodvfy) and
+#     chromium (headless, for the web view's tests), installed with apt when missing
+#     and we are root or have passwordless sudo;
 #   - a virtual environment in .venv with the project and its test extras.
 # torch is pinned to 2.13.0 first so that pip takes the CPU build where one is
 # provided locally; the project's own requirement is a range that admits it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v storescu >/dev/null 2>&1 || ! command -v dciodvfy >/dev/null 2>&1; then
+if ! command -v storescu >/dev/null 2>&1 || ! command -v dciodvfy >/dev/null 2>&1 \
+   || ! command -v chromium >/dev/null 2>&1; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then
     if sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo=""; fi
   fi
   if [ "$(id -u)" -eq 0 ] || [ -n "$sudo" ]; then
-    echo "==> installing dcmtk and dicom3tools (apt)"
+    echo "==> installing dcmtk, dicom3tools and chromium (apt)"
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get update -qq
-    $sudo apt-get install -y -qq dcmtk dicom3tools >/dev/null
+    $sudo apt-get install -y -qq dcmtk dicom3tools chromium >/dev/null
   else
-    echo "==> dcmtk/dicom3tools missing and no root: tests that need them will be skipped" >&2
+    echo "==> dcmtk/dicom3tools/chromium missing and no root: tests that need them will be skipped" >&2
   fi
 fi
 
