@@ -113,8 +113,16 @@ def run_demo(
     matrix: int | None = None,
     slices: int | None = None,
     console: Console | None = None,
+    keep_running: bool = False,
 ) -> DemoResult:
-    """Run the whole demo in `out_dir` (wiped first); see the module docstring."""
+    """Run the whole demo in `out_dir` (wiped first); see the module docstring.
+
+    The node serves its operations view on a free loopback port, with a
+    one-off physicist login so the actions can be tried; `keep_running`
+    leaves everything up until Ctrl-C so a newcomer can click through the job.
+    """
+    from dicom_node.http.auth import hash_secret, new_token
+    from dicom_node.settings.schema import HttpUser
     from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 
     console = console or Console()
@@ -133,10 +141,17 @@ def run_demo(
     settings.series.quiet_period_s = 3
     settings.series.check_interval_s = 0.5
     settings.export.retry_initial_s = 1
+    password = new_token()[:16]
+    settings.http.enabled = True
+    settings.http.port = free_port()
+    settings.http.users = [HttpUser(name="demo", role="physicist", password_hash=hash_secret(password))]
     service = NodeService(settings)
     try:
         host, port = service.start()
         console.print(f"[bold]2.[/] this node: AE DICOMNODE on {host}:{port}, data in {settings.storage.data_dir}")
+        console.print(
+            f"   dashboard: [bold]{service.http.url}[/] (actions: log in as demo / {password})", highlight=False
+        )
         with console.status("generating a synthetic T1-CE study (MNI template + metastases)..."):
             phantom = generate_phantom(seed, orientation="axial", matrix=matrix, slices=slices)
             files = write_phantom_series(phantom, out_dir / "study", patient_name="DEMO^PHANTOM", patient_id="DEMO0001")
@@ -163,7 +178,22 @@ def run_demo(
             f"Follow it later: dicom-node jobs show {job.id} "
             f"(with DICOM_NODE__STORAGE__DATA_DIR={settings.storage.data_dir})"
         )
+        if keep_running:
+            console.print(
+                f"[bold]The node keeps running:[/] open {service.http.url}jobs/{job.id} "
+                f"(log in as demo / {password} to retry or re-export). Ctrl-C stops it.",
+                highlight=False,
+            )
+            _wait_for_ctrl_c()
         return DemoResult(job=job, received=receiver.received(), overlay=overlay)
     finally:
         service.stop()
         receiver.stop()
+
+
+def _wait_for_ctrl_c() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
