@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from typer.testing import CliRunner
@@ -102,3 +103,36 @@ def test_pages_render_without_a_job(http_node) -> None:
         assert reply.status == 200 and expected in reply.text, path
     missing = request(f"{url}/jobs/4242")
     assert missing.status == 404 and "job 4242 does not exist" in missing.text
+
+
+def test_refused_associations_are_recorded_and_counted(start_node) -> None:
+    from pynetdicom.sop_class import Verification
+
+    from dicom_node.association import scu_ae
+
+    by_ae = start_node(**http_env(), DICOM_NODE__NODE__ALLOWED_CALLING_AETS='["MR_SCANNER1"]')
+    ae = scu_ae("INTRUDER", 10)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", by_ae.address[1], ae_title="DICOMNODE")
+    assert assoc.is_rejected
+    ae.shutdown()
+    (row,) = wait_for(lambda: recent_associations(by_ae.db))
+    assert (row.calling_ae_title, row.address, row.outcome, row.reason) == (
+        "INTRUDER",
+        "127.0.0.1",
+        "rejected",
+        "A-ASSOCIATE-RJ",
+    )
+    metrics = request(f"{node_url(by_ae)}/metrics").text
+    assert 'dicom_node_associations_rejected_total{reason="policy"} 1.0' in metrics
+    assert "dicom_node_associations_active 0.0" in metrics
+
+    by_address = start_node(**http_env(), DICOM_NODE__NODE__ALLOWED_SOURCE_ADDRESSES='["10.0.0.0/8"]')
+    with socket.create_connection(("127.0.0.1", by_address.address[1]), timeout=5) as sock:
+        sock.settimeout(5)
+        assert sock.recv(1) == b""
+    # (both nodes of this test share one data directory: the first row is the one above)
+    row = wait_for(lambda: [a for a in recent_associations(by_address.db) if a.calling_ae_title is None])[0]
+    assert (row.address, row.outcome, row.reason) == ("127.0.0.1", "rejected", "source address not allowed")
+    metrics = request(f"{node_url(by_address)}/metrics").text
+    assert 'dicom_node_associations_rejected_total{reason="address"} 1.0' in metrics
