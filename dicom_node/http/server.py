@@ -34,6 +34,7 @@ class HttpServer:
             log_config=None,
             access_log=False,
             lifespan="off",
+            timeout_graceful_shutdown=5,  # a browser's keep-alive never delays the node's stop
             ssl_certfile=str(tls.cert_file) if tls else None,
             ssl_keyfile=str(tls.key_file) if tls else None,
         )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import tomllib
+import urllib.error
+import urllib.request
+
 import pytest
 
 from dicom_node.http.auth import hash_secret, verify_secret
@@ -70,3 +74,61 @@ def test_actions_need_a_physicist_and_are_recorded_with_the_name(http_node, mr_s
     assert again.status == 409 and "only done, failed or rejected" in again.json()["detail"]
     unknown = request(f"{url}/api/jobs/{job.id}/explode", method="POST", auth=basic("alice"))
     assert unknown.status == 404
+
+
+def test_https_with_the_node_certificate(start_node, tmp_path) -> None:
+    import ssl
+
+    from tests.dicom_node.certificates import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    service = start_node(
+        **http_env(),
+        DICOM_NODE__HTTP__TLS="true",
+        DICOM_NODE__NODE__TLS__ENABLED="true",
+        DICOM_NODE__NODE__TLS__CERT_FILE=str(pki.server_cert),
+        DICOM_NODE__NODE__TLS__KEY_FILE=str(pki.server_key),
+    )
+    assert service.http.url.startswith("https://")
+    port = service.http.url.rstrip("/").rsplit(":", 1)[1]
+    context = ssl.create_default_context(cafile=str(pki.ca_file))
+    context.check_hostname = False  # the test certificate names no host
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=context, timeout=30) as reply:
+        assert reply.status == 200
+    with pytest.raises(urllib.error.URLError):  # the system trust store does not know the test CA
+        urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", timeout=30)
+
+
+def test_http_tls_needs_the_node_certificate(node_env) -> None:
+    with pytest.raises(ConfigError, match="http.tls uses the node's certificate"):
+        load_settings(EXAMPLE_CONFIG, env={**node_env, "DICOM_NODE__HTTP__TLS": "true"})
+
+
+def test_hash_password_and_new_token_commands() -> None:
+    from typer.testing import CliRunner
+
+    from dicom_node.cli import app
+
+    result = CliRunner().invoke(
+        app, ["http", "hash-password", "--name", "bob", "--role", "admin", "--password", "pw-12345678"]
+    )
+    assert result.exit_code == 0, result.output
+    entry = tomllib.loads(result.output)["http"]["users"][0]
+    assert entry["name"] == "bob" and entry["role"] == "admin" and verify_secret("pw-12345678", entry["password_hash"])
+    bad = CliRunner().invoke(app, ["http", "hash-password", "--name", "bob", "--role", "root", "--password", "x" * 9])
+    assert bad.exit_code == 2 and "not one of viewer, physicist, admin" in bad.output
+    token = CliRunner().invoke(app, ["http", "new-token", "--name", "prometheus"])
+    secret = token.output.split("shown once): ", 1)[1].split()[0]
+    assert verify_secret(secret, tomllib.loads(token.output)["http"]["tokens"][0]["token_hash"])
+
+
+def test_destination_echo_from_the_page_says_what_happened(start_node) -> None:
+    from dicom_node.peers import free_port
+
+    nobody = free_port()  # nothing listens there
+    url = node_url(start_node(**http_env(), DICOM_NODE__DESTINATIONS__0__PORT=str(nobody)))
+    assert request(f"{url}/destinations/tps/echo", method="POST", auth=basic("victor")).status == 403
+    reply = request(f"{url}/destinations/tps/echo", method="POST", auth=basic("alice"))
+    assert reply.status == 303
+    page = request(f"{url}/destinations").text
+    assert "by alice" in page and f"no association with TPS@127.0.0.1:{nobody}" in page
