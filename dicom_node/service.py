@@ -4,8 +4,10 @@ Start-up order makes restarts safe: leftovers of interrupted writes are
 removed (partial temp files, and complete files whose row was never committed,
 hence never acknowledged), jobs left `running` go back to `queued`, pending exports are picked
 up by the exporter's first round; only then does the SCP accept
-associations, then the HTTP operations view (`[http]`). Shutdown stops HTTP
-and the SCP first (no new instances), then the scheduler and the workers.
+associations. The HTTP operations view (`[http]`) binds first of all, so a
+port in use stops start-up before anything runs; until the SCP listens,
+`/readyz` says so. Shutdown stops HTTP and the SCP first (no new instances),
+then the scheduler and the workers.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class NodeService:
             self.http = HttpServer(self)
 
     def start(self) -> tuple[str, int]:
+        if self.http is not None:  # first: a port in use stops start-up before anything else runs
+            self.http.start()
         removed = self.store.remove_partials()
         orphans = self.store.remove_unreferenced(stored_instance_paths(self.db))
         resumed = resume_interrupted(self.db, self.worker_prefix)
@@ -108,8 +112,6 @@ class NodeService:
             worker.start()
             self._workers.append(worker)
         self.address = self.scp.start()
-        if self.http is not None:
-            self.http.start()
         return self.address
 
     @property

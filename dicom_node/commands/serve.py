@@ -11,6 +11,7 @@ from dicom_node.commands._common import ConfigOption, fail, settings_or_exit
 
 def serve(config: Path | None = ConfigOption) -> None:
     """Receive series, run the model on complete ones and send the results on."""
+    from dicom_node.http.server import HttpBindError
     from dicom_node.logging_setup import configure_logging
     from dicom_node.service import NodeService
 
@@ -22,6 +23,8 @@ def serve(config: Path | None = ConfigOption) -> None:
         raise fail(f"cannot start: {exc}") from None
     try:
         service.serve_forever()
+    except HttpBindError as exc:
+        raise fail(str(exc)) from None
     except OSError as exc:  # e.g. port already in use
         raise fail(f"cannot listen on {settings.node.host}:{settings.node.port}: {exc}") from None
 

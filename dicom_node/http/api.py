@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
 
@@ -51,11 +51,14 @@ def api_job(request: Request, job_id: int) -> dict[str, Any]:
         raise HTTPException(404, str(exc)) from None
 
 
-@router.post("/jobs/{job_id}/{action}", summary="retry, export, release or cancel (physicist or admin).")
+@router.post(
+    "/jobs/{job_id}/{action}",
+    summary='retry, export (optional body {"destinations": [...]}), release or cancel; physicist or admin.',
+)
 def api_action(
     request: Request,
     job_id: int,
-    action: str,
+    action: Literal["retry", "export", "release", "cancel"],
     user: Annotated[User, Depends(require_actor)],
     destinations: Annotated[list[str] | None, Body(embed=True)] = None,
 ) -> dict[str, str]:

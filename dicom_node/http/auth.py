@@ -84,6 +84,7 @@ class Authenticator:
         self.tokens = tokens
         self.required = not settings.loopback_only
         self._verified: dict[str, User] = {}
+        self._decoy = hash_secret(new_token())
         self._lock = threading.Lock()
 
     @property
@@ -117,6 +118,9 @@ class Authenticator:
             except (ValueError, binascii.Error, UnicodeDecodeError):
                 return None
             user = self.users.get(name)
-            if user is not None and verify_secret(password, user.password_hash):
+            if user is None:  # same scrypt cost as for a known name: timing does not reveal user names
+                verify_secret(password, self._decoy)
+                return None
+            if verify_secret(password, user.password_hash):
                 return User(user.name, user.role)
         return None

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 
+class HttpBindError(OSError):
+    """The HTTP port cannot be bound; the message names the address and the key to change."""
+
+
 class HttpServer:
     def __init__(self, service: NodeService) -> None:
         from dicom_node.http.app import create_app
@@ -51,7 +55,9 @@ class HttpServer:
             sock.bind((host, port))
         except OSError as exc:
             sock.close()
-            raise OSError(exc.errno, f"HTTP: cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise HttpBindError(
+                f"cannot listen for HTTP on {host}:{port} ({exc.strerror}); change http.port or http.host"
+            ) from None
         sock.listen(128)
         bound = sock.getsockname()[:2]
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)

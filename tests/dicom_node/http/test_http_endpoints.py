@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import pytest
@@ -136,3 +137,23 @@ def test_refused_associations_are_recorded_and_counted(start_node) -> None:
     assert (row.address, row.outcome, row.reason) == ("127.0.0.1", "rejected", "source address not allowed")
     metrics = request(f"{node_url(by_address)}/metrics").text
     assert 'dicom_node_associations_rejected_total{reason="address"} 1.0' in metrics
+
+
+def test_serve_with_the_http_port_in_use_is_one_clear_error(node_env) -> None:
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", "config/node.example.toml"],
+            env={**os.environ, **node_env, "DICOM_NODE__HTTP__PORT": str(port), "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 2
+    assert f"cannot listen for HTTP on 127.0.0.1:{port}" in result.stderr and "http.port" in result.stderr
+    assert "Traceback" not in result.stderr
