@@ -27,8 +27,11 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select
 
+from dicom_node.logging_setup import get_logger
 from storage.database import Database
 from storage.models import EventKind, Export, ExportState, Job, JobEvent, JobState, utcnow
+
+log = get_logger(__name__)
 
 MAX_AE_LABELS = 50
 STAGE_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -125,6 +128,25 @@ class JobStoreCollector(Collector):
         return []  # collected lazily: no DB query when the collector is registered
 
     def collect(self) -> Iterator:
+        try:
+            families = list(self._from_job_store())
+        except Exception as exc:  # the job store is down: say so, and still report the disk
+            log.error("metrics.job_store_unreadable", reason=str(exc))
+            families = []
+        yield GaugeMetricFamily(
+            "dicom_node_job_store_up", "1 when the job store answered this scrape, else 0.", value=1 if families else 0
+        )
+        yield from families
+        yield GaugeMetricFamily(
+            "dicom_node_disk_free_bytes", "Free bytes on the data directory's file system.", value=self.free_bytes()
+        )
+        yield GaugeMetricFamily(
+            "dicom_node_disk_watermark_bytes",
+            "Below this many free bytes C-STORE is refused (node.min_free_disk_mb).",
+            value=self.watermark_bytes,
+        )
+
+    def _from_job_store(self) -> Iterator:
         with self.db.session() as session:
             by_state = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
             jobs = GaugeMetricFamily("dicom_node_jobs", "Jobs in the job store, by state.", labels=["state"])
@@ -156,14 +178,6 @@ class JobStoreCollector(Collector):
                 "Age of the oldest pending export (0 when none): a stuck destination shows here first.",
                 value=(utcnow() - oldest).total_seconds() if oldest is not None else 0.0,
             )
-        yield GaugeMetricFamily(
-            "dicom_node_disk_free_bytes", "Free bytes on the data directory's file system.", value=self.free_bytes()
-        )
-        yield GaugeMetricFamily(
-            "dicom_node_disk_watermark_bytes",
-            "Below this many free bytes C-STORE is refused (node.min_free_disk_mb).",
-            value=self.watermark_bytes,
-        )
 
     def _stage_histogram(self, session) -> HistogramMetricFamily:
         """Cumulative buckets counted in SQL over every stage event (one query)."""

@@ -12,10 +12,8 @@ address outside the list has its TCP connection closed before any PDU is
 read); `max_associations` is enforced by pynetdicom with an A-ASSOCIATE-RJ
 (transient, local limit exceeded) rather than a hang.
 
-Every association is a row (`storage.associations`: calling AE, address,
-start and end, counts, outcome) and one INFO log line when it ends; each
-instance keeps its source address. Counts and latencies also go to the
-process's Prometheus metrics (`dicom_node.metrics`).
+Each association is followed by `AssociationTracker` (a row, one INFO line,
+metrics); each instance keeps its source address.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
@@ -31,11 +28,11 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import status_codes
+from dicom_node.association_tracker import AssociationTracker
 from dicom_node.logging_setup import get_logger
 from dicom_node.metrics import NodeMetrics
 from dicom_node.settings import NodeSettings
 from dicom_node.tls import server_ssl_context
-from storage.associations import AssociationCounts, close_association, open_association, record_rejected
 from storage.database import Database
 from storage.ingest import InstanceMeta, StoreOutcome, store_instance
 from storage.instance_store import InstanceStore, InvalidUIDError
@@ -55,18 +52,6 @@ REFUSAL_NAMES = {
     status_codes.DATASET_DOES_NOT_MATCH_SOP_CLASS: "sop_class_mismatch",
     status_codes.PROCESSING_FAILURE: "processing_failure",
 }
-
-
-@dataclass
-class _OpenAssociation:
-    """An accepted association being followed until its connection closes."""
-
-    row_id: int | None
-    calling_ae: str
-    address: str
-    started: float = field(default_factory=time.monotonic)
-    outcome: str = "closed"  # until released or aborted
-    counts: AssociationCounts = field(default_factory=AssociationCounts)
 
 
 def instance_meta(
@@ -102,30 +87,24 @@ class StoreSCP:
         self.settings = settings
         self.db = db
         self.store = store
-        self.metrics = metrics or NodeMetrics()
         self._server: ThreadedAssociationServer | None = None
         self.counts = {outcome: 0 for outcome in StoreOutcome}
         self._counts_lock = threading.Lock()
-        self._open: dict[int, _OpenAssociation] = {}  # by id(assoc)
-        self._stored_outcome = threading.local()  # what the last successful C-STORE in this thread was
+        self.tracker = AssociationTracker(db, metrics or NodeMetrics())
+        self._outcome = threading.local()  # the StoreOutcome of this thread's last successful C-STORE
 
     # -- handlers ---------------------------------------------------------
     def handle_echo(self, event: evt.Event) -> int:
         return status_codes.SUCCESS
 
     def handle_store(self, event: evt.Event) -> int:
-        """Store one instance (`_store`), then count it for its association and the metrics."""
+        """`_store`, timed and counted (per association and in the metrics) by its outcome."""
         start = time.perf_counter()
-        self._stored_outcome.value = None
+        self._outcome.value = None
         status = self._store(event)
-        outcome = self._stored_outcome.value or REFUSAL_NAMES.get(status, f"status_{status:04x}")
-        nbytes = event.request.DataSet.getbuffer().nbytes if event.request.DataSet is not None else 0
-        self.metrics.observe_store(event.assoc.requestor.ae_title, outcome, nbytes, time.perf_counter() - start)
-        followed = self._open.get(id(event.assoc))
-        if followed is not None:  # only this association's thread touches its counts
-            key = outcome if outcome in ("stored", "duplicate", "conflict") else "refused"
-            setattr(followed.counts, key, getattr(followed.counts, key) + 1)
-            followed.counts.bytes_received += nbytes
+        outcome = self._outcome.value or REFUSAL_NAMES.get(status, f"status_{status:04x}")
+        data = event.request.DataSet
+        self.tracker.stored(event, outcome, data.getbuffer().nbytes if data else 0, time.perf_counter() - start)
         return status
 
     def _store(self, event: evt.Event) -> int:
@@ -175,7 +154,7 @@ class StoreSCP:
             return status_codes.OUT_OF_RESOURCES
         with self._counts_lock:
             self.counts[outcome] += 1
-        self._stored_outcome.value = outcome.value
+        self._outcome.value = outcome.value
         if outcome is StoreOutcome.CONFLICT:
             bound.warning(
                 "store.conflict",
@@ -187,64 +166,16 @@ class StoreSCP:
         return status_codes.SUCCESS
 
     def handle_rejected(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
-        log.warning("association.rejected", calling_ae=requestor.ae_title, address=requestor.address)
-        self.metrics.associations_rejected.labels("policy").inc()
-        called = requestor.primitive.called_ae_title if requestor.primitive is not None else None
-        self._record(record_rejected, requestor.ae_title, called, requestor.address, requestor.port, "A-ASSOCIATE-RJ")
-
-    def handle_accepted(self, event: evt.Event) -> None:
-        requestor = event.assoc.requestor
-        self.metrics.associations_active.inc()
-        row_id = self._record(
-            open_association, requestor.ae_title, event.assoc.acceptor.ae_title, requestor.address, requestor.port
+        log.warning(
+            "association.rejected", calling_ae=event.assoc.requestor.ae_title, address=event.assoc.requestor.address
         )
-        self._open[id(event.assoc)] = _OpenAssociation(row_id, requestor.ae_title, requestor.address)
-
-    def handle_released(self, event: evt.Event) -> None:
-        followed = self._open.get(id(event.assoc))
-        if followed is not None:
-            followed.outcome = "released"
+        self.tracker.rejected(event)
 
     def handle_aborted(self, event: evt.Event) -> None:
         log.warning(
             "association.aborted", calling_ae=event.assoc.requestor.ae_title, address=event.assoc.requestor.address
         )
-        followed = self._open.get(id(event.assoc))
-        if followed is not None:
-            followed.outcome = "aborted"
-
-    def _end_association(self, assoc) -> None:
-        """The one INFO line, the row's end and the metrics of an association whose connection closed."""
-        followed = self._open.pop(id(assoc), None)
-        if followed is None:
-            return
-        counts = followed.counts
-        self.metrics.associations_active.dec()
-        self.metrics.associations.labels(self.metrics.ae_label(followed.calling_ae), followed.outcome).inc()
-        if followed.row_id is not None:
-            self._record(close_association, followed.row_id, followed.outcome, counts)
-        log.info(
-            "association.ended",
-            calling_ae=followed.calling_ae,
-            address=followed.address,
-            outcome=followed.outcome,
-            duration_s=round(time.monotonic() - followed.started, 3),
-            instances=counts.instances,
-            stored=counts.stored,
-            duplicate=counts.duplicate,
-            conflict=counts.conflict,
-            refused=counts.refused,
-            bytes=counts.bytes_received,
-        )
-
-    def _record(self, function, *args):
-        """Write an association row; a job-store error is logged, never breaks the association."""
-        try:
-            return function(self.db, *args)
-        except Exception as exc:
-            log.error("association.record_failed", reason=str(exc))
-            return None
+        self.tracker.aborted(event)
 
     def handle_conn_close(self, event: evt.Event) -> None:
         """Free the slot of a connection that closed before any A-ASSOCIATE-RQ.
@@ -256,7 +187,7 @@ class StoreSCP:
         The empty-queue wake-up is what the ACSE timeout itself does: end it.
         """
         assoc = event.assoc
-        self._end_association(assoc)
+        self.tracker.closed(event)
         if assoc.is_acceptor and assoc.requestor.primitive is None and assoc.dul.to_user_queue.empty():
             assoc.dul.to_user_queue.put(None)
 
@@ -265,10 +196,7 @@ class StoreSCP:
         allowed = self.settings.is_source_allowed(client_address[0])
         if not allowed:
             log.warning("association.refused_address", address=client_address[0])
-            self.metrics.associations_rejected.labels("address").inc()
-            self._record(
-                record_rejected, None, None, client_address[0], client_address[1], "source address not allowed"
-            )
+            self.tracker.refused_address(client_address[0], client_address[1])
         return allowed
 
     def build_ae(self) -> AE:
@@ -291,10 +219,9 @@ class StoreSCP:
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_REJECTED, self.handle_rejected),
-            (evt.EVT_ACCEPTED, self.handle_accepted),
-            (evt.EVT_RELEASED, self.handle_released),
             (evt.EVT_ABORTED, self.handle_aborted),
             (evt.EVT_CONN_CLOSE, self.handle_conn_close),
+            *self.tracker.handlers(),
         ]
         ae = self.build_ae()
         self._server = ae.start_server(

@@ -1,4 +1,4 @@
-"""The [http] section: documented in the example config; the Grafana dashboard uses only metrics the node has."""
+"""The [http] section is documented; the Grafana dashboard uses only metrics the node has; /metrics degrades."""
 
 from __future__ import annotations
 
@@ -36,3 +36,18 @@ def test_grafana_dashboard_queries_only_exported_metrics(tmp_path: Path) -> None
         for name in re.findall(r"dicom_node_[a-z_]+", target["expr"])
     }
     assert used and used <= exported, used - exported
+
+
+def test_metrics_survive_an_unreadable_job_store(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from storage.database import Database
+
+    db = Database(f"sqlite:///{tmp_path}/db.sqlite")
+    metrics = NodeMetrics()
+    metrics.add_collector(JobStoreCollector(db, lambda: 12345, 0))
+    assert b"dicom_node_job_store_up 1.0" in generate_latest(metrics.registry)
+    with db.engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE job_events")
+    text = generate_latest(metrics.registry)
+    assert b"dicom_node_job_store_up 0.0" in text and b"dicom_node_disk_free_bytes 12345.0" in text

@@ -108,3 +108,20 @@ def test_metrics_cover_the_job_and_carry_no_patient_data(done_job) -> None:
     leaked = [p for p in patient for label in labels if p in label or label and label in p and len(label) > 3]
     assert leaked == [], f"patient data in metric labels: {leaked}"
     assert str(study.patient_name).split("^")[0] not in text
+
+
+def test_reexport_from_the_job_page_is_delivered_and_recorded(done_job) -> None:
+    """Last in this module: it sends the outputs again (the tests above read the first delivery)."""
+    from storage.models import JobState
+    from tests.dicom_node.conftest import wait_for
+    from tests.dicom_node.http.conftest import basic
+
+    service = done_job.service
+    url = node_url(service)
+    reply = request(f"{url}/jobs/{done_job.job_id}/export", method="POST", auth=basic("alice"), data=b"destination=tps")
+    assert reply.status == 303 and "2%20export" in reply.headers["location"]
+    job = wait_for(lambda: (j := load_job(service.db, done_job.job_id)).state == JobState.DONE and j, timeout=60)
+    assert "export by alice (physicist) from the web view: 2 export(s) pending again" in [e.message for e in job.events]
+    assert all(e.attempts == 2 for e in job.exports)
+    metrics = request(f"{url}/metrics").text
+    assert 'dicom_node_export_attempts_total{destination="tps",outcome="delivered"} 4.0' in metrics
