@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from dicom_node.http.auth import Authenticator, User
@@ -54,7 +55,8 @@ def create_app(service: NodeService) -> FastAPI:
             request.state.user = None
             return await call_next(request)
         auth: Authenticator = request.app.state.auth
-        user = auth.resolve(request.headers.get("authorization"))
+        # scrypt takes tens of milliseconds: verify off the event loop
+        user = await run_in_threadpool(auth.resolve, request.headers.get("authorization"))
         if user is None or (auth.required and not user.authenticated):
             return PlainTextResponse("authentication required", status_code=401, headers=CHALLENGE)
         if request.method == "POST" and not _same_origin(request):
