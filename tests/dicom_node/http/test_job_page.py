@@ -20,7 +20,7 @@ from tests.dicom_node.http.conftest import node_url, request
 pytestmark = pytest.mark.slow
 
 
-def test_job_page_in_headless_chromium(done_job, browser, tmp_path) -> None:
+def test_job_page_in_headless_chromium(done_job, browser, tmp_path, record_property) -> None:
     url = node_url(done_job.service)
     job = load_job(done_job.service.db, done_job.job_id)
     summary = job.summary
@@ -30,6 +30,7 @@ def test_job_page_in_headless_chromium(done_job, browser, tmp_path) -> None:
     screenshot = tmp_path / "job-page.png"
     dom = browser(f"{url}/jobs/{job.id}", screenshot=screenshot)
     print(f"\njob page screenshot: {screenshot}")
+    record_property("screenshot", str(screenshot))  # in the JUnit XML report too
     assert screenshot.stat().st_size > 20_000
     assert f"Job {job.id}" in dom and "done" in dom
     assert "DEMO MODEL" in dom  # the shipped package is a demo: said on the page
