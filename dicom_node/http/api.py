@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Request
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 
 from dicom_node.commands.jobs import job_dict
 from dicom_node.http.actions import perform
@@ -18,24 +18,36 @@ router = APIRouter(prefix="/api", tags=["jobs"])
 
 
 def job_filter(
-    state: JobState | None = None,
-    since: date | None = None,
-    until: date | None = None,
+    state: Annotated[str | None, Query(description="received, queued, running, exporting, done, failed, ...")] = None,
+    since: Annotated[str | None, Query(description="Created on or after this day (YYYY-MM-DD, UTC).")] = None,
+    until: Annotated[str | None, Query(description="Created on or before this day (YYYY-MM-DD, UTC).")] = None,
     patient_id: str | None = None,
     study_uid: str | None = None,
-    limit: int = 100,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobFilter:
-    """Query parameters as the job store's filter; `until` includes that whole day (UTC)."""
-    if not 1 <= limit <= 1000:
-        raise HTTPException(422, "limit must be between 1 and 1000")
+    """Query parameters as the job store's filter. Empty values (a form's blank fields) mean "any"."""
+    try:
+        job_state = JobState(state) if state else None
+    except ValueError:
+        raise HTTPException(422, f"state {state!r} is not one of {', '.join(s.value for s in JobState)}") from None
+    first, last = _day(since, "since"), _day(until, "until")
     return JobFilter(
-        state=state,
-        since=datetime.combine(since, time(), UTC) if since else None,
-        until=datetime.combine(until + timedelta(days=1), time(), UTC) if until else None,
+        state=job_state,
+        since=datetime.combine(first, time(), UTC) if first else None,
+        until=datetime.combine(last + timedelta(days=1), time(), UTC) if last else None,
         patient_id=patient_id or None,
         study_uid=study_uid or None,
         limit=limit,
     )
+
+
+def _day(value: str | None, name: str) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise HTTPException(422, f"{name} {value!r} is not a date (YYYY-MM-DD)") from None
 
 
 @router.get("/jobs", summary="Jobs, newest first (as `dicom-node jobs list --json`).")

@@ -56,7 +56,16 @@ def test_received_series_shows_in_api_associations_and_instances(http_node, mr_s
     assert request(f"{url}/api/jobs?state=done").json() == []
     assert request(f"{url}/api/jobs/99999").status == 404
     bad = request(f"{url}/api/jobs?state=nonsense")
-    assert bad.status == 422 and "state" in bad.text
+    assert bad.status == 422 and "state 'nonsense' is not one of received" in bad.json()["detail"]
+    assert request(f"{url}/api/jobs?since=yesterday").status == 422
+    today = api[0]["created_at"][:10]
+    assert request(f"{url}/api/jobs?since={today}&until={today}").json() == api
+    assert request(f"{url}/api/jobs?until=2000-01-01").json() == []
+    # the page's filter form sends blank fields: they mean "any"
+    page = request(f"{url}/jobs?state=&since=&until=&patient_id=&study_uid=&refresh=0")
+    assert page.status == 200 and f'href="/jobs/{job_id}"' in page.text
+    page = request(f"{url}/jobs?state=done&since=&until=&patient_id=&study_uid=")
+    assert page.status == 200 and "No job matches." in page.text
 
     # the association: one row, with counts; every instance keeps its source address
     (association,) = wait_for(lambda: [a for a in recent_associations(http_node.db) if a.outcome != "open"])
