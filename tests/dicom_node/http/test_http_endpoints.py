@@ -148,6 +148,7 @@ def test_refused_associations_are_recorded_and_counted(start_node) -> None:
     assert 'dicom_node_associations_rejected_total{reason="address"} 1.0' in metrics
 
 
+@pytest.mark.slow  # a fresh interpreter imports the whole node
 def test_serve_with_the_http_port_in_use_is_one_clear_error(node_env) -> None:
     import subprocess
     import sys
