@@ -10,6 +10,7 @@ is logged and never breaks the association.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +18,13 @@ from pynetdicom import evt
 
 from dicom_node.logging_setup import get_logger
 from dicom_node.metrics import NodeMetrics
-from storage.associations import AssociationCounts, close_association, open_association, record_rejected
+from storage.associations import (
+    AssociationCounts,
+    close_association,
+    open_association,
+    record_rejected,
+    settle_interrupted,
+)
 from storage.database import Database
 
 log = get_logger(__name__)
@@ -39,7 +46,14 @@ class AssociationTracker:
     def __init__(self, db: Database, metrics: NodeMetrics) -> None:
         self.db = db
         self.metrics = metrics
+        self.node = socket.gethostname()
         self._open: dict[int, _Followed] = {}  # by id(assoc), until its connection closes
+
+    def settle_leftovers(self) -> None:
+        """Before listening: this host's rows left `open` by a crash become `interrupted`."""
+        count = self._record(settle_interrupted, self.node)
+        if count:
+            log.warning("association.interrupted_rows_settled", count=count)
 
     def handlers(self) -> list[tuple]:
         """The pynetdicom events only the tracker needs (the SCP forwards the others)."""
@@ -49,7 +63,12 @@ class AssociationTracker:
         requestor = event.assoc.requestor
         self.metrics.associations_active.inc()
         row_id = self._record(
-            open_association, requestor.ae_title, event.assoc.acceptor.ae_title, requestor.address, requestor.port
+            open_association,
+            self.node,
+            requestor.ae_title,
+            event.assoc.acceptor.ae_title,
+            requestor.address,
+            requestor.port,
         )
         self._open[id(event.assoc)] = _Followed(row_id, requestor.ae_title, requestor.address)
 

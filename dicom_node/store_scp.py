@@ -224,6 +224,7 @@ class StoreSCP:
             *self.tracker.handlers(),
         ]
         ae = self.build_ae()
+        self.tracker.settle_leftovers()
         self._server = ae.start_server(
             (self.settings.host, self.settings.port),
             block=False,

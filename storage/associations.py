@@ -31,10 +31,12 @@ class AssociationCounts:
         return self.stored + self.duplicate + self.conflict + self.refused
 
 
-def open_association(db: Database, calling_ae: str | None, called_ae: str | None, address: str, port: int) -> int:
-    """A row for an accepted association (outcome `open`); returns its id."""
+def open_association(
+    db: Database, node: str, calling_ae: str | None, called_ae: str | None, address: str, port: int
+) -> int:
+    """A row for an association `node` accepted (outcome `open`); returns its id."""
     with db.session() as session:
-        row = Association(calling_ae_title=calling_ae, called_ae_title=called_ae, address=address, port=port)
+        row = Association(node=node, calling_ae_title=calling_ae, called_ae_title=called_ae, address=address, port=port)
         session.add(row)
         session.flush()
         return row.id
@@ -53,6 +55,16 @@ def close_association(db: Database, association_id: int, outcome: str, counts: A
         row.instances_conflict = counts.conflict
         row.instances_refused = counts.refused
         row.bytes_received = counts.bytes_received
+
+
+def settle_interrupted(db: Database, node: str) -> int:
+    """On start-up: `node`'s rows still `open` (it stopped without closing them) become `interrupted`."""
+    with db.session() as session:
+        rows = session.scalars(select(Association).where(Association.node == node, Association.outcome == "open"))
+        count = 0
+        for row in rows:
+            row.outcome, row.ended_at, count = "interrupted", utcnow(), count + 1
+        return count
 
 
 def record_rejected(

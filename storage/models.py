@@ -191,12 +191,15 @@ class Association(Base):
     """One incoming DICOM association: who, from where, when, how many instances, how it ended.
 
     `outcome` is `open` while it lasts, then `released`, `aborted`, `closed`
-    (connection dropped without release or abort) or `rejected`.
+    (connection dropped without release or abort), `rejected`, or
+    `interrupted` (the node stopped without closing it; set at its next start).
+    `node` is the receiving host, so a restart only settles its own rows.
     """
 
     __tablename__ = "associations"
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    node: Mapped[str | None] = mapped_column(String(128), default=None)
     calling_ae_title: Mapped[str | None] = mapped_column(String(16), index=True)
     called_ae_title: Mapped[str | None] = mapped_column(String(16))
     address: Mapped[str | None] = mapped_column(String(45))

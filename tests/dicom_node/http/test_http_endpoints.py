@@ -167,3 +167,14 @@ def test_serve_with_the_http_port_in_use_is_one_clear_error(node_env) -> None:
     assert result.returncode == 2
     assert f"cannot listen for HTTP on 127.0.0.1:{port}" in result.stderr and "http.port" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_restart_settles_only_its_own_open_association_rows(start_node) -> None:
+    from storage.associations import open_association
+
+    first = start_node(**http_env())
+    mine = open_association(first.db, socket.gethostname(), "MR1", "DICOMNODE", "10.0.0.7", 4000)  # as if crashed
+    theirs = open_association(first.db, "other-host", "MR2", "DICOMNODE", "10.0.0.8", 4001)
+    second = start_node(**http_env())  # same data directory: the restart
+    outcomes = {a.id: a.outcome for a in recent_associations(second.db)}
+    assert (outcomes[mine], outcomes[theirs]) == ("interrupted", "open")
