@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dicom_node import peers
+from dicom_node.overlay import overlay_png
 from dicom_node.peers import ReceivingNode, free_port
 from dicom_node.service import NodeService
 from dicom_node.settings import Destination, RoutingRule, Settings
@@ -98,55 +99,6 @@ def print_report(job: Job, receiver: ReceivingNode, console: Console) -> None:
         console.print(f"  {header.Modality:8} {header.SeriesDescription}  ->  {path}", highlight=False)
 
 
-def overlay_png(series_files: list[Path], rtstruct_path: Path, out_png: Path, max_panels: int = 4) -> Path:
-    """Key slices (largest contour of each ROI) with the received RTSTRUCT's contours drawn on them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    import SimpleITK as sitk
-
-    from inference.imaging.volume_loader import load_series
-    from inference.outputs.rtstruct import polygon_area
-    from inference.outputs.rtstruct_raster import patient_to_continuous_index
-
-    series = load_series(series_files)
-    volume = sitk.GetArrayViewFromImage(series.image)
-    rtstruct = pydicom.dcmread(rtstruct_path)
-    names = {roi.ROINumber: roi.ROIName for roi in rtstruct.StructureSetROISequence}
-    panels: list[tuple[str, int, list[np.ndarray], tuple[float, float, float]]] = []
-    for roi_contour in rtstruct.ROIContourSequence:
-        by_slice: dict[int, list[np.ndarray]] = {}
-        for contour in getattr(roi_contour, "ContourSequence", []):
-            points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
-            index = patient_to_continuous_index(points, series)
-            by_slice.setdefault(int(round(index[:, 2].mean())), []).append(index[:, :2])
-        if not by_slice:
-            continue
-        best = max(by_slice, key=lambda k: sum(abs(polygon_area(c)) for c in by_slice[k]))
-        colour = tuple(v / 255 for v in roi_contour.ROIDisplayColor)
-        panels.append((names[roi_contour.ReferencedROINumber], best, by_slice[best], colour))
-    panels = panels[:max_panels] or [("no lesion", volume.shape[0] // 2, [], (1, 1, 1))]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.8), squeeze=False)
-    for axis, (name, k, contours, colour) in zip(axes[0], panels):
-        low, high = np.percentile(volume[k], [1, 99.5])
-        axis.imshow(volume[k], cmap="gray", vmin=low, vmax=high)
-        for contour in contours:
-            closed = np.vstack([contour, contour[:1]])
-            axis.plot(closed[:, 0], closed[:, 1], color=colour, linewidth=1.5)
-        axis.set_title(f"{name} - slice {k + 1}/{volume.shape[0]}", fontsize=10)
-        axis.axis("off")
-    figure.suptitle(
-        f"{rtstruct.get('StructureSetLabel', '')}\ncontours from the RTSTRUCT received by the TPS", fontsize=10
-    )
-    figure.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_png, dpi=110)
-    plt.close(figure)
-    return out_png
-
-
 @dataclass
 class DemoResult:
     job: Job
@@ -161,8 +113,16 @@ def run_demo(
     matrix: int | None = None,
     slices: int | None = None,
     console: Console | None = None,
+    keep_running: bool = False,
 ) -> DemoResult:
-    """Run the whole demo in `out_dir` (wiped first); see the module docstring."""
+    """Run the whole demo in `out_dir` (wiped first); see the module docstring.
+
+    The node serves its operations view on a free loopback port, with a
+    one-off physicist login so the actions can be tried; `keep_running`
+    leaves everything up until Ctrl-C so a newcomer can click through the job.
+    """
+    from dicom_node.http.auth import hash_secret, new_token
+    from dicom_node.settings.schema import HttpUser
     from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 
     console = console or Console()
@@ -181,10 +141,17 @@ def run_demo(
     settings.series.quiet_period_s = 3
     settings.series.check_interval_s = 0.5
     settings.export.retry_initial_s = 1
+    password = new_token()[:16]
+    settings.http.enabled = True
+    settings.http.port = free_port()
+    settings.http.users = [HttpUser(name="demo", role="physicist", password_hash=hash_secret(password))]
     service = NodeService(settings)
     try:
         host, port = service.start()
         console.print(f"[bold]2.[/] this node: AE DICOMNODE on {host}:{port}, data in {settings.storage.data_dir}")
+        console.print(
+            f"   dashboard: [bold]{service.http.url}[/] (actions: log in as demo / {password})", highlight=False
+        )
         with console.status("generating a synthetic T1-CE study (MNI template + metastases)..."):
             phantom = generate_phantom(seed, orientation="axial", matrix=matrix, slices=slices)
             files = write_phantom_series(phantom, out_dir / "study", patient_name="DEMO^PHANTOM", patient_id="DEMO0001")
@@ -211,7 +178,22 @@ def run_demo(
             f"Follow it later: dicom-node jobs show {job.id} "
             f"(with DICOM_NODE__STORAGE__DATA_DIR={settings.storage.data_dir})"
         )
+        if keep_running:
+            console.print(
+                f"[bold]The node keeps running:[/] open {service.http.url}jobs/{job.id} "
+                f"(log in as demo / {password} to retry or re-export). Ctrl-C stops it.",
+                highlight=False,
+            )
+            _wait_for_ctrl_c()
         return DemoResult(job=job, received=receiver.received(), overlay=overlay)
     finally:
         service.stop()
         receiver.stop()
+
+
+def _wait_for_ctrl_c() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass

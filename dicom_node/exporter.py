@@ -78,6 +78,7 @@ class Exporter:
         self.dimse_timeout_s = dimse_timeout_s
         self._lock = threading.Lock()  # one dispatch at a time
         self._rounds: dict[str, _Round] = {}  # destination -> its latest round
+        self.on_attempt: Callable[[str, bool], None] | None = None  # (destination, delivered): metrics
 
     def dispatch(self) -> list[_Round]:
         """Start a round for each destination with due exports and no round in flight; do not wait.
@@ -138,6 +139,8 @@ class Exporter:
         except Exception:  # the store stays broken: the row is still due and is tried again next round
             log.exception("export.record_failed", export_id=export.id, job_id=export.job_id)
             return
+        if self.on_attempt is not None:
+            self.on_attempt(export.destination, outcome.delivered)
         event = "export.delivered" if outcome.delivered else "export.failed"
         (log.info if outcome.delivered else log.warning)(
             event,

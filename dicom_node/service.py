@@ -4,8 +4,10 @@ Start-up order makes restarts safe: leftovers of interrupted writes are
 removed (partial temp files, and complete files whose row was never committed,
 hence never acknowledged), jobs left `running` go back to `queued`, pending exports are picked
 up by the exporter's first round; only then does the SCP accept
-associations. Shutdown stops the SCP first (no new instances), then the
-scheduler and the workers.
+associations. The HTTP operations view (`[http]`) binds first of all, so a
+port in use stops start-up before anything runs; until the SCP listens,
+`/readyz` says so. Shutdown stops HTTP and the SCP first (no new instances),
+then the scheduler and the workers.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from dataclasses import dataclass, field
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from dicom_node import systemd_notify
 from dicom_node.export_targets import ExportTargets
 from dicom_node.exporter import Exporter
 from dicom_node.logging_setup import get_logger
+from dicom_node.metrics import JobStoreCollector, NodeMetrics
 from dicom_node.routing import compile_rules
 from dicom_node.series_watcher import SeriesWatcher
 from dicom_node.settings import Settings
@@ -47,16 +51,26 @@ class NodeService:
         s = self.settings
         self.store = InstanceStore(s.storage.data_dir)
         self.db = Database(s.storage.resolved_database_url)
-        self.scp = StoreSCP(s.node, self.db, self.store)
+        self.metrics = NodeMetrics()
+        self.metrics.add_collector(JobStoreCollector(self.db, self.store.free_bytes, s.node.min_free_disk_mb * 2**20))
+        self.scp = StoreSCP(s.node, self.db, self.store, self.metrics)
         self.watcher = SeriesWatcher(self.db, self.store, compile_rules(s.rules), s.series.quiet_period_s)
         self.exporter = Exporter(self.db, self.store, s.destinations, s.export, s.node.ae_title, s.node.dimse_timeout_s)
+        self.exporter.on_attempt = self.metrics.observe_export
         self.registry = ModelRegistry()
         self._stop = threading.Event()
         self._workers: list[InferenceWorker] = []
         self._scheduler = BackgroundScheduler(timezone="UTC")
+        self.http = None
+        if s.http.enabled:
+            from dicom_node.http.server import HttpServer
+
+            self.http = HttpServer(self)
 
     def start(self) -> tuple[str, int]:
         check_and_bind(self.db, self.store)  # before anything is deleted: never against the wrong database
+        if self.http is not None:  # before the SCP and schedulers: a port in use stops start-up early
+            self.http.start()
         removed = self.store.remove_partials()
         orphans = self.store.remove_unreferenced(stored_instance_paths(self.db))
         resumed = resume_interrupted(self.db, self.worker_prefix)
@@ -118,6 +132,10 @@ class NodeService:
         return self.address
 
     @property
+    def workers(self) -> list[InferenceWorker]:
+        return list(self._workers)
+
+    @property
     def worker_prefix(self) -> str:
         """Worker names on this host: `<hostname>-worker-<n>` (what `resume_interrupted` matches)."""
         return f"{socket.gethostname()}-worker-"
@@ -138,6 +156,8 @@ class NodeService:
     def stop(self) -> None:
         if self._stop.is_set():
             return
+        if self.http is not None:
+            self.http.stop()
         self.scp.stop()
         self._stop.set()
         self._scheduler.shutdown(wait=False)
@@ -153,5 +173,20 @@ class NodeService:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: done.set())
         self.start()
+        systemd_notify.notify("READY=1")
+        interval = systemd_notify.watchdog_interval_s()
+        if interval is not None:
+            self._scheduler.add_job(self._guard(self._pet_watchdog), "interval", seconds=interval, id="watchdog")
         done.wait()
+        systemd_notify.notify("STOPPING=1")
         self.stop()
+
+    def _pet_watchdog(self) -> None:
+        """WATCHDOG=1 only while ready: a node that cannot do its job gets restarted by systemd."""
+        from dicom_node.http.health import readiness
+
+        failed = [c for c in readiness(self) if not c.ok and c.name != "disk"]
+        if failed:
+            log.error("watchdog.withheld", failed={c.name: c.detail for c in failed})
+        else:
+            systemd_notify.notify("WATCHDOG=1")

@@ -11,12 +11,16 @@ source addresses are checked against the allow-lists when those are set (an
 address outside the list has its TCP connection closed before any PDU is
 read); `max_associations` is enforced by pynetdicom with an A-ASSOCIATE-RJ
 (transient, local limit exceeded) rather than a hang.
+
+Each association is followed by `AssociationTracker` (a row, one INFO line,
+metrics); each instance keeps its source address.
 """
 
 from __future__ import annotations
 
 import errno
 import threading
+import time
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
@@ -24,7 +28,9 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import status_codes
+from dicom_node.association_tracker import AssociationTracker
 from dicom_node.logging_setup import get_logger
+from dicom_node.metrics import NodeMetrics
 from dicom_node.settings import NodeSettings
 from dicom_node.tls import server_ssl_context
 from storage.database import Database
@@ -39,7 +45,18 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     return str(value).strip() if value not in (None, "") else None
 
 
-def instance_meta(ds: Dataset, transfer_syntax_uid: str, calling_ae: str | None) -> InstanceMeta:
+# Outcome label of a refused C-STORE, by the status it answered.
+REFUSAL_NAMES = {
+    status_codes.OUT_OF_RESOURCES: "out_of_resources",
+    status_codes.CANNOT_UNDERSTAND: "cannot_understand",
+    status_codes.DATASET_DOES_NOT_MATCH_SOP_CLASS: "sop_class_mismatch",
+    status_codes.PROCESSING_FAILURE: "processing_failure",
+}
+
+
+def instance_meta(
+    ds: Dataset, transfer_syntax_uid: str, calling_ae: str | None, source_address: str | None = None
+) -> InstanceMeta:
     """The header values the job store keeps; raises if the identifying UIDs are absent."""
     missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID") if k not in ds]
     if missing:
@@ -57,25 +74,40 @@ def instance_meta(ds: Dataset, transfer_syntax_uid: str, calling_ae: str | None)
         modality=_text(ds, "Modality"),
         series_description=_text(ds, "SeriesDescription"),
         calling_ae_title=calling_ae,
+        source_address=source_address,
     )
 
 
 class StoreSCP:
     """Receives instances into the instance store and job store."""
 
-    def __init__(self, settings: NodeSettings, db: Database, store: InstanceStore) -> None:
+    def __init__(
+        self, settings: NodeSettings, db: Database, store: InstanceStore, metrics: NodeMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.db = db
         self.store = store
         self._server: ThreadedAssociationServer | None = None
         self.counts = {outcome: 0 for outcome in StoreOutcome}
         self._counts_lock = threading.Lock()
+        self.tracker = AssociationTracker(db, metrics or NodeMetrics())
+        self._outcome = threading.local()  # the StoreOutcome of this thread's last successful C-STORE
 
     # -- handlers ---------------------------------------------------------
     def handle_echo(self, event: evt.Event) -> int:
         return status_codes.SUCCESS
 
-    def handle_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
+    def handle_store(self, event: evt.Event) -> int:
+        """`_store`, timed and counted (per association and in the metrics) by its outcome."""
+        start = time.perf_counter()
+        self._outcome.value = None
+        status = self._store(event)
+        outcome = self._outcome.value or REFUSAL_NAMES.get(status, f"status_{status:04x}")
+        data = event.request.DataSet
+        self.tracker.stored(event, outcome, data.getbuffer().nbytes if data else 0, time.perf_counter() - start)
+        return status
+
+    def _store(self, event: evt.Event) -> int:
         calling_ae = event.assoc.requestor.ae_title
         free = self.store.free_bytes()
         if free < self.settings.min_free_disk_mb * 1024 * 1024:
@@ -88,7 +120,7 @@ class StoreSCP:
             return status_codes.OUT_OF_RESOURCES
         try:
             ds = event.dataset
-            meta = instance_meta(ds, event.file_meta.TransferSyntaxUID, calling_ae)
+            meta = instance_meta(ds, event.file_meta.TransferSyntaxUID, calling_ae, event.assoc.requestor.address)
         except InvalidUIDError as exc:
             log.warning("store.rejected", reason=str(exc), calling_ae=calling_ae)
             return status_codes.CANNOT_UNDERSTAND
@@ -122,6 +154,7 @@ class StoreSCP:
             return status_codes.OUT_OF_RESOURCES
         with self._counts_lock:
             self.counts[outcome] += 1
+        self._outcome.value = outcome.value
         if outcome is StoreOutcome.CONFLICT:
             bound.warning(
                 "store.conflict",
@@ -136,11 +169,13 @@ class StoreSCP:
         log.warning(
             "association.rejected", calling_ae=event.assoc.requestor.ae_title, address=event.assoc.requestor.address
         )
+        self.tracker.rejected(event)
 
     def handle_aborted(self, event: evt.Event) -> None:
         log.warning(
             "association.aborted", calling_ae=event.assoc.requestor.ae_title, address=event.assoc.requestor.address
         )
+        self.tracker.aborted(event)
 
     def handle_conn_close(self, event: evt.Event) -> None:
         """Free the slot of a connection that closed before any A-ASSOCIATE-RQ.
@@ -152,6 +187,7 @@ class StoreSCP:
         The empty-queue wake-up is what the ACSE timeout itself does: end it.
         """
         assoc = event.assoc
+        self.tracker.closed(event)
         if assoc.is_acceptor and assoc.requestor.primitive is None and assoc.dul.to_user_queue.empty():
             assoc.dul.to_user_queue.put(None)
 
@@ -160,6 +196,7 @@ class StoreSCP:
         allowed = self.settings.is_source_allowed(client_address[0])
         if not allowed:
             log.warning("association.refused_address", address=client_address[0])
+            self.tracker.refused_address(client_address[0], client_address[1])
         return allowed
 
     def build_ae(self) -> AE:
@@ -184,8 +221,10 @@ class StoreSCP:
             (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_ABORTED, self.handle_aborted),
             (evt.EVT_CONN_CLOSE, self.handle_conn_close),
+            *self.tracker.handlers(),
         ]
         ae = self.build_ae()
+        self.tracker.settle_leftovers()
         self._server = ae.start_server(
             (self.settings.host, self.settings.port),
             block=False,
@@ -196,6 +235,11 @@ class StoreSCP:
         host, port = self._server.server_address[:2]
         log.info("scp.listening", ae_title=self.settings.ae_title, host=host, port=port, tls=self.settings.tls.enabled)
         return host, port
+
+    @property
+    def accepting(self) -> bool:
+        """Whether the listening socket is open (readiness)."""
+        return self._server is not None and self._server.socket.fileno() != -1
 
     def stop(self) -> None:
         if self._server is not None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the node needs on a fresh Linux machine (idempotent):
 #   - the Debian packages the tests use as real peers (dcmtk, dicom3tools,
-#     postgresql, orthanc), installed with apt when missing and we are root or have
+#     postgresql, orthanc,
+#     chromium for the web view), installed with apt when missing and we are root or have
 #     passwordless sudo;
 #   - a virtual environment in .venv with the project and its test extras.
 # torch is pinned to 2.13.0 first so that pip takes the CPU build where one is
@@ -15,6 +16,7 @@ declare -A peers=(
   [dicom3tools]=/usr/bin/dciodvfy
   [postgresql]=/usr/lib/postgresql
   [orthanc]=/usr/sbin/Orthanc
+  [chromium]=/usr/bin/chromium
 )
 missing=()
 for package in "${!peers[@]}"; do

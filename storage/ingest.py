@@ -50,6 +50,7 @@ class InstanceMeta:
     modality: str | None = None
     series_description: str | None = None
     calling_ae_title: str | None = None
+    source_address: str | None = None
 
 
 def _get_or_create_series(session, meta: InstanceMeta) -> Series:
@@ -121,6 +122,7 @@ def _commit_row(db: Database, meta: InstanceMeta, relative: str, digest: str, si
                         sha256=digest,
                         size_bytes=size,
                         calling_ae_title=meta.calling_ae_title,
+                        source_address=meta.source_address,
                     )
                 )
                 session.flush()  # the series row exists, so the count below is an UPDATE

@@ -132,6 +132,7 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer)
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    source_address: Mapped[str | None] = mapped_column(String(45), default=None)  # IPv4/IPv6 of the sender
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     purged_at: Mapped[datetime | None] = mapped_column(default=None)
 
@@ -184,6 +185,43 @@ class JobEvent(Base):
     details: Mapped[str | None] = mapped_column(Text, default=None)  # e.g. a stack trace
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class Association(Base):
+    """One incoming DICOM association: who, from where, when, how many instances, how it ended.
+
+    `outcome` is `open` while it lasts, then `released`, `aborted`, `closed`
+    (connection dropped without release or abort), `rejected`, or
+    `interrupted` (the node stopped without closing it; set at its next start).
+    `node` is the receiving host, so a restart only settles its own rows.
+    """
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    node: Mapped[str | None] = mapped_column(String(128), default=None)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16), index=True)
+    called_ae_title: Mapped[str | None] = mapped_column(String(16))
+    address: Mapped[str | None] = mapped_column(String(45))
+    port: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(default=None)
+    outcome: Mapped[str] = mapped_column(String(16), default="open")
+    instances_stored: Mapped[int] = mapped_column(default=0)
+    instances_duplicate: Mapped[int] = mapped_column(default=0)
+    instances_conflict: Mapped[int] = mapped_column(default=0)
+    instances_refused: Mapped[int] = mapped_column(default=0)
+    bytes_received: Mapped[int] = mapped_column(default=0)
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class Heartbeat(Base):
+    """Last successful write probe per host: `/readyz` proves the job store accepts writes."""
+
+    __tablename__ = "heartbeats"
+
+    host: Mapped[str] = mapped_column(String(128), primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 # Display names of the output classes the node sends (storage needs no pydicom for this).

@@ -12,6 +12,9 @@ def demo(
     seed: int = typer.Option(90210, help="Phantom seed (the demo model never saw it)."),
     matrix: int | None = typer.Option(None, help="In-plane matrix of the synthetic series (default: random)."),
     slices: int | None = typer.Option(None, help="Number of slices (default: random)."),
+    keep_running: bool = typer.Option(
+        False, "--keep-running", help="Leave the node and its dashboard running until Ctrl-C."
+    ),
 ) -> None:
     """Start a TPS stand-in and this node, send a synthetic study, show the results arriving."""
     from dicom_node.demo import run_demo
@@ -20,7 +23,7 @@ def demo(
     from storage.models import JobState
 
     configure_logging(LoggingSettings(format="console", level="ERROR"))
-    result = run_demo(out, seed=seed, matrix=matrix, slices=slices)
+    result = run_demo(out, seed=seed, matrix=matrix, slices=slices, keep_running=keep_running)
     if result.job.state != JobState.DONE:
         raise typer.Exit(1)
 

@@ -11,6 +11,7 @@ from dicom_node.commands._common import ConfigOption, fail, settings_or_exit
 
 def serve(config: Path | None = ConfigOption) -> None:
     """Receive series, run the model on complete ones and send the results on."""
+    from dicom_node.http.server import HttpBindError
     from dicom_node.logging_setup import configure_logging
     from dicom_node.service import NodeService
     from storage.store_identity import StoreMismatchError
@@ -25,6 +26,8 @@ def serve(config: Path | None = ConfigOption) -> None:
         service.serve_forever()
     except StoreMismatchError as exc:  # the wrong database for this data directory: nothing was deleted
         raise fail(f"cannot start: {exc}") from None
+    except HttpBindError as exc:
+        raise fail(str(exc)) from None
     except OSError as exc:  # e.g. port already in use
         raise fail(f"cannot listen on {settings.node.host}:{settings.node.port}: {exc}") from None
 

@@ -308,6 +308,63 @@ class LoggingSettings(_Section):
         return level
 
 
+HttpRole = Literal["viewer", "physicist", "admin"]
+
+
+class HttpUser(_Section):
+    """A basic-auth user of the web view; ``password_hash`` from ``dicom-node http hash-password``."""
+
+    name: str = Field(min_length=1, pattern=r"^[^:\s]+$")
+    role: HttpRole = "viewer"
+    password_hash: str = Field(pattern=r"^scrypt\$")
+
+
+class HttpToken(_Section):
+    """A bearer token (for scripts and Prometheus); ``token_hash`` from ``dicom-node http new-token``."""
+
+    name: str = Field(min_length=1)
+    role: HttpRole = "viewer"
+    token_hash: str = Field(pattern=r"^scrypt\$")
+
+
+class HttpSettings(_Section):
+    """The operations view: web pages, JSON API, /metrics, /healthz and /readyz.
+
+    Off unless enabled. Bound to a non-loopback address, every path except
+    ``/healthz`` needs a user or token, so one must be configured (here or in
+    ``users_file``, a TOML file with the same ``[[users]]``/``[[tokens]]`` tables).
+    ``tls = true`` serves HTTPS with the node's certificate (``node.tls``).
+    """
+
+    enabled: bool = False
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8080, ge=0, le=65535)  # 0: the OS picks a free port
+    tls: bool = False
+    users: list[HttpUser] = []
+    tokens: list[HttpToken] = []
+    users_file: Path | None = None
+
+    _absolute_users_file = field_validator("users_file")(_absolute)
+
+    @property
+    def loopback_only(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> HttpSettings:
+        if self.users_file is not None and not self.users_file.is_file():
+            raise ValueError(f"users_file {str(self.users_file)!r} does not exist or is not a file")
+        if self.enabled and not self.loopback_only and not (self.users or self.tokens or self.users_file):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address: configure users, tokens or users_file"
+                " (everything but /healthz then needs authentication)"
+            )
+        return self
+
+
 class Settings(_Section):
     """The whole node configuration (TOML ``[[destinations]]`` and ``[[rules]]``)."""
 
@@ -317,6 +374,7 @@ class Settings(_Section):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     destinations: list[Destination] = []
     rules: list[RoutingRule] = []
 
@@ -332,6 +390,8 @@ class Settings(_Section):
                     f"rules[{index}] ({rule.name!r}).destinations: unknown destination(s)"
                     f" {', '.join(unknown)} (known: {', '.join(sorted(known)) or 'none'})"
                 )
+        if self.http.enabled and self.http.tls and not self.node.tls.enabled:
+            raise ValueError("http.tls uses the node's certificate: enable node.tls with cert_file and key_file")
         return self
 
     def destination(self, name: str) -> Destination:

@@ -97,7 +97,7 @@ def other_series(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture
 def node_env(tmp_path) -> dict[str, str]:
-    """Environment overrides for a test node: temp data dir, free port, short quiet period, no workers."""
+    """Environment overrides for a test node: temp data dir, free ports, short quiet period, no workers."""
     return {
         "DICOM_NODE__STORAGE__DATA_DIR": str(tmp_path / "var"),
         "DICOM_NODE__NODE__PORT": "0",
@@ -105,6 +105,7 @@ def node_env(tmp_path) -> dict[str, str]:
         "DICOM_NODE__SERIES__QUIET_PERIOD_S": "0.5",
         "DICOM_NODE__SERIES__CHECK_INTERVAL_S": "0.2",
         "DICOM_NODE__WORKER__COUNT": "0",
+        "DICOM_NODE__HTTP__PORT": "0",
     }
 
 

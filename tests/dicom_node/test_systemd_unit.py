@@ -30,6 +30,9 @@ REQUIRED = {
     "Restart": "on-failure",
     "TimeoutStopSec": "60",
     "LimitNOFILE": "65536",
+    "Type": "notify",
+    "NotifyAccess": "main",
+    "WatchdogSec": "120",
 }
 
 

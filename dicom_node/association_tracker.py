@@ -1,0 +1,135 @@
+"""Follows each incoming association from acceptance to the close of its connection.
+
+Why a module of its own: the Store SCP stays a thin set of DIMSE handlers;
+this is where an association becomes a row in the job store
+(`storage.associations`), one INFO log line with its counts when it ends, and
+Prometheus counts (`dicom_node.metrics`). Each association's counts are
+touched only by that association's thread; a job-store error while recording
+is logged and never breaks the association.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+
+from pynetdicom import evt
+
+from dicom_node.logging_setup import get_logger
+from dicom_node.metrics import NodeMetrics
+from storage.associations import (
+    AssociationCounts,
+    close_association,
+    open_association,
+    record_rejected,
+    settle_interrupted,
+)
+from storage.database import Database
+
+log = get_logger(__name__)
+
+ACCEPTED_OUTCOMES = ("stored", "duplicate", "conflict")  # anything else was refused
+
+
+@dataclass
+class _Followed:
+    row_id: int | None
+    calling_ae: str
+    address: str
+    started: float = field(default_factory=time.monotonic)
+    outcome: str = "closed"  # until released or aborted
+    counts: AssociationCounts = field(default_factory=AssociationCounts)
+
+
+class AssociationTracker:
+    def __init__(self, db: Database, metrics: NodeMetrics) -> None:
+        self.db = db
+        self.metrics = metrics
+        self.node = socket.gethostname()
+        self._open: dict[int, _Followed] = {}  # by id(assoc), until its connection closes
+
+    def settle_leftovers(self) -> None:
+        """Before listening: this host's rows left `open` by a crash become `interrupted`."""
+        count = self._record(settle_interrupted, self.node)
+        if count:
+            log.warning("association.interrupted_rows_settled", count=count)
+
+    def handlers(self) -> list[tuple]:
+        """The pynetdicom events only the tracker needs (the SCP forwards the others)."""
+        return [(evt.EVT_ACCEPTED, self.accepted), (evt.EVT_RELEASED, self.released)]
+
+    def accepted(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        self.metrics.associations_active.inc()
+        row_id = self._record(
+            open_association,
+            self.node,
+            requestor.ae_title,
+            event.assoc.acceptor.ae_title,
+            requestor.address,
+            requestor.port,
+        )
+        self._open[id(event.assoc)] = _Followed(row_id, requestor.ae_title, requestor.address)
+
+    def released(self, event: evt.Event) -> None:
+        self._set_outcome(event, "released")
+
+    def aborted(self, event: evt.Event) -> None:
+        self._set_outcome(event, "aborted")
+
+    def stored(self, event: evt.Event, outcome: str, nbytes: int, seconds: float) -> None:
+        """One C-STORE handled: `outcome` is a StoreOutcome value or the refusal's name."""
+        self.metrics.observe_store(event.assoc.requestor.ae_title, outcome, nbytes, seconds)
+        followed = self._open.get(id(event.assoc))
+        if followed is not None:
+            key = outcome if outcome in ACCEPTED_OUTCOMES else "refused"
+            setattr(followed.counts, key, getattr(followed.counts, key) + 1)
+            followed.counts.bytes_received += nbytes
+
+    def rejected(self, event: evt.Event) -> None:
+        """An A-ASSOCIATE-RJ sent (called or calling AE policy, too many associations)."""
+        requestor = event.assoc.requestor
+        self.metrics.associations_rejected.labels("policy").inc()
+        called = requestor.primitive.called_ae_title if requestor.primitive is not None else None
+        self._record(record_rejected, requestor.ae_title, called, requestor.address, requestor.port, "A-ASSOCIATE-RJ")
+
+    def refused_address(self, address: str, port: int) -> None:
+        self.metrics.associations_rejected.labels("address").inc()
+        self._record(record_rejected, None, None, address, port, "source address not allowed")
+
+    def closed(self, event: evt.Event) -> None:
+        """The connection closed: the row's end, the metrics and the one INFO line."""
+        followed = self._open.pop(id(event.assoc), None)
+        if followed is None:
+            return
+        counts = followed.counts
+        self.metrics.associations_active.dec()
+        self.metrics.associations.labels(self.metrics.ae_label(followed.calling_ae), followed.outcome).inc()
+        if followed.row_id is not None:
+            self._record(close_association, followed.row_id, followed.outcome, counts)
+        log.info(
+            "association.ended",
+            calling_ae=followed.calling_ae,
+            address=followed.address,
+            outcome=followed.outcome,
+            duration_s=round(time.monotonic() - followed.started, 3),
+            instances=counts.instances,
+            stored=counts.stored,
+            duplicate=counts.duplicate,
+            conflict=counts.conflict,
+            refused=counts.refused,
+            bytes=counts.bytes_received,
+        )
+
+    def _set_outcome(self, event: evt.Event, outcome: str) -> None:
+        followed = self._open.get(id(event.assoc))
+        if followed is not None:
+            followed.outcome = outcome
+
+    def _record(self, function, *args):
+        try:
+            return function(self.db, *args)
+        except Exception as exc:
+            log.error("association.record_failed", reason=str(exc))
+            return None
