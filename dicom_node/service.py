@@ -54,9 +54,10 @@ class NodeService:
         self._scheduler = BackgroundScheduler(timezone="UTC")
 
     def start(self) -> tuple[str, int]:
+        s = self.settings
         removed = self.store.remove_partials()
         orphans = self.store.remove_unreferenced(stored_instance_paths(self.db))
-        resumed = resume_interrupted(self.db, self.worker_prefix)
+        resumed = resume_interrupted(self.db, self.worker_prefix, s.worker.max_attempts)
         log.info(
             "service.starting",
             data_dir=str(self.store.root),
@@ -64,7 +65,6 @@ class NodeService:
             unacknowledged_files_removed=orphans,
             jobs_resumed=resumed,
         )
-        s = self.settings
         every = {"max_instances": 1, "coalesce": True}
         self._scheduler.add_job(
             self._guard(self.watcher.check_once),

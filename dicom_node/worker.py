@@ -5,8 +5,12 @@ on the CPU). A job runs through `inference.pipeline.run_series` (load,
 preprocess, model, postprocess, each timed) and `write_dicom_outputs`; each
 stage becomes a job event with its duration. Any failure is recorded with a
 readable reason and the stack trace, and the worker takes the next job: a bad
-series never stops the service. Outputs go to `outputs/job-<id>/attempt-<n>/`
-so a retried job never mixes its results with an earlier attempt's.
+series never stops the service. A series the engine refuses (`InferenceError`)
+fails at once; any other error re-queues the job until it has been tried
+`[worker] max_attempts` times. Outputs go to `outputs/job-<id>/attempt-<n>/`
+so a retried job never mixes its results with an earlier attempt's. A result
+the plausibility gate stops is written but not sent: the job is `held` with the
+gate's reasons and no export rows until a person releases it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dicom_node.logging_setup import get_logger
 from dicom_node.settings import WorkerSettings
 from storage.database import Database
 from storage.instance_store import InstanceStore
-from storage.jobs import add_event, claim_next_job, fail_job, get_job, record_outputs
+from storage.jobs import add_event, claim_next_job, fail_job, get_job, hold_outputs, record_outputs, retry_after_error
 from storage.models import EventKind, Instance
 
 log = get_logger(__name__)
@@ -55,8 +59,15 @@ def series_files(db: Database, store: InstanceStore, series_id: int) -> list[Pat
     return [store.absolute(p) for p in paths]
 
 
-def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegistry, device: str | None) -> None:
-    """Run one claimed job to `exporting`/`done`, or `failed` with its reason."""
+def run_job(
+    job_id: int,
+    db: Database,
+    store: InstanceStore,
+    registry: ModelRegistry,
+    device: str | None,
+    max_attempts: int,
+) -> None:
+    """Run one claimed job to `exporting`/`done`, `held`, `failed` with its reason, or back to `queued`."""
     from inference.errors import InferenceError
 
     bound = log.bind(job_id=job_id)
@@ -98,15 +109,20 @@ def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegi
             for output in written
         ]
         summary["outputs"] = outputs
+        relative_dir = out_dir.relative_to(store.root).as_posix()
+        if result.hold_reasons:
+            hold_outputs(db, job_id, relative_dir, summary, result.hold_reasons)
+            bound.warning("job.held", reasons=result.hold_reasons, lesions=len(result.lesions))
+            return
         exports = [(dest, *output) for dest in destinations for output in outputs]
-        record_outputs(db, job_id, out_dir.relative_to(store.root).as_posix(), summary, exports)
+        record_outputs(db, job_id, relative_dir, summary, exports)
         bound.info("job.inference_done", lesions=len(result.lesions), egfr=result.egfr.call.value, outputs=len(outputs))
     except InferenceError as exc:
         bound.warning("job.failed", reason=str(exc))
         fail_job(db, job_id, str(exc), exc)
     except Exception as exc:
-        bound.exception("job.failed", reason=repr(exc))
-        fail_job(db, job_id, f"internal error: {type(exc).__name__}: {exc}", exc)
+        bound.exception("job.error", reason=repr(exc))
+        retry_after_error(db, job_id, f"internal error: {type(exc).__name__}: {exc}", max_attempts, exc)
 
 
 class InferenceWorker(threading.Thread):
@@ -141,6 +157,6 @@ class InferenceWorker(threading.Thread):
                 self.stop_event.wait(self.settings.poll_interval_s)
                 continue
             try:
-                run_job(job_id, self.db, self.store, self.registry, device)
+                run_job(job_id, self.db, self.store, self.registry, device, self.settings.max_attempts)
             except Exception:  # e.g. the job store went away while recording a failure
                 log.exception("worker.job_crashed", worker=self.worker_id, job_id=job_id)

@@ -37,7 +37,7 @@ def worker(
         signal.signal(signum, lambda *_: stop.set())
     registry = ModelRegistry()
     prefix = f"{socket.gethostname()}-worker-"
-    resumed = resume_interrupted(db, prefix)
+    resumed = resume_interrupted(db, prefix, settings.worker.max_attempts)
     workers = [
         InferenceWorker(f"{prefix}{i}", db, store, settings.worker, registry, stop)
         for i in range(count or max(settings.worker.count, 1))
