@@ -3,6 +3,8 @@
 A thin layer over `inference.pipeline` (imported inside the command so the CLI
 starts fast). The folder's regular files are the series (hidden files and
 DICOMDIR skipped); the loader says precisely what is wrong with them otherwise.
+Exit status 3: the plausibility gate holds the result; the outputs are written
+(for a look), the reasons printed, and nothing may be delivered from them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from dicom_node.commands._common import fail
+
+#: Exit status of `infer` when the plausibility gate holds the result.
+EXIT_HELD = 3
 
 
 def register(app: typer.Typer) -> None:
@@ -66,6 +71,11 @@ def infer(
 
         written += [output.path for output in write_dicom_outputs(result, out)]
     _print_summary(summary, written)
+    if result.hold_reasons:
+        Console(stderr=True).print(
+            f"[bold red]held:[/] {'; '.join(result.hold_reasons)} (do not deliver these outputs)"
+        )
+        raise typer.Exit(EXIT_HELD)
 
 
 def _print_summary(summary: dict, written: list[Path]) -> None:
