@@ -353,6 +353,7 @@ def release_job(db: Database, job_id: int, user: str, note: str = "") -> int:
             raise InvalidTransition(f"job {job_id} is {job.state.value}; only a held job can be released")
         outputs = (job.summary or {}).get("outputs", [])
         exports = [(dest, *output) for dest in job.destinations for output in outputs]
+        job.reason = None  # the hold's reason stays in the event history
         _queue_exports(session, job, exports, f"released by {user}{_because(note)}; ")
         return len(exports)
 

@@ -76,7 +76,7 @@ def test_a_held_job_has_no_exports_until_released(db):
 
     assert release_job(db, job_id, "dr.physicist", "checked the 321 on the overlay") == 4
     job = load_job(db, job_id)
-    assert job.state == JobState.EXPORTING
+    assert job.state == JobState.EXPORTING and job.reason is None
     assert sorted((e.destination, e.sop_instance_uid) for e in job.exports) == [
         ("pacs", "1.2.3.1"),
         ("pacs", "1.2.3.2"),
