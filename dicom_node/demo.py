@@ -27,7 +27,7 @@ from dicom_node.peers import ReceivingNode, free_port
 from dicom_node.service import NodeService
 from dicom_node.settings import Destination, RoutingRule, Settings
 from storage.jobs import list_jobs, load_job
-from storage.models import TERMINAL_STATES, EventKind, Job, JobState
+from storage.models import SETTLED_STATES, EventKind, Job, JobState
 
 DEMO_SEED = 90210  # never used for training (see inference/model/shipped/mtsa-demo/MODEL_CARD.md)
 
@@ -62,7 +62,7 @@ def wait_for_job(service: NodeService, console: Console, timeout_s: float = 900)
                     )
                     status.update(f"job {job.id}: {job.state.value}...")
                 seen = len(job.events)
-                if job.state in TERMINAL_STATES:
+                if job.state in SETTLED_STATES:
                     return job
             time.sleep(0.2)
     raise TimeoutError("the job did not finish in time")
@@ -172,7 +172,9 @@ def run_demo(
         ]
         overlay = None
         if rtstructs:
-            overlay = overlay_png(files, rtstructs[0], out_dir / "overlay.png")
+            overlay = overlay_png(
+                files, rtstructs[0], out_dir / "overlay.png", caption="contours from the RTSTRUCT received by the TPS"
+            )
             console.print(f"Overlay of the received contours on key slices: [bold]{overlay}[/]")
         console.print(
             f"Follow it later: dicom-node jobs show {job.id} "

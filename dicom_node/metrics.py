@@ -153,11 +153,10 @@ class JobStoreCollector(Collector):
             for state in JobState:
                 jobs.add_metric([state.value], by_state.get(state, 0))
             yield jobs
-            held_state = getattr(JobState, "HELD", None)
             yield GaugeMetricFamily(
                 "dicom_node_jobs_held",
                 "Jobs held by the plausibility gate, waiting for a physicist.",
-                value=by_state.get(held_state, 0) if held_state is not None else 0,
+                value=by_state.get(JobState.HELD, 0),
             )
             yield self._stage_histogram(session)
             pending = session.execute(

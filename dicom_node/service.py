@@ -71,9 +71,10 @@ class NodeService:
         check_and_bind(self.db, self.store)  # before anything is deleted: never against the wrong database
         if self.http is not None:  # before the SCP and schedulers: a port in use stops start-up early
             self.http.start()
+        s = self.settings
         removed = self.store.remove_partials()
         orphans = self.store.remove_unreferenced(stored_instance_paths(self.db))
-        resumed = resume_interrupted(self.db, self.worker_prefix)
+        resumed = resume_interrupted(self.db, self.worker_prefix, s.worker.max_attempts)
         log.info(
             "service.starting",
             data_dir=str(self.store.root),
@@ -81,7 +82,6 @@ class NodeService:
             unacknowledged_files_removed=orphans,
             jobs_resumed=resumed,
         )
-        s = self.settings
         every = {"max_instances": 1, "coalesce": True}
         self._scheduler.add_job(
             self._guard(self.watcher.check_once),

@@ -8,7 +8,10 @@ readable reason and the stack trace, and the worker takes the next job: a bad
 series never stops the service. A series the input screening refuses (not what
 the model accepts) is `rejected` with the reason instead; the job's routing rule
 may add its own screening names (`rules.screening`). Outputs go to `outputs/job-<id>/attempt-<n>/`
-so a retried job never mixes its results with an earlier attempt's.
+so a retried job never mixes its results with an earlier attempt's. Any other
+error re-queues the job until it has been tried `[worker] max_attempts` times.
+A result the plausibility gate stops is written but not sent: the job is `held`
+with the gate's reasons and no export rows until a person releases it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,16 @@ from dicom_node.logging_setup import get_logger
 from dicom_node.settings import RoutingRule, WorkerSettings
 from storage.database import Database
 from storage.instance_store import InstanceStore
-from storage.jobs import add_event, claim_next_job, fail_job, get_job, record_outputs, reject_job
+from storage.jobs import (
+    add_event,
+    claim_next_job,
+    fail_job,
+    get_job,
+    hold_outputs,
+    record_outputs,
+    reject_job,
+    retry_after_error,
+)
 from storage.models import EventKind, Instance
 from storage.write_retry import retry_write
 
@@ -79,9 +91,10 @@ def run_job(
     registry: ModelRegistry,
     device: str | None,
     targets: ExportTargets,
+    max_attempts: int,
     names: Mapping[str, NamePatterns] | None = None,
 ) -> None:
-    """Run one claimed job to `exporting`/`done`, `rejected` or `failed` with its reason.
+    """Run one claimed job to `exporting`/`done`, `held`, `rejected`, `failed` with its reason, or back to `queued`.
 
     `targets` applies the destinations' object filters: a filtered-out output gets no export row.
     `names`: `screening_names` of the configured rules; the job's rule picks its own.
@@ -128,8 +141,13 @@ def run_job(
             for output in written
         ]
         summary["outputs"] = outputs
+        relative_dir = out_dir.relative_to(store.root).as_posix()
+        if result.hold_reasons:
+            hold_outputs(db, job_id, relative_dir, summary, result.hold_reasons)
+            bound.warning("job.held", reasons=result.hold_reasons, lesions=len(result.lesions))
+            return
         exports = targets.rows(destinations, outputs)
-        record_outputs(db, job_id, out_dir.relative_to(store.root).as_posix(), summary, exports)
+        record_outputs(db, job_id, relative_dir, summary, exports)
         bound.info("job.inference_done", lesions=len(result.lesions), egfr=result.egfr.call.value, outputs=len(outputs))
     except SeriesRefused as exc:
         bound.warning("job.rejected", reason=str(exc))
@@ -138,9 +156,9 @@ def run_job(
         bound.warning("job.failed", reason=str(exc))
         retry_write(partial(fail_job, db, job_id, str(exc), exc), f"job {job_id} failure")
     except Exception as exc:
-        bound.exception("job.failed", reason=repr(exc))
+        bound.exception("job.error", reason=repr(exc))
         reason = f"internal error: {type(exc).__name__}: {exc}"
-        retry_write(partial(fail_job, db, job_id, reason, exc), f"job {job_id} failure")
+        retry_write(partial(retry_after_error, db, job_id, reason, max_attempts, exc), f"job {job_id} failure")
 
 
 class InferenceWorker(threading.Thread):
@@ -179,6 +197,15 @@ class InferenceWorker(threading.Thread):
                 self.stop_event.wait(self.settings.poll_interval_s)
                 continue
             try:
-                run_job(job_id, self.db, self.store, self.registry, device, self.targets, self.names)
+                run_job(
+                    job_id,
+                    self.db,
+                    self.store,
+                    self.registry,
+                    device,
+                    self.targets,
+                    self.settings.max_attempts,
+                    self.names,
+                )
             except Exception:  # e.g. the job store went away while recording a failure
                 log.exception("worker.job_crashed", worker=self.worker_id, job_id=job_id)

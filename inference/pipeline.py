@@ -24,6 +24,9 @@ Decisions:
   (pixels above threshold x model pixel area, mm2), counting only pixels of
   lesions that survived the minimum volume: a speck that is not reported as a
   lesion does not vote, and no reported lesion means "not assessable".
+- After post-processing the plausibility gate (`inference.plausibility`, bounds
+  from the manifest's `plausibility`) fills `hold_reasons`; the caller decides
+  what a held result means (the worker holds the job, `infer` exits with 3).
 - `write_offline_outputs` writes `mask.nii.gz` (the uint16 label map in source
   geometry) and `summary.json`; the dict it returns is the JSON content.
 """
@@ -43,6 +46,7 @@ from inference.imaging import preprocess
 from inference.imaging.postprocess import aggregate_egfr, extract_lesions
 from inference.imaging.screening import NamePatterns, screen_series
 from inference.imaging.volume_loader import load_series
+from inference.plausibility import check_plausibility
 from inference.result import InferenceResult
 
 if TYPE_CHECKING:
@@ -91,16 +95,19 @@ def run_series(
         reported = preprocess.to_model_grid(label_map, model_input, nearest=True) > 0
         areas = ((gtv_prob > threshold) & reported).sum(axis=(1, 2)) * model_input.pixel_area_mm2
         egfr = aggregate_egfr(areas, mutant_prob)
-    return InferenceResult(
-        series=series,
-        label_map=label_map,
-        probability_map=probability,
-        lesions=lesions,
-        egfr=egfr,
-        model=package.identity,
-        timings_s=timings,
-        screening=screening.contrast,
-    )
+        result = InferenceResult(
+            series=series,
+            label_map=label_map,
+            probability_map=probability,
+            lesions=lesions,
+            egfr=egfr,
+            model=package.identity,
+            timings_s=timings,
+            head_volume_cm3=model_input.head_volume_cm3,
+            screening=screening.contrast,
+        )
+        result.hold_reasons = check_plausibility(result, package.plausibility, threshold=threshold)
+    return result
 
 
 def summary_of(result: InferenceResult) -> dict[str, Any]:
@@ -141,6 +148,7 @@ def summary_of(result: InferenceResult) -> dict[str, Any]:
             "slices_used": result.egfr.slices_used,
         },
         "timings_s": {stage: round(seconds, 3) for stage, seconds in result.timings_s.items()},
+        "plausibility": {"held": bool(result.hold_reasons), "reasons": list(result.hold_reasons)},
     }
 
 

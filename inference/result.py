@@ -82,7 +82,10 @@ class InferenceResult:
 
     `label_map` is a uint16 SimpleITK image with the source series' geometry
     (same size, origin, spacing, direction as `series.image`): 0 background,
-    lesion i has value `lesions[i-1].label`.
+    lesion i has value `lesions[i-1].label`. `head_volume_cm3` is the head
+    foreground's volume (the plausibility gate's denominator until the brain is
+    measured); `hold_reasons` are the plausibility gate's reasons not to deliver
+    the result (empty: deliver).
     """
 
     series: LoadedSeries
@@ -93,6 +96,8 @@ class InferenceResult:
     model: ModelIdentity
     timings_s: dict[str, float] = field(default_factory=dict)
     screening: str = ""  # the header evidence the input screening accepted the series on
+    head_volume_cm3: float | None = None
+    hold_reasons: list[str] = field(default_factory=list)
 
     def lesion_mask(self, lesion: Lesion) -> np.ndarray:
         """Boolean array (k, rows, cols) of one lesion on the source grid."""

@@ -116,6 +116,8 @@ def resend(
         job = get_job(session, job_id)
         if job.output_dir is None:
             raise ValueError(f"job {job_id} has no outputs to send (state {job.state.value})")
+        if job.state == JobState.HELD:
+            raise ValueError(f"job {job_id} is held ({job.reason}); release it with `dicom-node jobs release`")
         wanted = destinations or sorted({e.destination for e in job.exports} | set(job.destinations))
         existing = {(e.destination, e.sop_instance_uid): e for e in job.exports}
         count = 0

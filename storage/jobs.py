@@ -9,11 +9,25 @@ SQLite, where writes are serialised anyway) followed by a conditional
 Series that arrive again after they were evaluated: the new instances join
 the stored series and, after a new quiet period, the whole series is
 evaluated again and a new job is created; earlier jobs stay in the history.
+
+Attempt cap (`[worker] max_attempts`): an attempt that ends without a result
+for a reason that may not recur (an internal error, or a worker that died
+mid-job and left it `running`, found by `resume_interrupted`) re-queues the job
+until it has been tried `max_attempts` times; then it is `failed` with "gave up
+after N attempts: <last reason>". A series the engine refuses (`fail_job`) is
+not retried: the same input gives the same answer. `jobs retry` is a person's
+decision and always queues once more.
+
+Held jobs (`hold_outputs`, `release_job`, `cancel_job`): a result the
+plausibility gate stopped is recorded without export rows; a person releases
+it (export rows created, `exporting`) or cancels it. Both record who and why
+in the event history.
 """
 
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -36,13 +50,27 @@ from storage.models import (
 # Which states may follow which; anything else is a programming error.
 ALLOWED = {
     JobState.RECEIVED: {JobState.QUEUED, JobState.REJECTED},
-    JobState.QUEUED: {JobState.RUNNING, JobState.FAILED},
-    JobState.RUNNING: {JobState.EXPORTING, JobState.DONE, JobState.FAILED, JobState.QUEUED, JobState.REJECTED},
+    JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
+    JobState.RUNNING: {
+        JobState.EXPORTING,
+        JobState.DONE,
+        JobState.FAILED,
+        JobState.QUEUED,
+        JobState.REJECTED,
+        JobState.HELD,
+    },
     JobState.EXPORTING: {JobState.DONE, JobState.FAILED, JobState.EXPORTING},
     JobState.DONE: {JobState.QUEUED, JobState.EXPORTING},
-    JobState.FAILED: {JobState.QUEUED, JobState.EXPORTING},
+    JobState.FAILED: {JobState.QUEUED, JobState.EXPORTING, JobState.CANCELLED},
     JobState.REJECTED: {JobState.QUEUED},
+    JobState.HELD: {JobState.EXPORTING, JobState.DONE, JobState.CANCELLED},
+    JobState.CANCELLED: {JobState.QUEUED},
 }
+#: States a person may end with `jobs cancel`. A running job is not among them: the
+#: worker cannot be interrupted mid-inference; cancel it once it is held or failed.
+CANCELLABLE = frozenset({JobState.QUEUED, JobState.HELD, JobState.FAILED})
+#: States `jobs retry` queues again.
+RETRYABLE = frozenset({JobState.DONE, JobState.FAILED, JobState.REJECTED, JobState.CANCELLED})
 
 
 class JobNotFound(LookupError):
@@ -238,13 +266,37 @@ def reject_job(db: Database, job_id: int, reason: str) -> None:
         set_state(session, job, JobState.REJECTED, f"rejected: {reason}", reason=f"rejected: {reason}")
 
 
+def give_up_or_requeue(
+    session: Session, job: Job, reason: str, max_attempts: int, *, details: str | None = None
+) -> bool:
+    """After an attempt that ended without a result: queue the job again, or fail it
+    for good once it has been tried `max_attempts` times. Returns True when re-queued."""
+    event_row(session, job, EventKind.ERROR, reason, details=details)
+    if job.attempts >= max_attempts:
+        final = f"gave up after {job.attempts} attempts: {reason}"
+        set_state(session, job, JobState.FAILED, f"failed: {final}", reason=final)
+        return False
+    set_state(session, job, JobState.QUEUED, f"re-queued (attempt {job.attempts} of {max_attempts} ended: {reason})")
+    return True
+
+
+def retry_after_error(
+    db: Database, job_id: int, reason: str, max_attempts: int, exc: BaseException | None = None
+) -> bool:
+    """An internal error ended the attempt: `give_up_or_requeue`, with the stack trace."""
+    details = "".join(traceback.format_exception(exc)) if exc is not None else None
+    with db.session() as session:
+        return give_up_or_requeue(session, get_job(session, job_id), reason, max_attempts, details=details)
+
+
 def retry_job(db: Database, job_id: int) -> None:
-    """Queue a finished job again (`dicom-node jobs retry`)."""
+    """Queue a finished or cancelled job again (`dicom-node jobs retry`)."""
     with db.session() as session:
         job = get_job(session, job_id)
-        if job.state not in TERMINAL_STATES:
+        if job.state not in RETRYABLE:
             raise InvalidTransition(
-                f"job {job_id} is {job.state.value}; only done, failed or rejected jobs can be retried"
+                f"job {job_id} is {job.state.value}; only done, failed, rejected or cancelled jobs can be retried"
+                + (" (release or cancel a held job)" if job.state == JobState.HELD else "")
             )
         if job.state == JobState.REJECTED and job.rule_name is None:
             raise InvalidTransition(
@@ -253,8 +305,10 @@ def retry_job(db: Database, job_id: int) -> None:
         set_state(session, job, JobState.QUEUED, "queued again by retry")
 
 
-def resume_interrupted(db: Database, worker_prefix: str) -> list[int]:
-    """On start-up: this host's jobs left `running` go back to `queued`.
+def resume_interrupted(db: Database, worker_prefix: str, max_attempts: int) -> list[int]:
+    """On start-up: this host's jobs left `running` go back to `queued`, or to `failed`
+    once they have been tried `max_attempts` times (a job that kills its worker must
+    not be re-run forever). Returns the ids of the jobs queued again.
 
     Only jobs claimed by workers named `<worker_prefix>...` (this host) are
     touched, so a restarting host never steals jobs running on another one.
@@ -263,9 +317,8 @@ def resume_interrupted(db: Database, worker_prefix: str) -> list[int]:
         jobs = session.scalars(
             select(Job).where(Job.state == JobState.RUNNING, Job.claimed_by.startswith(worker_prefix))
         ).all()
-        for job in jobs:
-            set_state(session, job, JobState.QUEUED, f"re-queued after an interrupted run on {job.claimed_by}")
-        return [job.id for job in jobs]
+        reason = "interrupted run on {} (the worker crashed, was killed or restarted)"
+        return [job.id for job in jobs if give_up_or_requeue(session, job, reason.format(job.claimed_by), max_attempts)]
 
 
 def record_outputs(
@@ -277,24 +330,94 @@ def record_outputs(
         job = get_job(session, job_id)
         job.output_dir = output_dir
         job.summary = summary
-        for destination, sop_uid, class_uid, path in exports:
-            session.add(
-                Export(job=job, destination=destination, sop_instance_uid=sop_uid, sop_class_uid=class_uid, path=path)
+        _queue_exports(session, job, exports, "")
+
+
+def _queue_exports(session: Session, job: Job, exports: list[tuple[str, str, str, str]], prefix: str) -> None:
+    """Add the export rows and move the job to `exporting` (`done` when there are none)."""
+    for destination, sop_uid, class_uid, path in exports:
+        session.add(
+            Export(job=job, destination=destination, sop_instance_uid=sop_uid, sop_class_uid=class_uid, path=path)
+        )
+    if exports:
+        destinations = ", ".join(sorted({e[0] for e in exports}))
+        set_state(session, job, JobState.EXPORTING, f"{prefix}exporting {len(exports)} object(s) to {destinations}")
+    else:
+        set_state(
+            session,
+            job,
+            JobState.DONE,
+            f"{prefix}done (nothing to send: no destinations, or their `objects` filters leave out every output)",
+        )
+
+
+def hold_outputs(db: Database, job_id: int, output_dir: str, summary: dict, reasons: list[str]) -> None:
+    """Store a job's results without export rows and move it to `held` with the gate's reasons."""
+    reason = "held: " + "; ".join(reasons)
+    with db.session() as session:
+        job = get_job(session, job_id)
+        job.output_dir = output_dir
+        job.summary = summary
+        set_state(session, job, JobState.HELD, f"{reason} (nothing sent; release or cancel)", reason=reason)
+
+
+def release_job(
+    db: Database, job_id: int, user: str, note: str = "", wants: Callable[[str, str], bool] | None = None
+) -> int:
+    """A person accepts a held result: its outputs go to the job's destinations.
+
+    The export rows are made from the outputs recorded at hold time
+    (`summary["outputs"]`: sop uid, class uid, path), keeping those that
+    `wants(destination, sop_class_uid)` accepts (the destinations' `objects`
+    filters; all when None). Returns their number.
+    """
+    with db.session() as session:
+        job = get_job(session, job_id)
+        if job.state != JobState.HELD:
+            raise InvalidTransition(f"job {job_id} is {job.state.value}; only a held job can be released")
+        outputs = (job.summary or {}).get("outputs", [])
+        exports = [
+            (dest, *output)
+            for dest in job.destinations
+            for output in outputs
+            if wants is None or wants(dest, output[1])
+        ]
+        job.reason = None  # the hold's reason stays in the event history
+        _queue_exports(session, job, exports, f"released by {user}{_because(note)}; ")
+        return len(exports)
+
+
+def cancel_job(db: Database, job_id: int, user: str, note: str = "") -> None:
+    """A person ends a held, queued or failed job (`cancelled`); nothing is sent.
+
+    The change is a conditional UPDATE on the state read, so a worker claiming
+    the same queued job at the same moment either wins (the cancel is refused)
+    or finds it cancelled.
+    """
+    with db.session() as session:
+        job = get_job(session, job_id)
+        state = job.state
+        if state not in CANCELLABLE:
+            hint = " (let it finish, then cancel it if it is held or failed)" if state == JobState.RUNNING else ""
+            raise InvalidTransition(
+                f"job {job_id} is {state.value}; only queued, held or failed jobs can be cancelled{hint}"
             )
-        if exports:
-            set_state(
-                session,
-                job,
-                JobState.EXPORTING,
-                f"exporting {len(exports)} object(s) to {', '.join(sorted({e[0] for e in exports}))}",
+        now = utcnow()
+        changed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == state)
+            .values(
+                state=JobState.CANCELLED, updated_at=now, finished_at=now, reason=f"cancelled by {user}{_because(note)}"
             )
-        else:
-            set_state(
-                session,
-                job,
-                JobState.DONE,
-                "done (nothing to send: no destinations, or their `objects` filters leave out every output)",
-            )
+        ).rowcount
+        if changed != 1:
+            raise InvalidTransition(f"job {job_id} changed state while being cancelled; look again")
+        session.refresh(job)
+        event_row(session, job, EventKind.STATE, job.reason, state=JobState.CANCELLED)
+
+
+def _because(note: str) -> str:
+    return f": {note}" if note else ""
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,12 @@ class UTCDateTime(TypeDecorator):
 
 
 class JobState(str, enum.Enum):
-    """Job life cycle (DESIGN.md): received -> queued -> running -> exporting -> done."""
+    """Job life cycle (DESIGN.md): received -> queued -> running -> exporting -> done.
+
+    `held`: the plausibility gate stopped the result; its outputs are written but
+    nothing is sent until a physicist releases (-> exporting) or cancels it.
+    `cancelled`: ended by a person (from held, queued or failed).
+    """
 
     RECEIVED = "received"
     QUEUED = "queued"
@@ -62,9 +67,15 @@ class JobState(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"
     REJECTED = "rejected"
+    HELD = "held"
+    CANCELLED = "cancelled"
 
 
-TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.REJECTED})
+#: The job is finished: `finished_at` is set, nothing more happens to it.
+TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.REJECTED, JobState.CANCELLED})
+#: Nothing more happens without a person: the finished states plus `held`, which
+#: waits for a physicist's release or cancel (not terminal: it is not finished).
+SETTLED_STATES = TERMINAL_STATES | {JobState.HELD}
 
 
 class ExportState(str, enum.Enum):

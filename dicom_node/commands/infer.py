@@ -8,8 +8,9 @@ The series is screened exactly as the service screens it (the package's
 
 Exit status: 0 outputs written; 2 nothing written: the series was refused by
 the screening or could not be used, or the model package or options are
-wrong, with the reason on one line (no traceback). 3 is kept for a result the
-plausibility gate holds.
+wrong, with the reason on one line (no traceback); 3 the plausibility gate
+holds the result: the outputs are written (for a look), the reasons printed,
+and nothing may be delivered from them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from inference.imaging.screening import NamePatterns
 
 EXIT_REFUSED = 2  # also the status of every other error (`fail`'s default)
+
+#: Exit status of `infer` when the plausibility gate holds the result.
+EXIT_HELD = 3
 
 
 def register(app: typer.Typer) -> None:
@@ -84,6 +88,11 @@ def infer(
 
         written += [output.path for output in write_dicom_outputs(result, out)]
     _print_summary(summary, written)
+    if result.hold_reasons:
+        Console(stderr=True).print(
+            f"[bold red]held:[/] {'; '.join(result.hold_reasons)} (do not deliver these outputs)"
+        )
+        raise typer.Exit(EXIT_HELD)
 
 
 def _rule_names(rule: str, config: Path | None) -> NamePatterns:

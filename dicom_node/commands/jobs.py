@@ -1,12 +1,19 @@
-"""`dicom-node jobs ...`: the physicist's view of every job (list, show, retry, export).
+"""`dicom-node jobs ...`: the physicist's view of every job (list, show, retry, export,
+release, cancel).
 
 `--json` output is stable: `list` prints an array of objects with at least
 id, state, study_uid, series_uid, patient_id, created_at, updated_at, reason;
 `show` prints one such object plus events, exports and summary.
+
+A held job (the plausibility gate stopped its result) is looked at with
+`show`, which lists its lesions and writes the overlay PNG of its RTSTRUCT,
+then `release`d (sent to its destinations) or `cancel`led. Both record the
+person (`--user`, default the OS login) and `--note` in the job's events.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 from datetime import datetime
 from pathlib import Path
@@ -96,7 +103,9 @@ def _parse_day(value: str | None, option: str) -> datetime | None:
 
 @jobs_app.command("list")
 def list_jobs(
-    state: str | None = typer.Option(None, help="received, queued, running, exporting, done, failed, rejected"),
+    state: str | None = typer.Option(
+        None, help="received, queued, running, exporting, done, failed, rejected, held, cancelled"
+    ),
     since: str | None = typer.Option(None, help="Created at or after this date/time (UTC)."),
     until: str | None = typer.Option(None, help="Created before this date/time (UTC)."),
     patient_id: str | None = typer.Option(None, "--patient-id"),
@@ -140,15 +149,31 @@ def list_jobs(
 
 
 @jobs_app.command("show")
-def show(job_id: int, as_json: bool = typer.Option(False, "--json"), config: Path | None = ConfigOption) -> None:
-    """The job's timeline with stage durations, log lines, exports and errors."""
+def show(
+    job_id: int,
+    as_json: bool = typer.Option(False, "--json"),
+    overlay: Path | None = typer.Option(
+        None,
+        help="Write the overlay PNG of the job's RTSTRUCT here "
+        "(a held job writes it by default, as overlay.png in its output folder).",
+    ),
+    config: Path | None = ConfigOption,
+) -> None:
+    """The job's timeline with stage durations, log lines, exports and errors; its lesions."""
     from storage.jobs import JobNotFound, load_job
+    from storage.models import JobState
 
+    settings = settings_or_exit(config)
+    db = _database(config)
     try:
-        job = load_job(_database(config), job_id)
+        job = load_job(db, job_id)
     except JobNotFound as exc:
         raise fail(str(exc)) from None
     data = job_dict(job, full=True)
+    if overlay is None and job.state == JobState.HELD and job.output_dir:
+        overlay = settings.storage.data_dir / job.output_dir / "overlay.png"
+    if overlay is not None:
+        data["overlay"] = _write_overlay(db, settings.storage.data_dir, job, overlay)
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -177,6 +202,50 @@ def show(job_id: int, as_json: bool = typer.Option(False, "--json"), config: Pat
     for event in job.events:
         if event.details:
             console.print(f"[red]trace of '{event.message}':[/]\n{event.details}", highlight=False)
+    _print_lesions((job.summary or {}).get("lesions", []))
+    if data.get("overlay"):
+        console.print(f"overlay of the RTSTRUCT's contours: {data['overlay']}")
+    if job.state == JobState.HELD:
+        console.print(
+            f"[yellow]Nothing was sent.[/] Look at the lesions and the overlay, then "
+            f"`dicom-node jobs release {job.id}` or `dicom-node jobs cancel {job.id}`."
+        )
+
+
+def _print_lesions(lesions: list[dict]) -> None:
+    if not lesions:
+        return
+    table = Table("lesion", "volume (cm3)", "max diameter (mm)", "centroid LPS (mm)", title=f"{len(lesions)} lesion(s)")
+    for lesion in lesions:
+        table.add_row(
+            lesion["name"],
+            f"{lesion['volume_cm3']:.3f}",
+            f"{lesion['max_diameter_mm']:.1f}",
+            ", ".join(f"{v:.1f}" for v in lesion["centroid_mm"]),
+        )
+    console.print(table)
+
+
+def _write_overlay(db, data_dir: Path, job, out_png: Path) -> str | None:
+    """The overlay PNG of the job's RTSTRUCT on its series, or None (printed why) when there is none."""
+    from dicom_node.overlay import overlay_png
+    from dicom_node.worker import series_files
+    from storage.instance_store import InstanceStore
+    from storage.models import OUTPUT_CLASS_NAMES
+
+    rtstructs = [o[2] for o in (job.summary or {}).get("outputs", []) if OUTPUT_CLASS_NAMES.get(o[1]) == "RTSTRUCT"]
+    if not rtstructs:
+        console.print("no overlay: the job has no RTSTRUCT (no lesions, or no outputs yet)")
+        return None
+    files = [f for f in series_files(db, InstanceStore(data_dir), job.series_id) if f.is_file()]
+    if not files:
+        console.print("no overlay: the series' instances are no longer on disk (purged)")
+        return None
+    try:
+        return str(overlay_png(files, data_dir / rtstructs[0], out_png, caption=f"job {job.id} ({job.state.value})"))
+    except Exception as exc:  # noqa: BLE001 - a picture must never hide the job's timeline
+        console.print(f"no overlay: {type(exc).__name__}: {exc}")
+        return None
 
 
 @jobs_app.command("retry")
@@ -214,6 +283,46 @@ def export(
     except (JobNotFound, InvalidTransition, ValueError) as exc:
         raise fail(str(exc)) from None
     console.print(f"job {job_id}: {count} export(s) pending; the running service sends them")
+
+
+UserOption = typer.Option(None, "--user", help="Who decides (recorded in the job's events; default: the OS login).")
+NoteOption = typer.Option("", "--note", help="Why (recorded in the job's events).")
+
+
+def _user(user: str | None) -> str:
+    return user or getpass.getuser()
+
+
+@jobs_app.command("release")
+def release(
+    job_id: int, user: str | None = UserOption, note: str = NoteOption, config: Path | None = ConfigOption
+) -> None:
+    """Deliver a held job's outputs to its destinations (the running service sends them)."""
+    from dicom_node.export_targets import ExportTargets
+    from storage.jobs import InvalidTransition, JobNotFound, release_job
+
+    settings = settings_or_exit(config)
+    try:
+        count = release_job(
+            job_store_or_exit(settings), job_id, _user(user), note, ExportTargets(settings.destinations).wants
+        )
+    except (JobNotFound, InvalidTransition) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"job {job_id} released: {count} export(s) pending; the running service sends them")
+
+
+@jobs_app.command("cancel")
+def cancel(
+    job_id: int, user: str | None = UserOption, note: str = NoteOption, config: Path | None = ConfigOption
+) -> None:
+    """End a held, queued or failed job; nothing is sent (a running job: wait until it has finished)."""
+    from storage.jobs import InvalidTransition, JobNotFound, cancel_job
+
+    try:
+        cancel_job(_database(config), job_id, _user(user), note)
+    except (JobNotFound, InvalidTransition) as exc:
+        raise fail(str(exc)) from None
+    console.print(f"job {job_id} cancelled")
 
 
 def register(app: typer.Typer) -> None:

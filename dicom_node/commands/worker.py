@@ -38,7 +38,7 @@ def worker(
     registry = ModelRegistry()
     targets = ExportTargets(settings.destinations)
     prefix = f"{socket.gethostname()}-worker-"
-    resumed = resume_interrupted(db, prefix)
+    resumed = resume_interrupted(db, prefix, settings.worker.max_attempts)
     workers = [
         InferenceWorker(f"{prefix}{i}", db, store, settings.worker, registry, stop, targets, settings.rules)
         for i in range(count or max(settings.worker.count, 1))

@@ -1,33 +1,23 @@
 """What a user may do to a job from the web view, each recorded in the job's history with their name.
 
-Retry and export are the CLI's own storage functions. Release and cancel
-(held jobs) are offered only where `storage.jobs` provides `release_job` and
-`cancel_job`; without them the buttons do not exist rather than pretend.
+Retry, export, release and cancel are the CLI's own storage functions, with
+the destinations' `objects` filters applied as the CLI applies them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastapi import HTTPException
 
 import storage.jobs as jobs
+from dicom_node.export_targets import ExportTargets
 from dicom_node.http.auth import User
 from storage.exports import resend
 from storage.models import EventKind, JobState
 
 if TYPE_CHECKING:
     from dicom_node.service import NodeService
-
-
-def held_state() -> JobState | None:
-    """The `held` job state, where this build has the plausibility gate."""
-    return getattr(JobState, "HELD", None)
-
-
-def _held_action(name: str) -> Callable | None:
-    return getattr(jobs, f"{name}_job", None)
 
 
 def available(job) -> list[str]:
@@ -37,8 +27,8 @@ def available(job) -> list[str]:
         names.append("retry")
     if job.output_dir is not None and job.state != JobState.RUNNING:
         names.append("export")
-    if job.state == held_state():
-        names += [name for name in ("release", "cancel") if _held_action(name) is not None]
+    if job.state == JobState.HELD:
+        names += ["release", "cancel"]
     return names
 
 
@@ -55,11 +45,16 @@ def perform(service: NodeService, job_id: int, action: str, user: User, destinat
             if unknown:
                 raise HTTPException(400, f"unknown destination(s) {', '.join(unknown)}")
             outputs = [tuple(o) for o in (jobs.load_job(db, job_id).summary or {}).get("outputs", [])]
-            count = resend(db, job_id, destinations or None, outputs)
+            count = resend(
+                db, job_id, destinations or None, outputs, ExportTargets(service.settings.destinations).wants
+            )
             done = f"{count} export(s) pending again"
-        elif action in ("release", "cancel") and _held_action(action) is not None:
-            _held_action(action)(db, job_id, user.name)
-            done = f"{action}d" if action == "release" else "cancelled"
+        elif action == "release":
+            count = jobs.release_job(db, job_id, user.name, wants=ExportTargets(service.settings.destinations).wants)
+            done = f"released: {count} export(s) pending"
+        elif action == "cancel":
+            jobs.cancel_job(db, job_id, user.name)
+            done = "cancelled"
         else:
             raise HTTPException(404, f"no action {action!r}")
         jobs.add_event(db, job_id, EventKind.LOG, f"{action} by {user.name} ({user.role}) from the web view: {done}")

@@ -18,7 +18,7 @@ from fastapi.templating import Jinja2Templates
 
 from dicom_node.commands.jobs import job_dict
 from dicom_node.http import views
-from dicom_node.http.actions import available, held_state, perform
+from dicom_node.http.actions import available, perform
 from dicom_node.http.api import job_filter
 from dicom_node.http.app import require_actor
 from dicom_node.http.auth import User
@@ -147,13 +147,11 @@ def job_action(
 
 @router.get("/held")
 def held_page(request: Request, refresh: int = 10) -> HTMLResponse:
-    state = held_state()
-    jobs = list_jobs(request.app.state.service.db, JobFilter(state=state, limit=500)) if state else []
+    jobs = list_jobs(request.app.state.service.db, JobFilter(state=JobState.HELD, limit=500))
     return _render(
         request,
         "held.html",
         jobs=jobs,
-        supported=state is not None,
         actions={job.id: available(job) for job in jobs},
         refresh=refresh,
     )

@@ -276,6 +276,9 @@ class WorkerSettings(_Section):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
     batch_size: int = Field(default=8, ge=1)
     poll_interval_s: float = Field(default=1.0, gt=0)
+    # Tries per job before it fails for good: internal errors and workers that died mid-job
+    # re-queue it until then (see storage.jobs); a refused series fails at once.
+    max_attempts: int = Field(default=3, ge=1)
 
 
 class ExportSettings(_Section):

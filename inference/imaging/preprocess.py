@@ -69,11 +69,13 @@ class ModelInput:
     `grid` has size (size, size, n) and the model grid's origin, spacing and
     direction; `slices[j]` is `grid` slice j (rows along +y, columns along +x of
     the grid). `slice_aligned` is True when slice j lies in a source slice plane.
+    `head_volume_cm3` is the head mask's volume (the plausibility gate's reference).
     """
 
     slices: np.ndarray  # (n, size, size) float32, z-scored
     grid: sitk.Image
     slice_aligned: bool
+    head_volume_cm3: float | None = None
 
     @property
     def pixel_area_mm2(self) -> float:
@@ -213,7 +215,8 @@ def prepare_model_input(
     background = float(-values.mean() / max(float(values.std()), 1e-6))
     grid, aligned = model_grid(image, mask, size)
     resampled = sitk.Resample(normalised, grid, sitk.Transform(), sitk.sitkLinear, background, sitk.sitkFloat32)
-    return ModelInput(sitk.GetArrayFromImage(resampled), grid, aligned)
+    head_cm3 = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * float(np.prod(image.GetSpacing())) / 1000.0
+    return ModelInput(sitk.GetArrayFromImage(resampled), grid, aligned, head_cm3)
 
 
 def to_model_grid(image: sitk.Image, model_input: ModelInput, *, nearest: bool = True) -> np.ndarray:

@@ -19,6 +19,11 @@ Decisions:
   pickled code.
 - `default_package_path()` is the committed demo package unless the
   environment variable `DICOM_NODE_MODEL` names another directory.
+- The optional `plausibility` object bounds what a deliverable result may look
+  like (lesion count, total GTV, GTV share of the brain, share of uncertain
+  voxels); a package without it gets the defaults justified in
+  `inference.plausibility`, a key set to null switches that check off. Only the
+  weights are hashed: the manifest, bounds included, is the department's to tune.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 from inference.errors import ModelPackageError
 from inference.model.accepts import ModelAccepts
 from inference.model.mtsa_net import MTSANet, MTSANetConfig
+from inference.plausibility import PlausibilityBounds
 from inference.result import ModelIdentity
 
 FORMAT_VERSION = 1
@@ -84,6 +90,7 @@ class ModelPackage:
     weights_sha256: str
     training: dict[str, Any] = field(default_factory=dict)
     accepts: ModelAccepts = field(default_factory=ModelAccepts)
+    plausibility: PlausibilityBounds = field(default_factory=PlausibilityBounds)
     format_version: int = FORMAT_VERSION
     architecture: str = ARCHITECTURE
 
@@ -196,6 +203,10 @@ def load_package(path: str | os.PathLike[str]) -> ModelPackage:
             f"(manifest {manifest['weights_sha256']}, file {actual}); the weights are corrupt or were replaced"
         )
     _check_state_dict(config, weights_path)
+    try:
+        plausibility = PlausibilityBounds.from_manifest(manifest.get("plausibility"))
+    except (TypeError, ValueError) as err:
+        raise ModelPackageError(f"model package {path}: {err}") from err
     return ModelPackage(
         path=path,
         name=str(manifest["name"]),
@@ -209,6 +220,7 @@ def load_package(path: str | os.PathLike[str]) -> ModelPackage:
         weights_sha256=actual,
         training=dict(manifest.get("training") or {}),
         accepts=accepts,
+        plausibility=plausibility,
         format_version=int(manifest["format_version"]),
     )
 
@@ -223,6 +235,7 @@ def save_package(
     training_info: dict[str, Any] | None = None,
     thresholds: dict[str, float] | None = None,
     accepts: ModelAccepts | None = None,
+    plausibility: PlausibilityBounds | None = None,
 ) -> ModelPackage:
     """Write `manifest.json` and the weights to `out_dir`; returns the re-loaded package.
 
@@ -243,6 +256,7 @@ def save_package(
         "output_labels": OUTPUT_LABELS,
         "thresholds": dict(thresholds or DEFAULT_THRESHOLDS),
         "accepts": (accepts or ModelAccepts()).to_manifest(),
+        "plausibility": (plausibility or PlausibilityBounds()).to_manifest(),
         "is_demo": is_demo,
         "weights_file": WEIGHTS_NAME,
         "weights_sha256": sha256_of(weights_path),

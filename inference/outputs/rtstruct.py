@@ -25,15 +25,26 @@ Decisions
   C.8.8.6.3 and common TPS practice): a hole inside a lesion, an island inside a
   hole. ``fully_connected="low"`` keeps diagonally touching foreground pixels in
   separate contours that share no point.
-- Simplification: Douglas-Peucker (`skimage.measure.approximate_polygon`) with a
-  tolerance below 0.354 px (default 0.25 px) keeps every pixel centre on its
-  side, so rasterisation reproduces the mask; it drops the collinear points of
-  straight pixel edges.
+- Simplification: Douglas-Peucker with a tolerance below 0.354 px (default
+  0.25 px) keeps every pixel centre on its side, so rasterisation reproduces the
+  mask; it drops the collinear points of straight pixel edges. It is the
+  distance rule of `skimage.measure.approximate_polygon`, computed for all open
+  segments of a contour at once (`simplify_polyline`): the skimage loop costs one
+  Python step per kept point, which dominated the writer for many lesions.
+- Contour Data (DS, often thousands of values per ROI) is encoded once as the
+  bytes of its backslash-separated text (`_decimal_string_element`); letting
+  pydicom validate every value was the other large per-lesion cost.
 - Degenerate contours (fewer than 3 points, zero area) are never written; a lesion
   left without any contour is an error, never an empty ROI.
 - No lesions: the Structure Set ROI Sequence is Type 1 (at least one item), so an
   RTSTRUCT without ROIs would be invalid; `build_rtstruct` raises `ValueError`
   and `inference.outputs.dicom_outputs` skips the RTSTRUCT and says so.
+- Cost linear in the number of lesions: the label map is read once and each
+  lesion is cut out of its own bounding box (`scipy.ndimage.find_objects`), never
+  compared against the whole volume (that made 321 lesions on 176x512x512 take
+  99 s). `bench/writers.py` measures it.
+- At most `MAX_ROIS` (1,000) ROIs: a format guard only; the plausibility gate
+  (`inference.plausibility`, 30 lesions by default) holds such results long before.
 - Approval Status is UNAPPROVED: the structure set is a proposal until a
   clinician approves it in the TPS.
 - Patient and study attributes are copied from the source headers, text decoded,
@@ -48,12 +59,16 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import numpy as np
-from pydicom.dataelem import DataElement
+import SimpleITK as sitk
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage
 from pydicom.valuerep import PersonName
-from skimage.measure import approximate_polygon, find_contours
+from scipy import ndimage
+from skimage.measure import find_contours
 
 from inference.outputs.notice import full_statement, short_label, structure_set_label
 from inference.result import InferenceResult, Lesion
@@ -62,7 +77,8 @@ from inference.uids import new_uid
 #: Largest simplification tolerance (px) that keeps every pixel centre on its side.
 MAX_SIMPLIFY_TOLERANCE_PX = 0.5 / np.sqrt(2.0)
 _MIN_AREA_PX2 = 1e-6
-_MAX_ROIS = 1000
+#: Format guard on ROIs per structure set; the plausibility gate holds far fewer.
+MAX_ROIS = 1000
 _GOLDEN_RATIO_CONJUGATE = 0.618033988749895
 
 # Patient (C.7.1.1), General Study (C.7.2.1) and Patient Study (C.7.2.2)
@@ -135,15 +151,74 @@ def slice_contours(mask: np.ndarray, simplify_tolerance_px: float = 0.25) -> lis
     """
     if mask.ndim != 2:
         raise ValueError(f"mask: expected a 2D slice, got shape {mask.shape}")
+    return stack_contours(mask[np.newaxis], simplify_tolerance_px)[0]
+
+
+def stack_contours(masks: np.ndarray, simplify_tolerance_px: float = 0.25) -> list[list[np.ndarray]]:
+    """`slice_contours` of every slice of a (k, rows, columns) stack, simplified in one batch."""
     _check_tolerance(simplify_tolerance_px)
-    padded = np.pad(mask.astype(np.float32), 1)
-    contours = []
-    for line in find_contours(padded, 0.5, fully_connected="low"):
-        closed = approximate_polygon(line, simplify_tolerance_px) - 1.0
-        points = closed[:-1] if np.array_equal(closed[0], closed[-1]) else closed
-        if len(points) >= 3 and abs(polygon_area(points)) > _MIN_AREA_PX2:
-            contours.append(points)
-    return contours
+    traced = [find_contours(np.pad(m.astype(np.float32), 1), 0.5, fully_connected="low") for m in masks]
+    simplified = iter(simplify_polylines([line for lines in traced for line in lines], simplify_tolerance_px))
+    result = []
+    for lines in traced:
+        contours = []
+        for _ in lines:
+            closed = next(simplified) - 1.0
+            points = closed[:-1] if np.array_equal(closed[0], closed[-1]) else closed
+            if len(points) >= 3 and abs(polygon_area(points)) > _MIN_AREA_PX2:
+                contours.append(points)
+        result.append(contours)
+    return result
+
+
+def simplify_polylines(lines: list[np.ndarray], tolerance: float) -> list[np.ndarray]:
+    """Douglas-Peucker simplification of polylines (each (n, 2)), first and last points kept.
+
+    The distance of a point to a segment is the perpendicular distance when its
+    projection falls inside the segment, else the distance to the nearer end
+    (as `skimage.measure.approximate_polygon`). Every open segment of every line
+    is split at its farthest point in the same round, so the number of numpy
+    rounds is the depth of the recursion, not the number of kept points or
+    lines. ``tolerance <= 0`` returns the lines unchanged.
+    """
+    if tolerance <= 0 or not lines:
+        return list(lines)
+    coords = np.concatenate(lines)
+    ends = np.cumsum([len(line) for line in lines])
+    starts = ends - np.array([len(line) for line in lines])
+    keep = np.zeros(len(coords), bool)
+    keep[starts] = keep[ends - 1] = True
+    open_segments = np.stack([starts, ends - 1], 1)
+    while len(open_segments):
+        lengths = open_segments[:, 1] - open_segments[:, 0] - 1
+        open_segments = open_segments[lengths > 0]
+        lengths = lengths[lengths > 0]
+        if not len(open_segments):
+            break
+        owner = np.repeat(np.arange(len(open_segments)), lengths)
+        first = np.cumsum(lengths) - lengths
+        inner = open_segments[owner, 0] + 1 + (np.arange(len(owner)) - first[owner])
+        first_point, last_point = coords[open_segments[owner, 0]], coords[open_segments[owner, 1]]
+        points = coords[inner]
+        chord = last_point - first_point
+        to_start, to_end = points - first_point, points - last_point
+        inside = (np.einsum("ij,ij->i", to_start, chord) > 0) & (np.einsum("ij,ij->i", -to_end, chord) > 0)
+        norm = np.hypot(chord[:, 0], chord[:, 1])
+        cross = np.abs(to_start[:, 0] * chord[:, 1] - to_start[:, 1] * chord[:, 0])
+        perpendicular = np.divide(cross, norm, out=np.zeros_like(cross), where=norm > 0)
+        nearer_end = np.minimum(np.hypot(to_start[:, 0], to_start[:, 1]), np.hypot(to_end[:, 0], to_end[:, 1]))
+        distance = np.where(inside, perpendicular, nearer_end)
+        best = np.maximum.reduceat(distance, first)
+        split = best > tolerance
+        # the first point reaching its segment's maximum, as argmax would pick
+        at_max = distance == best[owner]
+        candidates = np.flatnonzero(at_max & split[owner])
+        chosen = candidates[np.unique(owner[candidates], return_index=True)[1]]
+        cut = inner[chosen]
+        keep[cut] = True
+        parents = open_segments[owner[chosen]]
+        open_segments = np.concatenate([np.stack([parents[:, 0], cut], 1), np.stack([cut, parents[:, 1]], 1)])
+    return [coords[start:end][keep[start:end]] for start, end in zip(starts, ends)]
 
 
 def _check_tolerance(simplify_tolerance_px: float) -> None:
@@ -178,8 +253,8 @@ def pixel_to_patient(points_rc: np.ndarray, ds: Dataset) -> np.ndarray:
 
 def roi_display_colours(count: int) -> list[tuple[int, int, int]]:
     """`count` distinct ROI Display Colors (3006,002A), golden-ratio hue steps."""
-    if not 0 <= count <= _MAX_ROIS:
-        raise ValueError(f"count: {count} is outside [0, {_MAX_ROIS}]")
+    if not 0 <= count <= MAX_ROIS:
+        raise ValueError(f"count: {count} is outside [0, {MAX_ROIS}]")
     colours: list[tuple[int, int, int]] = []
     step = 0
     while len(colours) < count:
@@ -239,8 +314,11 @@ def build_rtstruct(
     roi_items, contour_items, observation_items = [], [], []
     contoured_slices: set[int] = set()
     colours = roi_display_colours(len(result.lesions))
+    labels = sitk.GetArrayViewFromImage(result.label_map)
+    boxes = ndimage.find_objects(labels)
     for number, (lesion, colour) in enumerate(zip(result.lesions, colours), start=1):
-        contours = _lesion_contour_items(result, lesion, simplify_tolerance_px)
+        box = boxes[lesion.label - 1] if 0 < lesion.label <= len(boxes) else None
+        contours = _lesion_contour_items(result, lesion, labels, box, simplify_tolerance_px)
         contoured_slices.update(index for index, _ in contours)
         roi_items.append(_structure_set_roi(number, lesion, frame_of_reference_uid, result))
         contour_items.append(_roi_contour(number, colour, [item for _, item in contours]))
@@ -252,7 +330,21 @@ def build_rtstruct(
     ds.StructureSetROISequence = DicomSequence(roi_items)
     ds.ROIContourSequence = DicomSequence(contour_items)
     ds.RTROIObservationsSequence = DicomSequence(observation_items)
+    _mark_encoded_as_written(ds, convert_encodings(ds.SpecificCharacterSet))
     return ds
+
+
+def _mark_encoded_as_written(ds: Dataset, encoding: list[str]) -> None:
+    """Declare `ds` and its items Explicit VR Little Endian in `encoding`, as the file will be.
+
+    pydicom then writes the pre-encoded Contour Data bytes as they are instead of
+    decoding and re-encoding every coordinate (pydicom's `set_original_encoding`).
+    """
+    ds.set_original_encoding(False, True, encoding)
+    for element in ds.elements():  # raw elements stay raw
+        if element.VR == "SQ":
+            for item in element.value:
+                _mark_encoded_as_written(item, encoding)
 
 
 def _validate_result(result: InferenceResult) -> None:
@@ -262,8 +354,8 @@ def _validate_result(result: InferenceResult) -> None:
             "result: no lesions; an RT Structure Set needs at least one ROI "
             "(Structure Set ROI Sequence is Type 1, PS3.3 C.8.8.5)"
         )
-    if len(result.lesions) > _MAX_ROIS:
-        raise ValueError(f"result: {len(result.lesions)} lesions exceed {_MAX_ROIS} ROIs")
+    if len(result.lesions) > MAX_ROIS:
+        raise ValueError(f"result: {len(result.lesions)} lesions exceed {MAX_ROIS} ROIs")
     sources = result.series.datasets
     size = result.label_map.GetSize()
     if size != result.series.image.GetSize() or size[2] != len(sources):
@@ -413,31 +505,54 @@ def _image_reference(ds: Dataset) -> Dataset:
 
 
 def _lesion_contour_items(
-    result: InferenceResult, lesion: Lesion, simplify_tolerance_px: float
+    result: InferenceResult,
+    lesion: Lesion,
+    labels: np.ndarray,
+    box: tuple[slice, slice, slice] | None,
+    simplify_tolerance_px: float,
 ) -> list[tuple[int, Dataset]]:
-    """(slice index, Contour Sequence item) of every contour of one lesion."""
-    mask = result.lesion_mask(lesion)
-    rows, cols = np.flatnonzero(mask.any(axis=(0, 2))), np.flatnonzero(mask.any(axis=(0, 1)))
-    if rows.size == 0:
+    """(slice index, Contour Sequence item) of every contour of one lesion.
+
+    `labels` is the label map as an array (k, rows, cols) and `box` the lesion's
+    bounding box in it (None: the label is absent); contours are traced on the
+    box only, then shifted back.
+    """
+    mask = labels[box] == lesion.label if box is not None else None
+    if mask is None or not mask.any():
         raise ValueError(f"result: lesion {lesion.name} (label {lesion.label}) has no voxels")
-    # Contours are traced on the lesion's bounding box only, then shifted back.
-    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    offset = np.array([rows[0], cols[0]], dtype=float)
+    offset = np.array([box[1].start, box[2].start], dtype=float)
     items: list[Dataset] = []
-    for index in np.flatnonzero(mask.any(axis=(1, 2))):
+    for local, contours in enumerate(stack_contours(mask, simplify_tolerance_px)):
+        index = box[0].start + local
         source = result.series.datasets[index]
-        for points_rc in slice_contours(mask[index][box], simplify_tolerance_px):
+        for points_rc in contours:
             patient = pixel_to_patient(points_rc + offset, source)
             item = Dataset()
             item.ContourImageSequence = DicomSequence([_image_reference(source)])
             item.ContourGeometricType = ContourGeometricType.CLOSED_PLANAR.value
             item.NumberOfContourPoints = len(patient)
             item.ContourNumber = len(items) + 1
-            item.ContourData = [f"{v:.4f}" for v in patient.ravel()]
+            item[_CONTOUR_DATA] = _decimal_string_element(_CONTOUR_DATA, patient.ravel())
             items.append((int(index), item))
     if not items:
         raise ValueError(f"result: lesion {lesion.name} (label {lesion.label}) has no contour on any slice")
     return items
+
+
+_CONTOUR_DATA = Tag("ContourData")
+
+
+def _decimal_string_element(tag: Tag, values: np.ndarray) -> RawDataElement:
+    """A DS element holding `values` with 4 decimals, already encoded (even length, space-padded).
+
+    At most 16 characters per value (PS3.5 6.2): 4 decimals leave 10 digits before
+    the point, far beyond any patient coordinate in mm.
+    """
+    if not np.all(np.abs(values) < 1e9):
+        raise ValueError(f"result: a coordinate in {tag} does not fit a 16-character Decimal String")
+    text = "\\".join(f"{v:.4f}" for v in values)
+    data = (text + " " * (len(text) % 2)).encode("ascii")
+    return RawDataElement(tag, "DS", len(data), data, 0, False, True)
 
 
 def _structure_set_roi(number: int, lesion: Lesion, frame_of_reference_uid: str, result: InferenceResult) -> Dataset:

@@ -24,6 +24,7 @@ from datetime import datetime
 
 import highdicom as hd
 import numpy as np
+import SimpleITK as sitk
 
 from inference.outputs.codes import (
     ARTIFICIAL_INTELLIGENCE,
@@ -73,12 +74,15 @@ def build_seg(
         raise ValueError(f"series_number: must be positive, got {series_number}")
     if result.label_map.GetSize() != result.series.image.GetSize():
         raise ValueError("result: label map size does not match the source series")
-    segments = np.zeros(result.label_map.GetSize()[::-1], dtype=np.uint16)
+    labels = sitk.GetArrayViewFromImage(result.label_map)
+    present = np.bincount(labels.ravel())
+    # One pass over the volume whatever the lesion count: label value -> segment number.
+    segment_of = np.zeros(len(present), dtype=np.uint16)
     for number, lesion in enumerate(result.lesions, start=1):
-        mask = result.lesion_mask(lesion)
-        if not mask.any():
+        if not 0 < lesion.label < len(present) or present[lesion.label] == 0:
             raise ValueError(f"result: lesion {lesion.name} (label {lesion.label}) has no voxels")
-        segments[mask] = number
+        segment_of[lesion.label] = number
+    segments = segment_of[labels]
     algorithm = hd.AlgorithmIdentificationSequence(
         name=result.model.name, family=ARTIFICIAL_INTELLIGENCE, version=result.model.version
     )

@@ -16,6 +16,12 @@ Decisions
   finding "Neoplasm, metastatic" in the brain, Volume (cm3) and maximum Diameter
   (mm), with the algorithm identification. TID 1501 rather than TID 1411:
   TID 1411 can reference a SEG segment but not an RTSTRUCT ROI.
+- Cost linear and small per lesion: `Comprehensive3DSR` deep-copies, re-parses
+  and searches its whole content tree (about 0.1 s per lesion group), so it is
+  built with the EGFR group only and the lesion groups, each built and
+  validated by highdicom, are put in front of it in the Imaging Measurements
+  container afterwards. The document is the same; the order of groups is
+  lesions, then EGFR.
 - One TID 1501 group for the patient-level EGFR prediction: the call as a coded
   qualitative evaluation and, when assessable, the mutant probability (UCUM "1").
   The codes are private (`inference.outputs.codes`): no standard code exists.
@@ -95,12 +101,10 @@ def build_sr(
         raise ValueError("related: every related instance must belong to the source study")
     when = timestamp or datetime.now().astimezone()
     algorithm = hd.sr.AlgorithmIdentification(name=result.model.name, version=result.model.version)
-    groups = [_lesion_group(lesion, algorithm) for lesion in result.lesions]
-    groups.append(_egfr_group(result.egfr, algorithm))
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result.model, manufacturer),
         procedure_reported=codes.MR_BRAIN,
-        imaging_measurements=groups,
+        imaging_measurements=[_egfr_group(result.egfr, algorithm)],
     )
     report[0].ContentSequence.append(_statement_container(result.model))
     sr = hd.sr.Comprehensive3DSR(
@@ -115,10 +119,24 @@ def build_sr(
         is_final=False,
         is_verified=False,
     )
+    measurements = _imaging_measurements(sr)
+    lesion_items = [item for lesion in result.lesions for item in _lesion_group(lesion, algorithm)]
+    measurements.ContentSequence = hd.sr.ContentSequence(
+        [*lesion_items, *measurements.ContentSequence], is_root=False, is_sr=True
+    )
     _finish_header(sr, result.model, when)
     if related:
         sr.PertinentOtherEvidenceSequence = DicomSequence([_evidence(study_uid, related)])
     return sr
+
+
+def _imaging_measurements(sr: Dataset) -> Dataset:
+    """The TID 1500 "Imaging Measurements" container (126010, DCM) of a built report."""
+    for item in sr.ContentSequence:
+        concept = item.ConceptNameCodeSequence[0]
+        if item.ValueType == "CONTAINER" and concept.CodeValue == codes.IMAGING_MEASUREMENTS.value:
+            return item
+    raise ValueError("the measurement report has no Imaging Measurements container")
 
 
 def _evidence(study_uid: str, instances: Sequence[Dataset]) -> Dataset:

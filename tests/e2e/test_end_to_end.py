@@ -170,7 +170,7 @@ def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, 
     job = load_job(db, done.id)
     assert job.state == JobState.DONE, job.reason
     assert job.attempts == 2
-    assert any("re-queued after an interrupted run" in e.message for e in job.events)
+    assert any("re-queued (attempt 1 of 3 ended: interrupted run on" in e.message for e in job.events)
     received = received_by_modality(tps_folder)
     assert len(received.get("RTSTRUCT", [])) == 1 and len(received.get("SR", [])) == 1
 
