@@ -71,7 +71,7 @@ def test_actions_need_a_physicist_and_are_recorded_with_the_name(http_node, mr_s
     assert job.events[-1].message == "retry by alice (physicist) from the web view: queued again"
 
     again = request(f"{url}/api/jobs/{job.id}/retry", method="POST", auth=basic("alice"))
-    assert again.status == 409 and "only done, failed or rejected" in again.json()["detail"]
+    assert again.status == 409 and "only done, failed, rejected or cancelled" in again.json()["detail"]
     unknown = request(f"{url}/api/jobs/{job.id}/explode", method="POST", auth=basic("alice"))
     assert unknown.status == 422 and "retry" in unknown.text
 
