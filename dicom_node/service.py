@@ -2,16 +2,18 @@
 
 Start-up order makes restarts safe: leftovers of interrupted writes are
 removed (partial temp files, and complete files whose row was never committed,
-hence never acknowledged), jobs left `running` go back to `queued`, pending exports are picked
+hence never acknowledged), `running` jobs whose lease has expired go back to
+`queued` (a job whose worker still renews its lease, in this host's
+`dicom-node worker` or on another host, is left alone; this process's own
+interrupted jobs follow once their lease expires), pending exports are picked
 up by the exporter's first round; only then does the SCP accept
-associations. Shutdown stops the SCP first (no new instances), then the
+associations. Expired leases are looked for again every `lease_s / 3`. Shutdown stops the SCP first (no new instances), then the
 scheduler and the workers.
 """
 
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -23,10 +25,10 @@ from dicom_node.routing import compile_rules
 from dicom_node.series_watcher import SeriesWatcher
 from dicom_node.settings import Settings
 from dicom_node.store_scp import StoreSCP
-from dicom_node.worker import InferenceWorker, ModelRegistry
+from dicom_node.worker import InferenceWorker, ModelRegistry, requeue_dead_holders, worker_ids
 from storage.database import Database
 from storage.instance_store import InstanceStore
-from storage.jobs import resume_interrupted, stored_instance_paths
+from storage.jobs import stored_instance_paths
 
 log = get_logger(__name__)
 
@@ -56,7 +58,7 @@ class NodeService:
     def start(self) -> tuple[str, int]:
         removed = self.store.remove_partials()
         orphans = self.store.remove_unreferenced(stored_instance_paths(self.db))
-        resumed = resume_interrupted(self.db, self.worker_prefix)
+        resumed = requeue_dead_holders(self.db)
         log.info(
             "service.starting",
             data_dir=str(self.store.root),
@@ -80,6 +82,13 @@ class NodeService:
             id="exporter",
             **every,
         )
+        self._scheduler.add_job(
+            self._guard(lambda: requeue_dead_holders(self.db)),
+            "interval",
+            seconds=s.worker.lease_check_interval_s,
+            id="expired-leases",
+            **every,
+        )
         if s.storage.retention_days is not None:
             from storage.retention import purge_expired
 
@@ -91,19 +100,14 @@ class NodeService:
                 **every,
             )
         self._scheduler.start()
-        for index in range(s.worker.count):
+        for worker_id in worker_ids(s.worker.count):
             worker = InferenceWorker(
-                f"{self.worker_prefix}{index}", self.db, self.store, s.worker, self.registry, self._stop
+                worker_id, s.worker.device, self.db, self.store, s.worker, self.registry, self._stop
             )
             worker.start()
             self._workers.append(worker)
         self.address = self.scp.start()
         return self.address
-
-    @property
-    def worker_prefix(self) -> str:
-        """Worker names on this host: `<hostname>-worker-<n>` (what `resume_interrupted` matches)."""
-        return f"{socket.gethostname()}-worker-"
 
     @staticmethod
     def _guard(function):

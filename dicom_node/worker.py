@@ -1,19 +1,34 @@
 """Inference workers: claim queued jobs, run the engine, write outputs, queue exports.
 
-One worker thread per configured worker (`[worker] count`; one per GPU, or one
-on the CPU). A job runs through `inference.pipeline.run_series` (load,
+One worker thread per configured worker, each on its own device (`[worker]
+count` on `[worker] device` in `serve`; `dicom-node worker --device cuda:N`,
+one worker per GPU). A job runs through `inference.pipeline.run_series` (load,
 preprocess, model, postprocess, each timed) and `write_dicom_outputs`; each
 stage becomes a job event with its duration. Any failure is recorded with a
 readable reason and the stack trace, and the worker takes the next job: a bad
 series never stops the service. Outputs go to `outputs/job-<id>/attempt-<n>/`
 so a retried job never mixes its results with an earlier attempt's.
+
+Decisions:
+- A worker's id is `host:pid:nonce:worker-N`, unique per process (the nonce
+  tells a restarted process from its previous incarnation with the same pid),
+  so no process ever mistakes another's job for its own.
+- While a job runs, a heartbeat renews its lease every `lease_s / 3`; a worker
+  that stops renewing (killed, host gone) loses the job when the lease expires,
+  and then cannot record outputs for it any more (`storage.jobs.LeaseLost`).
+- `ModelRegistry` loads and verifies each package once per process and builds
+  its network once per device, so jobs after the first reuse it.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
@@ -21,20 +36,63 @@ from dicom_node.logging_setup import get_logger
 from dicom_node.settings import WorkerSettings
 from storage.database import Database
 from storage.instance_store import InstanceStore
-from storage.jobs import add_event, claim_next_job, fail_job, get_job, record_outputs
+from storage.jobs import (
+    LeaseLost,
+    add_event,
+    claim_next_job,
+    fail_job,
+    get_job,
+    record_outputs,
+    renew_lease,
+    requeue_expired_leases,
+)
 from storage.models import EventKind, Instance
+
+if TYPE_CHECKING:
+    from inference.model.mtsa_net import MTSANet
+    from inference.model.package import ModelPackage
 
 log = get_logger(__name__)
 
+_NONCE = secrets.token_hex(4)
+
+
+def process_identity() -> str:
+    """`host:pid:nonce` of this process; the nonce is drawn once per process start."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_NONCE}"
+
+
+def worker_ids(count: int) -> list[str]:
+    """Ids of this process's `count` workers: `host:pid:nonce:worker-N`."""
+    identity = process_identity()
+    return [f"{identity}:worker-{index}" for index in range(count)]
+
+
+def holder_host(worker_id: str | None) -> str | None:
+    """The host part of a worker id (older ids, `<host>-worker-N`, have no colon)."""
+    if not worker_id:
+        return None
+    return worker_id.split(":", 1)[0] if ":" in worker_id else worker_id.rsplit("-worker-", 1)[0]
+
+
+def requeue_dead_holders(db: Database) -> list[int]:
+    """Re-queue the running jobs whose holder stopped renewing its lease (logged); their ids."""
+    requeued = requeue_expired_leases(db)
+    if requeued:
+        log.warning("jobs.requeued_expired_leases", jobs=requeued)
+    return requeued
+
 
 class ModelRegistry:
-    """Loaded model packages by the name a routing rule gives ("default" or a path)."""
+    """Verified model packages by the name a routing rule gives ("default" or a path), and
+    their networks by device: each package is read and checked once, each network built once."""
 
     def __init__(self) -> None:
-        self._packages: dict[str, object] = {}
+        self._packages: dict[str, ModelPackage] = {}
+        self._networks: dict[tuple[str, str], MTSANet] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str | None):
+    def get(self, name: str | None) -> ModelPackage:
         from inference.model.package import default_package_path, load_package
 
         key = name or "default"
@@ -43,6 +101,45 @@ class ModelRegistry:
                 path = default_package_path() if key == "default" else Path(key)
                 self._packages[key] = load_package(path)
             return self._packages[key]
+
+    def network(self, name: str | None, device: str | None) -> tuple[ModelPackage, MTSANet]:
+        """The package and its network on `device` (None: `select_device`'s choice), built on first use."""
+        from inference.model.predictor import select_device
+
+        package = self.get(name)
+        torch_device = select_device(device)
+        key = (name or "default", str(torch_device))
+        with self._lock:
+            if key not in self._networks:
+                self._networks[key] = package.build_model(torch_device)
+            return package, self._networks[key]
+
+
+class LeaseHeartbeat:
+    """Renews a running job's lease every `lease_s / 3` in a background thread."""
+
+    def __init__(self, db: Database, job_id: int, worker_id: str, lease_s: float) -> None:
+        self.db, self.job_id, self.worker_id, self.lease_s = db, job_id, worker_id, lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if not renew_lease(self.db, self.job_id, self.worker_id, self.lease_s):
+                    if not self._stop.is_set():  # else the job has just left `running` normally
+                        log.warning("job.lease_lost", job_id=self.job_id, worker=self.worker_id)
+                    return
+            except Exception:  # the job store is unreachable: try again at the next beat
+                log.exception("job.lease_renewal_failed", job_id=self.job_id, worker=self.worker_id)
+
+    def __enter__(self) -> LeaseHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def series_files(db: Database, store: InstanceStore, series_id: int) -> list[Path]:
@@ -55,11 +152,22 @@ def series_files(db: Database, store: InstanceStore, series_id: int) -> list[Pat
     return [store.absolute(p) for p in paths]
 
 
-def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegistry, device: str | None) -> None:
-    """Run one claimed job to `exporting`/`done`, or `failed` with its reason."""
+def run_job(
+    job_id: int,
+    db: Database,
+    store: InstanceStore,
+    registry: ModelRegistry,
+    device: str | None,
+    worker_id: str,
+) -> None:
+    """Run one job that `worker_id` has claimed to `exporting`/`done`, or `failed` with its reason.
+
+    Results and failures are recorded only while this run still holds the job.
+    """
     from inference.errors import InferenceError
 
-    bound = log.bind(job_id=job_id)
+    bound = log.bind(job_id=job_id, worker=worker_id)
+    holder: tuple[str, int] | None = None
     try:
         from inference.outputs.dicom_outputs import write_dicom_outputs
         from inference.pipeline import run_series, write_offline_outputs
@@ -72,12 +180,13 @@ def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegi
                 list(job.destinations),
                 job.attempts,
             )
+        holder = (worker_id, attempt)
         bound = bound.bind(series_uid=job.series_uid, study_uid=job.study_uid)
         files = series_files(db, store, series_id)
         if not files:
             raise FileNotFoundError("the series' instances are no longer on disk (purged?)")
         start = time.perf_counter()
-        package = registry.get(model_name)
+        package, network = registry.network(model_name, device)
         add_event(
             db,
             job_id,
@@ -85,7 +194,7 @@ def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegi
             f"model package {package.identity.display} ready",
             duration_s=time.perf_counter() - start,
         )
-        result = run_series(files, package, device=device)
+        result = run_series(files, package, model=network)
         for stage, seconds in result.timings_s.items():
             add_event(db, job_id, EventKind.STAGE, stage, duration_s=seconds)
         out_dir = store.root / "outputs" / f"job-{job_id}" / f"attempt-{attempt}"
@@ -99,22 +208,32 @@ def run_job(job_id: int, db: Database, store: InstanceStore, registry: ModelRegi
         ]
         summary["outputs"] = outputs
         exports = [(dest, *output) for dest in destinations for output in outputs]
-        record_outputs(db, job_id, out_dir.relative_to(store.root).as_posix(), summary, exports)
+        record_outputs(db, job_id, out_dir.relative_to(store.root).as_posix(), summary, exports, holder=holder)
         bound.info("job.inference_done", lesions=len(result.lesions), egfr=result.egfr.call.value, outputs=len(outputs))
+    except LeaseLost as exc:
+        bound.warning("job.lease_lost", reason=str(exc))
     except InferenceError as exc:
         bound.warning("job.failed", reason=str(exc))
-        fail_job(db, job_id, str(exc), exc)
+        _fail_if_held(db, job_id, str(exc), exc, holder)
     except Exception as exc:
         bound.exception("job.failed", reason=repr(exc))
-        fail_job(db, job_id, f"internal error: {type(exc).__name__}: {exc}", exc)
+        _fail_if_held(db, job_id, f"internal error: {type(exc).__name__}: {exc}", exc, holder)
+
+
+def _fail_if_held(db: Database, job_id: int, reason: str, exc: BaseException, holder: tuple[str, int] | None) -> None:
+    try:
+        fail_job(db, job_id, reason, exc, holder=holder)
+    except LeaseLost as lost:
+        log.warning("job.lease_lost", job_id=job_id, reason=str(lost))
 
 
 class InferenceWorker(threading.Thread):
-    """Polls the job store for queued jobs until stopped."""
+    """Polls the job store for queued jobs until stopped; runs them on its own device."""
 
     def __init__(
         self,
         worker_id: str,
+        device: str,
         db: Database,
         store: InstanceStore,
         settings: WorkerSettings,
@@ -123,6 +242,7 @@ class InferenceWorker(threading.Thread):
     ) -> None:
         super().__init__(name=worker_id, daemon=True)
         self.worker_id = worker_id
+        self.device = None if device == "auto" else device
         self.db = db
         self.store = store
         self.settings = settings
@@ -130,10 +250,10 @@ class InferenceWorker(threading.Thread):
         self.stop_event = stop
 
     def run(self) -> None:
-        device = None if self.settings.device == "auto" else self.settings.device
+        lease_s = self.settings.lease_s
         while not self.stop_event.is_set():
             try:
-                job_id = claim_next_job(self.db, self.worker_id)
+                job_id = claim_next_job(self.db, self.worker_id, lease_s)
             except Exception:
                 log.exception("worker.claim_failed", worker=self.worker_id)
                 job_id = None
@@ -141,6 +261,7 @@ class InferenceWorker(threading.Thread):
                 self.stop_event.wait(self.settings.poll_interval_s)
                 continue
             try:
-                run_job(job_id, self.db, self.store, self.registry, device)
+                with LeaseHeartbeat(self.db, job_id, self.worker_id, lease_s):
+                    run_job(job_id, self.db, self.store, self.registry, self.device, self.worker_id)
             except Exception:  # e.g. the job store went away while recording a failure
                 log.exception("worker.job_crashed", worker=self.worker_id, job_id=job_id)

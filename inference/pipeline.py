@@ -11,7 +11,10 @@ Decisions:
   "postprocess" in seconds (they add up to the run), plus "preprocess: n4", the
   part of "preprocess" spent in N4 (reported because N4 must stay under a quarter
   of `infer`; not to be added to the total).
-- "model" includes building the network from the package's weights.
+- "model" includes building the network from the package's weights, unless
+  the caller passes a network it built from the package before (`model=`: a
+  worker builds it once per device and reuses it across jobs); it then runs on
+  that network's device.
 - The model input size and whether to run N4 come from the package manifest's
   `input` (what the model was trained with); the probability threshold and
   minimum lesion volume from its `thresholds`.
@@ -41,6 +44,7 @@ from inference.imaging.volume_loader import load_series
 from inference.result import InferenceResult
 
 if TYPE_CHECKING:
+    from inference.model.mtsa_net import MTSANet
     from inference.model.package import ModelPackage
 
 DEFAULT_THRESHOLD = 0.5
@@ -54,8 +58,16 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     timings[stage] = time.perf_counter() - start
 
 
-def run_series(files: Sequence[Path], package: ModelPackage, *, device: str | None = None) -> InferenceResult:
-    """Run the whole engine on one series; raises `SeriesError` for an unusable series."""
+def run_series(
+    files: Sequence[Path], package: ModelPackage, *, device: str | None = None, model: MTSANet | None = None
+) -> InferenceResult:
+    """Run the whole engine on one series; raises `SeriesError` for an unusable series.
+
+    `model`: `package`'s network, already built (and on its device); else it is built
+    here on `device`. Give one or the other.
+    """
+    if model is not None and device is not None:
+        raise ValueError("give run_series a device or a built model, not both (the model is on its device)")
     from inference.model.predictor import predict_slices, select_device
 
     timings: dict[str, float] = {}
@@ -70,8 +82,11 @@ def run_series(files: Sequence[Path], package: ModelPackage, *, device: str | No
     if "n4" in parts:
         timings["preprocess: n4"] = parts["n4"]
     with _timed(timings, "model"):
-        torch_device = select_device(device)
-        model = package.build_model(torch_device)
+        if model is None:
+            torch_device = select_device(device)
+            model = package.build_model(torch_device)
+        else:
+            torch_device = next(model.parameters()).device
         gtv_prob, mutant_prob = predict_slices(model, model_input.slices, device=torch_device)
     with _timed(timings, "postprocess"):
         threshold = package.thresholds.get("gtv_probability", DEFAULT_THRESHOLD)

@@ -2,7 +2,10 @@
 
 `--json` output is stable: `list` prints an array of objects with at least
 id, state, study_uid, series_uid, patient_id, created_at, updated_at, reason;
-`show` prints one such object plus events, exports and summary.
+`show` prints one such object plus events, exports and summary. `claimed_by`
+is the worker that runs (or last ran) the job, `host:pid:nonce:worker-N`;
+`host` its host; `lease_expires_at` how long a running job's worker is
+trusted without a heartbeat.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def job_dict(job, *, full: bool = False) -> dict:
+    from dicom_node.worker import holder_host
+
     data = {
         "id": job.id,
         "state": job.state.value,
@@ -42,6 +47,9 @@ def job_dict(job, *, full: bool = False) -> dict:
         "model": job.model,
         "instances": job.instance_count,
         "attempts": job.attempts,
+        "claimed_by": job.claimed_by,
+        "host": holder_host(job.claimed_by),
+        "lease_expires_at": _iso(job.lease_expires_at) if job.state.value == "running" else None,
         "created_at": _iso(job.created_at),
         "updated_at": _iso(job.updated_at),
         "started_at": _iso(job.started_at),
@@ -158,6 +166,10 @@ def show(job_id: int, as_json: bool = typer.Option(False, "--json"), config: Pat
         f"rule {job.rule_name or '-'}  attempts {job.attempts}"
     )
     console.print(f"study {job.study_uid}\nseries {job.series_uid}")
+    if job.claimed_by:
+        verb = "running on" if data["lease_expires_at"] else "last run on"
+        lease = f"  (lease until {job.lease_expires_at:%H:%M:%S} UTC)" if data["lease_expires_at"] else ""
+        console.print(f"{verb} host {data['host']}: {job.claimed_by}{lease}", highlight=False)
     if job.reason:
         console.print(f"[red]reason:[/] {job.reason}")
     table = Table("time (UTC)", "+s", "kind", "message", "duration")
