@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -143,6 +144,14 @@ class Cluster:
         assert process.alive(), log.read_text()
         return process
 
+    def jobs_show(self, job_id: int, *args: str) -> str:
+        """`dicom-node jobs show` as a physicist runs it; its standard output."""
+        executable = Path(sys.executable).parent / "dicom-node"
+        command = [str(executable), "jobs", "show", str(job_id), "--config", str(self.config), *args]
+        shown = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        return shown.stdout
+
     def job(self) -> Job | None:
         with self.db.session() as session:
             return session.scalar(select(Job).order_by(Job.id.desc()).limit(1))
@@ -239,11 +248,19 @@ def test_a_second_worker_started_during_a_job_does_not_run_it_again(cluster, pha
     assert second.logged("workers.started")["jobs_resumed"] == []
     still = nodes.running_job()
     assert still is not None and still.claimed_by == job.claimed_by and still.attempts == 1
+    shown = " ".join(nodes.jobs_show(job.id).split())
+    assert f"running on host {socket.gethostname()}: {job.claimed_by} (lease until" in shown
     os.kill(first.pid, signal.SIGCONT)
 
     done = nodes.wait_done()
     assert done.attempts == 1 and done.claimed_by == job.claimed_by
     assert not any("re-queued" in m for m in state_messages(done))
+    shown = json.loads(nodes.jobs_show(job.id, "--json"))
+    assert (shown["claimed_by"], shown["host"], shown["lease_expires_at"]) == (
+        job.claimed_by,
+        socket.gethostname(),
+        None,
+    )
     wait_for(lambda: sum(nodes.received().values()) >= 2)
     assert nodes.received() == Counter({"RTSTRUCT": 1, "SR": 1})
 
