@@ -11,9 +11,10 @@ renews (`renew_lease`). A `running` job goes back to the queue only when its
 holder is known to be dead, that is when its lease has expired
 (`requeue_expired_leases`): never because another process on the same host
 started. `requeue_job` is the one place where an interrupted run is re-queued
-(its attempt was counted when it was claimed; a cap on attempts belongs there). A worker whose lease was lost
-cannot record anything any more: `record_outputs` and `fail_job` check the
-holder and its attempt in the same transaction (`LeaseLost`).
+(its attempt was counted when it was claimed; a cap on attempts belongs
+there). A worker whose lease was lost cannot record anything any more:
+`record_outputs` and `fail_job` check the holder and its attempt in the same
+transaction (`LeaseLost`).
 
 Series that arrive again after they were evaluated: the new instances join
 the stored series and, after a new quiet period, the whole series is
@@ -319,43 +320,28 @@ def requeue_job(session: Session, job: Job, message: str) -> None:
     set_state(session, job, JobState.QUEUED, message)
 
 
-def _requeue_running(db: Database, condition, why: str) -> list[int]:
-    """Re-queue the running jobs matching `condition`; each re-checked under its row lock."""
-    with db.session() as session:
-        candidates = session.scalars(
-            select(Job.id).where(Job.state == JobState.RUNNING, condition).order_by(Job.id)
-        ).all()
-    requeued = []
-    for job_id in candidates:
-        with db.session() as session:
-            job = session.scalar(
-                select(Job)
-                .where(Job.id == job_id, Job.state == JobState.RUNNING, condition)
-                .with_for_update(skip_locked=True)
-            )
-            if job is None:  # renewed, finished or re-queued by someone else meanwhile
-                continue
-            # SQLite takes no row lock on SELECT: the conditional UPDATE is the guard there.
-            locked = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.RUNNING, condition)
-                .values(updated_at=utcnow())
-            ).rowcount
-            if locked != 1:
-                continue
-            session.refresh(job)
-            requeue_job(session, job, f"re-queued: {why.format(holder=job.claimed_by)} (attempt {job.attempts})")
-            requeued.append(job_id)
-    return requeued
-
-
 def requeue_expired_leases(db: Database) -> list[int]:
     """Re-queue running jobs whose lease has expired (their worker stopped renewing it).
 
     A running job without a lease (claimed before leases existed) counts as expired.
+    Each job is checked again under its row lock, so a lease renewed meanwhile stays.
     """
-    expired = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < utcnow())
-    return _requeue_running(db, expired, "the lease of {holder} expired")
+    expired = (Job.state == JobState.RUNNING) & or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < utcnow())
+    with db.session() as session:
+        candidates = session.scalars(select(Job.id).where(expired).order_by(Job.id)).all()
+    requeued = []
+    for job_id in candidates:
+        with db.session() as session:
+            job = session.scalar(select(Job).where(Job.id == job_id, expired).with_for_update(skip_locked=True))
+            if job is None:  # renewed, finished or re-queued by someone else meanwhile
+                continue
+            # SQLite takes no row lock on SELECT: this conditional UPDATE is the guard there.
+            if session.execute(update(Job).where(Job.id == job_id, expired).values(updated_at=utcnow())).rowcount != 1:
+                continue
+            session.refresh(job)
+            requeue_job(session, job, f"re-queued: the lease of {job.claimed_by} expired (attempt {job.attempts})")
+            requeued.append(job_id)
+    return requeued
 
 
 def record_outputs(
