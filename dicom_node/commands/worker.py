@@ -41,7 +41,7 @@ def _devices(settings, count: int | None, devices: list[str] | None) -> list[str
 def worker(
     config: Path | None = ConfigOption,
     count: int | None = typer.Option(
-        None, min=1, help="Workers in this process on [worker] device (default: [worker] count, at least 1)."
+        None, min=1, help="Workers in this process, all on worker.device (default: worker.count, at least 1)."
     ),
     device: list[str] = typer.Option(
         None, "--device", help="Run one worker on this device (cpu, cuda, cuda:N); repeat for one per GPU."
