@@ -2,10 +2,10 @@
 
 Start-up order makes restarts safe: leftovers of interrupted writes are
 removed (partial temp files, and complete files whose row was never committed,
-hence never acknowledged), `running` jobs whose lease has expired go back to
-`queued` (a job whose worker still renews its lease, in this host's
-`dicom-node worker` or on another host, is left alone; this process's own
-interrupted jobs follow once their lease expires), pending exports are picked
+hence never acknowledged), the jobs this process's dead previous incarnation
+was running and `running` jobs whose lease has expired go back to `queued` (a
+job whose worker still renews its lease, in this host's `dicom-node worker`
+or on another host, is left alone), pending exports are picked
 up by the exporter's first round; only then does the SCP accept
 associations. Expired leases are looked for again every `lease_s / 3`. Shutdown stops the SCP first (no new instances), then the
 scheduler and the workers.
@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicom_node.exporter import Exporter
+from dicom_node.incarnation import Incarnation
 from dicom_node.logging_setup import get_logger
 from dicom_node.routing import compile_rules
 from dicom_node.series_watcher import SeriesWatcher
 from dicom_node.settings import Settings
 from dicom_node.store_scp import StoreSCP
-from dicom_node.worker import InferenceWorker, ModelRegistry, requeue_dead_holders, worker_ids
+from dicom_node.worker import InferenceWorker, ModelRegistry, requeue_dead_holders, take_over_at_start, worker_ids
 from storage.database import Database
 from storage.instance_store import InstanceStore
 from storage.jobs import stored_instance_paths
@@ -53,12 +54,13 @@ class NodeService:
         self.registry = ModelRegistry()
         self._stop = threading.Event()
         self._workers: list[InferenceWorker] = []
+        self._incarnation: Incarnation | None = None
         self._scheduler = BackgroundScheduler(timezone="UTC")
 
     def start(self) -> tuple[str, int]:
         removed = self.store.remove_partials()
         orphans = self.store.remove_unreferenced(stored_instance_paths(self.db))
-        resumed = requeue_dead_holders(self.db)
+        self._incarnation, resumed = take_over_at_start(self.db, self.settings.storage.data_dir)
         log.info(
             "service.starting",
             data_dir=str(self.store.root),
@@ -130,6 +132,8 @@ class NodeService:
         self._scheduler.shutdown(wait=False)
         for worker in self._workers:
             worker.join(timeout=60)
+        if self._incarnation is not None:
+            self._incarnation.release()
         self.db.dispose()
         log.info("service.stopped")
 

@@ -16,12 +16,16 @@ Decisions:
 - While a job runs, a heartbeat renews its lease every `lease_s / 3`; a worker
   that stops renewing (killed, host gone) loses the job when the lease expires,
   and then cannot record outputs for it any more (`storage.jobs.LeaseLost`).
+- At start-up a process re-queues at once the jobs of the dead process it
+  replaces on this host (`dicom_node.incarnation`), and otherwise only jobs
+  whose lease has expired.
 - `ModelRegistry` loads and verifies each package once per process and builds
   its network once per device, so jobs after the first reuse it.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import socket
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
+from dicom_node.incarnation import Incarnation
 from dicom_node.logging_setup import get_logger
 from dicom_node.settings import WorkerSettings
 from storage.database import Database
@@ -45,6 +50,7 @@ from storage.jobs import (
     record_outputs,
     renew_lease,
     requeue_expired_leases,
+    requeue_jobs_of,
 )
 from storage.models import EventKind, Instance
 
@@ -55,6 +61,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 _NONCE = secrets.token_hex(4)
+_WORKER_NUMBERS = itertools.count()  # unique within the process, even across services (tests)
 
 
 def process_identity() -> str:
@@ -65,7 +72,7 @@ def process_identity() -> str:
 def worker_ids(count: int) -> list[str]:
     """Ids of this process's `count` workers: `host:pid:nonce:worker-N`."""
     identity = process_identity()
-    return [f"{identity}:worker-{index}" for index in range(count)]
+    return [f"{identity}:worker-{next(_WORKER_NUMBERS)}" for _ in range(count)]
 
 
 def holder_host(worker_id: str | None) -> str | None:
@@ -81,6 +88,19 @@ def requeue_dead_holders(db: Database) -> list[int]:
     if requeued:
         log.warning("jobs.requeued_expired_leases", jobs=requeued)
     return requeued
+
+
+def take_over_at_start(db: Database, data_dir: Path) -> tuple[Incarnation, list[int]]:
+    """At start-up: take a process slot on this host; re-queue the running jobs of the slot's
+    previous holder (a dead process) and those whose lease has expired. Keep the returned
+    `Incarnation` for the life of the process: it holds the slot."""
+    incarnation = Incarnation(data_dir, process_identity())
+    previous = incarnation.claim()
+    # The slot's previous holder is dead, unless it was this very process (an earlier service in it).
+    requeued = requeue_jobs_of(db, previous) if previous and previous != process_identity() else []
+    if requeued:
+        log.warning("jobs.requeued_previous_incarnation", previous=previous, jobs=requeued)
+    return incarnation, requeued + requeue_dead_holders(db)
 
 
 class ModelRegistry:

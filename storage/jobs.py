@@ -8,13 +8,14 @@ SQLite, where writes are serialised anyway) followed by a conditional
 
 Leases: a claimed job carries `lease_expires_at`, which its worker's heartbeat
 renews (`renew_lease`). A `running` job goes back to the queue only when its
-holder is known to be dead, that is when its lease has expired
-(`requeue_expired_leases`): never because another process on the same host
-started. `requeue_job` is the one place where an interrupted run is re-queued
-(its attempt was counted when it was claimed; a cap on attempts belongs
-there). A worker whose lease was lost cannot record anything any more:
-`record_outputs` and `fail_job` check the holder and its attempt in the same
-transaction (`LeaseLost`).
+holder is known to be dead: its lease has expired (`requeue_expired_leases`),
+or its process is known to have exited (`requeue_jobs_of`, for the previous
+holder of a process slot on this host: `dicom_node.incarnation`). Never
+because another process on the same host started. `requeue_job` is the one
+place where an interrupted run is re-queued (its attempt was counted when it
+was claimed; a cap on attempts belongs there). A worker whose lease was lost
+cannot record anything any more: `record_outputs` and `fail_job` check the
+holder and its attempt in the same transaction (`LeaseLost`).
 
 Series that arrive again after they were evaluated: the new instances join
 the stored series and, after a new quiet period, the whole series is
@@ -27,7 +28,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from storage.database import Database
@@ -324,22 +325,36 @@ def requeue_expired_leases(db: Database) -> list[int]:
     """Re-queue running jobs whose lease has expired (their worker stopped renewing it).
 
     A running job without a lease (claimed before leases existed) counts as expired.
-    Each job is checked again under its row lock, so a lease renewed meanwhile stays.
     """
-    expired = (Job.state == JobState.RUNNING) & or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < utcnow())
+    expired = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < utcnow())
+    return _requeue_running(db, expired, "the lease of {holder} expired")
+
+
+def requeue_jobs_of(db: Database, process_id: str) -> list[int]:
+    """Re-queue the running jobs of a process known to be dead, whatever their leases.
+
+    `process_id` is the `host:pid:nonce` its workers' ids start with (`<process_id>:worker-N`).
+    """
+    return _requeue_running(db, Job.claimed_by.startswith(f"{process_id}:"), "{holder} is no longer running")
+
+
+def _requeue_running(db: Database, condition: ColumnElement[bool], why: str) -> list[int]:
+    """Re-queue running jobs matching `condition`; each is checked again under its row lock,
+    so that a lease renewed or a job finished meanwhile is left alone."""
+    matching = (Job.state == JobState.RUNNING) & condition
     with db.session() as session:
-        candidates = session.scalars(select(Job.id).where(expired).order_by(Job.id)).all()
+        candidates = session.scalars(select(Job.id).where(matching).order_by(Job.id)).all()
     requeued = []
     for job_id in candidates:
         with db.session() as session:
-            job = session.scalar(select(Job).where(Job.id == job_id, expired).with_for_update(skip_locked=True))
-            if job is None:  # renewed, finished or re-queued by someone else meanwhile
+            job = session.scalar(select(Job).where(Job.id == job_id, matching).with_for_update(skip_locked=True))
+            if job is None:
                 continue
             # SQLite takes no row lock on SELECT: this conditional UPDATE is the guard there.
-            if session.execute(update(Job).where(Job.id == job_id, expired).values(updated_at=utcnow())).rowcount != 1:
+            if session.execute(update(Job).where(Job.id == job_id, matching).values(updated_at=utcnow())).rowcount != 1:
                 continue
             session.refresh(job)
-            requeue_job(session, job, f"re-queued: the lease of {job.claimed_by} expired (attempt {job.attempts})")
+            requeue_job(session, job, f"re-queued: {why.format(holder=job.claimed_by)} (attempt {job.attempts})")
             requeued.append(job_id)
     return requeued
 

@@ -4,8 +4,9 @@ Several GPU hosts point at one PostgreSQL job store and shared storage; the
 receiving host runs `serve` (with `[worker] count = 0` if it has no GPU) and
 each GPU host runs `worker`, one per GPU (`--device cuda:N`) or one process
 with a worker per `--device`. Jobs are claimed with SKIP LOCKED, so no job runs
-twice; a started worker takes over only jobs whose lease has expired, never a
-job that another live process on the same host is running.
+twice; a started worker takes over only jobs whose lease has expired, or those
+of the dead process whose slot it takes (`dicom_node.incarnation`), never a job
+that another live process on the same host is running.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def worker(
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from dicom_node.logging_setup import configure_logging, get_logger
-    from dicom_node.worker import InferenceWorker, ModelRegistry, requeue_dead_holders, worker_ids
+    from dicom_node.worker import InferenceWorker, ModelRegistry, requeue_dead_holders, take_over_at_start, worker_ids
     from storage.database import Database
     from storage.instance_store import InstanceStore
 
@@ -64,7 +65,7 @@ def worker(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     registry = ModelRegistry()
-    resumed = requeue_dead_holders(db)
+    incarnation, resumed = take_over_at_start(db, settings.storage.data_dir)
     leases = BackgroundScheduler(timezone="UTC")
     leases.add_job(
         lambda: _logged(requeue_dead_holders, db),
@@ -88,6 +89,7 @@ def worker(
     leases.shutdown(wait=False)
     for w in workers:
         w.join(timeout=120)
+    incarnation.release()
 
 
 def _logged(function, *args) -> None:

@@ -69,8 +69,6 @@ check_interval_s = 0.2
 count = 1
 device = "cpu"
 poll_interval_s = 0.2
-# The killed process's running job goes back to the queue once its lease expires.
-lease_s = 2
 
 [export]
 retry_initial_s = 0.5

@@ -23,6 +23,7 @@ from storage.jobs import (
     record_outputs,
     renew_lease,
     requeue_expired_leases,
+    requeue_jobs_of,
 )
 from storage.models import EventKind, Job, JobState, utcnow
 
@@ -111,3 +112,16 @@ def test_a_run_that_lost_its_lease_records_neither_outputs_nor_failure(queued_jo
     record_outputs(db, job_id, "outputs/job-1/attempt-2", {}, second, holder=("hostB:7:cc:worker-0", 2))
     job = load_job(db, job_id)
     assert job.state == JobState.EXPORTING and [e.sop_instance_uid for e in job.exports] == ["2.25.2"]
+
+
+def test_the_jobs_of_a_dead_process_are_requeued_at_once_and_only_its_own(queued_job):
+    db, job_id = queued_job
+    claim_next_job(db, "hostA:11:aa:worker-0", lease_s=60)
+    assert requeue_jobs_of(db, "hostA:11:a") == []  # another process's id is not a prefix match
+    assert requeue_jobs_of(db, "hostA:11:aab") == []
+    assert requeue_jobs_of(db, "hostA:11:aa") == [job_id]
+    job = load_job(db, job_id)
+    assert job.state == JobState.QUEUED and job.attempts == 1
+    assert (
+        "hostA:11:aa:worker-0 is no longer running" in [e for e in job.events if e.kind == EventKind.STATE][-1].message
+    )
