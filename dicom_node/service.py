@@ -2,18 +2,21 @@
 
 Start-up order makes restarts safe: leftovers of interrupted writes are
 removed (partial temp files, and complete files whose row was never committed,
-hence never acknowledged), jobs left `running` go back to `queued`, pending exports are picked
+hence never acknowledged), the jobs this process's dead previous incarnation
+was running and `running` jobs whose lease has expired go back to `queued` (a
+job whose worker still renews its lease, in this host's `dicom-node worker`
+or on another host, is left alone), pending exports are picked
 up by the exporter's first round; only then does the SCP accept
 associations. The HTTP operations view (`[http]`) binds first of all, so a
 port in use stops start-up before anything runs; until the SCP listens,
-`/readyz` says so. Shutdown stops HTTP and the SCP first (no new instances),
+`/readyz` says so. Expired leases are looked for again every `lease_s / 3`.
+Shutdown stops HTTP and the SCP first (no new instances),
 then the scheduler and the workers.
 """
 
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -22,16 +25,17 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from dicom_node import systemd_notify
 from dicom_node.export_targets import ExportTargets
 from dicom_node.exporter import Exporter
+from dicom_node.incarnation import Incarnation
 from dicom_node.logging_setup import get_logger
 from dicom_node.metrics import JobStoreCollector, NodeMetrics
 from dicom_node.routing import compile_rules
 from dicom_node.series_watcher import SeriesWatcher
 from dicom_node.settings import Settings
 from dicom_node.store_scp import StoreSCP
-from dicom_node.worker import InferenceWorker, ModelRegistry
+from dicom_node.worker import InferenceWorker, ModelRegistry, requeue_dead_holders, take_over_at_start, worker_ids
 from storage.database import Database
 from storage.instance_store import InstanceStore
-from storage.jobs import resume_interrupted, stored_instance_paths
+from storage.jobs import stored_instance_paths
 from storage.store_identity import check_and_bind
 
 log = get_logger(__name__)
@@ -60,6 +64,7 @@ class NodeService:
         self.registry = ModelRegistry()
         self._stop = threading.Event()
         self._workers: list[InferenceWorker] = []
+        self._incarnation: Incarnation | None = None
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self.http = None
         if s.http.enabled:
@@ -74,7 +79,7 @@ class NodeService:
         s = self.settings
         removed = self.store.remove_partials()
         orphans = self.store.remove_unreferenced(stored_instance_paths(self.db))
-        resumed = resume_interrupted(self.db, self.worker_prefix, s.worker.max_attempts)
+        self._incarnation, resumed = take_over_at_start(self.db, s.storage.data_dir, s.worker.max_attempts)
         log.info(
             "service.starting",
             data_dir=str(self.store.root),
@@ -97,6 +102,13 @@ class NodeService:
             id="exporter",
             **every,
         )
+        self._scheduler.add_job(
+            self._guard(lambda: requeue_dead_holders(self.db, s.worker.max_attempts)),
+            "interval",
+            seconds=s.worker.lease_check_interval_s,
+            id="expired-leases",
+            **every,
+        )
         if s.storage.retention_days is not None:
             from storage.retention import purge_expired
 
@@ -115,9 +127,10 @@ class NodeService:
                 **every,
             )
         self._scheduler.start()
-        for index in range(s.worker.count):
+        for worker_id in worker_ids(s.worker.count):
             worker = InferenceWorker(
-                f"{self.worker_prefix}{index}",
+                worker_id,
+                s.worker.device,
                 self.db,
                 self.store,
                 s.worker,
@@ -134,11 +147,6 @@ class NodeService:
     @property
     def workers(self) -> list[InferenceWorker]:
         return list(self._workers)
-
-    @property
-    def worker_prefix(self) -> str:
-        """Worker names on this host: `<hostname>-worker-<n>` (what `resume_interrupted` matches)."""
-        return f"{socket.gethostname()}-worker-"
 
     @staticmethod
     def _guard(function):
@@ -164,6 +172,8 @@ class NodeService:
         self.exporter.stop(timeout_s=10)
         for worker in self._workers:
             worker.join(timeout=60)
+        if self._incarnation is not None:
+            self._incarnation.release()
         self.db.dispose()
         log.info("service.stopped")
 

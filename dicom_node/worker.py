@@ -1,24 +1,39 @@
 """Inference workers: claim queued jobs, run the engine, write outputs, queue exports.
 
-One worker thread per configured worker (`[worker] count`; one per GPU, or one
-on the CPU). A job runs through `inference.pipeline.run_series` (load,
+One worker thread per configured worker, each on its own device (`[worker]
+count` on `[worker] device` in `serve`; `dicom-node worker --device cuda:N`,
+one worker per GPU). A job runs through `inference.pipeline.run_series` (load,
 preprocess, model, postprocess, each timed) and `write_dicom_outputs`; each
 stage becomes a job event with its duration. Any failure is recorded with a
 readable reason and the stack trace, and the worker takes the next job: a bad
 series never stops the service. A series the input screening refuses (not what
 the model accepts) is `rejected` with the reason instead; the job's routing rule
 may add its own screening names (`rules.screening`). Outputs go to `outputs/job-<id>/attempt-<n>/`
-so a retried job never mixes its results with an earlier attempt's. Any other
-error re-queues the job until it has been tried `[worker] max_attempts` times.
-A result the plausibility gate stops is written but not sent: the job is `held`
-with the gate's reasons and no export rows until a person releases it.
+so a retried job never mixes its results with an earlier attempt's.
+
+Decisions:
+- A worker's id is `host:pid:nonce:worker-N`, unique per process (the nonce
+  tells a restarted process from its previous incarnation with the same pid),
+  so no process ever mistakes another's job for its own.
+- While a job runs, a heartbeat renews its lease every `lease_s / 3`; a worker
+  that stops renewing (killed, host gone) loses the job when the lease expires,
+  and then cannot record outputs for it any more (`storage.jobs.LeaseLost`).
+- At start-up a process re-queues at once the jobs of the dead process it
+  replaces on this host (`dicom_node.incarnation`), and otherwise only jobs
+  whose lease has expired.
+- `ModelRegistry` loads and verifies each package once per process and builds
+  its network once per device, so jobs after the first reuse it.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import secrets
+import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,11 +41,13 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from dicom_node.export_targets import ExportTargets
+from dicom_node.incarnation import Incarnation
 from dicom_node.logging_setup import get_logger
 from dicom_node.settings import RoutingRule, WorkerSettings
 from storage.database import Database
 from storage.instance_store import InstanceStore
 from storage.jobs import (
+    LeaseLost,
     add_event,
     claim_next_job,
     fail_job,
@@ -38,6 +55,9 @@ from storage.jobs import (
     hold_outputs,
     record_outputs,
     reject_job,
+    renew_lease,
+    requeue_expired_leases,
+    requeue_jobs_of,
     retry_after_error,
 )
 from storage.models import EventKind, Instance
@@ -46,17 +66,67 @@ from storage.write_retry import retry_write
 if TYPE_CHECKING:
     from inference.imaging.screening import NamePatterns
 
+if TYPE_CHECKING:
+    from inference.model.mtsa_net import MTSANet
+    from inference.model.package import ModelPackage
+
 log = get_logger(__name__)
+
+_NONCE = secrets.token_hex(4)
+_WORKER_NUMBERS = itertools.count()  # unique within the process, even across services (tests)
+
+
+def process_identity() -> str:
+    """`host:pid:nonce` of this process; the nonce is drawn once per process start."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_NONCE}"
+
+
+def worker_ids(count: int) -> list[str]:
+    """Ids of this process's `count` workers: `host:pid:nonce:worker-N`."""
+    identity = process_identity()
+    return [f"{identity}:worker-{next(_WORKER_NUMBERS)}" for _ in range(count)]
+
+
+def holder_host(worker_id: str | None) -> str | None:
+    """The host part of a worker id (older ids, `<host>-worker-N`, have no colon)."""
+    if not worker_id:
+        return None
+    return worker_id.split(":", 1)[0] if ":" in worker_id else worker_id.rsplit("-worker-", 1)[0]
+
+
+def requeue_dead_holders(db: Database, max_attempts: int) -> list[int]:
+    """Re-queue the running jobs whose holder stopped renewing its lease (logged); their ids.
+
+    A job already tried `max_attempts` times fails instead (it may be what kills its workers)."""
+    requeued = requeue_expired_leases(db, max_attempts)
+    if requeued:
+        log.warning("jobs.requeued_expired_leases", jobs=requeued)
+    return requeued
+
+
+def take_over_at_start(db: Database, data_dir: Path, max_attempts: int) -> tuple[Incarnation, list[int]]:
+    """At start-up: take a process slot on this host; re-queue the running jobs of the slot's
+    previous holder (a dead process) and those whose lease has expired. Keep the returned
+    `Incarnation` for the life of the process: it holds the slot."""
+    incarnation = Incarnation(data_dir, process_identity())
+    previous = incarnation.claim()
+    # The slot's previous holder is dead, unless it was this very process (an earlier service in it).
+    requeued = requeue_jobs_of(db, previous, max_attempts) if previous and previous != process_identity() else []
+    if requeued:
+        log.warning("jobs.requeued_previous_incarnation", previous=previous, jobs=requeued)
+    return incarnation, requeued + requeue_dead_holders(db, max_attempts)
 
 
 class ModelRegistry:
-    """Loaded model packages by the name a routing rule gives ("default" or a path)."""
+    """Verified model packages by the name a routing rule gives ("default" or a path), and
+    their networks by device: each package is read and checked once, each network built once."""
 
     def __init__(self) -> None:
-        self._packages: dict[str, object] = {}
+        self._packages: dict[str, ModelPackage] = {}
+        self._networks: dict[tuple[str, str], MTSANet] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str | None):
+    def get(self, name: str | None) -> ModelPackage:
         from inference.model.package import default_package_path, load_package
 
         key = name or "default"
@@ -65,6 +135,45 @@ class ModelRegistry:
                 path = default_package_path() if key == "default" else Path(key)
                 self._packages[key] = load_package(path)
             return self._packages[key]
+
+    def network(self, name: str | None, device: str | None) -> tuple[ModelPackage, MTSANet]:
+        """The package and its network on `device` (None: `select_device`'s choice), built on first use."""
+        from inference.model.predictor import select_device
+
+        package = self.get(name)
+        torch_device = select_device(device)
+        key = (name or "default", str(torch_device))
+        with self._lock:
+            if key not in self._networks:
+                self._networks[key] = package.build_model(torch_device)
+            return package, self._networks[key]
+
+
+class LeaseHeartbeat:
+    """Renews a running job's lease every `lease_s / 3` in a background thread."""
+
+    def __init__(self, db: Database, job_id: int, worker_id: str, lease_s: float) -> None:
+        self.db, self.job_id, self.worker_id, self.lease_s = db, job_id, worker_id, lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                if not renew_lease(self.db, self.job_id, self.worker_id, self.lease_s):
+                    if not self._stop.is_set():  # else the job has just left `running` normally
+                        log.warning("job.lease_lost", job_id=self.job_id, worker=self.worker_id)
+                    return
+            except Exception:  # the job store is unreachable: try again at the next beat
+                log.exception("job.lease_renewal_failed", job_id=self.job_id, worker=self.worker_id)
+
+    def __enter__(self) -> LeaseHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def series_files(db: Database, store: InstanceStore, series_id: int) -> list[Path]:
@@ -90,18 +199,22 @@ def run_job(
     store: InstanceStore,
     registry: ModelRegistry,
     device: str | None,
+    worker_id: str,
     targets: ExportTargets,
     max_attempts: int,
     names: Mapping[str, NamePatterns] | None = None,
 ) -> None:
-    """Run one claimed job to `exporting`/`done`, `held`, `rejected`, `failed` with its reason, or back to `queued`.
+    """Run one job that `worker_id` has claimed to `exporting`/`done`, `held`, `rejected`,
+    `failed` with its reason, or back to `queued` (an internal error, until `max_attempts`).
 
+    Results and failures are recorded only while this run still holds the job.
     `targets` applies the destinations' object filters: a filtered-out output gets no export row.
     `names`: `screening_names` of the configured rules; the job's rule picks its own.
     """
     from inference.errors import InferenceError, SeriesRefused
 
-    bound = log.bind(job_id=job_id)
+    bound = log.bind(job_id=job_id, worker=worker_id)
+    holder: tuple[str, int] | None = None
     try:
         from inference.outputs.dicom_outputs import write_dicom_outputs
         from inference.pipeline import run_series, write_offline_outputs
@@ -115,12 +228,13 @@ def run_job(
                 job.attempts,
                 job.rule_name,
             )
+        holder = (worker_id, attempt)
         bound = bound.bind(series_uid=job.series_uid, study_uid=job.study_uid)
         files = series_files(db, store, series_id)
         if not files:
             raise FileNotFoundError("the series' instances are no longer on disk (purged?)")
         start = time.perf_counter()
-        package = registry.get(model_name)
+        package, network = registry.network(model_name, device)
         add_event(
             db,
             job_id,
@@ -128,7 +242,7 @@ def run_job(
             f"model package {package.identity.display} ready",
             duration_s=time.perf_counter() - start,
         )
-        result = run_series(files, package, device=device, names=(names or {}).get(rule_name or ""))
+        result = run_series(files, package, model=network, names=(names or {}).get(rule_name or ""))
         for stage, seconds in result.timings_s.items():
             add_event(db, job_id, EventKind.STAGE, stage, duration_s=seconds)
         out_dir = store.attempt_outputs(job_id, attempt)
@@ -143,30 +257,41 @@ def run_job(
         summary["outputs"] = outputs
         relative_dir = out_dir.relative_to(store.root).as_posix()
         if result.hold_reasons:
-            hold_outputs(db, job_id, relative_dir, summary, result.hold_reasons)
+            hold_outputs(db, job_id, relative_dir, summary, result.hold_reasons, holder=holder)
             bound.warning("job.held", reasons=result.hold_reasons, lesions=len(result.lesions))
             return
         exports = targets.rows(destinations, outputs)
-        record_outputs(db, job_id, relative_dir, summary, exports)
+        record_outputs(db, job_id, relative_dir, summary, exports, holder=holder)
         bound.info("job.inference_done", lesions=len(result.lesions), egfr=result.egfr.call.value, outputs=len(outputs))
+    except LeaseLost as exc:
+        bound.warning("job.lease_lost", reason=str(exc))
     except SeriesRefused as exc:
         bound.warning("job.rejected", reason=str(exc))
-        reject_job(db, job_id, str(exc))
+        _record_end(partial(reject_job, db, job_id, str(exc), holder=holder), job_id)
     except InferenceError as exc:
         bound.warning("job.failed", reason=str(exc))
-        retry_write(partial(fail_job, db, job_id, str(exc), exc), f"job {job_id} failure")
+        _record_end(partial(fail_job, db, job_id, str(exc), exc, holder=holder), job_id)
     except Exception as exc:
         bound.exception("job.error", reason=repr(exc))
         reason = f"internal error: {type(exc).__name__}: {exc}"
-        retry_write(partial(retry_after_error, db, job_id, reason, max_attempts, exc), f"job {job_id} failure")
+        _record_end(partial(retry_after_error, db, job_id, reason, max_attempts, exc, holder=holder), job_id)
+
+
+def _record_end(record: Callable[[], object], job_id: int) -> None:
+    """Record how a run ended, retried while the store is busy; nothing if the run lost the job."""
+    try:
+        retry_write(record, f"job {job_id} outcome")
+    except LeaseLost as lost:
+        log.warning("job.lease_lost", job_id=job_id, reason=str(lost))
 
 
 class InferenceWorker(threading.Thread):
-    """Polls the job store for queued jobs until stopped."""
+    """Polls the job store for queued jobs until stopped; runs them on its own device."""
 
     def __init__(
         self,
         worker_id: str,
+        device: str,
         db: Database,
         store: InstanceStore,
         settings: WorkerSettings,
@@ -177,6 +302,7 @@ class InferenceWorker(threading.Thread):
     ) -> None:
         super().__init__(name=worker_id, daemon=True)
         self.worker_id = worker_id
+        self.device = None if device == "auto" else device
         self.db = db
         self.store = store
         self.settings = settings
@@ -186,10 +312,10 @@ class InferenceWorker(threading.Thread):
         self.names = screening_names(rules)
 
     def run(self) -> None:
-        device = None if self.settings.device == "auto" else self.settings.device
+        lease_s = self.settings.lease_s
         while not self.stop_event.is_set():
             try:
-                job_id = claim_next_job(self.db, self.worker_id)
+                job_id = claim_next_job(self.db, self.worker_id, lease_s)
             except Exception:
                 log.exception("worker.claim_failed", worker=self.worker_id)
                 job_id = None
@@ -197,15 +323,17 @@ class InferenceWorker(threading.Thread):
                 self.stop_event.wait(self.settings.poll_interval_s)
                 continue
             try:
-                run_job(
-                    job_id,
-                    self.db,
-                    self.store,
-                    self.registry,
-                    device,
-                    self.targets,
-                    self.settings.max_attempts,
-                    self.names,
-                )
+                with LeaseHeartbeat(self.db, job_id, self.worker_id, lease_s):
+                    run_job(
+                        job_id,
+                        self.db,
+                        self.store,
+                        self.registry,
+                        self.device,
+                        self.worker_id,
+                        self.targets,
+                        self.settings.max_attempts,
+                        self.names,
+                    )
             except Exception:  # e.g. the job store went away while recording a failure
                 log.exception("worker.job_crashed", worker=self.worker_id, job_id=job_id)

@@ -15,7 +15,10 @@ Decisions:
   "postprocess" in seconds (they add up to the run), plus "preprocess: n4", the
   part of "preprocess" spent in N4 (reported because N4 must stay under a quarter
   of `infer`; not to be added to the total).
-- "model" includes building the network from the package's weights.
+- "model" includes building the network from the package's weights, unless
+  the caller passes a network it built from the package before (`model=`: a
+  worker builds it once per device and reuses it across jobs); it then runs on
+  that network's device.
 - The model input size and whether to run N4 come from the package manifest's
   `input` (what the model was trained with); the probability threshold and
   minimum lesion volume from its `thresholds`.
@@ -50,6 +53,7 @@ from inference.plausibility import check_plausibility
 from inference.result import InferenceResult
 
 if TYPE_CHECKING:
+    from inference.model.mtsa_net import MTSANet
     from inference.model.package import ModelPackage
 
 
@@ -65,10 +69,17 @@ def run_series(
     package: ModelPackage,
     *,
     device: str | None = None,
+    model: MTSANet | None = None,
     names: NamePatterns | None = None,
 ) -> InferenceResult:
     """Run the whole engine on one series; raises `SeriesError` for an unusable series and
-    `SeriesRefused` for one the package does not accept (`names`: the routing rule's own patterns)."""
+    `SeriesRefused` for one the package does not accept (`names`: the routing rule's own patterns).
+
+    `model`: `package`'s network, already built (and on its device); else it is built
+    here on `device`. Give one or the other.
+    """
+    if model is not None and device is not None:
+        raise ValueError("give run_series a device or a built model, not both (the model is on its device)")
     from inference.model.predictor import predict_slices, select_device
 
     timings: dict[str, float] = {}
@@ -85,8 +96,11 @@ def run_series(
     if "n4" in parts:
         timings["preprocess: n4"] = parts["n4"]
     with _timed(timings, "model"):
-        torch_device = select_device(device)
-        model = package.build_model(torch_device)
+        if model is None:
+            torch_device = select_device(device)
+            model = package.build_model(torch_device)
+        else:
+            torch_device = next(model.parameters()).device
         gtv_prob, mutant_prob = predict_slices(model, model_input.slices, device=torch_device)
     with _timed(timings, "postprocess"):
         threshold, min_volume = package.gtv_threshold, package.min_lesion_volume_mm3

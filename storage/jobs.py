@@ -6,6 +6,17 @@ Claiming uses `SELECT ... FOR UPDATE SKIP LOCKED` (PostgreSQL; ignored by
 SQLite, where writes are serialised anyway) followed by a conditional
 `UPDATE ... WHERE state = 'queued'`, so two workers never run the same job.
 
+Leases: a claimed job carries `lease_expires_at`, which its worker's heartbeat
+renews (`renew_lease`). A `running` job goes back to the queue only when its
+holder is known to be dead: its lease has expired (`requeue_expired_leases`),
+or its process is known to have exited (`requeue_jobs_of`, for the previous
+holder of a process slot on this host: `dicom_node.incarnation`). Never
+because another process on the same host started. `requeue_job` is the one
+place where an interrupted run is re-queued (its attempt was counted when it
+was claimed; a cap on attempts belongs there). A worker whose lease was lost
+cannot record anything any more: `record_outputs` and `fail_job` check the
+holder and its attempt in the same transaction (`LeaseLost`).
+
 Series that arrive again after they were evaluated: the new instances join
 the stored series and, after a new quiet period, the whole series is
 evaluated again and a new job is created; earlier jobs stay in the history.
@@ -31,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from storage.database import Database
@@ -79,6 +90,14 @@ class JobNotFound(LookupError):
 
 class InvalidTransition(RuntimeError):
     pass
+
+
+class LeaseLost(RuntimeError):
+    """The worker no longer holds the job (its lease expired and the job was re-queued)."""
+
+
+# Seconds a claim stays valid without a heartbeat; `[worker] lease_s` defaults to this.
+DEFAULT_LEASE_S = 60.0
 
 
 def event_row(session: Session, job: Job, kind: EventKind, message: str, **fields) -> None:
@@ -195,8 +214,8 @@ def complete_series(db: Database, series_id: int, outcome: RoutingOutcome) -> in
         return job.id
 
 
-def claim_next_job(db: Database, worker_id: str) -> int | None:
-    """Atomically move the oldest queued job to `running` for this worker."""
+def claim_next_job(db: Database, worker_id: str, lease_s: float = DEFAULT_LEASE_S) -> int | None:
+    """Atomically move the oldest queued job to `running` for this worker, leased for `lease_s`."""
     with db.session() as session:
         candidate = session.scalar(
             select(Job.id)
@@ -207,14 +226,16 @@ def claim_next_job(db: Database, worker_id: str) -> int | None:
         )
         if candidate is None:
             return None
+        now = utcnow()
         claimed = session.execute(
             update(Job)
             .where(Job.id == candidate, Job.state == JobState.QUEUED)
             .values(
                 state=JobState.RUNNING,
                 claimed_by=worker_id,
-                started_at=utcnow(),
-                updated_at=utcnow(),
+                lease_expires_at=now + timedelta(seconds=lease_s),
+                started_at=now,
+                updated_at=now,
                 finished_at=None,
                 reason=None,
                 attempts=Job.attempts + 1,
@@ -250,18 +271,34 @@ def add_event(
         event_row(session, get_job(session, job_id), kind, message, duration_s=duration_s, details=details)
 
 
-def fail_job(db: Database, job_id: int, reason: str, exc: BaseException | None = None) -> None:
-    """Record a failure with its readable reason and, if any, the stack trace."""
+def fail_job(
+    db: Database,
+    job_id: int,
+    reason: str,
+    exc: BaseException | None = None,
+    *,
+    holder: tuple[str, int] | None = None,
+) -> None:
+    """Record a failure with its readable reason and, if any, the stack trace.
+
+    `holder` (worker id, attempt): fail only if that run still holds the job, else `LeaseLost`.
+    """
     details = "".join(traceback.format_exception(exc)) if exc is not None else None
     with db.session() as session:
+        if holder is not None:
+            check_holder(session, job_id, *holder)
         job = get_job(session, job_id)
         event_row(session, job, EventKind.ERROR, reason, details=details)
         set_state(session, job, JobState.FAILED, f"failed: {reason}", reason=reason)
 
 
-def reject_job(db: Database, job_id: int, reason: str) -> None:
-    """A running job whose series the model does not accept (input screening): rejected, with why."""
+def reject_job(db: Database, job_id: int, reason: str, *, holder: tuple[str, int] | None = None) -> None:
+    """A running job whose series the model does not accept (input screening): rejected, with why.
+
+    `holder` as for `fail_job`."""
     with db.session() as session:
+        if holder is not None:
+            check_holder(session, job_id, *holder)
         job = get_job(session, job_id)
         set_state(session, job, JobState.REJECTED, f"rejected: {reason}", reason=f"rejected: {reason}")
 
@@ -281,11 +318,21 @@ def give_up_or_requeue(
 
 
 def retry_after_error(
-    db: Database, job_id: int, reason: str, max_attempts: int, exc: BaseException | None = None
+    db: Database,
+    job_id: int,
+    reason: str,
+    max_attempts: int,
+    exc: BaseException | None = None,
+    *,
+    holder: tuple[str, int] | None = None,
 ) -> bool:
-    """An internal error ended the attempt: `give_up_or_requeue`, with the stack trace."""
+    """An internal error ended the attempt: `give_up_or_requeue`, with the stack trace.
+
+    `holder` as for `fail_job`."""
     details = "".join(traceback.format_exception(exc)) if exc is not None else None
     with db.session() as session:
+        if holder is not None:
+            check_holder(session, job_id, *holder)
         return give_up_or_requeue(session, get_job(session, job_id), reason, max_attempts, details=details)
 
 
@@ -305,28 +352,107 @@ def retry_job(db: Database, job_id: int) -> None:
         set_state(session, job, JobState.QUEUED, "queued again by retry")
 
 
-def resume_interrupted(db: Database, worker_prefix: str, max_attempts: int) -> list[int]:
-    """On start-up: this host's jobs left `running` go back to `queued`, or to `failed`
-    once they have been tried `max_attempts` times (a job that kills its worker must
-    not be re-run forever). Returns the ids of the jobs queued again.
-
-    Only jobs claimed by workers named `<worker_prefix>...` (this host) are
-    touched, so a restarting host never steals jobs running on another one.
-    """
+def renew_lease(db: Database, job_id: int, worker_id: str, lease_s: float = DEFAULT_LEASE_S) -> bool:
+    """Extend the lease of a job this worker runs; False if it no longer holds the job."""
     with db.session() as session:
-        jobs = session.scalars(
-            select(Job).where(Job.state == JobState.RUNNING, Job.claimed_by.startswith(worker_prefix))
-        ).all()
-        reason = "interrupted run on {} (the worker crashed, was killed or restarted)"
-        return [job.id for job in jobs if give_up_or_requeue(session, job, reason.format(job.claimed_by), max_attempts)]
+        renewed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.claimed_by == worker_id)
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        ).rowcount
+        return renewed == 1
+
+
+def check_holder(session: Session, job_id: int, worker_id: str, attempt: int) -> None:
+    """Raise `LeaseLost` unless `worker_id`'s run number `attempt` still holds the job.
+
+    An UPDATE rather than a SELECT, so that the row is write-locked (SQLite: the
+    database) until the caller's transaction commits: nobody can re-queue the job
+    between this check and the caller's own change.
+    """
+    held = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.state == JobState.RUNNING,
+            Job.claimed_by == worker_id,
+            Job.attempts == attempt,
+        )
+        .values(updated_at=utcnow())
+    ).rowcount
+    if held != 1:
+        raise LeaseLost(f"job {job_id}: {worker_id} no longer holds attempt {attempt} (lease expired, re-queued)")
+
+
+def requeue_job(session: Session, job: Job, reason: str, max_attempts: int) -> bool:
+    """Put a `running` job whose holder is dead back in the queue, or fail it for good.
+
+    The one path for re-queueing an interrupted run: its attempt was counted
+    when it was claimed (`Job.attempts`), so the cap applies here
+    (`give_up_or_requeue`): a job that kills its worker is not re-run forever.
+    Returns True when re-queued.
+    """
+    job.lease_expires_at = None
+    return give_up_or_requeue(session, job, reason, max_attempts)
+
+
+def requeue_expired_leases(db: Database, max_attempts: int) -> list[int]:
+    """Re-queue running jobs whose lease has expired (their worker stopped renewing it).
+
+    A running job without a lease (claimed before leases existed) counts as expired.
+    """
+    expired = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < utcnow())
+    return _requeue_running(db, expired, "the lease of {holder} expired", max_attempts)
+
+
+def requeue_jobs_of(db: Database, process_id: str, max_attempts: int) -> list[int]:
+    """Re-queue the running jobs of a process known to be dead, whatever their leases.
+
+    `process_id` is the `host:pid:nonce` its workers' ids start with (`<process_id>:worker-N`).
+    """
+    return _requeue_running(
+        db, Job.claimed_by.startswith(f"{process_id}:"), "{holder} is no longer running", max_attempts
+    )
+
+
+def _requeue_running(db: Database, condition: ColumnElement[bool], why: str, max_attempts: int) -> list[int]:
+    """Re-queue running jobs matching `condition`; each is checked again under its row lock,
+    so that a lease renewed or a job finished meanwhile is left alone."""
+    matching = (Job.state == JobState.RUNNING) & condition
+    with db.session() as session:
+        candidates = session.scalars(select(Job.id).where(matching).order_by(Job.id)).all()
+    requeued = []
+    for job_id in candidates:
+        with db.session() as session:
+            job = session.scalar(select(Job).where(Job.id == job_id, matching).with_for_update(skip_locked=True))
+            if job is None:
+                continue
+            # SQLite takes no row lock on SELECT: this conditional UPDATE is the guard there.
+            if session.execute(update(Job).where(Job.id == job_id, matching).values(updated_at=utcnow())).rowcount != 1:
+                continue
+            session.refresh(job)
+            if requeue_job(session, job, f"interrupted run: {why.format(holder=job.claimed_by)}", max_attempts):
+                requeued.append(job_id)
+    return requeued
 
 
 def record_outputs(
-    db: Database, job_id: int, output_dir: str, summary: dict, exports: list[tuple[str, str, str, str]]
+    db: Database,
+    job_id: int,
+    output_dir: str,
+    summary: dict,
+    exports: list[tuple[str, str, str, str]],
+    *,
+    holder: tuple[str, int] | None = None,
 ) -> None:
     """Store a job's results and its export rows (destination, sop uid, class uid, path);
-    then move it to `exporting`, or `done` if there is nothing to send."""
+    then move it to `exporting`, or `done` if there is nothing to send.
+
+    `holder` (worker id, attempt): record only if that run still holds the job, else
+    `LeaseLost`, so that a run whose lease expired never delivers a second set of outputs."""
     with db.session() as session:
+        if holder is not None:
+            check_holder(session, job_id, *holder)
         job = get_job(session, job_id)
         job.output_dir = output_dir
         job.summary = summary
@@ -351,10 +477,22 @@ def _queue_exports(session: Session, job: Job, exports: list[tuple[str, str, str
         )
 
 
-def hold_outputs(db: Database, job_id: int, output_dir: str, summary: dict, reasons: list[str]) -> None:
-    """Store a job's results without export rows and move it to `held` with the gate's reasons."""
+def hold_outputs(
+    db: Database,
+    job_id: int,
+    output_dir: str,
+    summary: dict,
+    reasons: list[str],
+    *,
+    holder: tuple[str, int] | None = None,
+) -> None:
+    """Store a job's results without export rows and move it to `held` with the gate's reasons.
+
+    `holder` as for `record_outputs`."""
     reason = "held: " + "; ".join(reasons)
     with db.session() as session:
+        if holder is not None:
+            check_holder(session, job_id, *holder)
         job = get_job(session, job_id)
         job.output_dir = output_dir
         job.summary = summary

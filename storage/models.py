@@ -164,7 +164,10 @@ class Job(Base):
     destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
     reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(default=0)
+    # The worker that runs (or last ran) the job: `host:pid:nonce:worker-N` (dicom_node.worker_identity).
     claimed_by: Mapped[str | None] = mapped_column(String(128))
+    # Until when that worker's heartbeat vouches for a `running` job; past it the holder counts as dead.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
     instance_count: Mapped[int] = mapped_column(default=0)
     output_dir: Mapped[str | None] = mapped_column(String(400))
     summary: Mapped[dict | None] = mapped_column(JSON, default=None)

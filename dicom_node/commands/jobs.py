@@ -9,6 +9,10 @@ A held job (the plausibility gate stopped its result) is looked at with
 `show`, which lists its lesions and writes the overlay PNG of its RTSTRUCT,
 then `release`d (sent to its destinations) or `cancel`led. Both record the
 person (`--user`, default the OS login) and `--note` in the job's events.
+`show` prints one such object plus events, exports and summary. `claimed_by`
+is the worker that runs (or last ran) the job, `host:pid:nonce:worker-N`;
+`host` its host; `lease_expires_at` how long a running job's worker is
+trusted without a heartbeat.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def job_dict(job, *, full: bool = False) -> dict:
+    from dicom_node.worker import holder_host
+
     data = {
         "id": job.id,
         "state": job.state.value,
@@ -48,6 +54,9 @@ def job_dict(job, *, full: bool = False) -> dict:
         "model": job.model,
         "instances": job.instance_count,
         "attempts": job.attempts,
+        "claimed_by": job.claimed_by,
+        "host": holder_host(job.claimed_by),
+        "lease_expires_at": _iso(job.lease_expires_at) if job.state.value == "running" else None,
         "created_at": _iso(job.created_at),
         "updated_at": _iso(job.updated_at),
         "started_at": _iso(job.started_at),
@@ -182,6 +191,10 @@ def show(
         f"rule {job.rule_name or '-'}  attempts {job.attempts}"
     )
     console.print(f"study {job.study_uid}\nseries {job.series_uid}")
+    if job.claimed_by:
+        verb = "running on" if data["lease_expires_at"] else "last run on"
+        lease = f"  (lease until {job.lease_expires_at:%H:%M:%S} UTC)" if data["lease_expires_at"] else ""
+        console.print(f"{verb} host {data['host']}: {job.claimed_by}{lease}", highlight=False)
     if job.reason:
         console.print(f"[red]reason:[/] {job.reason}")
     table = Table("time (UTC)", "+s", "kind", "message", "duration")

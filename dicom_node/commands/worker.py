@@ -2,34 +2,63 @@
 
 Several GPU hosts point at one PostgreSQL job store and shared storage; the
 receiving host runs `serve` (with `[worker] count = 0` if it has no GPU) and
-each GPU host runs `worker`. Jobs are claimed with SKIP LOCKED, so no job runs twice.
+each GPU host runs `worker`, one per GPU (`--device cuda:N`) or one process
+with a worker per `--device`. Jobs are claimed with SKIP LOCKED, so no job runs
+twice; a started worker takes over only jobs whose lease has expired, or those
+of the dead process whose slot it takes (`dicom_node.incarnation`), never a job
+that another live process on the same host is running.
 """
 
 from __future__ import annotations
 
+import re
 import signal
-import socket
 import threading
 from pathlib import Path
 
 import typer
 
-from dicom_node.commands._common import ConfigOption, job_store_or_exit, settings_or_exit
+from dicom_node.commands._common import ConfigOption, fail, job_store_or_exit, settings_or_exit
+
+
+def _devices(settings, count: int | None, devices: list[str] | None) -> list[str]:
+    """One device per worker: the `--device`s given, else `--count` times `[worker] device`."""
+    from dicom_node.settings.schema import DEVICE_PATTERN
+    from inference.model.predictor import select_device
+
+    if devices and count is not None:
+        raise fail("give --count or --device, not both (each --device starts one worker)")
+    chosen = list(devices) if devices else [settings.worker.device] * (count or max(settings.worker.count, 1))
+    for device in chosen:
+        if not re.match(DEVICE_PATTERN, device):
+            raise fail(f"--device {device!r} must be auto, cpu, cuda or cuda:N")
+        try:
+            select_device(None if device == "auto" else device)
+        except RuntimeError as exc:
+            raise fail(str(exc)) from None
+    return chosen
 
 
 def worker(
     config: Path | None = ConfigOption,
-    count: int | None = typer.Option(None, help="Workers in this process (default: [worker] count, at least 1)."),
+    count: int | None = typer.Option(
+        None, min=1, help="Workers in this process, all on worker.device (default: worker.count, at least 1)."
+    ),
+    device: list[str] = typer.Option(
+        None, "--device", help="Run one worker on this device (cpu, cuda, cuda:N); repeat for one per GPU."
+    ),
 ) -> None:
     """Claim and run queued jobs until stopped (SIGTERM/Ctrl-C)."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
     from dicom_node.export_targets import ExportTargets
     from dicom_node.logging_setup import configure_logging, get_logger
-    from dicom_node.worker import InferenceWorker, ModelRegistry
+    from dicom_node.worker import InferenceWorker, ModelRegistry, requeue_dead_holders, take_over_at_start, worker_ids
     from storage.instance_store import InstanceStore
-    from storage.jobs import resume_interrupted
 
     settings = settings_or_exit(config)
     configure_logging(settings.logging)
+    devices = _devices(settings, count, device)
     db = job_store_or_exit(settings)
     store = InstanceStore(settings.storage.data_dir)
     stop = threading.Event()
@@ -37,18 +66,42 @@ def worker(
         signal.signal(signum, lambda *_: stop.set())
     registry = ModelRegistry()
     targets = ExportTargets(settings.destinations)
-    prefix = f"{socket.gethostname()}-worker-"
-    resumed = resume_interrupted(db, prefix, settings.worker.max_attempts)
+    max_attempts = settings.worker.max_attempts
+    incarnation, resumed = take_over_at_start(db, settings.storage.data_dir, max_attempts)
+    leases = BackgroundScheduler(timezone="UTC")
+    leases.add_job(
+        lambda: _logged(requeue_dead_holders, db, max_attempts),
+        "interval",
+        seconds=settings.worker.lease_check_interval_s,
+        id="expired-leases",
+        max_instances=1,
+        coalesce=True,
+    )
+    leases.start()
     workers = [
-        InferenceWorker(f"{prefix}{i}", db, store, settings.worker, registry, stop, targets, settings.rules)
-        for i in range(count or max(settings.worker.count, 1))
+        InferenceWorker(worker_id, dev, db, store, settings.worker, registry, stop, targets, settings.rules)
+        for worker_id, dev in zip(worker_ids(len(devices)), devices, strict=True)
     ]
     for w in workers:
         w.start()
-    get_logger(__name__).info("workers.started", count=len(workers), jobs_resumed=resumed)
+    get_logger(__name__).info(
+        "workers.started", workers=[w.worker_id for w in workers], devices=devices, jobs_resumed=resumed
+    )
     stop.wait()
+    leases.shutdown(wait=False)
     for w in workers:
         w.join(timeout=120)
+    incarnation.release()
+
+
+def _logged(function, *args) -> None:
+    """A scheduled call that logs its errors (e.g. the job store briefly unreachable) and goes on."""
+    from dicom_node.logging_setup import get_logger
+
+    try:
+        function(*args)
+    except Exception:
+        get_logger(__name__).exception("worker.lease_check_failed")
 
 
 def register(app: typer.Typer) -> None:

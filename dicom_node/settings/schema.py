@@ -51,6 +51,11 @@ from pydantic import (
     model_validator,
 )
 
+from storage.jobs import DEFAULT_LEASE_S
+
+# Inference devices: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"
+
 ENV_CONFIG_PATH = "DICOM_NODE_CONFIG"
 ENV_PREFIX = "DICOM_NODE__"
 SEARCH_PREFIX = "~"
@@ -273,12 +278,19 @@ class WorkerSettings(_Section):
     """Inference workers in this process (0: workers run on other hosts)."""
 
     count: int = Field(default=1, ge=0)
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN)
     batch_size: int = Field(default=8, ge=1)
     poll_interval_s: float = Field(default=1.0, gt=0)
     # Tries per job before it fails for good: internal errors and workers that died mid-job
     # re-queue it until then (see storage.jobs); a refused series fails at once.
     max_attempts: int = Field(default=3, ge=1)
+    # A running job's lease: renewed every lease_s / 3 by its worker; once expired, the job is re-queued.
+    lease_s: float = Field(default=DEFAULT_LEASE_S, ge=1)
+
+    @property
+    def lease_check_interval_s(self) -> float:
+        """How often expired leases are looked for (a dead holder's job waits at most lease_s + this)."""
+        return self.lease_s / 3
 
 
 class ExportSettings(_Section):

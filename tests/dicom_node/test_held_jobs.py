@@ -99,17 +99,20 @@ def test_held_result_reaches_no_tps_until_released_and_cancel_ends_another(
     assert len(tps.received()) == 2  # the cancelled job sent nothing
 
 
+DEAD_WORKER = "gone-host:4242:deadbeef:worker-0"
+
+
 @pytest.mark.slow
 def test_a_job_whose_worker_keeps_dying_gives_up_after_max_attempts(start_node, mr_series):
-    """Each service start finds the job `running` (its worker died mid-job) and counts the attempt."""
+    """Each service start finds the job `running` with an expired lease (its worker died mid-job) and counts it."""
     node = start_node(DICOM_NODE__WORKER__MAX_ATTEMPTS="2")
     send_series(mr_series, node.address[1])
     (job,) = wait_for(lambda: jobs_in(node, JobState.QUEUED))
     for _ in range(2):
-        assert claim_next_job(node.db, f"{node.worker_prefix}0") == job.id  # a worker starts the job ...
-        node.stop()  # ... and the process dies with it
+        assert claim_next_job(node.db, DEAD_WORKER, 0.01) == job.id  # a worker starts the job ...
+        node.stop()  # ... and dies with it: its lease is never renewed
         node = start_node(DICOM_NODE__WORKER__MAX_ATTEMPTS="2")
     job = load_job(node.db, job.id)
     assert job.state == JobState.FAILED and job.attempts == 2
-    assert job.reason.startswith(f"gave up after 2 attempts: interrupted run on {node.worker_prefix}0")
-    assert claim_next_job(node.db, f"{node.worker_prefix}0") is None
+    assert job.reason.startswith(f"gave up after 2 attempts: interrupted run: the lease of {DEAD_WORKER} expired")
+    assert claim_next_job(node.db, DEAD_WORKER) is None

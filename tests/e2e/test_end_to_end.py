@@ -170,7 +170,12 @@ def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, 
     job = load_job(db, done.id)
     assert job.state == JobState.DONE, job.reason
     assert job.attempts == 2
-    assert any("re-queued (attempt 1 of 3 ended: interrupted run on" in e.message for e in job.events)
+    # Re-queued at the restart, as the job of the dead previous incarnation (not after its 60 s lease).
+    assert any(
+        e.message.startswith("re-queued (attempt 1 of 3 ended: interrupted run: ")
+        and "is no longer running" in e.message
+        for e in job.events
+    )
     received = received_by_modality(tps_folder)
     assert len(received.get("RTSTRUCT", [])) == 1 and len(received.get("SR", [])) == 1
 

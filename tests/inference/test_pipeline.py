@@ -105,6 +105,29 @@ def test_run_series_is_deterministic(small_axial_series, tiny_package):
     assert first.egfr == second.egfr
 
 
+def test_a_worker_builds_the_network_once_and_reuses_it(small_axial_series, tiny_package, monkeypatch):
+    from dicom_node.worker import ModelRegistry
+
+    built_here = run_series(small_axial_series.files, tiny_package, device="cpu")
+    registry = ModelRegistry()
+    package, network = registry.network(str(tiny_package.path), "cpu")
+    again, same = registry.network(str(tiny_package.path), "cpu")
+    assert again is package and same is network
+
+    def rebuild(*_args, **_kwargs):
+        raise AssertionError("the network was built again")
+
+    monkeypatch.setattr(ModelPackage, "build_model", rebuild)
+    for _ in range(2):  # two jobs on the cached network, each as if it had built its own
+        cached = run_series(small_axial_series.files, package, model=network)
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(cached.probability_map), sitk.GetArrayFromImage(built_here.probability_map)
+        )
+        assert cached.egfr == built_here.egfr
+    with pytest.raises(ValueError, match="not both"):
+        run_series(small_axial_series.files, package, model=network, device="cpu")
+
+
 @pytest.mark.parametrize(
     ("seed", "orientation"), [(7, "axial"), (34, "sagittal"), (30, "oblique")], ids=["axial", "sagittal", "oblique"]
 )
