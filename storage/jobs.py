@@ -23,7 +23,7 @@ evaluated again and a new job is created; earlier jobs stay in the history.
 
 Attempt cap (`[worker] max_attempts`): an attempt that ends without a result
 for a reason that may not recur (an internal error, or a worker that died
-mid-job and left it `running`, found by `resume_interrupted`) re-queues the job
+mid-job and left it `running`, found by `requeue_job`) re-queues the job
 until it has been tried `max_attempts` times; then it is `failed` with "gave up
 after N attempts: <last reason>". A series the engine refuses (`fail_job`) is
 not retried: the same input gives the same answer. `jobs retry` is a person's

@@ -16,13 +16,14 @@ from storage.jobs import (
     hold_outputs,
     load_job,
     release_job,
-    resume_interrupted,
+    requeue_jobs_of,
     retry_after_error,
     retry_job,
 )
 from storage.models import SETTLED_STATES, TERMINAL_STATES, EventKind, JobState, Series, Study
 
-WORKER = "host-a-worker-0"
+PROCESS = "host-a:101:aa"  # host:pid:nonce of a worker process that died
+WORKER = f"{PROCESS}:worker-0"
 OUTPUTS = [
     ["1.2.3.1", "1.2.840.10008.5.1.4.1.1.481.3", "outputs/job-1/attempt-1/RTSTRUCT_1.2.3.1.dcm"],
     ["1.2.3.2", "1.2.840.10008.5.1.4.1.1.88.34", "outputs/job-1/attempt-1/SR_1.2.3.2.dcm"],
@@ -130,33 +131,29 @@ def test_a_worker_that_dies_mid_job_is_retried_until_the_cap(db):
     job_id = queued_job(db)
     for attempt in (1, 2):
         assert claim_next_job(db, WORKER) == job_id
-        assert resume_interrupted(db, "host-a-worker-", max_attempts=3) == [job_id]  # the restart after a crash
+        assert requeue_jobs_of(db, PROCESS, max_attempts=3) == [job_id]  # the restart after a crash
         job = load_job(db, job_id)
         assert job.state == JobState.QUEUED and job.attempts == attempt
     assert claim_next_job(db, WORKER) == job_id
-    assert resume_interrupted(db, "host-a-worker-", max_attempts=3) == []
+    assert requeue_jobs_of(db, PROCESS, max_attempts=3) == []
     job = load_job(db, job_id)
     assert job.state == JobState.FAILED and job.finished_at is not None
-    assert job.reason == (
-        "gave up after 3 attempts: interrupted run on host-a-worker-0 (the worker crashed, was killed or restarted)"
-    )
+    assert job.reason == (f"gave up after 3 attempts: interrupted run: {WORKER} is no longer running")
     assert [m for s, m in state_messages(db, job_id) if s == "queued"][1:] == [
-        "re-queued (attempt 1 of 3 ended: interrupted run on host-a-worker-0 "
-        "(the worker crashed, was killed or restarted))",
-        "re-queued (attempt 2 of 3 ended: interrupted run on host-a-worker-0 "
-        "(the worker crashed, was killed or restarted))",
+        f"re-queued (attempt 1 of 3 ended: interrupted run: {WORKER} is no longer running)",
+        f"re-queued (attempt 2 of 3 ended: interrupted run: {WORKER} is no longer running)",
     ]
     # a person's retry is one more attempt, and the cap stops the next crash loop at once
     retry_job(db, job_id)
     assert claim_next_job(db, WORKER) == job_id
-    assert resume_interrupted(db, "host-a-worker-", max_attempts=3) == []
+    assert requeue_jobs_of(db, PROCESS, max_attempts=3) == []
     assert load_job(db, job_id).reason.startswith("gave up after 4 attempts")
 
 
-def test_another_hosts_running_job_is_left_alone(db):
+def test_another_processs_running_job_is_left_alone(db):
     job_id = queued_job(db)
-    claim_next_job(db, "host-b-worker-0")
-    assert resume_interrupted(db, "host-a-worker-", max_attempts=1) == []
+    claim_next_job(db, "host-b:7:bb:worker-0")
+    assert requeue_jobs_of(db, PROCESS, max_attempts=1) == []
     assert load_job(db, job_id).state == JobState.RUNNING
 
 
