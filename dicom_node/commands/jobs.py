@@ -3,6 +3,10 @@
 `--json` output is stable: `list` prints an array of objects with at least
 id, state, study_uid, series_uid, patient_id, created_at, updated_at, reason;
 `show` prints one such object plus events, exports and summary.
+
+Every value that comes from the job store (patient ID, reasons, messages,
+AE titles) is escaped before Rich renders it: a PatientID such as
+`PAT[/]01` is text, not markup, and must neither crash nor restyle the view.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dicom_node.commands._common import ConfigOption, fail, settings_or_exit
@@ -132,10 +137,10 @@ def list_jobs(
         table.add_row(
             str(job.id),
             job.state.value,
-            job.patient_id or "",
-            job.series_uid[-24:],
+            escape(job.patient_id or ""),
+            escape(job.series_uid[-24:]),
             f"{job.created_at:%Y-%m-%d %H:%M:%S}",
-            job.reason or "",
+            escape(job.reason or ""),
         )
     console.print(table)
 
@@ -154,30 +159,32 @@ def show(job_id: int, as_json: bool = typer.Option(False, "--json"), config: Pat
         typer.echo(json.dumps(data, indent=2))
         return
     console.print(
-        f"[bold]Job {job.id}[/] [cyan]{job.state.value}[/]  patient {job.patient_id or '-'}  "
-        f"rule {job.rule_name or '-'}  attempts {job.attempts}"
+        f"[bold]Job {job.id}[/] [cyan]{job.state.value}[/]  patient {escape(job.patient_id or '-')}  "
+        f"rule {escape(job.rule_name or '-')}  attempts {job.attempts}"
     )
-    console.print(f"study {job.study_uid}\nseries {job.series_uid}")
+    console.print(f"study {escape(job.study_uid)}\nseries {escape(job.series_uid)}")
     if job.reason:
-        console.print(f"[red]reason:[/] {job.reason}")
+        console.print(f"[red]reason:[/] {escape(job.reason)}")
     table = Table("time (UTC)", "+s", "kind", "message", "duration")
     for event in data["events"]:
         table.add_row(
             event["at"][11:23],
             f"{event['since_previous_s']:.1f}",
             event["kind"],
-            event["message"],
+            escape(event["message"]),
             f"{event['duration_s']:.2f} s" if event["duration_s"] is not None else "",
         )
     console.print(table)
     if data["exports"]:
         exports = Table("destination", "object", "state", "attempts", "last error")
         for e in data["exports"]:
-            exports.add_row(e["destination"], e["object"], e["state"], str(e["attempts"]), e["last_error"] or "")
+            exports.add_row(
+                escape(e["destination"]), e["object"], e["state"], str(e["attempts"]), escape(e["last_error"] or "")
+            )
         console.print(exports)
     for event in job.events:
         if event.details:
-            console.print(f"[red]trace of '{event.message}':[/]\n{event.details}", highlight=False)
+            console.print(f"[red]trace of '{escape(event.message)}':[/]\n{escape(event.details)}", highlight=False)
 
 
 @jobs_app.command("retry")
