@@ -102,12 +102,17 @@ class SpoolingDIMSE(DIMSEServiceProvider):
     def _spool(self, message: C_STORE_RQ, context: Any, chunk: memoryview) -> None:
         if self._current is None:
             command = message.command_set
-            meta = create_file_meta(
-                sop_class_uid=command.AffectedSOPClassUID,
-                sop_instance_uid=command.AffectedSOPInstanceUID,
-                transfer_syntax=context.transfer_syntax[0],
-            )
-            self._current = self._open_file(b"\x00" * 128 + b"DICM" + encode_file_meta(meta))
+            try:
+                meta = encode_file_meta(
+                    create_file_meta(
+                        sop_class_uid=command.AffectedSOPClassUID,
+                        sop_instance_uid=command.AffectedSOPInstanceUID,
+                        transfer_syntax=context.transfer_syntax[0],
+                    )
+                )
+            except Exception:  # a malformed request UID: the handler finds no file meta and refuses
+                meta = b""  # this thread reads the network and must not die of a peer's data
+            self._current = self._open_file(b"\x00" * 128 + b"DICM" + meta)
         self._current.write(chunk)  # its size is bounded by GuardedSocket (max_instance_mb)
 
     def take(self, message_id: int) -> IncomingFile | None:
