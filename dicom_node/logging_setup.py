@@ -16,11 +16,19 @@ Decisions recorded here:
   pydicom ``PersonName`` value are replaced by ``<masked>`` unless
   ``logging.log_patient_names`` is true. Job ids and UIDs are the keys to find a
   patient's work in the logs.
+- Warnings (``warnings.warn``: highdicom, pydicom) are captured into the same
+  pipeline (``logging.captureWarnings``), never printed raw on stderr, where
+  journald keeps them. Their text is free-form and may quote a patient's name
+  (highdicom: ``The string "Doe" is unlikely to represent ...``), so every
+  quoted value in a warning, or in a pydicom/highdicom log line, is masked.
+- Console tracebacks never show local variables: a frame's locals may hold a
+  whole data set. JSON tracebacks never did.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -45,6 +53,9 @@ _PHI_KEYS = frozenset(
         "patienttelephonenumbers",
     }
 )
+# Loggers whose free-text messages may quote DICOM values: warnings and the DICOM libraries.
+_FREE_TEXT_LOGGERS = ("py.warnings", "pydicom", "highdicom")
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
 _handler: logging.Handler | None = None
 
 
@@ -58,6 +69,10 @@ def mask_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -
     for key, value in event_dict.items():
         if is_phi_key(key) or type(value).__name__ == "PersonName":
             event_dict[key] = MASK
+    logger_name = str(event_dict.get("logger", ""))
+    free_text = any(logger_name == name or logger_name.startswith(name + ".") for name in _FREE_TEXT_LOGGERS)
+    if free_text and isinstance(event_dict.get("event"), str):
+        event_dict["event"] = _QUOTED.sub(f"'{MASK}'", event_dict["event"])
     return event_dict
 
 
@@ -82,7 +97,9 @@ def configure_logging(settings: LoggingSettings, *, stream: TextIO | None = None
         shared.append(structlog.processors.format_exc_info)
         renderer = structlog.processors.JSONRenderer(default=str)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=_is_tty(stream))
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=_is_tty(stream), exception_formatter=_traceback_without_locals()
+        )
 
     structlog.configure(
         processors=[
@@ -110,6 +127,17 @@ def configure_logging(settings: LoggingSettings, *, stream: TextIO | None = None
     _handler = handler
     for name in _NOISY_LIBRARIES:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    logging.captureWarnings(False)  # re-install: someone (a test runner) may have replaced showwarning since
+    logging.captureWarnings(True)
+
+
+def _traceback_without_locals() -> Any:
+    """Rich tracebacks (when rich is installed) without `show_locals`, else plain ones."""
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return structlog.dev.plain_traceback
+    return structlog.dev.RichTracebackFormatter(show_locals=False)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

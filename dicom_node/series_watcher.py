@@ -6,6 +6,11 @@ routed with the header of its first stored instance; the job is queued or
 rejected with the reason (`storage.jobs.complete_series`). New instances
 after that start a new delivery and, after another quiet period, a new job.
 
+Each series is routed in isolation: a header that cannot be read or
+routed (e.g. a malformed value in an attribute a rule matches on) fails that
+series' job with the reason, and the other series proceed. One bad series
+must never stall the watcher for every series after it.
+
 The quiet period must elapse while the node is listening: nothing is routed
 during the first quiet period after start-up, so a series whose sender was
 still sending (or retrying) across a restart is not cut in two.
@@ -40,8 +45,13 @@ class SeriesWatcher:
         try:
             header = pydicom.dcmread(self.store.absolute(relative), stop_before_pixels=True)
         except Exception as exc:
-            return RoutingOutcome(None, None, [], f"the series' header cannot be read: {exc}")
-        decision = route_series(self.rules, header)
+            return RoutingOutcome(None, None, [], f"the series' header cannot be read: {exc}", failed=True)
+        try:
+            decision = route_series(self.rules, header)
+        except Exception as exc:  # a value pydicom cannot convert, e.g. DS 'abc'
+            return RoutingOutcome(
+                None, None, [], f"routing failed on {relative.rsplit('/', 1)[-1]}: {exc}", failed=True
+            )
         if decision.rule is None:
             return RoutingOutcome(None, None, [], decision.reason)
         rule = decision.rule
@@ -53,8 +63,12 @@ class SeriesWatcher:
         if time.monotonic() - self._listening_since < self.quiet_period_s:
             return job_ids
         for series_id in series_ready_for_routing(self.db, self.quiet_period_s):
-            outcome = self.route(series_id)
-            job_id = complete_series(self.db, series_id, outcome)
+            try:
+                outcome = self.route(series_id)
+                job_id = complete_series(self.db, series_id, outcome)
+            except Exception as exc:  # e.g. the database: this series is tried again next round, the others go on
+                log.error("series.routing_failed", series_id=series_id, reason=str(exc))
+                continue
             log.info(
                 "series.complete", job_id=job_id, series_id=series_id, rule=outcome.rule_name, reason=outcome.reason
             )

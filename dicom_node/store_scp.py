@@ -1,16 +1,19 @@
 """The Store SCP: C-ECHO and C-STORE, association policy, nothing acknowledged is lost.
 
-Handlers are thin: check free space, read the header, call
-`storage.ingest.store_instance` (file fsync'd and row committed before it
-returns), map what went wrong to a named status. The encoded data set is
-stored exactly as received (no decode/re-encode), so compressed transfer
-syntaxes are kept bit-for-bit and decoded only at inference time.
+Handlers are thin: check free space, read the header elements the job store
+needs from the file the data set streamed into (`dicom_node.scp_transport`),
+call `storage.ingest.store_instance` (that file fsync'd, renamed into place and
+its row committed before it returns), map what went wrong to a named status.
+The encoded data set is stored exactly as received (no decode/re-encode), so
+compressed transfer syntaxes are kept bit-for-bit and decoded only at
+inference time.
 
 Association policy: the called AE title must be ours; calling AE titles and
 source addresses are checked against the allow-lists when those are set (an
 address outside the list has its TCP connection closed before any PDU is
 read); `max_associations` is enforced by pynetdicom with an A-ASSOCIATE-RJ
-(transient, local limit exceeded) rather than a hang.
+(transient, local limit exceeded) rather than a hang. Source addresses are
+checked before any TLS handshake; what is accepted: `dicom_node.negotiation`.
 
 Each association is followed by `AssociationTracker` (a row, one INFO line,
 metrics); each instance keeps its source address.
@@ -22,22 +25,41 @@ import errno
 import threading
 import time
 
+import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+from pynetdicom import evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from dicom_node import status_codes
 from dicom_node.association_tracker import AssociationTracker
 from dicom_node.logging_setup import get_logger
 from dicom_node.metrics import NodeMetrics
+from dicom_node.negotiation import accepted_transfer_syntaxes
+from dicom_node.scp_transport import NodeAE, NodeAssociationServer, SpoolingDIMSE, TransportLimits
 from dicom_node.settings import NodeSettings
 from dicom_node.tls import server_ssl_context
 from storage.database import Database
 from storage.ingest import InstanceMeta, StoreOutcome, store_instance
-from storage.instance_store import InstanceStore, InvalidUIDError
+from storage.instance_store import IncomingFile, InstanceStore, InvalidUIDError
 
 log = get_logger(__name__)
+
+
+# The header elements the job store keeps: parsing stops after them (they all precede Pixel Data).
+HEADER_KEYWORDS = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyDate",
+    "AccessionNumber",
+    "Modality",
+    "SeriesDescription",
+    "PatientName",
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+)
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -87,7 +109,7 @@ class StoreSCP:
         self.settings = settings
         self.db = db
         self.store = store
-        self._server: ThreadedAssociationServer | None = None
+        self._server: NodeAssociationServer | None = None
         self.counts = {outcome: 0 for outcome in StoreOutcome}
         self._counts_lock = threading.Lock()
         self.tracker = AssociationTracker(db, metrics or NodeMetrics())
@@ -98,29 +120,46 @@ class StoreSCP:
         return status_codes.SUCCESS
 
     def handle_store(self, event: evt.Event) -> int:
-        """`_store`, timed and counted (per association and in the metrics) by its outcome."""
+        """`_receive`, timed and counted (per association and in the metrics) by its outcome."""
         start = time.perf_counter()
-        self._outcome.value = None
-        status = self._store(event)
+        self._outcome.value, self._outcome.nbytes = None, 0
+        status = self._receive(event)
         outcome = self._outcome.value or REFUSAL_NAMES.get(status, f"status_{status:04x}")
-        data = event.request.DataSet
-        self.tracker.stored(event, outcome, data.getbuffer().nbytes if data else 0, time.perf_counter() - start)
+        self.tracker.stored(event, outcome, self._outcome.nbytes, time.perf_counter() - start)
         return status
 
-    def _store(self, event: evt.Event) -> int:
+    def _receive(self, event: evt.Event) -> int:
+        """The data set spooled to `tmp/` as it arrived: check the disk, store it, drop it if not kept."""
         calling_ae = event.assoc.requestor.ae_title
-        free = self.store.free_bytes()
-        if free < self.settings.min_free_disk_mb * 1024 * 1024:
-            log.error(
-                "store.refused_disk_full",
-                free_mb=free // (1024 * 1024),
-                threshold_mb=self.settings.min_free_disk_mb,
-                calling_ae=calling_ae,
-            )
+        dimse = event.assoc.dimse
+        incoming = dimse.take(event.request.MessageID) if isinstance(dimse, SpoolingDIMSE) else None
+        if incoming is None:
+            log.error("store.failed", reason="the data set was not received into a file", calling_ae=calling_ae)
             return status_codes.OUT_OF_RESOURCES
         try:
-            ds = event.dataset
-            meta = instance_meta(ds, event.file_meta.TransferSyntaxUID, calling_ae, event.assoc.requestor.address)
+            free = self.store.free_bytes()
+            if free < self.settings.min_free_disk_mb * 1024 * 1024:
+                log.error(
+                    "store.refused_disk_full",
+                    free_mb=free // (1024 * 1024),
+                    threshold_mb=self.settings.min_free_disk_mb,
+                    calling_ae=calling_ae,
+                )
+                return status_codes.OUT_OF_RESOURCES
+            self._outcome.nbytes = incoming.size
+            return self._store(event, incoming, calling_ae)
+        finally:
+            incoming.discard()  # no-op once stored
+
+    def _store(self, event: evt.Event, incoming: IncomingFile, calling_ae: str) -> int:
+        try:
+            incoming.finish()
+        except OSError as exc:
+            log.error("store.failed", reason=f"storage error: {exc}", disk_full=exc.errno == errno.ENOSPC)
+            return status_codes.OUT_OF_RESOURCES
+        try:
+            ds = pydicom.dcmread(incoming.path, stop_before_pixels=True, specific_tags=list(HEADER_KEYWORDS))
+            meta = instance_meta(ds, event.context.transfer_syntax, calling_ae, event.assoc.requestor.address)
         except InvalidUIDError as exc:
             log.warning("store.rejected", reason=str(exc), calling_ae=calling_ae)
             return status_codes.CANNOT_UNDERSTAND
@@ -142,7 +181,7 @@ class StoreSCP:
             )
             return status_codes.DATASET_DOES_NOT_MATCH_SOP_CLASS
         try:
-            outcome = store_instance(self.db, self.store, meta, event.encoded_dataset())
+            outcome = store_instance(self.db, self.store, meta, incoming)
         except InvalidUIDError as exc:
             bound.warning("store.rejected", reason=str(exc))
             return status_codes.CANNOT_UNDERSTAND
@@ -185,33 +224,50 @@ class StoreSCP:
         `acse_timeout` for a request that can no longer come, and
         `max_associations` such connections would refuse real peers meanwhile.
         The empty-queue wake-up is what the ACSE timeout itself does: end it.
+        Data sets of an aborted transfer are dropped from `tmp/`.
         """
         assoc = event.assoc
         self.tracker.closed(event)
+        if isinstance(assoc.dimse, SpoolingDIMSE):
+            assoc.dimse.discard_all()
         if assoc.is_acceptor and assoc.requestor.primitive is None and assoc.dul.to_user_queue.empty():
             assoc.dul.to_user_queue.put(None)
 
     # -- life cycle -------------------------------------------------------
-    def _address_allowed(self, request, client_address) -> bool:
-        allowed = self.settings.is_source_allowed(client_address[0])
+    def _address_allowed(self, address: str) -> bool:
+        """The source-address allow-list (the transport logs a refusal); refusals are recorded too."""
+        allowed = self.settings.is_source_allowed(address)
         if not allowed:
-            log.warning("association.refused_address", address=client_address[0])
-            self.tracker.refused_address(client_address[0], client_address[1])
+            self.tracker.refused_address(address, 0)
         return allowed
 
-    def build_ae(self) -> AE:
-        ae = AE(ae_title=self.settings.ae_title)
-        ae.maximum_associations = self.settings.max_associations
-        ae.acse_timeout = self.settings.acse_timeout_s
-        ae.dimse_timeout = self.settings.dimse_timeout_s
-        ae.network_timeout = self.settings.network_timeout_s
+    def build_ae(self) -> NodeAE:
+        settings = self.settings
+        ae = NodeAE(ae_title=settings.ae_title)
+        ae.maximum_associations = settings.max_associations
+        ae.maximum_pdu_size = settings.max_pdu_kb * 1024
+        ae.acse_timeout = settings.acse_timeout_s
+        ae.dimse_timeout = settings.dimse_timeout_s
+        ae.network_timeout = settings.network_timeout_s
         ae.require_called_aet = True
-        if self.settings.allowed_calling_aets:
-            ae.require_calling_aet = list(self.settings.allowed_calling_aets)
-        for context in StoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        if settings.allowed_calling_aets:
+            ae.require_calling_aet = list(settings.allowed_calling_aets)
+        syntaxes = accepted_transfer_syntaxes()
+        for sop_class in settings.accepted_sop_classes:
+            ae.add_supported_context(sop_class, syntaxes)
+        ae.add_supported_context(Verification, syntaxes)
         return ae
+
+    def limits(self) -> TransportLimits:
+        settings = self.settings
+        return TransportLimits(
+            max_pdu_bytes=settings.max_pdu_kb * 1024,
+            max_instance_bytes=int(settings.max_instance_mb * 1024 * 1024),
+            handshake_timeout_s=settings.acse_timeout_s,
+            network_timeout_s=settings.network_timeout_s,
+            dimse_timeout_s=settings.dimse_timeout_s,
+            max_pending_per_address=settings.max_associations,
+        )
 
     def start(self) -> tuple[str, int]:
         """Start listening in background threads; returns the bound (host, port)."""
@@ -225,14 +281,19 @@ class StoreSCP:
         ]
         ae = self.build_ae()
         self.tracker.settle_leftovers()
-        self._server = ae.start_server(
+        server = ae.make_server(
             (self.settings.host, self.settings.port),
-            block=False,
-            evt_handlers=handlers,
             ssl_context=server_ssl_context(self.settings.tls),
+            evt_handlers=handlers,
+            server_class=NodeAssociationServer,
+            limits=self.limits(),
+            open_incoming=self.store.incoming,
+            address_allowed=self._address_allowed,
         )
-        self._server.verify_request = self._address_allowed  # type: ignore[method-assign]
-        host, port = self._server.server_address[:2]
+        threading.Thread(target=make_target(server.serve_forever), name="StoreSCP-accept", daemon=True).start()
+        ae._servers.append(server)
+        self._server = server
+        host, port = server.server_address[:2]
         log.info("scp.listening", ae_title=self.settings.ae_title, host=host, port=port, tls=self.settings.tls.enabled)
         return host, port
 
@@ -242,6 +303,9 @@ class StoreSCP:
         return self._server is not None and self._server.socket.fileno() != -1
 
     def stop(self) -> None:
+        """Stop accepting, then abort what is still connected (pending connections included)."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+            server, self._server = self._server, None
+            server.shutdown()
+            for assoc in server.active_associations:
+                assoc.abort()

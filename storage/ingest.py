@@ -8,12 +8,16 @@ returns. Policy for a SOP Instance UID that arrives again:
   `conflicts/<sop uid>/<sha256>.dcm`, so nothing is lost, and the outcome is
   `CONFLICT` (the SCP answers success and logs a warning for review).
 Concurrent stores of the same SOP Instance UID are serialised by a striped lock.
+
+The instance arrives as an `IncomingFile` the SCP streamed to `tmp/` (already
+hashed), or as bytes (tests, tools). It is moved into place, never copied; a
+duplicate or a failure discards it. Success means the file is fsync'd under
+its name and its row committed.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import threading
 from dataclasses import dataclass
 
@@ -21,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from storage.database import Database
-from storage.instance_store import InstanceStore, validate_uid
+from storage.instance_store import IncomingFile, InstanceStore, validate_uid
 from storage.jobs import open_job_on_first_instance
 from storage.models import Instance, Series, Study, utcnow
 
@@ -77,28 +81,34 @@ def _get_or_create_series(session, meta: InstanceMeta) -> Series:
     return series
 
 
-def store_instance(db: Database, store: InstanceStore, meta: InstanceMeta, data: bytes) -> StoreOutcome:
-    """Persist one encoded instance (file meta + data set) durably; see module doc."""
-    validate_uid(meta.sop_class_uid, "SOP Class UID")
-    validate_uid(meta.transfer_syntax_uid, "Transfer Syntax UID")
-    relative = store.instance_path(meta.study_uid, meta.series_uid, meta.sop_instance_uid)
-    digest = hashlib.sha256(data).hexdigest()
-    lock = _LOCKS[hash(meta.sop_instance_uid) % len(_LOCKS)]
-    with lock:
-        with db.session() as session:
-            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
-            if existing is not None:
-                if existing.sha256 == digest:
-                    return StoreOutcome.DUPLICATE
-                store.write_atomic(f"conflicts/{meta.sop_instance_uid}/{digest}.dcm", data)
-                return StoreOutcome.CONFLICT
-        store.write_atomic(relative, data)
-        try:
-            _commit_row(db, meta, relative, digest, len(data))
-        except BaseException:
-            store.remove(relative)
-            raise
-    return StoreOutcome.STORED
+def store_instance(db: Database, store: InstanceStore, meta: InstanceMeta, data: bytes | IncomingFile) -> StoreOutcome:
+    """Persist one encoded instance (file meta + data set) durably; see module doc.
+
+    `data` is consumed: an `IncomingFile` is moved into place or discarded."""
+    incoming = data if isinstance(data, IncomingFile) else store.incoming(data)
+    try:
+        validate_uid(meta.sop_class_uid, "SOP Class UID")
+        validate_uid(meta.transfer_syntax_uid, "Transfer Syntax UID")
+        relative = store.instance_path(meta.study_uid, meta.series_uid, meta.sop_instance_uid)
+        digest = incoming.sha256
+        lock = _LOCKS[hash(meta.sop_instance_uid) % len(_LOCKS)]
+        with lock:
+            with db.session() as session:
+                existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
+                if existing is not None:
+                    if existing.sha256 == digest:
+                        return StoreOutcome.DUPLICATE
+                    store.keep(incoming, f"conflicts/{meta.sop_instance_uid}/{digest}.dcm")
+                    return StoreOutcome.CONFLICT
+            store.keep(incoming, relative)
+            try:
+                _commit_row(db, meta, relative, digest, incoming.size)
+            except BaseException:
+                store.remove(relative)
+                raise
+        return StoreOutcome.STORED
+    finally:
+        incoming.discard()
 
 
 def _commit_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:

@@ -4,6 +4,9 @@ Decisions:
 - A file becomes visible only complete: it is written to a temporary name in
   the same file system, fsync'd, renamed into place, and its directory fsync'd.
   A crash leaves at worst a `*.partial` file in `tmp/`, which start-up removes.
+- A received instance is written once: it streams into an `IncomingFile` in
+  `tmp/` as it arrives (hashed and counted on the way, never held whole in
+  memory) and that same file is renamed into place.
 - Nothing from a dataset becomes a path unless it passes `validate_uid`
   (digits and dots, <= 64 characters, no empty or leading-zero components),
   so `..`, separators or over-long values can never escape the data directory.
@@ -70,6 +73,73 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class IncomingFile:
+    """A file being received into `tmp/`: hashed and counted while written, then moved into place or discarded."""
+
+    def __init__(self, tmp_dir: Path, header: bytes = b"") -> None:
+        self.path = tmp_dir / f"{uuid.uuid4().hex}.partial"
+        self._handle: BinaryIO | None = open(self.path, "wb")  # noqa: SIM115 - closed by finish/discard
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.error: OSError | None = None
+        self.write(header)
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        """Append; a storage error (disk full) is kept for `finish` to raise, later writes are dropped.
+
+        Writes happen in the network reader's thread, which must not die of it: the
+        sender gets its failure status when the whole data set has arrived."""
+        if self.error is not None:
+            return
+        if self._handle is None:
+            raise ValueError(f"{self.path} is already finished")
+        try:
+            self._handle.write(chunk)
+        except OSError as exc:
+            self.error = exc
+            self.discard()
+            return
+        self._hash.update(chunk)
+        self.size += len(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def finish(self) -> None:
+        """Flush, fsync and close; the bytes are on disk (not yet under their name). Idempotent.
+
+        Raises the storage error met while writing, if any."""
+        if self.error is not None:
+            raise self.error
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            try:
+                with handle:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            except OSError as exc:
+                self.error = exc
+                self.discard()
+                raise
+
+    def move_to(self, target: Path) -> None:
+        """Durably rename into `target` (fsync'd file, rename, fsync'd directory)."""
+        self.finish()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, target)
+        self.path = target
+        _fsync_dir(target.parent)
+
+    def discard(self) -> None:
+        """Drop a file that was not moved into place (duplicate, refused, or an aborted transfer)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self.path.suffix == ".partial":
+            self.path.unlink(missing_ok=True)
+
+
 class InstanceStore:
     """Files under `root`: `instances/<study>/<series>/<sop>.dcm`, `outputs/`, `tmp/`."""
 
@@ -107,9 +177,13 @@ class InstanceStore:
             raise InvalidUIDError(f"path {relative!r} escapes the data directory")
         return path
 
-    def write_atomic(self, relative: str, data: bytes) -> None:
-        """Durably write `data` at `relative` (see `write_durably`)."""
-        write_durably(self.absolute(relative), lambda handle: handle.write(data), self.tmp_dir)
+    def incoming(self, header: bytes = b"") -> IncomingFile:
+        """A new file in `tmp/` to stream a received instance into, starting with `header`."""
+        return IncomingFile(self.tmp_dir, header)
+
+    def keep(self, incoming: IncomingFile, relative: str) -> None:
+        """Durably move a received file to `relative` (validated to stay under the root)."""
+        incoming.move_to(self.absolute(relative))
 
     def remove(self, relative: str) -> None:
         self.absolute(relative).unlink(missing_ok=True)

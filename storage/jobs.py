@@ -60,7 +60,7 @@ from storage.models import (
 
 # Which states may follow which; anything else is a programming error.
 ALLOWED = {
-    JobState.RECEIVED: {JobState.QUEUED, JobState.REJECTED},
+    JobState.RECEIVED: {JobState.QUEUED, JobState.REJECTED, JobState.FAILED},
     JobState.QUEUED: {JobState.RUNNING, JobState.FAILED, JobState.CANCELLED},
     JobState.RUNNING: {
         JobState.EXPORTING,
@@ -180,7 +180,8 @@ class RoutingOutcome:
     rule_name: str | None
     model: str | None
     destinations: list[str]
-    reason: str  # why it matched, or why nothing matched
+    reason: str  # why it matched, why nothing matched, or why routing failed
+    failed: bool = False  # routing itself failed (e.g. a malformed value): the job fails, not rejected
 
 
 def complete_series(db: Database, series_id: int, outcome: RoutingOutcome) -> int:
@@ -201,7 +202,9 @@ def complete_series(db: Database, series_id: int, outcome: RoutingOutcome) -> in
         series.evaluated_at = utcnow()
         job.instance_count = series.instance_count
         event_row(session, job, EventKind.LOG, f"series complete: {series.instance_count} instances")
-        if outcome.rule_name is None:
+        if outcome.failed:
+            set_state(session, job, JobState.FAILED, f"failed: {outcome.reason}", reason=f"failed: {outcome.reason}")
+        elif outcome.rule_name is None:
             set_state(
                 session, job, JobState.REJECTED, f"rejected: {outcome.reason}", reason=f"rejected: {outcome.reason}"
             )

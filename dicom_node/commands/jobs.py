@@ -13,6 +13,10 @@ person (`--user`, default the OS login) and `--note` in the job's events.
 is the worker that runs (or last ran) the job, `host:pid:nonce:worker-N`;
 `host` its host; `lease_expires_at` how long a running job's worker is
 trusted without a heartbeat.
+
+Every value that comes from the job store (patient ID, reasons, messages,
+AE titles) is escaped before Rich renders it: a PatientID such as
+`PAT[/]01` is text, not markup, and must neither crash nor restyle the view.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dicom_node.commands._common import ConfigOption, fail, job_store_or_exit, settings_or_exit
@@ -149,10 +154,10 @@ def list_jobs(
         table.add_row(
             str(job.id),
             job.state.value,
-            job.patient_id or "",
-            job.series_uid[-24:],
+            escape(job.patient_id or ""),
+            escape(job.series_uid[-24:]),
             f"{job.created_at:%Y-%m-%d %H:%M:%S}",
-            job.reason or "",
+            escape(job.reason or ""),
         )
     console.print(table)
 
@@ -187,34 +192,36 @@ def show(
         typer.echo(json.dumps(data, indent=2))
         return
     console.print(
-        f"[bold]Job {job.id}[/] [cyan]{job.state.value}[/]  patient {job.patient_id or '-'}  "
-        f"rule {job.rule_name or '-'}  attempts {job.attempts}"
+        f"[bold]Job {job.id}[/] [cyan]{job.state.value}[/]  patient {escape(job.patient_id or '-')}  "
+        f"rule {escape(job.rule_name or '-')}  attempts {job.attempts}"
     )
-    console.print(f"study {job.study_uid}\nseries {job.series_uid}")
+    console.print(f"study {escape(job.study_uid)}\nseries {escape(job.series_uid)}")
     if job.claimed_by:
         verb = "running on" if data["lease_expires_at"] else "last run on"
         lease = f"  (lease until {job.lease_expires_at:%H:%M:%S} UTC)" if data["lease_expires_at"] else ""
-        console.print(f"{verb} host {data['host']}: {job.claimed_by}{lease}", highlight=False)
+        console.print(f"{verb} host {data['host']}: {escape(job.claimed_by)}{lease}", highlight=False)
     if job.reason:
-        console.print(f"[red]reason:[/] {job.reason}")
+        console.print(f"[red]reason:[/] {escape(job.reason)}")
     table = Table("time (UTC)", "+s", "kind", "message", "duration")
     for event in data["events"]:
         table.add_row(
             event["at"][11:23],
             f"{event['since_previous_s']:.1f}",
             event["kind"],
-            event["message"],
+            escape(event["message"]),
             f"{event['duration_s']:.2f} s" if event["duration_s"] is not None else "",
         )
     console.print(table)
     if data["exports"]:
         exports = Table("destination", "object", "state", "attempts", "last error")
         for e in data["exports"]:
-            exports.add_row(e["destination"], e["object"], e["state"], str(e["attempts"]), e["last_error"] or "")
+            exports.add_row(
+                escape(e["destination"]), e["object"], e["state"], str(e["attempts"]), escape(e["last_error"] or "")
+            )
         console.print(exports)
     for event in job.events:
         if event.details:
-            console.print(f"[red]trace of '{event.message}':[/]\n{event.details}", highlight=False)
+            console.print(f"[red]trace of '{escape(event.message)}':[/]\n{escape(event.details)}", highlight=False)
     _print_lesions((job.summary or {}).get("lesions", []))
     if data.get("overlay"):
         console.print(f"overlay of the RTSTRUCT's contours: {data['overlay']}")

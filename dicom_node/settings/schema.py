@@ -63,6 +63,16 @@ SEARCH_PREFIX = "~"
 _UNMATCHABLE_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW"})
 
 
+# Multi-frame MR: no job can use it (the volume loader reads one frame per instance), so it is
+# refused at negotiation rather than stored and left unprocessed.
+_MULTI_FRAME_REASON = "multi-frame MR is not processed by this node (enhanced per-frame geometry is not read)"
+REFUSED_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.4.1": _MULTI_FRAME_REASON,  # Enhanced MR Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.3": _MULTI_FRAME_REASON,  # Enhanced MR Color Image Storage
+    "1.2.840.10008.5.1.4.1.1.4.4": _MULTI_FRAME_REASON,  # Legacy Converted Enhanced MR Image Storage
+}
+
+
 class ConfigError(Exception):
     """Invalid configuration; the message names the source and the key(s)."""
 
@@ -134,7 +144,30 @@ class NodeSettings(_Section):
     dimse_timeout_s: float = Field(default=60, gt=0)
     network_timeout_s: float = Field(default=60, gt=0)
     min_free_disk_mb: int = Field(default=500, ge=0)
+    max_instance_mb: float = Field(default=512, gt=0)
+    max_pdu_kb: int = Field(default=1024, ge=16, le=65536)
+    accepted_sop_classes: list[str] = Field(default=["MRImageStorage"], validate_default=True)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+
+    @field_validator("accepted_sop_classes")
+    @classmethod
+    def _check_sop_classes(cls, values: list[str]) -> list[str]:
+        """Keywords or UIDs of storage SOP classes, stored as UIDs; multi-frame MR is refused (see REFUSED_SOP_CLASSES)."""
+        from pynetdicom import sop_class
+
+        storage = {str(uid): name for name, uid in sop_class._STORAGE_CLASSES.items()}
+        by_keyword = {name: uid for uid, name in storage.items()}
+        uids = []
+        for value in values:
+            uid = by_keyword.get(value, value)
+            if uid not in storage:
+                raise ValueError(f"{value!r} is not a storage SOP class keyword or UID (e.g. 'MRImageStorage')")
+            if uid in REFUSED_SOP_CLASSES:
+                raise ValueError(f"{storage[uid]} cannot be accepted: {REFUSED_SOP_CLASSES[uid]}")
+            uids.append(uid)
+        if not uids:
+            raise ValueError("at least one SOP class must be accepted")
+        return uids
 
     @field_validator("allowed_source_addresses")
     @classmethod

@@ -16,7 +16,11 @@ Decisions:
   against the architecture (strict). Each failure raises `ModelPackageError` saying which
   check failed and where, so a physicist can read it in the job log.
 - Weights are read with `torch.load(weights_only=True)`: a package never runs
-  pickled code.
+  pickled code (torch >= 2.6: earlier `weights_only` loaders could be made to).
+- The weights file is read once: its bytes are hashed, those same bytes are
+  unpickled, and the verified state_dict stays in memory with the package.
+  `build_model` never re-reads the file, so weights replaced on disk after
+  loading are never used (there is no window between check and use).
 - `default_package_path()` is the committed demo package unless the
   environment variable `DICOM_NODE_MODEL` names another directory.
 - The optional `plausibility` object bounds what a deliverable result may look
@@ -29,6 +33,7 @@ Decisions:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -76,7 +81,7 @@ REQUIRED_KEYS = (
 
 @dataclass(frozen=True)
 class ModelPackage:
-    """A validated model package on disk (weights checked, not yet in memory)."""
+    """A validated model package: manifest values and the verified weights, held in memory."""
 
     path: Path
     name: str
@@ -93,6 +98,7 @@ class ModelPackage:
     plausibility: PlausibilityBounds = field(default_factory=PlausibilityBounds)
     format_version: int = FORMAT_VERSION
     architecture: str = ARCHITECTURE
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -114,9 +120,9 @@ class ModelPackage:
         return self.path / self.weights_file
 
     def build_model(self, device: torch.device | str = "cpu") -> MTSANet:
-        """MTSANet with this package's weights, on `device`, in eval mode."""
+        """MTSANet with this package's verified weights (from memory, not the file), on `device`, in eval mode."""
         model = MTSANet(self.config)
-        model.load_state_dict(_read_state_dict(self.weights_path), strict=True)
+        model.load_state_dict(self.state_dict, strict=True)
         return model.to(device).eval()
 
 
@@ -126,9 +132,10 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, data: bytes) -> dict[str, torch.Tensor]:
+    """Unpickle `data` (the bytes read from `path`, already hashed) as a state_dict."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise ModelPackageError(f"model weights {path} cannot be read: {err}") from err
     if not isinstance(state, dict):
@@ -173,10 +180,10 @@ def _parse_accepts(manifest: dict[str, Any], path: Path) -> ModelAccepts:
         raise ModelPackageError(f"model package {path}: {err}") from err
 
 
-def _check_state_dict(config: MTSANetConfig, weights_path: Path) -> None:
+def _check_state_dict(config: MTSANetConfig, weights_path: Path, state: dict[str, torch.Tensor]) -> None:
     """Fail now, with the mismatching keys, rather than at the first job."""
     try:
-        MTSANet(config).load_state_dict(_read_state_dict(weights_path), strict=True)
+        MTSANet(config).load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ModelPackageError(
             f"weights {weights_path} do not match the MTSA-Net config in the manifest: {err}"
@@ -196,13 +203,15 @@ def load_package(path: str | os.PathLike[str]) -> ModelPackage:
         raise ModelPackageError(f"model package {path}: weights_file must be a plain file name")
     if not weights_path.is_file():
         raise ModelPackageError(f"model package {path}: weights file {weights_path.name} is missing")
-    actual = sha256_of(weights_path)
+    data = weights_path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
     if actual != manifest["weights_sha256"]:
         raise ModelPackageError(
             f"model package {path}: sha256 mismatch for {weights_path.name} "
             f"(manifest {manifest['weights_sha256']}, file {actual}); the weights are corrupt or were replaced"
         )
-    _check_state_dict(config, weights_path)
+    state = _read_state_dict(weights_path, data)
+    _check_state_dict(config, weights_path, state)
     try:
         plausibility = PlausibilityBounds.from_manifest(manifest.get("plausibility"))
     except (TypeError, ValueError) as err:
@@ -222,6 +231,7 @@ def load_package(path: str | os.PathLike[str]) -> ModelPackage:
         accepts=accepts,
         plausibility=plausibility,
         format_version=int(manifest["format_version"]),
+        state_dict=state,
     )
 
 

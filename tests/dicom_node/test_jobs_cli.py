@@ -60,3 +60,25 @@ def test_jobs_errors_are_one_line_not_tracebacks(node_env):
     assert "job 999 does not exist" in missing.stderr and "Traceback" not in missing.stderr
     bad_state = cli(node_env, "jobs", "list", "--state", "exploded")
     assert bad_state.returncode == 2 and "Traceback" not in bad_state.stderr
+
+
+def test_markup_in_patient_data_is_printed_as_text(start_node, node_env, mr_series, tmp_path):
+    """A PatientID such as `PAT[/]01` crashed Rich (closing tag with nothing open)."""
+    copies = []
+    for source in mr_series:
+        ds = pydicom.dcmread(source)
+        ds.PatientID = "PAT[/]01"
+        copies.append(tmp_path / source.name)
+        ds.save_as(copies[-1])
+    node = start_node()
+    assert storescu(node.address[1], copies).returncode == 0
+    [job] = wait_for(lambda: jobs_by_state(node).get("queued"))
+    claim_next_job(node.db, "test-worker")
+    fail_job(node.db, job.id, "[bold]SeriesDescription[/bold] 'T1 [red]CE[/]' is odd")
+
+    listed = cli(node_env, "jobs", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "PAT[/]01" in listed.stdout
+    shown = cli(node_env, "jobs", "show", str(job.id))
+    assert shown.returncode == 0, shown.stderr
+    assert "PAT[/]01" in shown.stdout and "[bold]SeriesDescription[/bold] 'T1 [red]CE[/]'" in shown.stdout

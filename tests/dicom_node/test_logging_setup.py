@@ -113,3 +113,36 @@ def test_reconfiguring_replaces_the_handler() -> None:
     configure_logging(LoggingSettings(format="json"), stream=second)
     get_logger("x").warning("once")
     assert first.getvalue() == "" and len(lines(second)) == 1
+
+
+def test_library_warnings_go_through_the_pipeline_with_quoted_values_masked() -> None:
+    """highdicom quotes a one-component PatientName in a warning; stderr (journald) must not see it."""
+    import warnings
+
+    from highdicom.valuerep import check_person_name
+
+    stream = io.StringIO()
+    with warnings.catch_warnings():  # pytest records warnings itself; install ours inside its scope
+        warnings.simplefilter("always")
+        configure_logging(LoggingSettings(format="json"), stream=stream)
+        check_person_name("Zyxwvutsky")
+    [record] = lines(stream)
+    assert record["logger"] == "py.warnings" and "unlikely to represent" in record["event"]
+    assert "Zyxwvutsky" not in stream.getvalue()
+
+
+def test_console_tracebacks_show_no_local_variables() -> None:
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(format="console"), stream=stream)
+
+    def fail_with_a_dataset_in_scope() -> None:
+        patient = "Zyxw" + "vutsky^Quenbertha"  # noqa: F841 - a local value a traceback must not show
+        raise RuntimeError("disk on fire")
+
+    try:
+        fail_with_a_dataset_in_scope()
+    except RuntimeError:
+        get_logger("x").exception("job.failed")
+    text = stream.getvalue()
+    assert "disk on fire" in text and "fail_with_a_dataset_in_scope" in text
+    assert "Zyxwvutsky" not in text

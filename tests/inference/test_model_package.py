@@ -157,3 +157,28 @@ def test_default_package_path_honours_environment(monkeypatch: pytest.MonkeyPatc
     assert DEMO_PACKAGE_DIR.parts[-4:] == ("inference", "model", "shipped", "mtsa-demo")
     monkeypatch.setenv(MODEL_ENV_VAR, str(tmp_path))
     assert default_package_path() == tmp_path
+
+
+def test_weights_replaced_after_loading_are_never_used(package_dir: Path) -> None:
+    """The verified state_dict is kept in memory: a file swapped after the sha256 check has no effect."""
+    package = load_package(package_dir)
+    verified = {key: value.clone() for key, value in package.state_dict.items()}
+    torch.manual_seed(2)
+    torch.save(MTSANet(TINY).state_dict(), package_dir / "weights.pt")  # same shapes, other values
+    model = package.build_model("cpu")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, verified[key]), key
+    with pytest.raises(ModelPackageError, match="sha256 mismatch"):
+        load_package(package_dir)
+
+
+def test_torch_requirement_excludes_the_unsafe_weights_only_loader() -> None:
+    """torch < 2.6 has a code-execution flaw in `torch.load(weights_only=True)`."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
+    (torch_req,) = [Requirement(r) for r in pyproject["project"]["dependencies"] if r.startswith("torch")]
+    assert "2.5.1" not in torch_req.specifier
+    assert "2.6.0" in torch_req.specifier and "2.13.0" in torch_req.specifier
