@@ -241,6 +241,8 @@ def test_invalid_uid_is_refused_and_never_becomes_a_path(start_node, mr_series, 
         "dicom-node.db",
         "dicom-node.db-wal",
         "dicom-node.db-shm",
+        "store-id",  # which job store this data directory belongs to
+        "run",  # the process slots (dicom_node.incarnation)
     }
 
 
