@@ -101,6 +101,7 @@ class NodeService:
                 self.registry,
                 self._stop,
                 ExportTargets(s.destinations),
+                s.outputs,
             )
             worker.start()
             self._workers.append(worker)

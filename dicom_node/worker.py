@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from dicom_node.export_targets import ExportTargets
 from dicom_node.logging_setup import get_logger
-from dicom_node.settings import WorkerSettings
+from dicom_node.settings import OutputSettings, WorkerSettings
 from storage.database import Database
 from storage.instance_store import InstanceStore
 from storage.jobs import add_event, claim_next_job, fail_job, get_job, record_outputs
@@ -65,11 +65,14 @@ def run_job(
     registry: ModelRegistry,
     device: str | None,
     targets: ExportTargets,
+    outputs: OutputSettings | None = None,
 ) -> None:
     """Run one claimed job to `exporting`/`done`, or `failed` with its reason.
 
-    `targets` applies the destinations' object filters: a filtered-out output gets no export row.
+    `targets` applies the destinations' object filters: a filtered-out output gets no export row;
+    `outputs` says how the DICOM outputs are written (ROI name prefix).
     """
+    outputs = outputs or OutputSettings()
     from inference.errors import InferenceError
 
     bound = log.bind(job_id=job_id)
@@ -104,16 +107,18 @@ def run_job(
         out_dir = store.root / "outputs" / f"job-{job_id}" / f"attempt-{attempt}"
         start = time.perf_counter()
         summary = write_offline_outputs(result, out_dir)
-        written = write_dicom_outputs(result, out_dir)
+        written = write_dicom_outputs(result, out_dir, roi_name_prefix=outputs.roi_name_prefix)
         add_event(db, job_id, EventKind.STAGE, "write outputs", duration_s=time.perf_counter() - start)
-        outputs = [
+        written_rows = [
             (output.sop_instance_uid, output.sop_class_uid, output.path.relative_to(store.root).as_posix())
             for output in written
         ]
-        summary["outputs"] = outputs
-        exports = targets.rows(destinations, outputs)
+        summary["outputs"] = written_rows
+        exports = targets.rows(destinations, written_rows)
         record_outputs(db, job_id, out_dir.relative_to(store.root).as_posix(), summary, exports)
-        bound.info("job.inference_done", lesions=len(result.lesions), egfr=result.egfr.call.value, outputs=len(outputs))
+        bound.info(
+            "job.inference_done", lesions=len(result.lesions), egfr=result.egfr.call.value, outputs=len(written_rows)
+        )
     except InferenceError as exc:
         bound.warning("job.failed", reason=str(exc))
         retry_write(partial(fail_job, db, job_id, str(exc), exc), f"job {job_id} failure")
@@ -135,8 +140,10 @@ class InferenceWorker(threading.Thread):
         registry: ModelRegistry,
         stop: threading.Event,
         targets: ExportTargets,
+        outputs: OutputSettings | None = None,
     ) -> None:
         super().__init__(name=worker_id, daemon=True)
+        self.outputs = outputs or OutputSettings()
         self.worker_id = worker_id
         self.db = db
         self.store = store
@@ -157,6 +164,6 @@ class InferenceWorker(threading.Thread):
                 self.stop_event.wait(self.settings.poll_interval_s)
                 continue
             try:
-                run_job(job_id, self.db, self.store, self.registry, device, self.targets)
+                run_job(job_id, self.db, self.store, self.registry, device, self.targets, self.outputs)
             except Exception:  # e.g. the job store went away while recording a failure
                 log.exception("worker.job_crashed", worker=self.worker_id, job_id=job_id)

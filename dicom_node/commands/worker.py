@@ -40,7 +40,7 @@ def worker(
     prefix = f"{socket.gethostname()}-worker-"
     resumed = resume_interrupted(db, prefix)
     workers = [
-        InferenceWorker(f"{prefix}{i}", db, store, settings.worker, registry, stop, targets)
+        InferenceWorker(f"{prefix}{i}", db, store, settings.worker, registry, stop, targets, settings.outputs)
         for i in range(count or max(settings.worker.count, 1))
     ]
     for w in workers:

@@ -270,6 +270,20 @@ class ExportSettings(_Section):
         return self
 
 
+class OutputSettings(_Section):
+    """How the DICOM outputs are written for the receiving systems (TPS naming conventions)."""
+
+    # Put before each RTSTRUCT ROI name (GTV_1, GTV_2, ...), e.g. "AI_"; prefix + "GTV_99" <= 16 characters.
+    roi_name_prefix: str = ""
+
+    @field_validator("roi_name_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        from inference.outputs.rtstruct import check_roi_name_prefix
+
+        return check_roi_name_prefix(value)
+
+
 class LoggingSettings(_Section):
     """Log rendering; ``auto`` means JSON unless stderr is a terminal."""
 
@@ -294,6 +308,7 @@ class Settings(_Section):
     series: SeriesSettings = Field(default_factory=SeriesSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    outputs: OutputSettings = Field(default_factory=OutputSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     destinations: list[Destination] = []
     rules: list[RoutingRule] = []

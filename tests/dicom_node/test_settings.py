@@ -134,6 +134,10 @@ def test_source_address_allow_list() -> None:
         ('[storage]\ndatabase_url = "nonsense"\n', "storage.database_url: not a valid SQLAlchemy database URL"),
         ("[storage]\nretention_days = 0\n", "storage.retention_days: Input should be greater than 0"),
         ('[worker]\ndevice = "gpu"\n', "worker.device: String should match pattern"),
+        (
+            '[outputs]\nroi_name_prefix = "HOSPITAL_AI_"\n',
+            "is too long: ROI Name (3006,0026) holds 16 characters and 'HOSPITAL_AI_GTV_99' has 18; use at most 10",
+        ),
         ('[logging]\nformat = "xml"\n', "logging.format: Input should be 'auto', 'json' or 'console'"),
         ('[logging]\nlevel = "LOUD"\n', "logging.level: unknown log level 'LOUD'"),
         (
