@@ -26,6 +26,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from dicom_node import status_codes
 from dicom_node.logging_setup import get_logger
 from dicom_node.settings import NodeSettings
+from dicom_node.storage_commitment import CommitmentReceiver, accept_reports
 from dicom_node.tls import server_ssl_context
 from storage.database import Database
 from storage.ingest import InstanceMeta, StoreOutcome, store_instance
@@ -132,6 +133,10 @@ class StoreSCP:
             bound.debug("store.ok", outcome=outcome.value)
         return status_codes.SUCCESS
 
+    def handle_commitment_report(self, event: evt.Event) -> tuple[int, None]:
+        """A destination's Storage Commitment report, on an association it opened to us (role reversal)."""
+        return CommitmentReceiver(self.db).handle(event)
+
     def handle_rejected(self, event: evt.Event) -> None:
         log.warning(
             "association.rejected", calling_ae=event.assoc.requestor.ae_title, address=event.assoc.requestor.address
@@ -174,6 +179,7 @@ class StoreSCP:
         for context in StoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        accept_reports(ae)
         return ae
 
     def start(self) -> tuple[str, int]:
@@ -181,6 +187,7 @@ class StoreSCP:
         handlers = [
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_N_EVENT_REPORT, self.handle_commitment_report),
             (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_ABORTED, self.handle_aborted),
             (evt.EVT_CONN_CLOSE, self.handle_conn_close),

@@ -215,6 +215,14 @@ class Destination(_Section):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     # Which outputs it receives: a TPS may take only ["RTSTRUCT"], a PACS ["RTSTRUCT", "SR"].
     objects: list[OutputKind] = Field(default_factory=lambda: list(OUTPUT_KINDS), min_length=1)
+    # Storage Commitment (PS3.4 Annex J): after the C-STOREs, ask the destination to commit them
+    # (N-ACTION) and count an object delivered only once its N-EVENT-REPORT says committed.
+    storage_commitment: bool = False
+    # How long the association stays open for a report on it; after that the report is
+    # expected on a new association to the node's own port.
+    storage_commitment_wait_s: float = Field(default=5, ge=0)
+    # No report within this time: the objects' exports fail (re-send with `dicom-node jobs export`).
+    storage_commitment_timeout_s: float = Field(default=3600, gt=0)
 
     def wants(self, kind: str) -> bool:
         """Whether outputs of `kind` (RTSTRUCT, SR, SEG) are sent here; others get no export row."""
