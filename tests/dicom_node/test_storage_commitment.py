@@ -31,6 +31,7 @@ from storage.models import ExportState, JobState
 from tests.dicom_node.conftest import MisbehavingSCP, exporter_to, exporting_job_with, run_until_settled, wait_for
 
 NO_SUCH_OBJECT_INSTANCE = 0x0112
+PROCESSING_FAILURE = 0x0110
 
 
 class CommitmentSCP:
@@ -42,9 +43,17 @@ class CommitmentSCP:
     """
 
     def __init__(
-        self, port: int, *, report_on: str | None, fail: set[str] = frozenset(), node_port: int = 0, delay: float = 0
+        self,
+        port: int,
+        *,
+        report_on: str | None,
+        fail: set[str] = frozenset(),
+        node_port: int = 0,
+        delay: float = 0,
+        action_status: int = 0x0000,
     ) -> None:
         self.report_on, self.fail, self.node_port, self.delay = report_on, set(fail), node_port, delay
+        self.action_status = action_status
         self.held: set[str] = set()
         self.requests: list[Dataset] = []
         self.answers: list[int] = []  # the node's N-EVENT-REPORT response statuses
@@ -66,9 +75,9 @@ class CommitmentSCP:
         assert event.request.RequestedSOPInstanceUID == PUSH_MODEL_INSTANCE
         request = event.action_information
         self.requests.append(request)
-        if self.report_on is not None:
+        if self.report_on is not None and self.action_status == 0x0000:
             threading.Thread(target=self.report, args=(event.assoc, request), daemon=True).start()
-        return 0x0000, None
+        return self.action_status, None
 
     def report_of(self, request: Dataset) -> tuple[int, Dataset]:
         info, committed, failed = Dataset(), [], []
@@ -200,6 +209,26 @@ def test_no_report_within_the_timeout_fails_the_export_and_resend_commits_it(
     finally:
         pacs.stop()
     assert job.state == JobState.DONE and {e.state for e in job.exports} == {ExportState.COMMITTED}
+
+
+def test_refused_commitment_request_is_retried_as_one_attempt_per_round_then_given_up(
+    unstarted_node, mr_series, mr_outputs
+) -> None:
+    node = unstarted_node
+    port = free_port()
+    busy = CommitmentSCP(port, report_on="same", action_status=PROCESSING_FAILURE)
+    try:
+        job_id = job_to_pacs(node, mr_series, mr_outputs)
+        exporter = exporter_to(node, [committing_destination(port)], give_up_after_s=1)
+        job = run_until_settled(exporter, node, job_id)
+    finally:
+        busy.stop()
+    rounds = len(busy.requests)
+    assert rounds >= 2  # transient: asked again
+    assert job.state == JobState.FAILED
+    assert all(e.state == ExportState.FAILED and e.attempts == rounds for e in job.exports)
+    assert "refused the Storage Commitment request (N-ACTION status 0x0110" in job.reason
+    assert any(f"giving up after {rounds} attempts" in e.message for e in job.events)
 
 
 def test_destination_without_storage_commitment_fails_at_once_naming_the_setting(
