@@ -317,3 +317,31 @@ def test_orthanc_commits_what_it_stored_on_a_new_association_to_the_node(
     assert {e.state for e in job.exports} == {ExportState.COMMITTED}
     assert held == {o.sop_instance_uid for o in mr_outputs}
     assert reports_to_scp == [orthanc.ae_title]  # the report came on Orthanc's own association to the node
+
+
+@pytest.mark.slow
+def test_running_node_exports_to_orthanc_with_commitment_and_takes_the_report_on_its_own_port(
+    start_node, mr_series, mr_outputs, tmp_path
+) -> None:
+    """The service as configured: its scheduled exporter sends, its Store SCP takes Orthanc's report."""
+    from tests.helpers.orthanc import OrthancServer, orthanc_binary
+
+    if orthanc_binary() is None:
+        pytest.skip("Orthanc not installed (Debian package 'orthanc'; .ci/run installs it)")
+    node_port = free_port()
+    orthanc = OrthancServer(tmp_path / "orthanc", modalities={"node": ("DICOMNODE", node_port)})
+    try:
+        node = start_node(
+            DICOM_NODE__NODE__PORT=str(node_port),
+            DICOM_NODE__DESTINATIONS__0__AE_TITLE=orthanc.ae_title,
+            DICOM_NODE__DESTINATIONS__0__PORT=str(orthanc.dicom_port),
+            DICOM_NODE__DESTINATIONS__0__STORAGE_COMMITMENT="true",
+            DICOM_NODE__DESTINATIONS__0__STORAGE_COMMITMENT_WAIT_S="0",
+        )
+        job_id, _ = exporting_job_with(node, [o.path for o in mr_outputs], ["tps"], mr_source=mr_series[0])
+        job = wait_for(lambda: (j := load_job(node.db, job_id)).state in (JobState.DONE, JobState.FAILED) and j, 60)
+    finally:
+        orthanc.stop()
+    assert job.state == JobState.DONE, job.reason
+    assert {e.state for e in job.exports} == {ExportState.COMMITTED}
+    assert any("committed by ORTHANC" in e.message for e in job.events)
