@@ -106,8 +106,7 @@ def request_commitment(db: Database, export_ids: list[int], transaction_uid: str
     """Mark C-STOREd exports `committing` under `transaction_uid`; one attempt each."""
     now = now or utcnow()
     with db.session() as session:
-        for export_id in export_ids:
-            export = session.get(Export, export_id)
+        for export in session.scalars(select(Export).where(Export.id.in_(export_ids))):
             export.attempts += 1
             export.state = ExportState.COMMITTING
             export.transaction_uid = transaction_uid
