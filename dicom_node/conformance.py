@@ -112,14 +112,19 @@ def rewrite(document: str, settings: NodeSettings) -> str:
     return document[:start] + render(settings) + document[end + len(END) :]
 
 
-def documented_contexts(document: str, title: str) -> set[tuple[str, str]]:
-    """The (SOP class UID, transfer syntax UID) pairs a generated side lists, read back from the document."""
+def documented_groups(document: str, title: str) -> list[tuple[list[str], list[str]]]:
+    """Each group of a generated side, read back from the document: (transfer syntaxes in order, SOP classes)."""
     section = document[document.index(f"### {title}") :]
     section = section[: section.find("\n### ", 1)] if "\n### " in section[1:] else section
-    pairs: set[tuple[str, str]] = set()
+    groups = []
     for group in section.split("\n#### ")[1:]:
         rows = [line.split("|") for line in group.splitlines() if line.startswith("| ") and "`" in line]
         syntaxes = [row[3].strip().strip("`") for row in rows if row[1].strip().isdigit()]
         classes = [row[2].strip().strip("`") for row in rows if not row[1].strip().isdigit()]
-        pairs |= {(cls, ts) for cls in classes for ts in syntaxes}
-    return pairs
+        groups.append((syntaxes, classes))
+    return groups
+
+
+def documented_contexts(document: str, title: str) -> set[tuple[str, str]]:
+    """The (SOP class UID, transfer syntax UID) pairs a generated side lists."""
+    return {(cls, ts) for syntaxes, classes in documented_groups(document, title) for cls in classes for ts in syntaxes}

@@ -11,7 +11,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind, StorageCommitm
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
-from dicom_node.conformance import BEGIN, END, documented_contexts, rewrite
+from dicom_node.conformance import BEGIN, END, documented_contexts, documented_groups, rewrite
 from dicom_node.settings import NodeSettings
 from dicom_node.store_scp import StoreSCP
 
@@ -42,7 +42,7 @@ def test_the_document_is_generated_from_the_current_code() -> None:
     assert rewrite(text, NodeSettings()) == text, "docs/CONFORMANCE.md is stale: run `dicom-node conformance`"
 
 
-@pytest.mark.slow  # about 25 s: some 2700 contexts, one per (SOP class, transfer syntax)
+@pytest.mark.slow  # 15-25 s: some 2700 contexts, one per (SOP class, transfer syntax)
 def test_the_node_accepts_exactly_the_contexts_the_document_lists(tmp_path: Path) -> None:
     listed = documented_contexts(DOCUMENT.read_text(encoding="utf-8"), SCP_SIDE)
     storage = sorted(pair for pair in listed if pair[0] != StorageCommitmentPushModel)
@@ -67,6 +67,30 @@ def test_the_node_accepts_exactly_the_contexts_the_document_lists(tmp_path: Path
     assert accepted == listed, (
         f"accepted but not documented: {sorted(accepted - listed)}; documented but refused: {sorted(listed - accepted)}"
     )
+
+
+def test_of_several_proposed_transfer_syntaxes_the_node_accepts_its_first_preference() -> None:
+    """Each SOP class proposed once with all its documented transfer syntaxes in reverse order:
+    the accepted one is the first of the document's list, not the requestor's first."""
+    groups = documented_groups(DOCUMENT.read_text(encoding="utf-8"), SCP_SIDE)
+    scp = StoreSCP(NodeSettings(port=0), db=None, store=None)  # type: ignore[arg-type]  # negotiation only
+    _, port = scp.start()
+    try:
+        for syntaxes, classes in groups:
+            for start in range(0, len(classes), MAX_CONTEXTS):
+                ae = AE(ae_title="CONFCHECK")
+                for sop_class in classes[start : start + MAX_CONTEXTS]:
+                    ae.add_requested_context(sop_class, list(reversed(syntaxes)))
+                roles = [
+                    build_role(c, scu_role=False, scp_role=True) for c in classes if c == StorageCommitmentPushModel
+                ]
+                assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE", ext_neg=roles)
+                assert assoc.is_established
+                chosen = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+                assoc.release()
+                assert chosen == {syntaxes[0]}, (classes[start], chosen)
+    finally:
+        scp.stop()
 
 
 def test_conformance_command_rewrites_a_stale_document_and_check_fails_on_it(tmp_path: Path) -> None:
