@@ -89,7 +89,10 @@ class CommitmentReport:
 
     @classmethod
     def from_event(cls, event_type: int, info: Dataset | None) -> CommitmentReport:
-        """Parse the Event Information; raises `ValueError` naming the attribute that is wrong."""
+        """Parse the Event Information.
+
+        Raises `LookupError` for an Event Type ID other than 1 or 2, `ValueError` naming the attribute that is wrong.
+        """
         if event_type not in (EVENT_ALL_COMMITTED, EVENT_FAILURES_PRESENT):
             raise LookupError(f"Event Type ID {event_type} is not a Storage Commitment result (1 or 2)")
         if info is None or not str(info.get("TransactionUID", "")).strip():
