@@ -60,9 +60,18 @@ class AssociationRequest:
 
 
 def request_association(
-    ae: AE, host: str, port: int, *, ae_title: str, ssl_context: ssl.SSLContext | None = None
+    ae: AE,
+    host: str,
+    port: int,
+    *,
+    ae_title: str,
+    ssl_context: ssl.SSLContext | None = None,
+    evt_handlers: list[tuple[Any, Any]] | None = None,
 ) -> AssociationRequest:
-    """`ae.associate(...)`; raises what pynetdicom raises (e.g. a TLS handshake error)."""
+    """`ae.associate(...)`; raises what pynetdicom raises (e.g. a TLS handshake error).
+
+    `evt_handlers`: more handlers for the association (e.g. EVT_N_EVENT_REPORT for a Storage Commitment report).
+    """
     from pynetdicom import evt
     from pynetdicom.pdu import A_ASSOCIATE_RJ
 
@@ -84,7 +93,7 @@ def request_association(
         port,
         ae_title=ae_title,
         tls_args=(ssl_context, host) if ssl_context is not None else None,
-        evt_handlers=[(evt.EVT_PDU_RECV, on_pdu), (evt.EVT_ACCEPTED, on_accepted)],
+        evt_handlers=[(evt.EVT_PDU_RECV, on_pdu), (evt.EVT_ACCEPTED, on_accepted), *(evt_handlers or [])],
     )
     if rejections:
         return AssociationRequest(assoc, *rejections[0])

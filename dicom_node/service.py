@@ -138,6 +138,7 @@ class NodeService:
                 self._stop,
                 ExportTargets(s.destinations),
                 s.rules,
+                s.outputs,
             )
             worker.start()
             self._workers.append(worker)

@@ -38,6 +38,7 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.negotiation import accepted_transfer_syntaxes
 from dicom_node.scp_transport import NodeAE, NodeAssociationServer, SpoolingDIMSE, TransportLimits
 from dicom_node.settings import NodeSettings
+from dicom_node.storage_commitment import CommitmentReceiver, accept_reports
 from dicom_node.tls import server_ssl_context
 from storage.database import Database
 from storage.ingest import InstanceMeta, StoreOutcome, store_instance
@@ -204,6 +205,10 @@ class StoreSCP:
             bound.debug("store.ok", outcome=outcome.value)
         return status_codes.SUCCESS
 
+    def handle_commitment_report(self, event: evt.Event) -> tuple[int, None]:
+        """A destination's Storage Commitment report, on an association it opened to us (role reversal)."""
+        return CommitmentReceiver(self.db).handle(event)
+
     def handle_rejected(self, event: evt.Event) -> None:
         log.warning(
             "association.rejected", calling_ae=event.assoc.requestor.ae_title, address=event.assoc.requestor.address
@@ -256,6 +261,7 @@ class StoreSCP:
         for sop_class in settings.accepted_sop_classes:
             ae.add_supported_context(sop_class, syntaxes)
         ae.add_supported_context(Verification, syntaxes)
+        accept_reports(ae)
         return ae
 
     def limits(self) -> TransportLimits:
@@ -274,6 +280,7 @@ class StoreSCP:
         handlers = [
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_N_EVENT_REPORT, self.handle_commitment_report),
             (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_ABORTED, self.handle_aborted),
             (evt.EVT_CONN_CLOSE, self.handle_conn_close),

@@ -43,7 +43,7 @@ from sqlalchemy import select
 from dicom_node.export_targets import ExportTargets
 from dicom_node.incarnation import Incarnation
 from dicom_node.logging_setup import get_logger
-from dicom_node.settings import RoutingRule, WorkerSettings
+from dicom_node.settings import OutputSettings, RoutingRule, WorkerSettings
 from storage.database import Database
 from storage.instance_store import InstanceStore
 from storage.jobs import (
@@ -203,6 +203,7 @@ def run_job(
     targets: ExportTargets,
     max_attempts: int,
     names: Mapping[str, NamePatterns] | None = None,
+    output_settings: OutputSettings | None = None,
 ) -> None:
     """Run one job that `worker_id` has claimed to `exporting`/`done`, `held`, `rejected`,
     `failed` with its reason, or back to `queued` (an internal error, until `max_attempts`).
@@ -210,7 +211,9 @@ def run_job(
     Results and failures are recorded only while this run still holds the job.
     `targets` applies the destinations' object filters: a filtered-out output gets no export row.
     `names`: `screening_names` of the configured rules; the job's rule picks its own.
+    `output_settings` says how the DICOM outputs are written (ROI name prefix).
     """
+    output_settings = output_settings or OutputSettings()
     from inference.errors import InferenceError, SeriesRefused
 
     bound = log.bind(job_id=job_id, worker=worker_id)
@@ -248,7 +251,7 @@ def run_job(
         out_dir = store.attempt_outputs(job_id, attempt)
         start = time.perf_counter()
         summary = write_offline_outputs(result, out_dir)
-        written = write_dicom_outputs(result, out_dir)
+        written = write_dicom_outputs(result, out_dir, roi_name_prefix=output_settings.roi_name_prefix)
         add_event(db, job_id, EventKind.STAGE, "write outputs", duration_s=time.perf_counter() - start)
         outputs = [
             (output.sop_instance_uid, output.sop_class_uid, output.path.relative_to(store.root).as_posix())
@@ -299,8 +302,10 @@ class InferenceWorker(threading.Thread):
         stop: threading.Event,
         targets: ExportTargets,
         rules: Sequence[RoutingRule] = (),
+        outputs: OutputSettings | None = None,
     ) -> None:
         super().__init__(name=worker_id, daemon=True)
+        self.outputs = outputs or OutputSettings()
         self.worker_id = worker_id
         self.device = None if device == "auto" else device
         self.db = db
@@ -334,6 +339,7 @@ class InferenceWorker(threading.Thread):
                         self.targets,
                         self.settings.max_attempts,
                         self.names,
+                        self.outputs,
                     )
             except Exception:  # e.g. the job store went away while recording a failure
                 log.exception("worker.job_crashed", worker=self.worker_id, job_id=job_id)

@@ -10,6 +10,15 @@ who fixes the cause and re-sends with `dicom-node jobs export`. A job is `done` 
 are delivered, `failed` (with the destinations and last errors as reason) when
 none is pending and any failed. `resend` makes failed or delivered exports
 pending again (`dicom-node jobs export`).
+
+Storage Commitment (destinations with `storage_commitment = true`): the
+C-STOREd rows become `committing` with the N-ACTION's Transaction UID
+(`request_commitment`) *before* the N-ACTION is sent, because the report may
+come back before the N-ACTION response is read. The N-EVENT-REPORT makes them
+`committed`, or `failed` with the reason the destination gave
+(`record_commitment`); a report that never comes fails them after the
+destination's `storage_commitment_timeout_s` (`expire_commitments`). A job with a
+`committing` row is still `exporting`; it is `done` only when all are delivered or committed.
 """
 
 from __future__ import annotations
@@ -22,7 +31,16 @@ from sqlalchemy import select
 
 from storage.database import Database
 from storage.jobs import event_row, get_job, set_state
-from storage.models import EventKind, Export, ExportState, Job, JobState, utcnow
+from storage.models import (
+    DELIVERED_EXPORT_STATES,
+    UNSETTLED_EXPORT_STATES,
+    EventKind,
+    Export,
+    ExportState,
+    Job,
+    JobState,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -44,17 +62,21 @@ def record_attempt(
     now: datetime | None = None,
     *,
     permanent: bool = False,
+    new_attempt: bool = True,
 ) -> None:
     """Store the outcome of one C-STORE attempt and settle the job when nothing is pending.
 
     A failed attempt is retried with backoff unless `permanent`, or until `give_up_after_s` has passed.
+    `new_attempt` False: the outcome ends an attempt already counted (a Storage Commitment request
+    that failed after `request_commitment`).
     """
     now = now or utcnow()
     with db.session() as session:
         export = session.get(Export, export_id)
         if export is None:
             raise LookupError(f"export {export_id} does not exist")
-        export.attempts += 1
+        export.attempts += new_attempt
+        export.transaction_uid = None
         if delivered:
             export.state = ExportState.DONE
             export.done_at = now
@@ -68,6 +90,7 @@ def record_attempt(
                 export.state = ExportState.FAILED
                 message += f"; giving up after {export.attempts} attempts"
             else:
+                export.state = ExportState.PENDING
                 export.next_attempt_at = now + policy.delay(export.attempts)
                 message += f"; next attempt at {export.next_attempt_at:%H:%M:%S}"
         job = export.job
@@ -81,9 +104,101 @@ def record_attempt(
         _settle(session, job)
 
 
+def request_commitment(db: Database, export_ids: list[int], transaction_uid: str, now: datetime | None = None) -> None:
+    """Mark C-STOREd exports `committing` under `transaction_uid`; one attempt each."""
+    now = now or utcnow()
+    with db.session() as session:
+        for export in session.scalars(select(Export).where(Export.id.in_(export_ids))):
+            export.attempts += 1
+            export.state = ExportState.COMMITTING
+            export.transaction_uid = transaction_uid
+            export.commit_requested_at = now
+            export.last_error = None
+            event_row(
+                session,
+                export.job,
+                EventKind.EXPORT,
+                f"{export.destination}: {export.sop_class_name()} attempt {export.attempts}: stored;"
+                f" Storage Commitment requested (transaction {transaction_uid})",
+            )
+
+
+def record_commitment(
+    db: Database,
+    transaction_uid: str,
+    committed: list[str],
+    failed: dict[str, str],
+    reporter: str,
+    now: datetime | None = None,
+) -> int:
+    """Apply a Storage Commitment report: `committed` SOP Instance UIDs, `failed` ones with their reason.
+
+    Rows of the transaction named in neither list stay `committing` (the timeout ends them).
+    Returns how many rows the report settled (0: an unknown or already settled transaction).
+    """
+    now = now or utcnow()
+    settled = 0
+    with db.session() as session:
+        exports = session.scalars(
+            select(Export).where(Export.transaction_uid == transaction_uid, Export.state == ExportState.COMMITTING)
+        ).all()
+        for export in exports:
+            if export.sop_instance_uid in failed:
+                export.state = ExportState.FAILED
+                export.last_error = f"{reporter} did not commit it: {failed[export.sop_instance_uid]}"
+                message = f"{export.last_error}; re-send with `dicom-node jobs export` once the cause is fixed"
+            elif export.sop_instance_uid in committed:
+                export.state = ExportState.COMMITTED
+                export.done_at = now
+                message = f"committed by {reporter} (transaction {transaction_uid})"
+            else:
+                continue
+            settled += 1
+            event_row(
+                session, export.job, EventKind.EXPORT, f"{export.destination}: {export.sop_class_name()} {message}"
+            )
+        session.flush()
+        for job in {export.job.id: export.job for export in exports}.values():
+            _settle(session, job)
+    return settled
+
+
+def expire_commitments(
+    db: Database, timeouts_s: dict[str, float], default_timeout_s: float, now: datetime | None = None
+) -> int:
+    """Fail `committing` exports whose report has not come within their destination's timeout; returns how many."""
+    now = now or utcnow()
+    expired = 0
+    with db.session() as session:
+        exports = session.scalars(select(Export).where(Export.state == ExportState.COMMITTING)).all()
+        jobs = {}
+        for export in exports:
+            timeout_s = timeouts_s.get(export.destination, default_timeout_s)
+            if export.commit_requested_at is None or now - export.commit_requested_at < timedelta(seconds=timeout_s):
+                continue
+            export.state = ExportState.FAILED
+            export.last_error = (
+                f"no Storage Commitment report from {export.destination} within {timeout_s:g} s"
+                f" (transaction {export.transaction_uid}); the object was stored but its commitment is unknown"
+            )
+            event_row(
+                session,
+                export.job,
+                EventKind.EXPORT,
+                f"{export.destination}: {export.sop_class_name()} {export.last_error};"
+                " re-send with `dicom-node jobs export`",
+            )
+            jobs[export.job.id] = export.job
+            expired += 1
+        session.flush()
+        for job in jobs.values():
+            _settle(session, job)
+    return expired
+
+
 def _settle(session, job: Job) -> None:
     states = [e.state for e in job.exports]
-    if job.state != JobState.EXPORTING or ExportState.PENDING in states:
+    if job.state != JobState.EXPORTING or UNSETTLED_EXPORT_STATES & set(states):
         return
     failed = [e for e in job.exports if e.state == ExportState.FAILED]
     if failed:
@@ -91,7 +206,9 @@ def _settle(session, job: Job) -> None:
         event_row(session, job, EventKind.ERROR, reason)
         set_state(session, job, JobState.FAILED, f"failed: {reason}", reason=reason)
     else:
-        set_state(session, job, JobState.DONE, f"done: {len(states)} object(s) delivered")
+        committed = states.count(ExportState.COMMITTED)
+        note = f", {committed} of them committed" if committed else ""
+        set_state(session, job, JobState.DONE, f"done: {len(states)} object(s) delivered{note}")
 
 
 def resend(
@@ -135,8 +252,9 @@ def resend(
                 export.state = ExportState.PENDING
                 export.created_at = now
                 export.next_attempt_at = now
+                export.transaction_uid = export.commit_requested_at = None
                 count += 1
-            elif export.state != ExportState.DONE:  # filtered out since: its failure no longer fails the job
+            elif export.state not in DELIVERED_EXPORT_STATES:  # filtered out since: its failure no longer fails the job
                 job.exports.remove(export)
                 event_row(
                     session,

@@ -79,9 +79,19 @@ SETTLED_STATES = TERMINAL_STATES | {JobState.HELD}
 
 
 class ExportState(str, enum.Enum):
+    """One object to one destination: pending -> done, or (Storage Commitment) -> committing -> committed."""
+
     PENDING = "pending"
-    DONE = "done"
+    DONE = "done"  # stored (C-STORE success); final unless the destination commits
+    COMMITTING = "committing"  # stored, Storage Commitment requested, awaiting its N-EVENT-REPORT
+    COMMITTED = "committed"  # the destination reported it has taken responsibility for the instance
     FAILED = "failed"
+
+
+# Export states that still hold a job in `exporting`.
+UNSETTLED_EXPORT_STATES = frozenset({ExportState.PENDING, ExportState.COMMITTING})
+# Export states of an object the destination holds.
+DELIVERED_EXPORT_STATES = frozenset({ExportState.DONE, ExportState.COMMITTED})
 
 
 class EventKind(str, enum.Enum):
@@ -267,6 +277,9 @@ class Export(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_error: Mapped[str | None] = mapped_column(Text, default=None)
     done_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Storage Commitment: the N-ACTION's Transaction UID, kept so a report after a restart still finds the row.
+    transaction_uid: Mapped[str | None] = mapped_column(UID, default=None, index=True)
+    commit_requested_at: Mapped[datetime | None] = mapped_column(default=None)
 
     job: Mapped[Job] = relationship(back_populates="exports")
 

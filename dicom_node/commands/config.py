@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dicom_node.commands._common import ConfigOption, fail, settings_or_exit
+from dicom_node.settings import Destination
 
 config_app = typer.Typer(help="Check the node configuration.", no_args_is_help=True)
 console = Console(highlight=False, soft_wrap=True)
@@ -50,11 +51,14 @@ def check(config: Path | None = ConfigOption) -> None:
     )
     summary.add_row("series complete after", f"{settings.series.quiet_period_s:g} s without instances")
     summary.add_row("workers", f"{settings.worker.count} on {settings.worker.device}")
+    summary.add_row(
+        "RTSTRUCT ROI names", f"{settings.outputs.roi_name_prefix}GTV_1, {settings.outputs.roi_name_prefix}GTV_2, ..."
+    )
     summary.add_row("logging", f"{settings.logging.format}, {settings.logging.level}")
     console.print(summary)
 
     destinations = Table(title="destinations")
-    for column in ("name", "AE title", "address", "calling AE", "TLS", "objects"):
+    for column in ("name", "AE title", "address", "calling AE", "TLS", "objects", "storage commitment"):
         destinations.add_column(column)
     for dest in settings.destinations:
         destinations.add_row(
@@ -64,6 +68,7 @@ def check(config: Path | None = ConfigOption) -> None:
             dest.calling_ae_title or node.ae_title,
             _on(dest.tls.enabled),
             ", ".join(dest.objects),
+            _commitment(dest),
         )
     console.print(destinations)
 
@@ -75,6 +80,12 @@ def check(config: Path | None = ConfigOption) -> None:
         rules.add_row(str(index), rule.name, patterns, rule.rule.model, ", ".join(rule.rule.destinations) or "-")
     console.print(rules)
     console.print("[green]configuration OK[/]")
+
+
+def _commitment(dest: Destination) -> str:
+    if not dest.storage_commitment:
+        return "off"
+    return f"on, {dest.storage_commitment_timeout_s:g} s"  # the time a report may take
 
 
 def _on(enabled: bool) -> str:

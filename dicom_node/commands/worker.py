@@ -79,7 +79,9 @@ def worker(
     )
     leases.start()
     workers = [
-        InferenceWorker(worker_id, dev, db, store, settings.worker, registry, stop, targets, settings.rules)
+        InferenceWorker(
+            worker_id, dev, db, store, settings.worker, registry, stop, targets, settings.rules, settings.outputs
+        )
         for worker_id, dev in zip(worker_ids(len(devices)), devices, strict=True)
     ]
     for w in workers:

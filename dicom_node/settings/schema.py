@@ -255,6 +255,14 @@ class Destination(_Section):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     # Which outputs it receives: a TPS may take only ["RTSTRUCT"], a PACS ["RTSTRUCT", "SR"].
     objects: list[OutputKind] = Field(default_factory=lambda: list(OUTPUT_KINDS), min_length=1)
+    # Storage Commitment (PS3.4 Annex J): after the C-STOREs, ask the destination to commit them
+    # (N-ACTION) and count an object delivered only once its N-EVENT-REPORT says committed.
+    storage_commitment: bool = False
+    # How long the association stays open for a report on it; after that the report is
+    # expected on a new association to the node's own port.
+    storage_commitment_wait_s: float = Field(default=5, ge=0)
+    # No report within this time: the objects' exports fail (re-send with `dicom-node jobs export`).
+    storage_commitment_timeout_s: float = Field(default=3600, gt=0)
 
     def wants(self, kind: str) -> bool:
         """Whether outputs of `kind` (RTSTRUCT, SR, SEG) are sent here; others get no export row."""
@@ -340,6 +348,20 @@ class ExportSettings(_Section):
         return self
 
 
+class OutputSettings(_Section):
+    """How the DICOM outputs are written for the receiving systems (TPS naming conventions)."""
+
+    # Put before each RTSTRUCT ROI name (GTV_1, GTV_2, ...), e.g. "AI_"; prefix + "GTV_99" <= 16 characters.
+    roi_name_prefix: str = ""
+
+    @field_validator("roi_name_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        from inference.outputs.rtstruct import check_roi_name_prefix
+
+        return check_roi_name_prefix(value)
+
+
 class LoggingSettings(_Section):
     """Log rendering; ``auto`` means JSON unless stderr is a terminal."""
 
@@ -421,6 +443,7 @@ class Settings(_Section):
     series: SeriesSettings = Field(default_factory=SeriesSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    outputs: OutputSettings = Field(default_factory=OutputSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     destinations: list[Destination] = []

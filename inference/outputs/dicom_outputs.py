@@ -47,7 +47,9 @@ class WrittenOutput:
     sop_class_uid: str
 
 
-def write_dicom_outputs(result: InferenceResult, out_dir: Path, *, include_seg: bool = False) -> list[WrittenOutput]:
+def write_dicom_outputs(
+    result: InferenceResult, out_dir: Path, *, include_seg: bool = False, roi_name_prefix: str = ""
+) -> list[WrittenOutput]:
     """Build and write the RTSTRUCT and SEG (when there are lesions) and the SR of `result`.
 
     Parameters
@@ -58,6 +60,8 @@ def write_dicom_outputs(result: InferenceResult, out_dir: Path, *, include_seg: 
         Directory to write into; created when missing.
     include_seg : bool
         Also write a DICOM Segmentation of the lesions.
+    roi_name_prefix : str
+        Put before each RTSTRUCT ROI name (``[outputs] roi_name_prefix``), e.g. ``AI_``.
 
     Returns
     -------
@@ -68,7 +72,7 @@ def write_dicom_outputs(result: InferenceResult, out_dir: Path, *, include_seg: 
     out_dir.mkdir(parents=True, exist_ok=True)
     written, related = [], []
     if result.lesions:
-        rtstruct = build_rtstruct(result)
+        rtstruct = build_rtstruct(result, roi_name_prefix=roi_name_prefix)
         check_tps_compatible(rtstruct, result.series.datasets)
         related.append(rtstruct)
         if include_seg:

@@ -49,6 +49,11 @@ Decisions
   clinician approves it in the TPS.
 - Patient and study attributes are copied from the source headers, text decoded,
   and written as UTF-8 (Specific Character Set ISO_IR 192).
+- ROI names are ``<roi_name_prefix>GTV_<n>``: a site's TPS naming convention
+  (``AI_``, TG-263-style) is a prefix, configured in ``[outputs]``. The prefix
+  is checked here (`check_roi_name_prefix`), the one place that knows the
+  lesion names' longest form, so prefix + name fits ROI Name's 16 characters
+  (VR SH) for up to `MAX_LESIONS_NAMED` lesions.
 """
 
 from __future__ import annotations
@@ -267,9 +272,33 @@ def roi_display_colours(count: int) -> list[tuple[int, int, int]]:
     return colours
 
 
+MAX_ROI_NAME_CHARS = 16  # ROI Name (3006,0026) is SH
+MAX_LESIONS_NAMED = 99  # the longest lesion name checked against the limit is GTV_99
+_LONGEST_LESION_NAME = f"GTV_{MAX_LESIONS_NAMED}"
+
+
+def check_roi_name_prefix(prefix: str) -> str:
+    """Return `prefix` if ``prefix + "GTV_99"`` is a valid ROI Name, else raise `ValueError` saying why.
+
+    ROI Name is VR SH (PS3.5 6.2): at most 16 characters, no backslash or control characters;
+    treatment-planning systems refuse longer names rather than truncate them.
+    """
+    longest = prefix + _LONGEST_LESION_NAME
+    if len(longest) > MAX_ROI_NAME_CHARS:
+        room = MAX_ROI_NAME_CHARS - len(_LONGEST_LESION_NAME)
+        raise ValueError(
+            f"roi_name_prefix {prefix!r} is too long: ROI Name (3006,0026) holds {MAX_ROI_NAME_CHARS} characters"
+            f" and {longest!r} has {len(longest)}; use at most {room} characters"
+        )
+    if "\\" in prefix or any(ord(c) < 32 or ord(c) == 127 for c in prefix):
+        raise ValueError(f"roi_name_prefix {prefix!r} contains a backslash or control character (not allowed in SH)")
+    return prefix
+
+
 def build_rtstruct(
     result: InferenceResult,
     *,
+    roi_name_prefix: str = "",
     series_number: int = 901,
     manufacturer: str = "dicom-node",
     simplify_tolerance_px: float = 0.25,
@@ -281,6 +310,8 @@ def build_rtstruct(
     ----------
     result : inference.result.InferenceResult
         Lesions, label map on the source grid and the source headers.
+    roi_name_prefix : str
+        Put before each lesion's name (``GTV_1`` ...) in ROI Name, e.g. ``AI_``; see `check_roi_name_prefix`.
     series_number : int
         Series Number (0020,0011) of the new RTSTRUCT series, positive.
     manufacturer : str
@@ -303,6 +334,9 @@ def build_rtstruct(
         match the source grid, or a lesion without any contour.
     """
     _validate_result(result)
+    check_roi_name_prefix(roi_name_prefix)
+    if len(result.lesions) > MAX_LESIONS_NAMED and roi_name_prefix:
+        raise ValueError(f"result: {len(result.lesions)} lesions; a roi_name_prefix allows {MAX_LESIONS_NAMED}")
     if series_number < 1:
         raise ValueError(f"series_number: must be positive, got {series_number}")
     _check_tolerance(simplify_tolerance_px)
@@ -320,7 +354,7 @@ def build_rtstruct(
         box = boxes[lesion.label - 1] if 0 < lesion.label <= len(boxes) else None
         contours = _lesion_contour_items(result, lesion, labels, box, simplify_tolerance_px)
         contoured_slices.update(index for index, _ in contours)
-        roi_items.append(_structure_set_roi(number, lesion, frame_of_reference_uid, result))
+        roi_items.append(_structure_set_roi(number, roi_name_prefix + lesion.name, frame_of_reference_uid, result))
         contour_items.append(_roi_contour(number, colour, [item for _, item in contours]))
         observation_items.append(_roi_observation(number))
 
@@ -555,12 +589,12 @@ def _decimal_string_element(tag: Tag, values: np.ndarray) -> RawDataElement:
     return RawDataElement(tag, "DS", len(data), data, 0, False, True)
 
 
-def _structure_set_roi(number: int, lesion: Lesion, frame_of_reference_uid: str, result: InferenceResult) -> Dataset:
+def _structure_set_roi(number: int, name: str, frame_of_reference_uid: str, result: InferenceResult) -> Dataset:
     """A Structure Set ROI Sequence item (PS3.3 C.8.8.5)."""
     item = Dataset()
     item.ROINumber = number
     item.ReferencedFrameOfReferenceUID = frame_of_reference_uid
-    item.ROIName = lesion.name
+    item.ROIName = name
     item.ROIDescription = full_statement(result.model)
     item.ROIGenerationAlgorithm = ROIGenerationAlgorithm.AUTOMATIC.value
     item.ROIGenerationDescription = _generation_description(result)

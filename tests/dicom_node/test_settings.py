@@ -134,6 +134,10 @@ def test_source_address_allow_list() -> None:
         ('[storage]\ndatabase_url = "nonsense"\n', "storage.database_url: not a valid SQLAlchemy database URL"),
         ("[storage]\nretention_days = 0\n", "storage.retention_days: Input should be greater than 0"),
         ('[worker]\ndevice = "gpu"\n', "worker.device: String should match pattern"),
+        (
+            '[outputs]\nroi_name_prefix = "HOSPITAL_AI_"\n',
+            "is too long: ROI Name (3006,0026) holds 16 characters and 'HOSPITAL_AI_GTV_99' has 18; use at most 10",
+        ),
         ('[logging]\nformat = "xml"\n', "logging.format: Input should be 'auto', 'json' or 'console'"),
         ('[logging]\nlevel = "LOUD"\n', "logging.level: unknown log level 'LOUD'"),
         (
@@ -237,3 +241,18 @@ def test_destination_objects_filter_from_toml_and_in_config_check(tmp_path: Path
     bad = write(tmp_path, VALID_DESTINATION + 'objects = ["RTSTRUCT", "PDF"]\n')
     result = CliRunner().invoke(app, ["config", "check", "--config", str(bad)])
     assert result.exit_code == 2 and "destinations[0] ('tps').objects" in result.output, result.output
+
+
+def test_storage_commitment_and_roi_prefix_from_toml_in_config_check(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        '[outputs]\nroi_name_prefix = "AI_"\n\n'
+        + VALID_DESTINATION
+        + "storage_commitment = true\nstorage_commitment_timeout_s = 600\n"
+    )
+    settings = load_settings(path, env={})
+    assert settings.destination("tps").storage_commitment and settings.outputs.roi_name_prefix == "AI_"
+    result = CliRunner().invoke(app, ["config", "check", "--config", str(path)], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    assert "AI_GTV_1" in result.output
+    assert "on, 600 s" in result.output

@@ -19,6 +19,7 @@ from inference.outputs.notice import DEMO_WARNING
 from inference.outputs.rtstruct import (
     MAX_SIMPLIFY_TOLERANCE_PX,
     build_rtstruct,
+    check_roi_name_prefix,
     pixel_to_patient,
     roi_display_colours,
     slice_contours,
@@ -308,6 +309,31 @@ def test_study_patient_series_and_observations(small_series, tmp_path: Path, res
     assert len(set(colours)) == len(colours)
     for item in ds.ROIContourSequence:
         assert all(c.ContourGeometricType == "CLOSED_PLANAR" for c in item.ContourSequence)
+
+
+def test_roi_name_prefix_names_every_roi(small_series, tmp_path: Path, result_on) -> None:
+    result = result_on(small_series, tricky_labels((6, 40, 50)))
+    ds = write_and_read(build_rtstruct(result, roi_name_prefix="AI_"), tmp_path / "rs.dcm")
+    assert [roi.ROIName for roi in ds.StructureSetROISequence] == ["AI_GTV_1", "AI_GTV_2"]
+
+
+@pytest.mark.parametrize("prefix", ["", "AI_", "Brain_Mets_"[:10]])
+def test_roi_name_prefix_that_fits_sixteen_characters_is_accepted(prefix: str) -> None:
+    assert check_roi_name_prefix(prefix) == prefix
+    assert len(prefix + "GTV_99") <= 16
+
+
+@pytest.mark.parametrize(
+    ("prefix", "reason"),
+    [("HOSPITAL_AI_", "too long: .* 'HOSPITAL_AI_GTV_99' has 18; use at most 10"), ("AI\\", "backslash")],
+)
+def test_roi_name_prefix_that_cannot_make_a_valid_roi_name_is_refused(
+    prefix: str, reason: str, small_series, result_on
+) -> None:
+    with pytest.raises(ValueError, match=reason):
+        check_roi_name_prefix(prefix)
+    with pytest.raises(ValueError, match=reason):
+        build_rtstruct(result_on(small_series, tricky_labels((6, 40, 50))), roi_name_prefix=prefix)
 
 
 def test_no_lesions_is_rejected(small_series, result_on) -> None:

@@ -18,6 +18,7 @@ import struct
 import threading
 import time
 
+import pydicom
 import pytest
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import RTStructureSetStorage
@@ -215,6 +216,9 @@ def test_running_node_sends_each_destination_only_its_objects(
     config = tmp_path / "node.toml"
     config.write_text(
         f"""
+[outputs]
+roi_name_prefix = "AI_"
+
 [[destinations]]
 name = "tps"
 ae_title = "TPS"
@@ -255,3 +259,6 @@ Modality = "MR"
     )
     assert [c for c, _, _ in tps.received] == [RTStructureSetStorage]
     assert sorted(c for c, _, _ in pacs.received) == sorted([RTStructureSetStorage, SR_CLASS])
+    (rtstruct,) = {e.path for e in job.exports if e.sop_class_uid == RTStructureSetStorage}
+    names = [str(roi.ROIName) for roi in pydicom.dcmread(node.store.absolute(rtstruct)).StructureSetROISequence]
+    assert names and all(name.startswith("AI_GTV_") for name in names), names  # [outputs] reached the writer
