@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
@@ -148,5 +149,10 @@ class CommitmentReceiver:
 
 
 def accept_reports(ae: AE) -> None:
-    """Let `ae` (the Store SCP) take reports on new associations: the destination there acts as SCP (role reversal)."""
-    ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    """Let `ae` (the Store SCP) take reports on new associations: the destination there acts as SCP (role reversal).
+
+    Uncompressed syntaxes only: a report is a small data set, and Deflated is refused everywhere on the SCP
+    (its inflation is unbounded, see `dicom_node.negotiation`)."""
+    ae.add_supported_context(
+        StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian], scu_role=False, scp_role=True
+    )
