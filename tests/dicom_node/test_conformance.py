@@ -14,6 +14,8 @@ from dicom_node.cli import app
 from dicom_node.conformance import BEGIN, END, documented_contexts, documented_groups, rewrite
 from dicom_node.settings import NodeSettings
 from dicom_node.store_scp import StoreSCP
+from storage.database import Database
+from storage.instance_store import InstanceStore
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "docs" / "CONFORMANCE.md"
 SCP_SIDE = "Accepted as SCP (Store SCP AE)"
@@ -56,7 +58,7 @@ def test_the_node_accepts_exactly_the_contexts_the_document_lists(tmp_path: Path
         + [(str(ModalityWorklistInformationFind), ts) for ts in syntaxes[:2]]
     )
     assert not set(unlisted) & listed
-    scp = StoreSCP(NodeSettings(port=0), db=None, store=None)  # type: ignore[arg-type]  # negotiation only
+    scp = StoreSCP(NodeSettings(port=0), Database(f"sqlite:///{tmp_path}/jobs.db"), InstanceStore(tmp_path / "data"))
     _, port = scp.start()
     try:
         accepted = negotiate(port, storage + unlisted)
@@ -69,11 +71,11 @@ def test_the_node_accepts_exactly_the_contexts_the_document_lists(tmp_path: Path
     )
 
 
-def test_of_several_proposed_transfer_syntaxes_the_node_accepts_its_first_preference() -> None:
+def test_of_several_proposed_transfer_syntaxes_the_node_accepts_its_first_preference(tmp_path: Path) -> None:
     """Each SOP class proposed once with all its documented transfer syntaxes in reverse order:
     the accepted one is the first of the document's list, not the requestor's first."""
     groups = documented_groups(DOCUMENT.read_text(encoding="utf-8"), SCP_SIDE)
-    scp = StoreSCP(NodeSettings(port=0), db=None, store=None)  # type: ignore[arg-type]  # negotiation only
+    scp = StoreSCP(NodeSettings(port=0), Database(f"sqlite:///{tmp_path}/jobs.db"), InstanceStore(tmp_path / "data"))
     _, port = scp.start()
     try:
         for syntaxes, classes in groups:
