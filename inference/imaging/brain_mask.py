@@ -1,0 +1,158 @@
+"""The brain mask: where lesions may be searched for, on every series.
+
+Why: a T1-CE series shows more than the brain. Scalp fat, enhancing vessels and
+dura, the edge of a field of view whose noise stops in a rectangle, zero-filled
+margins and the padding of the model grid are all bright-to-dark steps that a
+network can mistake for an enhancing rim. Lesions are reported only inside this
+mask (`postprocess.extract_lesions`), so none of these can become a GTV.
+
+Decisions:
+
+- Morphology, not atlas registration. It makes no assumption about the anatomy's
+  shape or position, costs well under a second, and is measured against the
+  phantoms' known brain (MNI brain mask) without being built from that mask.
+- Everything runs on a copy averaged (`BinShrink`) to voxels of about 2 mm, as
+  the head mask does; morphology uses Euclidean distances in mm
+  (`distance_transform_edt` with the voxel spacing), so thick, anisotropic and
+  oblique series get the same radii as isotropic ones.
+- Exact zeros are "no data" (zero-filled margins, skull-stripped backgrounds,
+  field-of-view masks) and are excluded from every statistic; the tissue/air
+  threshold is Otsu over the non-zero voxels, so a rectangle of pure noise around
+  the head is air, not foreground.
+- Bias fields: each voxel is divided by the local mean of foreground tissue
+  within a Gaussian of `_BIAS_SIGMA_MM` (normalised convolution). A bias field
+  varies over several cm, brain tissue contrast over mm, so the ratio keeps white
+  and grey matter near 1 and CSF, bone and air well below, whatever the field.
+- Brain tissue is ratio > `_TISSUE_RATIO` (about 0.4 of white matter: grey and
+  white matter and enhancing tissue pass; CSF, bone, air do not). Scalp fat passes
+  too, so the candidate is eroded by `_EROSION_MM` to cut the thin bridges between
+  brain and scalp, the largest component is kept (the brain is by far the largest
+  compact bright object in a head), and it is grown back by the same radius
+  inside the candidate. Closing by `_CLOSING_MM` then takes in sulcal CSF, 3D hole
+  filling the ventricles, 2D hole filling per slice the cavities open at the
+  volume's edge (a slab that cuts the brain).
+- The small mask is sampled back with nearest neighbour: a 2 mm step on the brain
+  surface changes the brain's Dice by about 1 %, and the lesion search does not
+  need more.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from inference.errors import SeriesError
+
+_MASK_SPACING_MM = 2.0
+_BIAS_SIGMA_MM = 20.0
+_TISSUE_RATIO = 0.5
+_EROSION_MM = 5.0
+_CLOSING_MM = 6.0
+_SLICE_FILL_STRUCTURE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)
+
+
+def _shrink_factors(image: sitk.Image) -> list[int]:
+    return [int(max(1, round(_MASK_SPACING_MM / s))) for s in image.GetSpacing()]
+
+
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of a 1-D sample (256 bins)."""
+    counts, edges = np.histogram(values, bins=256)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight = np.cumsum(counts)
+    total = weight[-1]
+    mean = np.cumsum(counts * centres)
+    below, above = weight[:-1], total - weight[:-1]
+    valid = (below > 0) & (above > 0)
+    between = np.zeros(len(below))
+    mu_b = mean[:-1][valid] / below[valid]
+    mu_a = (mean[-1] - mean[:-1][valid]) / above[valid]
+    between[valid] = below[valid] * above[valid] * (mu_b - mu_a) ** 2
+    return float(edges[1:][int(np.argmax(between))])
+
+
+def _outside_distance(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """mm from each voxel outside `mask` to the nearest mask voxel, <= 0 inside.
+
+    ITK's Maurer map (linear time, multi-threaded); outside the mask it equals
+    scipy's exact `distance_transform_edt(~mask)`, at a third of its cost.
+    """
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetSpacing(spacing[::-1].tolist())
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    return sitk.GetArrayFromImage(distance)
+
+
+def _erode(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Voxels farther than `radius_mm` from everything outside the mask."""
+    return _outside_distance(~mask, spacing) > radius_mm
+
+
+def _dilate(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Voxels within `radius_mm` of the mask."""
+    return _outside_distance(mask, spacing) <= radius_mm
+
+
+def _local_ratio(values: np.ndarray, foreground: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """values / local mean of the foreground (Gaussian-weighted, `_BIAS_SIGMA_MM`)."""
+    sigma = _BIAS_SIGMA_MM / spacing
+    weight = ndimage.gaussian_filter(foreground.astype(np.float32), sigma, mode="constant")
+    level = ndimage.gaussian_filter(np.where(foreground, values, 0).astype(np.float32), sigma, mode="constant")
+    level = level / np.maximum(weight, 1e-3)
+    return values / np.maximum(level, 1e-6 * float(values.max()))
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
+
+
+def _brain_on_small(values: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """The brain mask (bool) on the ~2 mm array `values` (k, j, i) with `spacing` (k, j, i) in mm."""
+    data = values > 0
+    if not data.any() or np.ptp(values[data]) <= 0:
+        raise SeriesError("the image has no foreground (constant intensity): there is no brain to search")
+    foreground = values > _otsu(values[data])
+    candidate = _local_ratio(values, foreground, spacing) > _TISSUE_RATIO
+    pad = int(np.ceil(max(_EROSION_MM, _CLOSING_MM) / spacing.min())) + 1
+    candidate = np.pad(candidate, pad)
+    seed = _largest_component(_erode(candidate, _EROSION_MM, spacing))
+    if not seed.any():
+        seed = _largest_component(candidate)
+    brain = _dilate(seed, _EROSION_MM, spacing) & candidate
+    brain = _erode(_dilate(brain, _CLOSING_MM, spacing), _CLOSING_MM, spacing)
+    brain = brain[pad:-pad, pad:-pad, pad:-pad]
+    brain = ndimage.binary_fill_holes(brain)
+    return ndimage.binary_fill_holes(brain, structure=_SLICE_FILL_STRUCTURE)
+
+
+def brain_mask(image: sitk.Image) -> sitk.Image:
+    """uint8 brain mask (1 = brain) on `image`'s grid; see the module docstring for the method.
+
+    Raises `SeriesError` for an image without foreground.
+    """
+    factors = _shrink_factors(image)
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)  # BinShrink of integers would truncate the means
+    small = sitk.BinShrink(image, factors)
+    spacing = np.array(small.GetSpacing())[::-1]
+    brain = _brain_on_small(sitk.GetArrayFromImage(small), spacing)
+    return _expand(brain, factors, image)
+
+
+def _expand(small: np.ndarray, factors: list[int], image: sitk.Image) -> sitk.Image:
+    """Nearest-neighbour upsampling of a BinShrink grid: source voxel k lies in block k // factor.
+
+    Index arithmetic instead of `sitk.Resample` (3 s for 176x512x512 on 2 cores);
+    the voxels of an incomplete last block take the last block's value.
+    """
+    full = small.astype(np.uint8)
+    for axis, (factor, n) in enumerate(zip(factors[::-1], image.GetSize()[::-1])):
+        full = np.take(full, np.minimum(np.arange(n) // factor, full.shape[axis] - 1), axis=axis)
+    out = sitk.GetImageFromArray(full)
+    out.CopyInformation(image)
+    return out
