@@ -7,13 +7,17 @@ recorded the same way.
 
 Decisions:
 
-- `timings_s` holds the four stages "load", "preprocess", "model",
+- `timings_s` holds the five stages "load", "brain mask", "preprocess", "model",
   "postprocess" in seconds (they add up to the run), plus "preprocess: n4", the
   part of "preprocess" spent in N4 (reported because N4 must stay under a quarter
   of `infer`; not to be added to the total).
+- Every series gets a brain mask (`imaging/brain_mask.py`) before anything else
+  is computed from its pixels; it feeds the "zscore-brain" normalisation and is
+  the only region where `extract_lesions` may report a lesion.
 - "model" includes building the network from the package's weights.
-- The model input size and whether to run N4 come from the package manifest's
-  `input` (what the model was trained with); the probability threshold and
+- The model input size, whether to run N4 and the normalisation come from the
+  package manifest's `input` (what the model was trained with; a manifest without
+  `normalisation` means "zscore-foreground", the only one before it was declared); the probability threshold and
   minimum lesion volume from its `thresholds`.
 - Probabilities go back to the source grid (linear), then `extract_lesions`.
   The EGFR rule's per-slice tumour area is measured on the model slices
@@ -33,9 +37,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import SimpleITK as sitk
 
 from inference.imaging import preprocess
+from inference.imaging.brain_mask import brain_mask
 from inference.imaging.postprocess import aggregate_egfr, extract_lesions
 from inference.imaging.volume_loader import load_series
 from inference.result import InferenceResult
@@ -61,11 +67,18 @@ def run_series(files: Sequence[Path], package: ModelPackage, *, device: str | No
     timings: dict[str, float] = {}
     with _timed(timings, "load"):
         series = load_series(files)
+    with _timed(timings, "brain mask"):
+        brain = brain_mask(series.image)
     with _timed(timings, "preprocess"):
         size = int(package.input.get("size", package.config.input_size))
         parts: dict[str, float] = {}
         model_input = preprocess.prepare_model_input(
-            series.image, size=size, n4=bool(package.input.get("n4", True)), timings=parts
+            series.image,
+            size=size,
+            n4=bool(package.input.get("n4", True)),
+            normalisation=str(package.input.get("normalisation", "zscore-foreground")),
+            brain=brain,
+            timings=parts,
         )
     if "n4" in parts:
         timings["preprocess: n4"] = parts["n4"]
@@ -77,7 +90,9 @@ def run_series(files: Sequence[Path], package: ModelPackage, *, device: str | No
         threshold = package.thresholds.get("gtv_probability", DEFAULT_THRESHOLD)
         min_volume = package.thresholds.get("min_lesion_volume_mm3", DEFAULT_MIN_VOLUME_MM3)
         probability = preprocess.to_source_grid(gtv_prob, model_input, series.image)
-        label_map, lesions = extract_lesions(probability, threshold=threshold, min_volume_mm3=min_volume)
+        label_map, lesions = extract_lesions(
+            probability, brain_mask=brain, threshold=threshold, min_volume_mm3=min_volume
+        )
         reported = preprocess.to_model_grid(label_map, model_input, nearest=True) > 0
         areas = ((gtv_prob > threshold) & reported).sum(axis=(1, 2)) * model_input.pixel_area_mm2
         egfr = aggregate_egfr(areas, mutant_prob)
@@ -89,6 +104,7 @@ def run_series(files: Sequence[Path], package: ModelPackage, *, device: str | No
         egfr=egfr,
         model=package.identity,
         timings_s=timings,
+        brain_mask=brain,
     )
 
 
@@ -110,6 +126,7 @@ def summary_of(result: InferenceResult) -> dict[str, Any]:
             "is_demo": result.model.is_demo,
             "display": result.model.display,
         },
+        "brain_volume_cm3": _brain_volume_cm3(result),
         "lesions": [
             {
                 "name": lesion.name,
@@ -130,6 +147,14 @@ def summary_of(result: InferenceResult) -> dict[str, Any]:
         },
         "timings_s": {stage: round(seconds, 3) for stage, seconds in result.timings_s.items()},
     }
+
+
+def _brain_volume_cm3(result: InferenceResult) -> float | None:
+    """Volume of the brain mask (the searched region), for plausibility checks against lesion volumes."""
+    if result.brain_mask is None:
+        return None
+    voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(result.brain_mask)))
+    return round(voxels * float(np.prod(result.brain_mask.GetSpacing())) / 1000.0, 2)
 
 
 def write_offline_outputs(result: InferenceResult, out_dir: Path) -> dict[str, Any]:

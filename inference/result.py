@@ -92,6 +92,7 @@ class InferenceResult:
     egfr: EgfrPrediction
     model: ModelIdentity
     timings_s: dict[str, float] = field(default_factory=dict)
+    brain_mask: sitk.Image | None = None  # uint8 on the source grid: where lesions were searched for
 
     def lesion_mask(self, lesion: Lesion) -> np.ndarray:
         """Boolean array (k, rows, cols) of one lesion on the source grid."""
