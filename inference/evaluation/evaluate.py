@@ -44,7 +44,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
-from inference.evaluation.evaluate import metrics
+from inference.evaluation import metrics
 from inference.imaging.postprocess import extract_lesions
 from inference.model.package import ModelPackage
 from inference.pipeline import run_series
