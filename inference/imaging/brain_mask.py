@@ -27,8 +27,13 @@ Decisions:
   white matter and enhancing tissue pass; CSF, bone, air do not). Scalp fat passes
   too, so the candidate is eroded by `_EROSION_MM` to cut the thin bridges between
   brain and scalp, the largest component is kept (the brain is by far the largest
-  compact bright object in a head), and it is grown back by the same radius
-  inside the candidate. Closing by `_CLOSING_MM` then takes in sulcal CSF, 3D hole
+  compact bright object in a head), and it is grown back inside the candidate by
+  `_REGROW_MM`, 4 mm more than it was eroded: a large ring-enhancing lesion at
+  the brain surface (bright rim, dark core, dark oedema) hangs on to the brain by
+  thin tissue, and growing back only by the erosion radius cut up to 16 % of such
+  a lesion out of the mask (phantom 60003); with 4 mm more every true lesion
+  voxel of the benchmark phantoms is inside, and the brain's Dice is unchanged
+  (the scalp lies further out). Closing by `_CLOSING_MM` then takes in sulcal CSF, 3D hole
   filling the ventricles, 2D hole filling per slice the cavities open at the
   volume's edge (a slab that cuts the brain).
 - The small mask is sampled back with nearest neighbour: a 2 mm step on the brain
@@ -49,6 +54,7 @@ _BIAS_SIGMA_MM = 20.0
 _TISSUE_RATIO = 0.5
 _EROSION_MM = 5.0
 _CLOSING_MM = 6.0
+_REGROW_MM = _EROSION_MM + 4.0
 _SLICE_FILL_STRUCTURE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)
 
 
@@ -123,7 +129,7 @@ def _brain_on_small(values: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     seed = _largest_component(_erode(candidate, _EROSION_MM, spacing))
     if not seed.any():
         seed = _largest_component(candidate)
-    brain = _dilate(seed, _EROSION_MM, spacing) & candidate
+    brain = _dilate(seed, _REGROW_MM, spacing) & candidate
     brain = _erode(_dilate(brain, _CLOSING_MM, spacing), _CLOSING_MM, spacing)
     brain = brain[pad:-pad, pad:-pad, pad:-pad]
     brain = ndimage.binary_fill_holes(brain)

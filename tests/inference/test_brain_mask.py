@@ -59,10 +59,21 @@ def test_brain_mask_dice_in_every_style_sagittal(style: str) -> None:
 def test_every_true_lesion_lies_inside_the_brain_mask(style: str) -> None:
     """The mask must never hide a metastasis: the search region contains every true lesion voxel."""
     for kind in ("axial", "oblique"):
-        image, _ = apply_style(phantom(kind), style)
+        image, visible = apply_style(phantom(kind), style)
         computed = sitk.GetArrayFromImage(brain_mask(image)) > 0
-        lesions = sitk.GetArrayFromImage(phantom(kind).mask) > 0
+        lesions = (sitk.GetArrayFromImage(phantom(kind).mask) > 0) & (sitk.GetArrayFromImage(visible) > 0)
         assert lesions.any() and computed[lesions].mean() >= 0.99, (kind, computed[lesions].mean())
+
+
+@pytest.mark.parametrize("style", ["full-head", "tester"])
+def test_a_large_ring_lesion_at_the_brain_surface_stays_inside(style: str) -> None:
+    """Phantom 60003's 28 mm ring lesion (dark core and oedema) hangs on to the brain by thin tissue."""
+    surface_ring = generate_phantom(60003, matrix=160, n_lesions=3)
+    assert surface_ring.lesion_kinds[2] == "ring" and surface_ring.lesion_diameters_mm[2] > 25
+    image, visible = apply_style(surface_ring, style)
+    computed = sitk.GetArrayFromImage(brain_mask(image)) > 0
+    lesion = (sitk.GetArrayFromImage(surface_ring.mask) == 3) & (sitk.GetArrayFromImage(visible) > 0)
+    assert computed[lesion].mean() >= 0.99, computed[lesion].mean()
 
 
 def test_scalp_and_field_of_view_edge_are_outside_the_mask() -> None:
