@@ -109,7 +109,7 @@ def run_series(files: Sequence[Path], package: ModelPackage, *, device: str | No
 
 
 def summary_of(result: InferenceResult) -> dict[str, Any]:
-    """The JSON-ready summary: series UIDs, model, lesions, EGFR, timings."""
+    """The JSON-ready summary: series UIDs, model, brain volume, lesions, EGFR, timings."""
     first = result.series.datasets[0]
     return {
         "series": {
