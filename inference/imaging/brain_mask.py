@@ -49,17 +49,18 @@ from scipy import ndimage
 
 from inference.errors import SeriesError
 
-_MASK_SPACING_MM = 2.0
+MASK_SPACING_MM = 2.0  # the head mask's and the brain mask's working voxel size
 _BIAS_SIGMA_MM = 20.0
 _TISSUE_RATIO = 0.5
 _EROSION_MM = 5.0
 _CLOSING_MM = 6.0
 _REGROW_MM = _EROSION_MM + 4.0
-_SLICE_FILL_STRUCTURE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)
+SLICE_FILL_STRUCTURE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)
 
 
-def _shrink_factors(image: sitk.Image) -> list[int]:
-    return [int(max(1, round(_MASK_SPACING_MM / s))) for s in image.GetSpacing()]
+def shrink_factors(image: sitk.Image, spacing_mm: float = MASK_SPACING_MM) -> list[int]:
+    """Per-axis integer shrink factors giving voxels of about `spacing_mm` (never enlarging)."""
+    return [int(max(1, round(spacing_mm / s))) for s in image.GetSpacing()]
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -133,7 +134,7 @@ def _brain_on_small(values: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     brain = _erode(_dilate(brain, _CLOSING_MM, spacing), _CLOSING_MM, spacing)
     brain = brain[pad:-pad, pad:-pad, pad:-pad]
     brain = ndimage.binary_fill_holes(brain)
-    return ndimage.binary_fill_holes(brain, structure=_SLICE_FILL_STRUCTURE)
+    return ndimage.binary_fill_holes(brain, structure=SLICE_FILL_STRUCTURE)
 
 
 def brain_mask(image: sitk.Image) -> sitk.Image:
@@ -141,7 +142,7 @@ def brain_mask(image: sitk.Image) -> sitk.Image:
 
     Raises `SeriesError` for an image without foreground.
     """
-    factors = _shrink_factors(image)
+    factors = shrink_factors(image)
     if image.GetPixelID() != sitk.sitkFloat32:
         image = sitk.Cast(image, sitk.sitkFloat32)  # BinShrink of integers would truncate the means
     small = sitk.BinShrink(image, factors)

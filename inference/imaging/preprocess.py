@@ -67,14 +67,13 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from inference.errors import SeriesError
+from inference.imaging.brain_mask import SLICE_FILL_STRUCTURE, shrink_factors
 from inference.imaging.brain_mask import brain_mask as compute_brain_mask
 
 NEAR_AXIAL_DEGREES = 20.0
 NORMALISATIONS = ("zscore-brain", "zscore-foreground")
 DEFAULT_NORMALISATION = NORMALISATIONS[0]
 _N4_SPACING_MM = 6.0
-_MASK_SPACING_MM = 2.0
-_SLICE_FILL_STRUCTURE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)
 
 
 @dataclass
@@ -99,7 +98,7 @@ class ModelInput:
 
 def head_mask(image: sitk.Image) -> sitk.Image:
     """uint8 mask of the head (1) against air (0) on `image`'s grid; see the module docstring."""
-    small = sitk.Shrink(sitk.Cast(image, sitk.sitkFloat32), _shrink_factors(image, _MASK_SPACING_MM))
+    small = sitk.Shrink(sitk.Cast(image, sitk.sitkFloat32), shrink_factors(image))
     binary = sitk.OtsuThreshold(small, 0, 1)
     components = sitk.RelabelComponent(sitk.ConnectedComponent(binary), sortByObjectSize=True)
     labels = sitk.GetArrayViewFromImage(components)
@@ -107,15 +106,10 @@ def head_mask(image: sitk.Image) -> sitk.Image:
     if sizes.size == 0:
         raise SeriesError("the image has no foreground (constant intensity): there is no head to process")
     keep = (labels > 0) & (labels <= int(np.sum(sizes >= 0.1 * sizes[0])))
-    filled = ndimage.binary_fill_holes(ndimage.binary_fill_holes(keep), structure=_SLICE_FILL_STRUCTURE)
+    filled = ndimage.binary_fill_holes(ndimage.binary_fill_holes(keep), structure=SLICE_FILL_STRUCTURE)
     small_mask = sitk.GetImageFromArray(filled.astype(np.uint8))
     small_mask.CopyInformation(small)
     return sitk.Resample(small_mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-
-
-def _shrink_factors(image: sitk.Image, spacing_mm: float) -> list[int]:
-    """Per-axis integer shrink factors giving voxels of about `spacing_mm` (never enlarging)."""
-    return [int(max(1, round(spacing_mm / s))) for s in image.GetSpacing()]
 
 
 def n4_correct(image: sitk.Image, *, mask: sitk.Image | None = None) -> sitk.Image:
@@ -124,7 +118,7 @@ def n4_correct(image: sitk.Image, *, mask: sitk.Image | None = None) -> sitk.Ima
     mask = head_mask(image) if mask is None else mask
     floor = 1e-3 * float(np.percentile(sitk.GetArrayViewFromImage(image), 99))
     positive = sitk.Maximum(image, floor)  # N4 works on log intensities
-    factors = _shrink_factors(image, _N4_SPACING_MM)
+    factors = shrink_factors(image, _N4_SPACING_MM)
     small_image = sitk.Shrink(positive, factors)
     small_mask = sitk.Shrink(mask, factors)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()

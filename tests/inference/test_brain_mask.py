@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 
 from inference.errors import SeriesError
-from inference.imaging.brain_mask import _expand, _shrink_factors, brain_mask
+from inference.imaging.brain_mask import _expand, brain_mask, shrink_factors
 from inference.synthetic.phantoms import Phantom, generate_phantom
 from inference.synthetic.styles import STYLES, apply_style
 
@@ -107,7 +107,7 @@ def test_expanding_the_small_grid_is_nearest_neighbour_resampling() -> None:
     image.SetSpacing((0.5, 0.7, 1.1))
     image.SetOrigin((3.0, -4.0, 5.0))
     image.SetDirection(tuple(np.linalg.qr(rng.normal(size=(3, 3)))[0].flatten()))
-    factors = _shrink_factors(image)
+    factors = shrink_factors(image)
     small = sitk.BinShrink(image, factors)
     binary = sitk.GetArrayFromImage(small) > 0.5
     small_mask = sitk.GetImageFromArray(binary.astype(np.uint8))
