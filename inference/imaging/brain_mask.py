@@ -36,6 +36,9 @@ Decisions:
   (the scalp lies further out). Closing by `_CLOSING_MM` then takes in sulcal CSF, 3D hole
   filling the ventricles, 2D hole filling per slice the cavities open at the
   volume's edge (a slab that cuts the brain).
+- Less than `MIN_BRAIN_CM3` of brain is an unusable series (`SeriesError`):
+  "no lesions" on an image where no brain was found would be a wrong result, not
+  an empty one. (A thin slab through the brain still has well over 10 cm3.)
 - The small mask is sampled back with nearest neighbour: a 2 mm step on the brain
   surface changes the brain's Dice by about 1 %, and the lesion search does not
   need more.
@@ -55,6 +58,7 @@ _TISSUE_RATIO = 0.5
 _EROSION_MM = 5.0
 _CLOSING_MM = 6.0
 _REGROW_MM = _EROSION_MM + 4.0
+MIN_BRAIN_CM3 = 10.0
 SLICE_FILL_STRUCTURE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)
 
 
@@ -140,7 +144,7 @@ def _brain_on_small(values: np.ndarray, spacing: np.ndarray) -> np.ndarray:
 def brain_mask(image: sitk.Image) -> sitk.Image:
     """uint8 brain mask (1 = brain) on `image`'s grid; see the module docstring for the method.
 
-    Raises `SeriesError` for an image without foreground.
+    Raises `SeriesError` for an image without foreground or without a brain.
     """
     factors = shrink_factors(image)
     if image.GetPixelID() != sitk.sitkFloat32:
@@ -148,6 +152,12 @@ def brain_mask(image: sitk.Image) -> sitk.Image:
     small = sitk.BinShrink(image, factors)
     spacing = np.array(small.GetSpacing())[::-1]
     brain = _brain_on_small(sitk.GetArrayFromImage(small), spacing)
+    volume_cm3 = np.count_nonzero(brain) * float(np.prod(spacing)) / 1000.0
+    if volume_cm3 < MIN_BRAIN_CM3:
+        raise SeriesError(
+            f"no brain found in the image ({volume_cm3:.1f} cm3 of brain-like tissue, at least {MIN_BRAIN_CM3:g} "
+            "needed): not a brain MR series, or its contrast is unusable"
+        )
     return _expand(brain, factors, image)
 
 

@@ -100,6 +100,17 @@ def test_an_image_without_foreground_is_an_unusable_series(value: float) -> None
         brain_mask(image)
 
 
+def test_an_image_without_a_brain_is_an_unusable_series() -> None:
+    """A small bright object (a phantom bottle, a finger) in noise is not a brain."""
+    rng = np.random.default_rng(2)
+    array = np.abs(rng.normal(0, 20, (20, 64, 64))).astype(np.float32)
+    array[8:12, 30:34, 30:34] = 1000.0  # 4 x 8 x 8 mm = 0.26 cm3
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((2.0, 2.0, 2.0))
+    with pytest.raises(SeriesError, match=r"no brain found in the image \(\d\.\d cm3"):
+        brain_mask(image)
+
+
 def test_expanding_the_small_grid_is_nearest_neighbour_resampling() -> None:
     """The index arithmetic agrees with ITK's resampling wherever the small grid reaches."""
     rng = np.random.default_rng(3)
