@@ -77,7 +77,8 @@ def result_with_lesions(series: LoadedSeries, count: int) -> InferenceResult:
         probability[box] = np.maximum(probability[box], (distance <= radius**2).astype(np.float32))
     image = sitk.GetImageFromArray(probability)
     image.CopyInformation(series.image)
-    label_map, lesions = extract_lesions(image, threshold=0.5, min_volume_mm3=20.0)
+    everywhere = sitk.Cast(image >= -1, sitk.sitkUInt8)  # a synthetic result: the whole volume is "brain"
+    label_map, lesions = extract_lesions(image, brain_mask=everywhere, threshold=0.5, min_volume_mm3=20.0)
     if len(lesions) != count:
         raise RuntimeError(f"expected {count} separate lesions, got {len(lesions)}")
     return InferenceResult(

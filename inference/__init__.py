@@ -7,7 +7,7 @@ Layout (what runs where):
   predictor, shipped demo package), `outputs/` (RTSTRUCT, SR, SEG writers),
   plus the hand-over types `result`, `errors`, `uids`;
 - offline, never imported by the runtime: `training/`, `evaluation/`,
-  `synthetic/` (phantoms).
+  `synthetic/` (phantoms, and other generators' styles applied to them).
 
 This module is the seam `dicom_node` uses. Its names are resolved lazily
 (PEP 562) so that `import inference.errors` does not load torch.

@@ -11,16 +11,20 @@ Decisions:
   `accepts` (and a routing rule's name patterns) before any pixel is decoded
   (`inference.imaging.screening`); a series the model does not accept raises
   `SeriesRefused`, a defective one `SeriesError`.
-- `timings_s` holds the five stages "screen", "load", "preprocess", "model",
-  "postprocess" in seconds (they add up to the run), plus "preprocess: n4", the
+- `timings_s` holds the six stages "screen", "load", "brain mask", "preprocess",
+  "model", "postprocess" in seconds (they add up to the run), plus "preprocess: n4", the
   part of "preprocess" spent in N4 (reported because N4 must stay under a quarter
   of `infer`; not to be added to the total).
+- Every series gets a brain mask (`imaging/brain_mask.py`) before anything else
+  is computed from its pixels; it feeds the "zscore-brain" normalisation and is
+  the only region where `extract_lesions` may report a lesion.
 - "model" includes building the network from the package's weights, unless
   the caller passes a network it built from the package before (`model=`: a
   worker builds it once per device and reuses it across jobs); it then runs on
   that network's device.
-- The model input size and whether to run N4 come from the package manifest's
-  `input` (what the model was trained with); the probability threshold and
+- The model input size, whether to run N4 and the normalisation come from the
+  package manifest's `input` (what the model was trained with; a manifest without
+  `normalisation` means "zscore-foreground", the only one before it was declared); the probability threshold and
   minimum lesion volume from its `thresholds`.
 - Probabilities go back to the source grid (linear), then `extract_lesions`.
   The EGFR rule's per-slice tumour area is measured on the model slices
@@ -43,9 +47,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import SimpleITK as sitk
 
 from inference.imaging import preprocess
+from inference.imaging.brain_mask import brain_mask
 from inference.imaging.postprocess import aggregate_egfr, extract_lesions
 from inference.imaging.screening import NamePatterns, screen_series
 from inference.imaging.volume_loader import load_series
@@ -88,10 +94,17 @@ def run_series(
         screening = screen_series(files, package.accepts, model_size=size, names=names)
     with _timed(timings, "load"):
         series = load_series(files)
+    with _timed(timings, "brain mask"):
+        brain = brain_mask(series.image)
     with _timed(timings, "preprocess"):
         parts: dict[str, float] = {}
         model_input = preprocess.prepare_model_input(
-            series.image, size=size, n4=bool(package.input.get("n4", True)), timings=parts
+            series.image,
+            size=size,
+            n4=bool(package.input.get("n4", True)),
+            normalisation=str(package.input.get("normalisation", "zscore-foreground")),
+            brain=brain,
+            timings=parts,
         )
     if "n4" in parts:
         timings["preprocess: n4"] = parts["n4"]
@@ -105,7 +118,9 @@ def run_series(
     with _timed(timings, "postprocess"):
         threshold, min_volume = package.gtv_threshold, package.min_lesion_volume_mm3
         probability = preprocess.to_source_grid(gtv_prob, model_input, series.image)
-        label_map, lesions = extract_lesions(probability, threshold=threshold, min_volume_mm3=min_volume)
+        label_map, lesions = extract_lesions(
+            probability, brain_mask=brain, threshold=threshold, min_volume_mm3=min_volume
+        )
         reported = preprocess.to_model_grid(label_map, model_input, nearest=True) > 0
         areas = ((gtv_prob > threshold) & reported).sum(axis=(1, 2)) * model_input.pixel_area_mm2
         egfr = aggregate_egfr(areas, mutant_prob)
@@ -119,13 +134,16 @@ def run_series(
             timings_s=timings,
             head_volume_cm3=model_input.head_volume_cm3,
             screening=screening.contrast,
+            brain_mask=brain,
         )
-        result.hold_reasons = check_plausibility(result, package.plausibility, threshold=threshold)
+        result.hold_reasons = check_plausibility(
+            result, package.plausibility, threshold=threshold, brain_volume_cm3=_brain_volume_cm3(result)
+        )
     return result
 
 
 def summary_of(result: InferenceResult) -> dict[str, Any]:
-    """The JSON-ready summary: series UIDs, screening evidence, model, lesions, EGFR, timings."""
+    """The JSON-ready summary: series UIDs, screening evidence, model, brain volume, lesions, EGFR, timings."""
     first = result.series.datasets[0]
     return {
         "series": {
@@ -143,6 +161,7 @@ def summary_of(result: InferenceResult) -> dict[str, Any]:
             "is_demo": result.model.is_demo,
             "display": result.model.display,
         },
+        "brain_volume_cm3": _brain_volume_cm3(result),
         "lesions": [
             {
                 "name": lesion.name,
@@ -164,6 +183,14 @@ def summary_of(result: InferenceResult) -> dict[str, Any]:
         "timings_s": {stage: round(seconds, 3) for stage, seconds in result.timings_s.items()},
         "plausibility": {"held": bool(result.hold_reasons), "reasons": list(result.hold_reasons)},
     }
+
+
+def _brain_volume_cm3(result: InferenceResult) -> float | None:
+    """Volume of the brain mask (the searched region), for plausibility checks against lesion volumes."""
+    if result.brain_mask is None:
+        return None
+    voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(result.brain_mask)))
+    return round(voxels * float(np.prod(result.brain_mask.GetSpacing())) / 1000.0, 2)
 
 
 def write_offline_outputs(result: InferenceResult, out_dir: Path) -> dict[str, Any]:

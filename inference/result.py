@@ -98,6 +98,7 @@ class InferenceResult:
     screening: str = ""  # the header evidence the input screening accepted the series on
     head_volume_cm3: float | None = None
     hold_reasons: list[str] = field(default_factory=list)
+    brain_mask: sitk.Image | None = None  # uint8 on the source grid: where lesions were searched for
 
     def lesion_mask(self, lesion: Lesion) -> np.ndarray:
         """Boolean array (k, rows, cols) of one lesion on the source grid."""

@@ -225,7 +225,10 @@ def threshold_sweep(
             result = run_series(write_phantom_series(phantom, Path(tmp) / f"phantom-{seed}"), package, device=device)
             for threshold, min_volume in pairs:
                 label_map, lesions = extract_lesions(
-                    result.probability_map, threshold=threshold, min_volume_mm3=min_volume
+                    result.probability_map,
+                    brain_mask=result.brain_mask,
+                    threshold=threshold,
+                    min_volume_mm3=min_volume,
                 )
                 rethresholded = replace(result, label_map=label_map, lesions=lesions)
                 per_setting[(threshold, min_volume)].append(score_result(phantom, rethresholded))

@@ -7,6 +7,12 @@ fixed here once.
 Decisions:
 
 - A voxel is tumour when its probability is strictly above the threshold.
+- Only the brain is searched (`brain_mask`), by construction and twice over:
+  a detection (3D component of the unmasked threshold map) whose voxels lie
+  mostly outside the brain is dropped whole (a scalp rim or a field-of-view edge
+  that touches the brain is not cut down to a "lesion" at the brain surface), and
+  the probability is zero outside the brain before lesions are labelled, so no
+  reported voxel lies outside it.
 - Lesions are 3D connected components with 26-connectivity: a lesion that is
   diagonally connected between (thick or resampled oblique) slices stays one
   lesion rather than being split into ROIs a clinician would call one metastasis.
@@ -92,12 +98,34 @@ def _centroid_index(component: np.ndarray, offset: np.ndarray) -> np.ndarray:
     return np.array(means[::-1]) + offset
 
 
+def _inside_brain(binary: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """`binary` inside `brain`, keeping only detections with the majority of their voxels inside."""
+    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary.view(np.uint8)), True))
+    total = np.bincount(components.ravel())
+    inside = np.bincount(components[brain], minlength=total.size)
+    mostly_inside = 2 * inside > total
+    mostly_inside[0] = False
+    return mostly_inside[components] & brain
+
+
 def extract_lesions(
-    probability: sitk.Image, *, threshold: float, min_volume_mm3: float
+    probability: sitk.Image,
+    *,
+    brain_mask: sitk.Image,
+    threshold: float,
+    min_volume_mm3: float,
 ) -> tuple[sitk.Image, list[Lesion]]:
-    """uint16 label map (GTV_i has value i) on `probability`'s grid, and the lesions by size."""
-    binary = sitk.Cast(probability > threshold, sitk.sitkUInt8)
-    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(binary, True))
+    """uint16 label map (GTV_i has value i) on `probability`'s grid, and the lesions by size.
+
+    `brain_mask` (same grid) is where lesions may be: nothing outside it is reported.
+    """
+    if brain_mask.GetSize() != probability.GetSize():
+        raise ValueError(f"extract_lesions: brain mask size {brain_mask.GetSize()} != {probability.GetSize()}")
+    brain = sitk.GetArrayViewFromImage(brain_mask) > 0
+    binary = _inside_brain(sitk.GetArrayViewFromImage(probability) > threshold, brain)
+    tumour = sitk.GetImageFromArray(binary.view(np.uint8))
+    tumour.CopyInformation(probability)
+    components = sitk.GetArrayFromImage(sitk.ConnectedComponent(tumour, True))
     voxel_mm3 = float(np.prod(probability.GetSpacing()))
     counts = np.bincount(components.ravel())
     boxes = ndimage.find_objects(components)

@@ -22,10 +22,22 @@ Decisions:
   nearest neighbour (it only feeds N4, z-score statistics and the field of view):
   Otsu threshold, keep every connected component with at least 10 % of the largest
   one's voxels (brain and scalp may be separated by dark bone), fill 3D holes and
-  then 2D holes in every source slice (cavities open at the volume's edge). The
-  z-score uses mean and standard deviation over this mask; voxels outside the
-  source volume get the z-score of intensity 0. An image without foreground
-  (constant intensity) is an unusable series (`SeriesError`), not a crash.
+  then 2D holes in every source slice (cavities open at the volume's edge). An
+  image without foreground (constant intensity) is an unusable series
+  (`SeriesError`), not a crash.
+- Normalisation is what the model package declares (manifest `input.normalisation`,
+  one of `NORMALISATIONS`), because a model only works on the input it was trained on:
+  - "zscore-brain" (the default for new packages): mean and standard deviation
+    over the brain mask (`brain_mask.py`), so that white matter gets the same value
+    on a full-head and on a skull-stripped series (over the head mask, the
+    full-head scale differs: scalp and bone make the head mask about 1.4 brain
+    volumes). The model grid is filled beyond the source volume by extending the
+    source's edge voxels (nearest-neighbour extrapolation): where a field of view or
+    a slab cuts through the head, the model sees no artificial step from tissue to
+    a padding value, i.e. no edge it could take for an enhancing rim.
+  - "zscore-foreground" (packages up to demo 0.3.0): mean and standard deviation
+    over the head mask; voxels outside the source volume get the z-score of
+    intensity 0.
 - Model slices are axial with a fixed in-plane orientation: columns run to the
   patient's left (+x, LPS) and rows to posterior (+y), i.e. the usual radiological
   display of an axial slice; slice index increases towards superior.
@@ -55,11 +67,13 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from inference.errors import SeriesError
+from inference.imaging.brain_mask import SLICE_FILL_STRUCTURE, shrink_factors
+from inference.imaging.brain_mask import brain_mask as compute_brain_mask
 
 NEAR_AXIAL_DEGREES = 20.0
+NORMALISATIONS = ("zscore-brain", "zscore-foreground")
+DEFAULT_NORMALISATION = NORMALISATIONS[0]
 _N4_SPACING_MM = 6.0
-_MASK_SPACING_MM = 2.0
-_SLICE_FILL_STRUCTURE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool)
 
 
 @dataclass
@@ -86,7 +100,7 @@ class ModelInput:
 
 def head_mask(image: sitk.Image) -> sitk.Image:
     """uint8 mask of the head (1) against air (0) on `image`'s grid; see the module docstring."""
-    small = sitk.Shrink(sitk.Cast(image, sitk.sitkFloat32), _shrink_factors(image, _MASK_SPACING_MM))
+    small = sitk.Shrink(sitk.Cast(image, sitk.sitkFloat32), shrink_factors(image))
     binary = sitk.OtsuThreshold(small, 0, 1)
     components = sitk.RelabelComponent(sitk.ConnectedComponent(binary), sortByObjectSize=True)
     labels = sitk.GetArrayViewFromImage(components)
@@ -94,15 +108,10 @@ def head_mask(image: sitk.Image) -> sitk.Image:
     if sizes.size == 0:
         raise SeriesError("the image has no foreground (constant intensity): there is no head to process")
     keep = (labels > 0) & (labels <= int(np.sum(sizes >= 0.1 * sizes[0])))
-    filled = ndimage.binary_fill_holes(ndimage.binary_fill_holes(keep), structure=_SLICE_FILL_STRUCTURE)
+    filled = ndimage.binary_fill_holes(ndimage.binary_fill_holes(keep), structure=SLICE_FILL_STRUCTURE)
     small_mask = sitk.GetImageFromArray(filled.astype(np.uint8))
     small_mask.CopyInformation(small)
     return sitk.Resample(small_mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-
-
-def _shrink_factors(image: sitk.Image, spacing_mm: float) -> list[int]:
-    """Per-axis integer shrink factors giving voxels of about `spacing_mm` (never enlarging)."""
-    return [int(max(1, round(spacing_mm / s))) for s in image.GetSpacing()]
 
 
 def n4_correct(image: sitk.Image, *, mask: sitk.Image | None = None) -> sitk.Image:
@@ -111,7 +120,7 @@ def n4_correct(image: sitk.Image, *, mask: sitk.Image | None = None) -> sitk.Ima
     mask = head_mask(image) if mask is None else mask
     floor = 1e-3 * float(np.percentile(sitk.GetArrayViewFromImage(image), 99))
     positive = sitk.Maximum(image, floor)  # N4 works on log intensities
-    factors = _shrink_factors(image, _N4_SPACING_MM)
+    factors = shrink_factors(image, _N4_SPACING_MM)
     small_image = sitk.Shrink(positive, factors)
     small_mask = sitk.Shrink(mask, factors)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
@@ -198,23 +207,45 @@ def model_grid(image: sitk.Image, mask: sitk.Image, size: int) -> tuple[sitk.Ima
 
 
 def prepare_model_input(
-    image: sitk.Image, *, size: int = 384, n4: bool = True, timings: dict[str, float] | None = None
+    image: sitk.Image,
+    *,
+    size: int = 384,
+    n4: bool = True,
+    normalisation: str = DEFAULT_NORMALISATION,
+    brain: sitk.Image | None = None,
+    timings: dict[str, float] | None = None,
 ) -> ModelInput:
     """Source volume -> z-scored axial model slices (n, size, size) and their grid.
 
-    With `timings`, the seconds spent in N4 are stored under "n4" (for the benchmarks).
+    `brain` is the series' brain mask when the caller has it (computed here
+    otherwise, for "zscore-brain"). With `timings`, the seconds spent in N4 are
+    stored under "n4" (for the benchmarks).
     """
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {normalisation!r}; known: {', '.join(NORMALISATIONS)}")
     image = sitk.Cast(image, sitk.sitkFloat32)
     mask = head_mask(image)
     start = time.perf_counter()
     corrected = n4_correct(image, mask=mask) if n4 else image
     if timings is not None and n4:
         timings["n4"] = time.perf_counter() - start
-    normalised = zscore(corrected, mask)
-    values = sitk.GetArrayViewFromImage(corrected)[sitk.GetArrayViewFromImage(mask) > 0]
-    background = float(-values.mean() / max(float(values.std()), 1e-6))
     grid, aligned = model_grid(image, mask, size)
-    resampled = sitk.Resample(normalised, grid, sitk.Transform(), sitk.sitkLinear, background, sitk.sitkFloat32)
+    if normalisation == "zscore-foreground":
+        normalised = zscore(corrected, mask)
+        values = sitk.GetArrayViewFromImage(corrected)[sitk.GetArrayViewFromImage(mask) > 0]
+        background = float(-values.mean() / max(float(values.std()), 1e-6))
+        resampled = sitk.Resample(normalised, grid, sitk.Transform(), sitk.sitkLinear, background, sitk.sitkFloat32)
+    else:
+        normalised = zscore(corrected, compute_brain_mask(image) if brain is None else brain)
+        resampled = sitk.Resample(
+            normalised,
+            grid,
+            sitk.Transform(),
+            sitk.sitkLinear,
+            0.0,
+            sitk.sitkFloat32,
+            useNearestNeighborExtrapolator=True,
+        )
     head_cm3 = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * float(np.prod(image.GetSpacing())) / 1000.0
     return ModelInput(sitk.GetArrayFromImage(resampled), grid, aligned, head_cm3)
 

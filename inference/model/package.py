@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from inference.errors import ModelPackageError
+from inference.imaging.preprocess import DEFAULT_NORMALISATION
 from inference.model.accepts import ModelAccepts
 from inference.model.mtsa_net import MTSANet, MTSANetConfig
 from inference.plausibility import PlausibilityBounds
@@ -60,7 +61,7 @@ INPUT_SPEC: dict[str, Any] = {
     "size": 384,
     "orientation": "axial",
     "n4": True,
-    "normalisation": "zscore-foreground",
+    "normalisation": DEFAULT_NORMALISATION,
 }
 OUTPUT_LABELS: dict[str, list[str]] = {"gtv": ["background", "GTV"], "egfr": ["wild type", "mutant"]}
 DEFAULT_THRESHOLDS: dict[str, float] = {"gtv_probability": 0.5, "min_lesion_volume_mm3": 20.0}

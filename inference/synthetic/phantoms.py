@@ -496,3 +496,23 @@ def write_phantom_truth(phantom: Phantom, out_dir: Path) -> tuple[Path, Path]:
     }
     json_path.write_text(json.dumps(truth, indent=2) + "\n")
     return mask_path, json_path
+
+
+@functools.lru_cache(maxsize=1)
+def _template_brain() -> sitk.Image:
+    """nilearn's MNI152 brain mask definition (template > 0.2 x its maximum), holes filled, uint8."""
+    t1 = sitk.ReadImage(str(_template_path("t1")), sitk.sitkFloat32)
+    values = sitk.GetArrayViewFromImage(t1)
+    brain = ndimage.binary_fill_holes(values > 0.2 * float(values.max()))
+    return _like(brain, t1)
+
+
+def brain_truth(phantom: Phantom) -> sitk.Image:
+    """The phantom's known brain (uint8 on its image grid): the MNI brain mask it is built from.
+
+    Why: the brain mask of the node is measured against it (Dice). Template space
+    is patient space here (the template is resampled with the identity transform),
+    so the truth is the template mask resampled linearly and cut at 0.5.
+    """
+    on_grid = sitk.Resample(_template_brain(), phantom.image, sitk.Transform(), sitk.sitkLinear, 0.0)
+    return sitk.Cast(on_grid > 0.5, sitk.sitkUInt8)

@@ -72,7 +72,9 @@ def mr_outputs(mr_series, tmp_path_factory) -> list[WrittenOutput]:
     series = load_series(mr_series)
     truth = sitk.Cast(generate_phantom(**MR_PHANTOM).mask > 0, sitk.sitkFloat32)
     truth.CopyInformation(series.image)
-    label_map, lesions = extract_lesions(truth, threshold=0.5, min_volume_mm3=0)  # a binary mask: every voxel in
+    label_map, lesions = extract_lesions(  # a binary mask: every voxel in
+        truth, brain_mask=sitk.Cast(truth >= -1, sitk.sitkUInt8), threshold=0.5, min_volume_mm3=0
+    )
     result = InferenceResult(
         series=series,
         label_map=label_map,

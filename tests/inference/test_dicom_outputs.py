@@ -86,7 +86,8 @@ def test_phantom_through_postprocess_and_all_writers(tmp_path: Path, phantom_cas
     )
     probability = sitk.GetImageFromArray((truth > 0).astype(np.float32))
     probability.CopyInformation(series.image)
-    label_map, lesions = extract_lesions(probability, threshold=0.5, min_volume_mm3=0.0)
+    everywhere = sitk.Cast(probability >= 0, sitk.sitkUInt8)
+    label_map, lesions = extract_lesions(probability, brain_mask=everywhere, threshold=0.5, min_volume_mm3=0.0)
     assert lesions
     result = InferenceResult(
         series=series,

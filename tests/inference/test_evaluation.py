@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from inference.evaluation.evaluate import (
@@ -80,6 +81,22 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
 SMALL = {"matrix": 64, "slices": 16, "orientation": "axial", "n_lesions": 1}
 
 
+@pytest.fixture
+def search_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A brain mask covering the whole volume, for the sweep's extremes.
+
+    With the real mask, "everything above threshold -1" is one detection lying
+    mostly outside the brain, which is dropped whole (tested in test_postprocess).
+    """
+
+    def everywhere(image: sitk.Image) -> sitk.Image:
+        mask = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+        mask.CopyInformation(image)
+        return mask
+
+    monkeypatch.setattr("inference.pipeline.brain_mask", everywhere)
+
+
 def test_evaluation_runs_the_dicom_pipeline(tiny_package: ModelPackage) -> None:
     summary, scores = evaluate_package(tiny_package, [31], device="cpu", progress=False, phantom_options=SMALL)
     assert summary["phantoms"] == 1 and len(scores) == 1
@@ -87,7 +104,7 @@ def test_evaluation_runs_the_dicom_pipeline(tiny_package: ModelPackage) -> None:
     assert 0.0 <= scores[0].dice <= 1.0
 
 
-def test_threshold_sweep_extremes(tiny_package: ModelPackage) -> None:
+def test_threshold_sweep_extremes(tiny_package: ModelPackage, search_everywhere: None) -> None:
     results = threshold_sweep(tiny_package, [31], [-1.0, 1.0], device="cpu", progress=False, phantom_options=SMALL)
     default = tiny_package.min_lesion_volume_mm3
     assert list(results) == [(-1.0, default), (1.0, default)]
@@ -96,7 +113,7 @@ def test_threshold_sweep_extremes(tiny_package: ModelPackage) -> None:
     assert not any(key.startswith("egfr") for key in results[(1.0, default)])
 
 
-def test_threshold_sweep_over_minimum_volumes(tiny_package: ModelPackage) -> None:
+def test_threshold_sweep_over_minimum_volumes(tiny_package: ModelPackage, search_everywhere: None) -> None:
     # at threshold -1 the whole head is one component: a floor above the volume's size drops it
     results = threshold_sweep(
         tiny_package, [31], [-1.0], min_volumes_mm3=[0.0, 1e12], device="cpu", progress=False, phantom_options=SMALL

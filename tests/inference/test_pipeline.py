@@ -14,18 +14,20 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
 from inference.errors import SeriesError, SeriesRefused
 from inference.imaging import preprocess
+from inference.imaging.postprocess import extract_lesions
 from inference.imaging.screening import NamePatterns
 from inference.model.mtsa_net import MTSANet, MTSANetConfig
 from inference.model.package import ModelPackage, save_package
 from inference.pipeline import run_series, write_offline_outputs
 from inference.result import EgfrCall
 
-STAGES = ["screen", "load", "preprocess", "model", "postprocess"]
+STAGES = ["screen", "load", "brain mask", "preprocess", "model", "postprocess"]
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +55,12 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
 
 @pytest.fixture
 def oracle(monkeypatch: pytest.MonkeyPatch):
-    """`use(phantom)`: the model predicts the phantom's true mask (mutant 0.9 on tumour slices)."""
+    """`use(phantom)`: the model predicts the phantom's true mask (mutant 0.9 on tumour slices).
 
-    def use(phantom) -> None:
+    `use(phantom, extra)` adds the detections `extra(model_input)` (bool, model grid) to it.
+    """
+
+    def use(phantom, extra=None) -> None:
         captured: list[preprocess.ModelInput] = []
         real_prepare = preprocess.prepare_model_input
 
@@ -65,6 +70,8 @@ def oracle(monkeypatch: pytest.MonkeyPatch):
 
         def predict(model, slices, **kwargs):
             truth = preprocess.to_model_grid(phantom.mask, captured[-1], nearest=True) > 0
+            if extra is not None:
+                truth |= extra(captured[-1])
             mutant = np.where(truth.any(axis=(1, 2)), 0.9, 0.1).astype(np.float32)
             return truth.astype(np.float32), mutant
 
@@ -148,6 +155,35 @@ def test_oracle_lesions_come_back_where_they_were(phantom_series, tiny_package, 
         dice = 2 * (found & true).sum() / (found.sum() + true.sum())
         assert dice > 0.8, (label, dice)
     assert result.egfr.call is EgfrCall.MUTANT and result.egfr.mutant_probability == pytest.approx(0.9)
+
+
+def scalp_and_field_of_view_edge(image: sitk.Image):
+    """`extra` for the oracle: the outer 3 pixels of the head (scalp) and of the source volume (FOV edge)."""
+
+    def rims(model_input: preprocess.ModelInput) -> np.ndarray:
+        head = preprocess.to_model_grid(preprocess.head_mask(image), model_input) > 0
+        ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+        ones.CopyInformation(image)
+        volume = preprocess.to_model_grid(ones, model_input) > 0
+        in_plane = np.ones((1, 7, 7), bool)
+        return (head & ~ndimage.binary_erosion(head, in_plane)) | (volume & ~ndimage.binary_erosion(volume, in_plane))
+
+    return rims
+
+
+def test_detections_outside_the_brain_are_never_reported(phantom_series, tiny_package, oracle):
+    series = phantom_series(7, orientation="axial", matrix=96, slices=24, slice_spacing=3.5, n_lesions=3)
+    oracle(series.phantom)
+    clean = run_series(series.files, tiny_package, device="cpu")
+    oracle(series.phantom, scalp_and_field_of_view_edge(series.phantom.image))
+    result = run_series(series.files, tiny_package, device="cpu")
+    brain = sitk.GetArrayFromImage(result.brain_mask) > 0
+    labels = sitk.GetArrayFromImage(result.label_map)
+    assert result.lesions and not labels[~brain].any()
+    np.testing.assert_array_equal(labels, sitk.GetArrayFromImage(clean.label_map))
+    everywhere = sitk.Cast(result.probability_map >= 0, sitk.sitkUInt8)
+    _, unmasked = extract_lesions(result.probability_map, brain_mask=everywhere, threshold=0.5)
+    assert len(unmasked) > len(result.lesions)  # the rims were there to be found
 
 
 def test_series_errors_propagate(small_axial_series, tiny_package):

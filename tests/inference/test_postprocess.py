@@ -21,13 +21,18 @@ def probability_image(array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0
     return image
 
 
+def extract_anywhere(probability: sitk.Image, **kwargs):
+    """extract_lesions with a brain mask that covers the whole volume (tests of everything but the mask)."""
+    return extract_lesions(probability, brain_mask=sitk.Cast(probability >= -1, sitk.sitkUInt8), **kwargs)
+
+
 def test_components_are_numbered_by_size_and_small_ones_dropped():
     array = np.zeros((20, 40, 40))
     array[2:4, 2:4, 2:4] = 0.9  # 8 voxels
     array[10:15, 10:20, 10:20] = 0.8  # 500 voxels
     array[10:14, 30:35, 30:35] = 0.7  # 100 voxels
     array[18, 38, 38] = 0.99  # 1 voxel: below the minimum volume
-    label_map, lesions = extract_lesions(probability_image(array), threshold=0.5, min_volume_mm3=5)
+    label_map, lesions = extract_anywhere(probability_image(array), threshold=0.5, min_volume_mm3=5)
     assert [lesion.name for lesion in lesions] == ["GTV_1", "GTV_2", "GTV_3"]
     assert [lesion.voxel_count for lesion in lesions] == [500, 100, 8]
     labels = sitk.GetArrayFromImage(label_map)
@@ -40,7 +45,7 @@ def test_components_are_numbered_by_size_and_small_ones_dropped():
 def test_threshold_is_strict():
     array = np.zeros((10, 10, 10))
     array[2:6, 2:6, 2:6] = 0.5
-    _, lesions = extract_lesions(probability_image(array), threshold=0.5, min_volume_mm3=0)
+    _, lesions = extract_anywhere(probability_image(array), threshold=0.5, min_volume_mm3=0)
     assert lesions == []
 
 
@@ -48,7 +53,7 @@ def test_diagonal_neighbours_are_one_lesion():
     array = np.zeros((10, 10, 10))
     for k in range(6):
         array[k + 2, k + 2, k + 2] = 1.0  # a chain touching only at corners
-    _, lesions = extract_lesions(probability_image(array), threshold=0.5, min_volume_mm3=0)
+    _, lesions = extract_anywhere(probability_image(array), min_volume_mm3=0)
     assert len(lesions) == 1 and lesions[0].voxel_count == 6
 
 
@@ -56,7 +61,7 @@ def test_equal_sizes_are_ordered_by_position():
     array = np.zeros((10, 20, 20))
     array[5:7, 12:14, 2:4] = 1.0
     array[5:7, 2:4, 12:14] = 1.0  # same size, earlier in array order
-    label_map, lesions = extract_lesions(probability_image(array), threshold=0.5, min_volume_mm3=0)
+    label_map, lesions = extract_anywhere(probability_image(array), min_volume_mm3=0)
     labels = sitk.GetArrayFromImage(label_map)
     assert labels[5, 2, 12] == 1 and labels[5, 12, 2] == 2
 
@@ -67,7 +72,7 @@ def test_volume_diameter_and_centroid_of_a_box_use_real_spacing_and_geometry():
     spacing = (0.5, 0.8, 4.0)  # column, row, slice spacing
     rotation = sitk.VersorTransform((1.0, 1.0, 0.3), 0.7).GetMatrix()
     image = probability_image(array, spacing, origin=(-50.0, 20.0, 7.0), direction=rotation)
-    _, (lesion,) = extract_lesions(image, threshold=0.5, min_volume_mm3=0)
+    _, (lesion,) = extract_anywhere(image, min_volume_mm3=0)
     assert lesion.voxel_count == 600
     assert lesion.volume_cm3 == pytest.approx(600 * 0.5 * 0.8 * 4.0 / 1000)
     extent = np.array([20 * 0.5, 10 * 0.8, 3 * 4.0])
@@ -85,7 +90,7 @@ def test_diameter_of_a_sphere_is_within_one_voxel_diagonal():
         ((i - centre[2]) * spacing[0]) ** 2 + ((j - centre[1]) * spacing[1]) ** 2 + ((k - centre[0]) * spacing[2]) ** 2
     )
     array = (distance <= radius_mm).astype(float)
-    _, (lesion,) = extract_lesions(probability_image(array, spacing), threshold=0.5, min_volume_mm3=0)
+    _, (lesion,) = extract_anywhere(probability_image(array, spacing), min_volume_mm3=0)
     diagonal = math.dist((0, 0, 0), spacing)
     assert 2 * radius_mm <= lesion.max_diameter_mm <= 2 * radius_mm + diagonal
     assert lesion.volume_cm3 == pytest.approx(4 / 3 * math.pi * radius_mm**3 / 1000, rel=0.05)
@@ -94,12 +99,12 @@ def test_diameter_of_a_sphere_is_within_one_voxel_diagonal():
 def test_single_voxel_diameter_is_its_diagonal():
     array = np.zeros((5, 5, 5))
     array[2, 2, 2] = 1.0
-    _, (lesion,) = extract_lesions(probability_image(array, (1.0, 2.0, 3.0)), threshold=0.5, min_volume_mm3=0)
+    _, (lesion,) = extract_anywhere(probability_image(array, (1.0, 2.0, 3.0)), min_volume_mm3=0)
     assert lesion.max_diameter_mm == pytest.approx(math.sqrt(1 + 4 + 9))
 
 
 def test_no_tumour_gives_an_empty_label_map():
-    label_map, lesions = extract_lesions(probability_image(np.zeros((6, 6, 6))), threshold=0.5, min_volume_mm3=20.0)
+    label_map, lesions = extract_anywhere(probability_image(np.zeros((6, 6, 6))))
     assert lesions == [] and not sitk.GetArrayViewFromImage(label_map).any()
 
 
@@ -153,5 +158,50 @@ def test_egfr_rejects_mismatched_inputs():
 def test_diameter_of_a_flat_lesion_on_one_slice():
     array = np.zeros((5, 20, 20))
     array[2, 5:10, 5:15] = 1.0  # 5 rows x 10 columns on one 3 mm slice
-    _, (lesion,) = extract_lesions(probability_image(array, (0.5, 0.5, 3.0)), threshold=0.5, min_volume_mm3=0)
+    _, (lesion,) = extract_anywhere(probability_image(array, (0.5, 0.5, 3.0)), min_volume_mm3=0)
     assert lesion.max_diameter_mm == pytest.approx(math.sqrt(5.0**2 + 2.5**2 + 3.0**2))
+
+
+def brain_box(probability: sitk.Image, box: tuple[slice, slice, slice]) -> sitk.Image:
+    """A brain mask that is 1 inside `box` (k, j, i) on `probability`'s grid."""
+    array = np.zeros(sitk.GetArrayViewFromImage(probability).shape, np.uint8)
+    array[box] = 1
+    mask = sitk.GetImageFromArray(array)
+    mask.CopyInformation(probability)
+    return mask
+
+
+def test_detections_outside_the_brain_are_never_reported():
+    array = np.zeros((20, 40, 40))
+    array[5:10, 5:10, 5:10] = 0.9  # inside the brain
+    array[5:10, 30:36, 30:36] = 0.95  # outside: scalp
+    array[12:18, 2:12, 18:20] = 0.9  # a rim along the brain's edge: 2 of its 10 rows inside
+    array[:, :, 39] = 0.99  # the field-of-view edge
+    probability = probability_image(array)
+    brain = brain_box(probability, (slice(0, 20), slice(0, 25), slice(0, 25)))
+    brain_array = sitk.GetArrayFromImage(brain) > 0
+    brain_array[12:18, 2:4, 18:20] = True
+    brain_array[12:18, 4:12, 18:20] = False
+    brain = sitk.GetImageFromArray(brain_array.astype(np.uint8))
+    brain.CopyInformation(probability)
+    label_map, lesions = extract_lesions(probability, brain_mask=brain, threshold=0.5, min_volume_mm3=0)
+    labels = sitk.GetArrayFromImage(label_map)
+    assert [lesion.voxel_count for lesion in lesions] == [125]
+    assert not labels[~brain_array].any()
+    assert (labels[5:10, 5:10, 5:10] == 1).all()
+
+
+def test_a_detection_mostly_inside_the_brain_is_cut_to_the_brain():
+    array = np.zeros((10, 20, 20))
+    array[2:8, 5:15, 5:15] = 0.9  # 600 voxels, 480 inside
+    probability = probability_image(array)
+    brain = brain_box(probability, (slice(0, 10), slice(0, 13), slice(0, 20)))
+    label_map, (lesion,) = extract_lesions(probability, brain_mask=brain, min_volume_mm3=0)
+    assert lesion.voxel_count == 6 * 8 * 10
+    assert not sitk.GetArrayFromImage(label_map)[:, 13:, :].any()
+
+
+def test_a_brain_mask_on_another_grid_is_refused():
+    probability = probability_image(np.zeros((6, 6, 6)))
+    with pytest.raises(ValueError, match="brain mask"):
+        extract_lesions(probability, brain_mask=brain_box(probability_image(np.zeros((6, 6, 7))), np.s_[:, :, :]))

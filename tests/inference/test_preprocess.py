@@ -1,4 +1,4 @@
-"""Pre-processing: geometry round trips to the model grid and back, N4, head mask, z-score."""
+"""Pre-processing: geometry round trips to the model grid and back, N4, head mask, z-score, padding."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from inference.errors import SeriesError
+from inference.imaging.brain_mask import brain_mask
 from inference.imaging.preprocess import (
     NEAR_AXIAL_DEGREES,
     head_mask,
@@ -18,6 +19,8 @@ from inference.imaging.preprocess import (
     to_source_grid,
     zscore,
 )
+from inference.synthetic.phantoms import generate_phantom
+from inference.synthetic.styles import apply_style
 
 SIZE = 128
 
@@ -115,13 +118,62 @@ def test_field_of_view_covers_the_head(phantom_series, orientation):
     assert not on_model[:, [0, -1], :].any() and not on_model[:, :, [0, -1]].any()  # margin left and right
 
 
-def test_model_slices_are_z_scored_over_the_head(phantom_series):
+@pytest.mark.parametrize("normalisation", ["zscore-brain", "zscore-foreground"])
+def test_model_slices_are_z_scored_over_the_declared_region(phantom_series, normalisation):
     series = phantom_series(36, orientation="axial", matrix=96, slices=24, n_lesions=1)
-    model_input = prepare_model_input(series.phantom.image, size=96, n4=True)
-    head = to_model_grid(head_mask(series.phantom.image), model_input, nearest=True) > 0
-    values = model_input.slices[head]
+    image = series.phantom.image
+    model_input = prepare_model_input(image, size=96, n4=True, normalisation=normalisation)
+    region = brain_mask(image) if normalisation == "zscore-brain" else head_mask(image)
+    values = model_input.slices[to_model_grid(region, model_input, nearest=True) > 0]
     assert abs(values.mean()) < 0.1 and abs(values.std() - 1) < 0.1
     assert np.isfinite(model_input.slices).all()
+
+
+def test_an_unknown_normalisation_is_refused(small_axial_series):
+    with pytest.raises(ValueError, match="unknown normalisation 'minmax'"):
+        prepare_model_input(small_axial_series.phantom.image, size=64, normalisation="minmax")
+
+
+def brain_median(style: str, normalisation: str) -> float:
+    """Median model-input value over the known brain of phantom 36 in `style`."""
+    phantom = generate_phantom(36, orientation="axial", matrix=96, slices=24, n_lesions=1)
+    image, truth = apply_style(phantom, style)
+    model_input = prepare_model_input(image, size=96, n4=False, normalisation=normalisation)
+    return float(np.median(model_input.slices[to_model_grid(truth, model_input) > 0]))
+
+
+def test_brain_normalisation_is_the_same_for_full_head_and_skull_stripped_input():
+    """Over the head mask, scalp and bone shift the scale of a full-head series; over the brain they do not."""
+    brain = [brain_median(style, "zscore-brain") for style in ("full-head", "skull-stripped")]
+    head = [brain_median(style, "zscore-foreground") for style in ("full-head", "skull-stripped")]
+    assert abs(brain[0] - brain[1]) < 0.05, brain
+    assert abs(head[0] - head[1]) > 0.2, head  # what the brain normalisation removes
+
+
+def steps_where_the_field_of_view_cuts_the_head(normalisation: str) -> np.ndarray:
+    """|model input just outside the source volume - nearest pixel inside|, next to the head, for a cut head."""
+    phantom = generate_phantom(38, orientation="axial", matrix=96, slices=24, n_lesions=1)
+    image = phantom.image[22:-22, :, :]  # the field of view cuts through both sides of the head
+    model_input = prepare_model_input(image, size=96, n4=False, normalisation=normalisation)
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    volume = to_model_grid(ones, model_input) > 0
+    head = to_model_grid(head_mask(image), model_input) > 0
+    in_plane = np.ones((1, 3, 3), bool)
+    ring = ndimage.binary_dilation(volume, in_plane) & ~volume
+    nearest = ndimage.distance_transform_edt(~volume, return_distances=False, return_indices=True)
+    k, j, i = np.nonzero(ring)
+    source = tuple(index[k, j, i] for index in nearest)
+    next_to_head = head[source]
+    assert next_to_head.sum() > 50  # the cut really goes through the head
+    return np.abs(model_input.slices[k, j, i] - model_input.slices[source])[next_to_head]
+
+
+def test_padding_creates_no_step_where_the_field_of_view_cuts_the_head():
+    steps = steps_where_the_field_of_view_cuts_the_head("zscore-brain")
+    legacy = steps_where_the_field_of_view_cuts_the_head("zscore-foreground")
+    assert np.median(steps) < 0.2, np.median(steps)
+    assert np.median(legacy) > 1.0, np.median(legacy)  # the step a padding value makes
 
 
 def test_to_source_grid_rejects_a_volume_of_the_wrong_shape(small_axial_series):
