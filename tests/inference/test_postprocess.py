@@ -21,9 +21,10 @@ def probability_image(array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0
     return image
 
 
-def extract_anywhere(probability: sitk.Image, **kwargs):
+def extract_anywhere(probability: sitk.Image, *, threshold: float = 0.5, min_volume_mm3: float = 20.0):
     """extract_lesions with a brain mask that covers the whole volume (tests of everything but the mask)."""
-    return extract_lesions(probability, brain_mask=sitk.Cast(probability >= -1, sitk.sitkUInt8), **kwargs)
+    everywhere = sitk.Cast(probability >= -1, sitk.sitkUInt8)
+    return extract_lesions(probability, brain_mask=everywhere, threshold=threshold, min_volume_mm3=min_volume_mm3)
 
 
 def test_components_are_numbered_by_size_and_small_ones_dropped():
@@ -196,7 +197,7 @@ def test_a_detection_mostly_inside_the_brain_is_cut_to_the_brain():
     array[2:8, 5:15, 5:15] = 0.9  # 600 voxels, 480 inside
     probability = probability_image(array)
     brain = brain_box(probability, (slice(0, 10), slice(0, 13), slice(0, 20)))
-    label_map, (lesion,) = extract_lesions(probability, brain_mask=brain, min_volume_mm3=0)
+    label_map, (lesion,) = extract_lesions(probability, brain_mask=brain, threshold=0.5, min_volume_mm3=0)
     assert lesion.voxel_count == 6 * 8 * 10
     assert not sitk.GetArrayFromImage(label_map)[:, 13:, :].any()
 
@@ -204,4 +205,5 @@ def test_a_detection_mostly_inside_the_brain_is_cut_to_the_brain():
 def test_a_brain_mask_on_another_grid_is_refused():
     probability = probability_image(np.zeros((6, 6, 6)))
     with pytest.raises(ValueError, match="brain mask"):
-        extract_lesions(probability, brain_mask=brain_box(probability_image(np.zeros((6, 6, 7))), np.s_[:, :, :]))
+        other_grid = brain_box(probability_image(np.zeros((6, 6, 7))), np.s_[:, :, :])
+        extract_lesions(probability, brain_mask=other_grid, threshold=0.5, min_volume_mm3=20.0)
