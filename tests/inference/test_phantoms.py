@@ -159,7 +159,7 @@ def test_uids_are_reproducible_and_non_ascii_names_are_utf8(tmp_path):
 
 def test_truth_files(tmp_path):
     phantom = generate_phantom(17, n_lesions=2, **SMALL)
-    mask_path, json_path = write_phantom_truth(phantom, tmp_path)
+    mask_path, brain_path, json_path = write_phantom_truth(phantom, tmp_path)
     mask = sitk.ReadImage(str(mask_path))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(phantom.mask))
     np.testing.assert_allclose(mask.GetDirection(), phantom.mask.GetDirection(), atol=1e-6)
