@@ -65,6 +65,7 @@ def test_evaluate_rejects_bad_sweep_values_before_any_work(tmp_path: Path) -> No
     for option, message in (
         (["--sweep", "0.3,high"], "comma-separated numbers"),
         (["--sweep-min-volumes", "10"], "needs --sweep"),
+        (["--styles", "own"], "styles must be some of"),
     ):
         result = runner.invoke(app, ["evaluate", *model, *option], terminal_width=200)
         assert result.exit_code == 2, result.output
