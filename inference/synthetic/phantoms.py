@@ -28,11 +28,27 @@ Decisions:
   a necrotic core (each lesion follows its patient's pattern with probability
   0.85); the stored label is then flipped with probability 0.10 (label noise).
 - Intensities: white matter about 1000 before bias and noise; multiplicative smooth
-  bias field (exp of a random quadratic, about +-25 %); Rician noise (sigma 2-5 %
-  of white matter). DICOM files store uint16 values with RescaleSlope 1 unless the
+  bias field (exp of a random quadratic, about +-25 % in the classic style); Rician
+  noise (sigma 2-5 % of white matter in the classic style). DICOM files store uint16 values with RescaleSlope 1 unless the
   range needs a slope.
 - ``lesion_diameters_mm`` are the nominal diameters (twice the mean semi-axis),
   log-uniform in 3-30 mm; the irregular border changes the true extent slightly.
+- Appearance comes from a style (`inference.synthetic.styles`): the default
+  ``classic`` draws exactly what this generator drew before styles existed (same
+  seed, same phantom, bit for bit); ``randomised`` and ``unseen`` remap the
+  template's contrast, strip the skull or draw its layers' intensities, deform
+  the anatomy (a B-spline field, sampled every 4 mm), blur, scale the bias field,
+  add an N/2 ghost, choose Gaussian or Rician noise, zero-fill field-of-view
+  margins, and give lesions the appearance of their size (`_ring_probability`:
+  small ones mostly solid, rings mostly large with a rim of 2-5 mm). The extra
+  draws come from their own streams (``[seed, 4]`` look, ``[seed, 5]`` deformation).
+- The brain truth (`Phantom.brain`) is the template's filled brain outline
+  (parenchyma, ventricles and sulci: what skull stripping keeps), deformed and
+  resampled with the image: the reference for brain masks and for "false positive
+  outside the brain".
+- Written headers are those of a post-contrast 3D MPRAGE at 3 T (ContrastBolusAgent,
+  IR/GR, TR 2300 ms, TE 2.32 ms, TI 900 ms, flip 8 degrees, "T1 MPRAGE +Gd"), so
+  input screening sees a plausible T1-CE.
 """
 
 from __future__ import annotations
