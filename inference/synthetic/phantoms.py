@@ -29,8 +29,8 @@ Decisions:
   0.85); the stored label is then flipped with probability 0.10 (label noise).
 - Intensities: white matter about 1000 before bias and noise; multiplicative smooth
   bias field (exp of a random quadratic, about +-25 % in the classic style); Rician
-  noise (sigma 2-5 % of white matter in the classic style). DICOM files store uint16 values with RescaleSlope 1 unless the
-  range needs a slope.
+  noise (sigma 2-5 % of white matter in the classic style). DICOM files store
+  uint16 values with RescaleSlope 1 unless the range needs a slope.
 - ``lesion_diameters_mm`` are the nominal diameters (twice the mean semi-axis),
   log-uniform in 3-30 mm; the irregular border changes the true extent slightly.
 - Appearance comes from a style (`inference.synthetic.styles`): the default
