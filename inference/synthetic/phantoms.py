@@ -459,7 +459,8 @@ def generate_phantom(
     inside = intracranial > 0.5
     if not look.skull:  # a skull-stripping tool's output: zero outside the brain, noise included
         image[~inside] = 0.0
-    _zero_margins(image, look.margins)
+    for array in (image, mask, inside):  # nothing outside the field of view is imaged, so none is truth
+        _zero_margins(array, look.margins)
 
     stored_genotype = 1 - true_genotype if (flip_label and genotype is None) else true_genotype
     return Phantom(
@@ -495,13 +496,13 @@ def _acquire(
 
 
 def _zero_margins(image: np.ndarray, margins: tuple[float, float, float, float]) -> None:
-    """Zero-fill the in-plane margins outside a rectangular field of view (every slice)."""
+    """Zero-fill (or clear) the in-plane margins outside a rectangular field of view (every slice)."""
     rows, columns = image.shape[1], image.shape[2]
     top, bottom, left, right = (int(round(m * n)) for m, n in zip(margins, (rows, rows, columns, columns), strict=True))
-    image[:, :top, :] = 0.0
-    image[:, rows - bottom :, :] = 0.0
-    image[:, :, :left] = 0.0
-    image[:, :, columns - right :] = 0.0
+    image[:, :top, :] = 0
+    image[:, rows - bottom :, :] = 0
+    image[:, :, :left] = 0
+    image[:, :, columns - right :] = 0
 
 
 def _on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:

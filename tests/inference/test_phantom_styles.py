@@ -90,6 +90,9 @@ def test_unseen_phantoms_are_skull_stripped_oblique_and_zero_outside_the_field_o
     assert max(top, bottom, left, right) >= 5
     assert np.all(image[:, :top] == 0) and np.all(image[:, 96 - bottom :] == 0)
     assert np.all(image[:, :, :left] == 0) and np.all(image[:, :, 96 - right :] == 0)
+    lesions = sitk.GetArrayFromImage(phantom.mask) > 0
+    for truth in (lesions, brain):  # what the field of view cuts off is not truth either
+        assert not truth[:, :top].any() and not truth[:, :, 96 - right :].any()
 
 
 def test_a_full_head_phantom_has_signal_outside_the_brain_and_lesions_inside_it() -> None:
