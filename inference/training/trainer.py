@@ -135,6 +135,7 @@ from inference.imaging import preprocess
 from inference.model.mtsa_net import DOWNSAMPLING, MTSANet, MTSANetConfig
 from inference.model.package import ModelPackage, save_package
 from inference.synthetic.phantoms import generate_phantom
+from inference.synthetic.styles import TRAINING_STYLES
 from inference.training.losses import UncertaintyWeightedLoss, egfr_loss, gtv_loss
 
 SELECTION_LOSSES = ("joint", "gtv")
@@ -281,6 +282,8 @@ def phantom_cases(
     """
     if lesions is not None and not 1 <= lesions[0] <= lesions[1]:
         raise ValueError(f"phantom lesion counts must be 1 <= lowest <= highest, got {lesions}")
+    if style not in TRAINING_STYLES:  # the unseen looks are for evaluation only
+        raise ValueError(f"training phantoms are drawn from {', '.join(TRAINING_STYLES)}, not {style!r}")
     rng = np.random.default_rng(seed)
     counts = np.random.default_rng([seed, 1]).integers(lesions[0], lesions[1] + 1, size=n) if lesions else [None] * n
     cases = []

@@ -23,6 +23,7 @@ from inference.synthetic.styles import (
     draw_look,
     is_held_out,
 )
+from inference.training.trainer import phantom_cases
 
 TINY = {"matrix": 48, "slices": 12}
 
@@ -62,6 +63,11 @@ def test_training_refuses_the_unseen_style(tmp_path) -> None:
         app, ["train", "--out", str(tmp_path), "--phantoms", "2", "--phantom-style", "unseen", "--max-epochs", "1"]
     )
     assert result.exit_code == 2 and "--phantom-style must be one of classic, randomised" in result.output
+
+
+def test_the_training_library_refuses_the_unseen_style_too() -> None:
+    with pytest.raises(ValueError, match="training phantoms are drawn from classic, randomised, not 'unseen'"):
+        phantom_cases(1, 0, size=64, free_slice_ratio=1.0, style="unseen", progress=False)
 
 
 def test_an_unknown_style_is_named() -> None:
