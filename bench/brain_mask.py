@@ -28,8 +28,8 @@ import SimpleITK as sitk
 
 from inference.imaging.brain_mask import brain_mask
 from inference.imaging.preprocess import head_mask, n4_correct
+from inference.synthetic.foreign_styles import FOREIGN_STYLES, apply_style
 from inference.synthetic.phantoms import generate_phantom
-from inference.synthetic.styles import STYLES, apply_style
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -38,11 +38,11 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def dice_per_style(seeds: range, matrix: int) -> dict[str, dict[str, float]]:
     """Mean and minimum Dice and lesion coverage per style over `seeds`."""
-    rows: dict[str, list[tuple[float, float]]] = {style: [] for style in STYLES}
+    rows: dict[str, list[tuple[float, float]]] = {style: [] for style in FOREIGN_STYLES}
     for seed in seeds:
         phantom = generate_phantom(seed, matrix=matrix, n_lesions=3)
         lesions = sitk.GetArrayFromImage(phantom.mask) > 0
-        for style in STYLES:
+        for style in FOREIGN_STYLES:
             image, truth = apply_style(phantom, style, seed=seed)
             visible = sitk.GetArrayFromImage(truth) > 0
             computed = sitk.GetArrayFromImage(brain_mask(image)) > 0

@@ -35,15 +35,21 @@ def phantom(
     slices: Annotated[int | None, typer.Option(help="Number of slices (default: random 30-80).")] = None,
     n_lesions: Annotated[int | None, typer.Option(help="Number of lesions (default: random 1-4).")] = None,
     patient_name: Annotated[str, typer.Option(help="Patient's Name (DICOM PN).")] = "PHANTOM^DEMO",
+    style: Annotated[
+        str, typer.Option(help="Phantom style: classic, randomised (training) or unseen (held-out evaluation).")
+    ] = "classic",
 ) -> None:
     """Generate and write the phantoms."""
     from inference.synthetic.phantoms import ORIENTATIONS, generate_phantom, write_phantom_series, write_phantom_truth
+    from inference.synthetic.styles import STYLES
 
     if orientation is not None and orientation not in ORIENTATIONS:
         raise typer.BadParameter(f"must be one of {', '.join(ORIENTATIONS)}", param_hint="--orientation")
+    if style not in STYLES:
+        raise typer.BadParameter(f"must be one of {', '.join(STYLES)}", param_hint="--style")
     for phantom_seed in range(seed, seed + count):
         result = generate_phantom(
-            phantom_seed, orientation=orientation, matrix=matrix, slices=slices, n_lesions=n_lesions
+            phantom_seed, style=style, orientation=orientation, matrix=matrix, slices=slices, n_lesions=n_lesions
         )
         folder = out_dir / f"phantom-{phantom_seed}"
         files = write_phantom_series(result, folder / "dicom", patient_name=patient_name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -69,10 +69,25 @@ def train(
         str | None,
         typer.Option(help='With --phantoms: lesions per phantom, "LOW-HIGH" or "N" (default: the generator\'s 1-4).'),
     ] = None,
+    phantom_style: Annotated[
+        str,
+        typer.Option(
+            help='With --phantoms: "classic" (one look, as up to demo model 0.3.0) or "randomised" '
+            "(domain randomisation; never draws the held-out unseen looks)."
+        ),
+    ] = "classic",
     crop_dice: Annotated[
         str,
         typer.Option(help='Dice of the crop steps: "pooled" over the batch or "per-crop" (one per crop, averaged).'),
     ] = "pooled",
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="Warm start from this model package's weights (same architecture options).",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:N or auto (default: $DICOM_NODE_DEVICE, else auto).")
@@ -85,6 +100,12 @@ def train(
         raise typer.BadParameter("--phantom-lesions only applies to --phantoms")
     import torch
 
+    from inference.synthetic.styles import TRAINING_STYLES
+
+    if phantom_style not in TRAINING_STYLES:
+        raise typer.BadParameter(f"--phantom-style must be one of {', '.join(TRAINING_STYLES)}, got {phantom_style!r}")
+
+    from inference.errors import ModelPackageError
     from inference.model.mtsa_net import MTSANetConfig
     from inference.model.predictor import select_device
     from inference.training import trainer
@@ -119,12 +140,20 @@ def train(
         trainer.check_crop_size(config, model_config)
         lesions = _lesion_range(phantom_lesions) if phantom_lesions else None
         torch_device = select_device(device)
-    except (ValueError, RuntimeError) as exc:  # checked before minutes of data preparation
+        initial_state = _initial_state(init_from, model_config) if init_from is not None else None
+    except (ValueError, RuntimeError, ModelPackageError) as exc:  # checked before minutes of data preparation
         raise typer.BadParameter(str(exc)) from exc
     size = model_config.input_size
     if phantoms is not None:
-        cases = trainer.phantom_cases(phantoms, seed, size=size, free_slice_ratio=free_slice_ratio, lesions=lesions)
-        data_info = {"source": "phantoms", "count": phantoms, "seeds": [seed, seed + phantoms - 1]}
+        cases = trainer.phantom_cases(
+            phantoms, seed, size=size, free_slice_ratio=free_slice_ratio, lesions=lesions, style=phantom_style
+        )
+        data_info = {
+            "source": "phantoms",
+            "count": phantoms,
+            "seeds": [seed, seed + phantoms - 1],
+            "style": phantom_style,
+        }
         if lesions is not None:
             data_info["lesions_per_phantom"] = list(lesions)
     else:
@@ -133,6 +162,8 @@ def train(
         )
         data_info = {"source": "folder", "path": str(data), "count": len(cases)}
     data_info["command"] = "dicom-node " + shlex.join(sys.argv[1:])
+    if init_from is not None:
+        data_info["initialised_from"] = _package_reference(init_from)
     train_cases, val_cases = trainer.split_cases(cases, val_fraction, seed)
     result = trainer.train(
         model_config,
@@ -145,6 +176,7 @@ def train(
         is_demo=demo,
         data_info=data_info,
         device=torch_device,
+        initial_state=initial_state,
     )
     typer.echo(f"model package written to {result.package.path} (best epoch {result.best_epoch})")
 
@@ -159,3 +191,21 @@ def _lesion_range(text: str) -> tuple[int, int]:
     if not 1 <= bounds[0] <= bounds[1]:
         raise ValueError(f"--phantom-lesions needs 1 <= LOW <= HIGH, got {text!r}")
     return bounds
+
+
+def _initial_state(path: Path, model_config: Any) -> dict[str, Any]:
+    """The package's weights, checked against the architecture asked for (ValueError naming both)."""
+    from inference.model.package import load_package
+
+    package = load_package(path)
+    if package.config != model_config:
+        raise ValueError(f"--init-from {path}: its architecture {package.config} differs from {model_config}")
+    return package.build_model().state_dict()
+
+
+def _package_reference(path: Path) -> dict[str, str]:
+    """What the manifest records about a warm-start package: identity and weights checksum."""
+    from inference.model.package import load_package, sha256_of
+
+    package = load_package(path)
+    return {"model": package.identity.display, "weights_sha256": sha256_of(package.weights_path)}

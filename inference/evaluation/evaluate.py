@@ -22,7 +22,16 @@ Decisions:
   generator's 10 % label noise, as real labels carry errors). "Not assessable"
   results are counted and left out of accuracy, precision, recall, F1 and AUC.
 - Seeds: the caller passes them; use seeds never used for training (the demo
-  model was trained on seeds 1000-1063, see its model card).
+  models were trained on seeds from 1000, see the model card).
+- Styles (`inference.synthetic.styles`): the same seeds are drawn in each style
+  asked for. "Own style" is the training style (``randomised``), "unseen" the
+  held-out looks no training phantom has; ``classic`` is the generator up to
+  demo model 0.3.0 (the regression set's style).
+- Issue 12's figures per style: detection sensitivity for true lesions of at
+  least 10 mm (equivalent-sphere diameter); false-positive lesions per case
+  (predicted components touching no true lesion); false positives outside the
+  brain (of those, the ones with most of their voxels outside the phantom's
+  brain truth, `Phantom.brain`). `GOALS` holds the targets, `goals_met` checks them.
 - Threshold calibration (`threshold_sweep`): one pipeline run per phantom, then
   the probability map on the source grid is re-thresholded with the package's
   own `extract_lesions` step for every candidate threshold and minimum lesion
@@ -52,6 +61,18 @@ from inference.result import EgfrCall, InferenceResult
 from inference.synthetic.phantoms import Phantom, generate_phantom, write_phantom_series
 
 MIN_LESION_DIAMETER_MM = 5.0
+SENSITIVITY_DIAMETER_MM = 10.0
+OWN_STYLE, UNSEEN_STYLE = "randomised", "unseen"
+# Issue 12's goals: (summary key, "min" or "max", bound); lesion Dice by style.
+GOALS: dict[str, list[tuple[str, str, float]]] = {
+    style: [
+        ("lesion_dice_mean", "min", dice),
+        ("sensitivity_at_least_10mm", "min", 0.90),
+        ("false_positive_lesions_per_case", "max", 0.5),
+        ("false_positives_outside_brain", "max", 0),
+    ]
+    for style, dice in (("classic", 0.80), (OWN_STYLE, 0.80), (UNSEEN_STYLE, 0.75))
+}
 
 
 @dataclass(frozen=True)
@@ -80,6 +101,8 @@ class PhantomScore:
     recall: float
     false_positive_lesions: int  # predicted lesions touching no true lesion
     lesions: list[LesionScore] = field(default_factory=list)
+    false_positives_outside_brain: int = 0  # of those, the ones mostly outside the brain truth
+    style: str = "classic"
 
 
 def equivalent_diameter_mm(voxels: int, spacing: Iterable[float]) -> float:
@@ -119,6 +142,7 @@ def score_result(phantom: Phantom, result: InferenceResult) -> PhantomScore:
     lesions = lesion_scores(phantom.seed, truth, predicted, spacing)
     components, n_components = ndimage.label(predicted > 0, structure=np.ones((3, 3, 3)))
     hit = set(np.unique(components[(truth > 0) & (components > 0)]).tolist())
+    false_positives = [label for label in range(1, n_components + 1) if label not in hit]
     return PhantomScore(
         seed=phantom.seed,
         orientation=phantom.orientation,
@@ -129,9 +153,21 @@ def score_result(phantom: Phantom, result: InferenceResult) -> PhantomScore:
         hd95_mm=metrics.hd95_mm(predicted > 0, truth > 0, spacing),
         precision=metrics.voxel_precision(predicted > 0, truth > 0),
         recall=metrics.voxel_recall(predicted > 0, truth > 0),
-        false_positive_lesions=n_components - len(hit),
+        false_positive_lesions=len(false_positives),
         lesions=lesions,
+        false_positives_outside_brain=_outside_brain(components, false_positives, phantom),
+        style=phantom.look.style,
     )
+
+
+def _outside_brain(components: np.ndarray, labels: list[int], phantom: Phantom) -> int:
+    """How many of the components `labels` have most of their voxels outside the phantom's brain truth."""
+    if not labels:
+        return 0
+    brain = sitk.GetArrayViewFromImage(phantom.brain) > 0
+    sizes = ndimage.sum_labels(np.ones(components.shape), components, labels)
+    inside = ndimage.sum_labels(brain, components, labels)
+    return int(np.count_nonzero(inside < 0.5 * sizes))
 
 
 def evaluate_phantom(
@@ -152,8 +188,9 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarise(scores: list[PhantomScore], min_diameter_mm: float = MIN_LESION_DIAMETER_MM) -> dict[str, Any]:
-    """Aggregate scores: lesion Dice (>= min diameter), patient segmentation, EGFR."""
+    """Aggregate scores: lesion Dice (>= min diameter), detection, false positives, patient segmentation, EGFR."""
     lesions = [lesion for score in scores for lesion in score.lesions if lesion.diameter_mm >= min_diameter_mm]
+    large = [lesion for score in scores for lesion in score.lesions if lesion.diameter_mm >= SENSITIVITY_DIAMETER_MM]
     hd95 = [s.hd95_mm for s in scores if math.isfinite(s.hd95_mm)]
     assessable = [s for s in scores if s.egfr_call != EgfrCall.NOT_ASSESSABLE.value]
     truth = [s.genotype for s in assessable]
@@ -166,12 +203,16 @@ def summarise(scores: list[PhantomScore], min_diameter_mm: float = MIN_LESION_DI
         "lesion_dice_mean": _mean([lesion.dice for lesion in lesions]),
         "lesion_dice_median": round(float(np.median([lesion.dice for lesion in lesions])), 4) if lesions else None,
         "lesion_detection_rate": _mean([float(lesion.detected) for lesion in lesions]),
+        "lesions_at_least_10mm": len(large),
+        "sensitivity_at_least_10mm": _mean([float(lesion.detected) for lesion in large]),
         "patient_dice_mean": _mean([s.dice for s in scores]),
         "hd95_mm_median": round(float(np.median(hd95)), 2) if hd95 else None,
         "hd95_infinite": len(scores) - len(hd95),
         "voxel_precision_mean": _mean([s.precision for s in scores]),
         "voxel_recall_mean": _mean([s.recall for s in scores]),
         "false_positive_lesions": sum(s.false_positive_lesions for s in scores),
+        "false_positive_lesions_per_case": _mean([float(s.false_positive_lesions) for s in scores]),
+        "false_positives_outside_brain": sum(s.false_positives_outside_brain for s in scores),
         "egfr_assessable": len(assessable),
         "egfr_accuracy": round(metrics.accuracy(truth, called), 4) if assessable else None,
         "egfr_precision": round(metrics.precision(truth, called), 4) if assessable else None,
@@ -179,6 +220,16 @@ def summarise(scores: list[PhantomScore], min_diameter_mm: float = MIN_LESION_DI
         "egfr_f1": round(metrics.f1(truth, called), 4) if assessable else None,
         "egfr_auc": None if math.isnan(auc) else round(auc, 4),
     }
+
+
+def goals_met(style: str, summary: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Each goal of `style` as ("key >= bound", met); an undefined figure (no lesions) is not met."""
+    checks = []
+    for key, sense, bound in GOALS.get(style, []):
+        value = summary.get(key)
+        met = value is not None and (value >= bound if sense == "min" else value <= bound)
+        checks.append((f"{key} {'>=' if sense == 'min' else '<='} {bound:g}", met))
+    return checks
 
 
 def evaluate_package(
@@ -189,7 +240,10 @@ def evaluate_package(
     progress: bool = True,
     phantom_options: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[PhantomScore]]:
-    """Scores of `package` on the phantoms `seeds`: (summary, per-phantom scores)."""
+    """Scores of `package` on the phantoms `seeds`: (summary, per-phantom scores).
+
+    `phantom_options` go to `generate_phantom` (``{"style": "unseen"}`` for the held-out looks).
+    """
     seeds = list(seeds)
     with tempfile.TemporaryDirectory(prefix="dicom-node-eval-") as tmp:
         scores = [

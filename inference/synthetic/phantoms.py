@@ -28,11 +28,27 @@ Decisions:
   a necrotic core (each lesion follows its patient's pattern with probability
   0.85); the stored label is then flipped with probability 0.10 (label noise).
 - Intensities: white matter about 1000 before bias and noise; multiplicative smooth
-  bias field (exp of a random quadratic, about +-25 %); Rician noise (sigma 2-5 %
-  of white matter). DICOM files store uint16 values with RescaleSlope 1 unless the
-  range needs a slope.
+  bias field (exp of a random quadratic, about +-25 % in the classic style); Rician
+  noise (sigma 2-5 % of white matter in the classic style). DICOM files store
+  uint16 values with RescaleSlope 1 unless the range needs a slope.
 - ``lesion_diameters_mm`` are the nominal diameters (twice the mean semi-axis),
   log-uniform in 3-30 mm; the irregular border changes the true extent slightly.
+- Appearance comes from a style (`inference.synthetic.styles`): the default
+  ``classic`` draws exactly what this generator drew before styles existed (same
+  seed, same phantom, bit for bit); ``randomised`` and ``unseen`` remap the
+  template's contrast, strip the skull or draw its layers' intensities, deform
+  the anatomy (a B-spline field, sampled every 4 mm), blur, scale the bias field,
+  add an N/2 ghost, choose Gaussian or Rician noise, zero-fill field-of-view
+  margins, and give lesions the appearance of their size (`_ring_probability`:
+  small ones mostly solid, rings mostly large with a rim of 2-5 mm). The extra
+  draws come from their own streams (``[seed, 4]`` look, ``[seed, 5]`` deformation).
+- The brain truth (`Phantom.brain`) is the template's filled brain outline
+  (parenchyma, ventricles and sulci: what skull stripping keeps), deformed and
+  resampled with the image: the reference for brain masks and for "false positive
+  outside the brain".
+- Written headers are those of a post-contrast 3D MPRAGE at 3 T (ContrastBolusAgent,
+  IR/GR, TR 2300 ms, TE 2.32 ms, TI 900 ms, flip 8 degrees, "T1 MPRAGE +Gd"), so
+  input screening sees a plausible T1-CE.
 """
 
 from __future__ import annotations
@@ -51,9 +67,19 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, MRImageStorage
 from scipy import ndimage
 
+from inference.synthetic.styles import (
+    CLASSIC,
+    ORIENTATIONS,
+    TEMPLATE_CSF_RATIO,
+    TEMPLATE_GM_RATIO,
+    Look,
+    Style,
+    draw_look,
+    get_style,
+)
 from inference.uids import new_uid
 
-ORIENTATIONS = ("axial", "sagittal", "coronal", "oblique")
+__all__ = ["ORIENTATIONS", "Phantom", "generate_phantom", "write_phantom_series", "write_phantom_truth"]
 _TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
@@ -80,6 +106,8 @@ class Phantom:
     lesion_diameters_mm: list[float]
     seed: int
     orientation: str
+    brain: sitk.Image  # uint8, 1 inside the intracranial brain (what skull stripping keeps), same grid
+    look: Look  # the drawn appearance (style, skull, margins, contrast, noise, artefacts)
     lesion_kinds: list[str] = field(default_factory=list)  # "solid" or "ring"
 
 
@@ -87,8 +115,11 @@ class Phantom:
 class _Anatomy:
     """Template-space images, built once per process."""
 
-    t1: sitk.Image  # float32 head (brain + added skull/scalp), white matter ~ 1000
-    brain: sitk.Image  # float32 parenchyma probability (gm + wm) in [0, 1]
+    reference: sitk.Image  # the template's geometry
+    t1: np.ndarray  # float32 skull-stripped template, white matter ~ 1000
+    layers: np.ndarray  # uint8 shells outside the brain: 1 CSF 0-2 mm, 2 bone 2-7 mm, 3 scalp 7-12 mm
+    brain: np.ndarray  # float32 parenchyma probability (gm + wm) in [0, 1]
+    intracranial: np.ndarray  # float32 1 inside the filled brain outline (the brain truth), 0 outside
     centres: np.ndarray  # (m, 3) candidate lesion centres in LPS mm
     depth_mm: np.ndarray  # (m,) distance of each candidate to the brain surface
     head_centre: np.ndarray  # LPS mm, centroid of the parenchyma
@@ -104,8 +135,9 @@ class _Lesion:
     phases: np.ndarray  # (k,)
     amplitudes: np.ndarray  # (k,)
     kind: str  # "solid" | "ring"
-    core_fraction: float
-    enhancement: float
+    core_fraction: float  # core radius / lesion radius (ring lesions)
+    enhancement: float  # rim or solid intensity / white matter
+    core_level: float  # necrotic core intensity / white matter
     oedema_extent: float  # in units of the lesion radius; 0 = none
     oedema_depth: float
 
@@ -123,7 +155,8 @@ def _anatomy() -> _Anatomy:
     gm = sitk.GetArrayFromImage(sitk.ReadImage(str(_template_path("gm")))).astype(np.float32) / 255
     wm = sitk.GetArrayFromImage(sitk.ReadImage(str(_template_path("wm")))).astype(np.float32) / 255
     t1 *= _WHITE_MATTER / float(t1[wm > 0.9].mean())
-    head = _add_skull_and_scalp(t1)
+    intracranial = ndimage.binary_fill_holes(t1 > 0.05 * _WHITE_MATTER)
+    layers = _skull_and_scalp_layers(intracranial)
     brain = np.clip(gm + wm, 0, 1)
     parenchyma = brain > 0.5
     depth = ndimage.distance_transform_edt(parenchyma)  # template spacing is 1 mm
@@ -131,23 +164,66 @@ def _anatomy() -> _Anatomy:
     direction = np.array(t1_img.GetDirection()).reshape(3, 3)
     centres = np.array(t1_img.GetOrigin()) + (idx[:, ::-1] * np.array(t1_img.GetSpacing())) @ direction.T
     head_centre = centres.mean(axis=0)
-    return _Anatomy(_like(head, t1_img), _like(brain, t1_img), centres, depth[tuple(idx.T)], head_centre)
+    return _Anatomy(
+        t1_img, t1, layers, brain, intracranial.astype(np.float32), centres, depth[tuple(idx.T)], head_centre
+    )
 
 
-def _add_skull_and_scalp(t1: np.ndarray) -> np.ndarray:
-    """Layers outside the skull-stripped brain: CSF 0-2 mm, bone 2-7 mm, scalp 7-12 mm."""
-    outside = ndimage.distance_transform_edt(~ndimage.binary_fill_holes(t1 > 0.05 * _WHITE_MATTER))
-    head = t1.copy()
-    head[(outside > 0) & (outside <= 2)] = 0.25 * _WHITE_MATTER
-    head[(outside > 2) & (outside <= 7)] = 0.08 * _WHITE_MATTER
-    head[(outside > 7) & (outside <= 12)] = 0.95 * _WHITE_MATTER
+def _skull_and_scalp_layers(intracranial: np.ndarray) -> np.ndarray:
+    """Shells outside the skull-stripped brain: 1 CSF 0-2 mm, 2 bone 2-7 mm, 3 scalp 7-12 mm."""
+    outside = ndimage.distance_transform_edt(~intracranial)
+    layers = np.zeros(intracranial.shape, np.uint8)
+    for label, (inner, outer) in enumerate(((0, 2), (2, 7), (7, 12)), start=1):
+        layers[(outside > inner) & (outside <= outer)] = label
+    return layers
+
+
+def _template_head(look: Look) -> np.ndarray:
+    """The template with the look's contrast, and its skull and scalp unless skull-stripped.
+
+    The contrast is a monotonic piecewise-linear remap through (CSF, grey, white
+    matter) landmarks, so the template's texture is kept; above white matter the
+    slope is 1. The template's own ratios leave it untouched (classic style).
+    """
+    anatomy = _anatomy()
+    head = anatomy.t1.copy()
+    if (look.gm_ratio, look.csf_ratio) != (TEMPLATE_GM_RATIO, TEMPLATE_CSF_RATIO):
+        landmarks = _WHITE_MATTER * np.array([0.0, TEMPLATE_CSF_RATIO, TEMPLATE_GM_RATIO, 1.0])
+        targets = _WHITE_MATTER * np.array([0.0, look.csf_ratio, look.gm_ratio, 1.0])
+        head = np.where(head <= _WHITE_MATTER, np.interp(head, landmarks, targets), head).astype(np.float32)
+    if look.skull:
+        for label, level in enumerate(look.skull_layers, start=1):
+            head[anatomy.layers == label] = level * _WHITE_MATTER
     return head
 
 
-def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(array.astype(np.float32))
-    image.CopyInformation(reference)
-    return image
+def _deformation(rng: np.random.Generator, amplitude_mm: float) -> sitk.Transform:
+    """A smooth random deformation of the anatomy: a cubic B-spline on a 4x4x4 mesh over the template."""
+    if amplitude_mm <= 0:
+        return sitk.Transform()
+    reference = _anatomy().reference
+    spline = sitk.BSplineTransformInitializer(reference, [4, 4, 4], 3)
+    spline.SetParameters(rng.normal(0.0, amplitude_mm, spline.GetNumberOfParameters()).tolist())
+    # Sampled every 4 mm: a B-spline evaluated per voxel costs ten times more, for the same smooth field.
+    size = [int(np.ceil(n / 4)) + 1 for n in reference.GetSize()]
+    field = sitk.TransformToDisplacementField(
+        spline, sitk.sitkVectorFloat64, size, reference.GetOrigin(), [4.0] * 3, reference.GetDirection()
+    )
+    return sitk.DisplacementFieldTransform(field)
+
+
+def _resample_anatomy(look: Look, grid: sitk.Image, transform: sitk.Transform) -> tuple[np.ndarray, ...]:
+    """Head image, parenchyma probability and intracranial fraction on the acquisition grid.
+
+    Three scalar resamples: one vector-image resample measured 15 times slower.
+    """
+    anatomy = _anatomy()
+    resampled = []
+    for array in (_template_head(look), anatomy.brain, anatomy.intracranial):
+        channel = sitk.GetImageFromArray(array.astype(np.float32, copy=False))
+        channel.CopyInformation(anatomy.reference)
+        resampled.append(sitk.GetArrayFromImage(sitk.Resample(channel, grid, transform, sitk.sitkLinear, 0.0)))
+    return tuple(resampled)
 
 
 def _random_rotation(rng: np.random.Generator, max_degrees: float, min_degrees: float = 0.0) -> np.ndarray:
@@ -160,6 +236,7 @@ def _random_rotation(rng: np.random.Generator, max_degrees: float, min_degrees: 
 
 def _acquisition_grid(
     rng: np.random.Generator,
+    style: Style,
     orientation: str | None,
     matrix: int | None,
     slices: int | None,
@@ -168,12 +245,12 @@ def _acquisition_grid(
 ) -> tuple[sitk.Image, str]:
     """An empty float32 image with a random (or requested) acquisition geometry."""
     drawn = {
-        "orientation": str(rng.choice(ORIENTATIONS, p=[0.4, 0.2, 0.2, 0.2])),
+        "orientation": str(rng.choice(ORIENTATIONS, p=list(style.orientation_p))),
         "oblique_base": str(rng.choice(["axial", "sagittal", "coronal"], p=[0.6, 0.2, 0.2])),
         "rotation": _random_rotation(rng, 35.0, 10.0),
-        "matrix": int(rng.choice([160, 192, 224, 256])),
-        "fov": rng.uniform(200.0, 250.0),
-        "slice_spacing": round(float(rng.uniform(1.0, 5.0)), 1),
+        "matrix": int(rng.choice(list(style.matrices))),
+        "fov": rng.uniform(*style.fov_mm),
+        "slice_spacing": round(float(rng.uniform(*style.slice_spacing_mm)), 1),
         "coverage": rng.uniform(130.0, 170.0),
         "offset": rng.uniform(-8.0, 8.0, size=3),
     }
@@ -187,7 +264,7 @@ def _acquisition_grid(
     matrix = matrix or drawn["matrix"]
     pixel = pixel_spacing or round(drawn["fov"] / matrix, 4)
     if slice_spacing is None and slices is not None:  # cover the brain with the slices asked for
-        slice_spacing = float(np.clip(round(drawn["coverage"] / slices, 2), 0.8, 5.0))
+        slice_spacing = float(np.clip(round(drawn["coverage"] / slices, 2), 0.8, max(5.0, style.slice_spacing_mm[1])))
     dz = slice_spacing or drawn["slice_spacing"]
     n = slices or int(np.clip(round(drawn["coverage"] / dz), 30, 80))
     spacing = np.array([pixel, pixel, dz])
@@ -201,7 +278,24 @@ def _acquisition_grid(
     return grid, orientation
 
 
-def _draw_lesions(rng: np.random.Generator, count: int, genotype: int, grid: sitk.Image) -> list[_Lesion]:
+def _ring_probability(diameter_mm: float, genotype: int) -> float:
+    """P(ring enhancement) by size: about 0.1 at 5 mm, 0.4 at 10 mm, 0.7 from 20 mm.
+
+    Small metastases are mostly solid or nodular, necrotic rings mostly large; the
+    synthetic genotype still tilts the odds (mutant fewer rings), so the EGFR head
+    has a (synthetic) signal.
+    """
+    by_size = float(np.clip(0.1 + 0.6 * np.log(diameter_mm / 5.0) / np.log(4.0), 0.1, 0.7))
+    return by_size * 0.6 if genotype else min(0.9, by_size * 1.4)
+
+
+def _ring_core_fraction(rng: np.random.Generator, radius_mm: float) -> float:
+    """Core radius / lesion radius for a rim several mm thick (2-5 mm; 30-50 % of the radius below 5 mm)."""
+    rim_mm = rng.uniform(2.0, 5.0) if radius_mm >= 5.0 else rng.uniform(0.3, 0.5) * radius_mm
+    return float(np.clip(1.0 - rim_mm / radius_mm, 0.3, 0.85))
+
+
+def _draw_lesions(rng: np.random.Generator, count: int, genotype: int, grid: sitk.Image, style: Style) -> list[_Lesion]:
     """Lesions in brain parenchyma, inside the acquired volume, not overlapping."""
     anatomy = _anatomy()
     inverse = np.linalg.inv(np.array(grid.GetDirection()).reshape(3, 3))
@@ -210,7 +304,10 @@ def _draw_lesions(rng: np.random.Generator, count: int, genotype: int, grid: sit
     for _ in range(count):
         diameter = float(np.exp(rng.uniform(np.log(3.0), np.log(30.0))))
         radius = diameter / 2
-        kind = "solid" if (rng.random() < _MUTANT_SOLID_P) == bool(genotype) else "ring"
+        if style.lesion_appearance == "genotype":
+            kind = "solid" if (rng.random() < _MUTANT_SOLID_P) == bool(genotype) else "ring"
+        else:
+            kind = "ring" if rng.random() < _ring_probability(diameter, genotype) else "solid"
         for _attempt in range(200):
             i = rng.integers(len(anatomy.centres))
             centre = anatomy.centres[i] + rng.uniform(-0.5, 0.5, size=3)
@@ -226,20 +323,33 @@ def _draw_lesions(rng: np.random.Generator, count: int, genotype: int, grid: sit
         axes = rng.uniform(0.8, 1.2, size=3)
         directions = rng.normal(size=(n_waves, 3))
         directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        rotation = _random_rotation(rng, 180.0)
+        waves = directions * (2 * np.pi / (diameter * rng.uniform(0.4, 1.2, size=(n_waves, 1))))
+        phases = rng.uniform(0, 2 * np.pi, size=n_waves)
+        amplitudes = rng.uniform(0.02, 0.07, size=n_waves)
+        if style.lesion_appearance == "genotype":
+            core_fraction = float(rng.uniform(0.45, 0.75))
+        else:
+            core_fraction = _ring_core_fraction(rng, radius)
+        enhancement = float(rng.uniform(*style.enhancement))
+        oedema_extent = float(rng.uniform(0.3, 1.2)) if rng.random() < 0.6 else 0.0
+        oedema_depth = float(rng.uniform(0.1, 0.3))
+        core_level = float(rng.uniform(*style.core)) if style.core else 0.35
         lesions.append(
             _Lesion(
                 centre=centre,
                 diameter_mm=diameter,
                 axes_mm=radius * axes / axes.mean(),
-                rotation=_random_rotation(rng, 180.0),
-                waves=directions * (2 * np.pi / (diameter * rng.uniform(0.4, 1.2, size=(n_waves, 1)))),
-                phases=rng.uniform(0, 2 * np.pi, size=n_waves),
-                amplitudes=rng.uniform(0.02, 0.07, size=n_waves),
+                rotation=rotation,
+                waves=waves,
+                phases=phases,
+                amplitudes=amplitudes,
                 kind=kind,
-                core_fraction=float(rng.uniform(0.45, 0.75)),
-                enhancement=float(rng.uniform(1.35, 1.8)),
-                oedema_extent=float(rng.uniform(0.3, 1.2)) if rng.random() < 0.6 else 0.0,
-                oedema_depth=float(rng.uniform(0.1, 0.3)),
+                core_fraction=core_fraction,
+                enhancement=enhancement,
+                core_level=core_level,
+                oedema_extent=oedema_extent,
+                oedema_depth=oedema_depth,
             )
         )
     return lesions
@@ -285,7 +395,7 @@ def _paint_lesion(
     bright = lesion.enhancement * _WHITE_MATTER
     if lesion.kind == "ring":
         core = 1 / (1 + np.exp((rho - lesion.core_fraction) / (2 * edge_mm)))  # 1 in core
-        value = bright * (1 - core) + 0.35 * _WHITE_MATTER * core
+        value = bright * (1 - core) + lesion.core_level * _WHITE_MATTER * core
     else:
         value = np.full_like(rho, bright)
     sub = image[box]
@@ -296,21 +406,23 @@ def _paint_lesion(
     mask[box][(rho <= 1) & (in_brain > 0.5)] = label
 
 
-def _bias_field(rng: np.random.Generator, grid: sitk.Image) -> np.ndarray:
-    """exp(random quadratic in patient coordinates), about +-25 % over the head."""
-    linear = rng.normal(0, 0.12, size=3)
-    quadratic = rng.normal(0, 0.08, size=(3, 3))
+def _bias_field(rng: np.random.Generator, grid: sitk.Image, scale: float = 1.0) -> np.ndarray:
+    """exp(random quadratic in patient coordinates), about +-25 % over the head at `scale` 1."""
+    linear = rng.normal(0, 0.12, size=3) * scale
+    quadratic = rng.normal(0, 0.08, size=(3, 3)) * scale
     size = grid.GetSize()
     points = _physical_points(grid, np.zeros(3, int), np.array(size))
     q = (points - _anatomy().head_centre.astype(np.float32).reshape(3, 1, 1, 1)) / 90.0
     log_field = np.tensordot(linear.astype(np.float32), q, axes=1)
     log_field += np.einsum("ij,i...,j...->...", quadratic.astype(np.float32), q, q)
-    return np.exp(np.clip(log_field, -0.4, 0.4))
+    limit = min(0.4 * max(scale, 1.0), 0.7)  # at most x2 / x0.5
+    return np.exp(np.clip(log_field, -limit, limit))
 
 
 def generate_phantom(
     seed: int,
     *,
+    style: str | Style = CLASSIC,
     orientation: str | None = None,
     n_lesions: int | None = None,
     matrix: int | None = None,
@@ -321,46 +433,82 @@ def generate_phantom(
 ) -> Phantom:
     """A deterministic synthetic T1-CE series for `seed`; keywords override the random draws.
 
-    `matrix` is the in-plane size (square), `pixel_spacing` and `slice_spacing` in mm
-    (with `slices` alone, the slice spacing is chosen to cover the brain). `genotype`
-    forces the true genotype and then the stored label is not flipped. Use
-    ``matrix=512, slices=176`` for benchmark-sized series.
+    `style` ("classic", "randomised", "unseen" or a `Style`) says which appearances
+    are drawn (`inference.synthetic.styles`). `matrix` is the in-plane size (square),
+    `pixel_spacing` and `slice_spacing` in mm (with `slices` alone, the slice spacing
+    is chosen to cover the brain). `genotype` forces the true genotype and then the
+    stored label is not flipped. Use ``matrix=512, slices=176`` for benchmark-sized series.
     """
+    style = get_style(style)
     rng = np.random.default_rng(seed)
-    grid, orientation = _acquisition_grid(rng, orientation, matrix, slices, pixel_spacing, slice_spacing)
+    grid, orientation = _acquisition_grid(rng, style, orientation, matrix, slices, pixel_spacing, slice_spacing)
     drawn_genotype = int(rng.random() < 0.5)
     drawn_count = int(rng.integers(1, 5))
     flip_label = rng.random() < _LABEL_NOISE_P
-    lesion_rng, bias_rng, noise_rng = (np.random.default_rng([seed, k]) for k in (1, 2, 3))
+    lesion_rng, bias_rng, noise_rng, look_rng, warp_rng = (np.random.default_rng([seed, k]) for k in range(1, 6))
     true_genotype = drawn_genotype if genotype is None else int(genotype)
-    lesions = _draw_lesions(lesion_rng, drawn_count if n_lesions is None else n_lesions, true_genotype, grid)
+    count = drawn_count if n_lesions is None else n_lesions
+    lesions = _draw_lesions(lesion_rng, count, true_genotype, grid, style)
+    look = draw_look(look_rng, style, orientation, float(noise_rng.uniform(*style.noise_sigma)))
 
-    anatomy = _anatomy()
-    image = sitk.GetArrayFromImage(sitk.Resample(anatomy.t1, grid, sitk.Transform(), sitk.sitkLinear, 0.0))
-    brain = sitk.GetArrayFromImage(sitk.Resample(anatomy.brain, grid, sitk.Transform(), sitk.sitkLinear, 0.0))
+    image, brain, intracranial = _resample_anatomy(look, grid, _deformation(warp_rng, look.deformation_mm))
     mask = np.zeros(image.shape, np.uint8)
     for label, lesion in enumerate(lesions, start=1):
         _paint_lesion(lesion, label, grid, image, mask, brain)
-    image *= _bias_field(bias_rng, grid)
-    sigma = noise_rng.uniform(0.02, 0.05) * _WHITE_MATTER
-    real = image + noise_rng.normal(0, sigma, image.shape).astype(np.float32)
-    imag = noise_rng.normal(0, sigma, image.shape).astype(np.float32)
-    image = np.sqrt(real * real + imag * imag)
+    image = _acquire(image, look, grid, bias_rng, noise_rng)
+    inside = intracranial > 0.5
+    if not look.skull:  # a skull-stripping tool's output: zero outside the brain, noise included
+        image[~inside] = 0.0
+    for array in (image, mask, inside):  # nothing outside the field of view is imaged, so none is truth
+        _zero_margins(array, look.margins)
 
-    out_image = sitk.GetImageFromArray(image.astype(np.float32))
-    out_image.CopyInformation(grid)
-    out_mask = sitk.GetImageFromArray(mask)
-    out_mask.CopyInformation(grid)
     stored_genotype = 1 - true_genotype if (flip_label and genotype is None) else true_genotype
     return Phantom(
-        image=out_image,
-        mask=out_mask,
+        image=_on_grid(image.astype(np.float32), grid),
+        mask=_on_grid(mask, grid),
         genotype=stored_genotype,
         lesion_diameters_mm=[round(2 * float(lesion.axes_mm.mean()), 2) for lesion in lesions],
         seed=seed,
         orientation=orientation,
+        brain=_on_grid(inside.astype(np.uint8), grid),
+        look=look,
         lesion_kinds=[lesion.kind for lesion in lesions],
     )
+
+
+def _acquire(
+    image: np.ndarray, look: Look, grid: sitk.Image, bias_rng: np.random.Generator, noise_rng: np.random.Generator
+) -> np.ndarray:
+    """The scanner's share: blur (resolution), bias field, N/2 ghost, then Gaussian or Rician noise."""
+    if look.blur_mm > 0:
+        spacing = np.array(grid.GetSpacing())[::-1]  # array axis order
+        image = ndimage.gaussian_filter(image, sigma=look.blur_mm / spacing).astype(np.float32)
+    image *= _bias_field(bias_rng, grid, look.bias_scale)
+    if look.ghost_amplitude > 0:
+        axis = look.ghost_axis
+        image += look.ghost_amplitude * np.roll(image, image.shape[axis] // 2, axis=axis)
+    sigma = look.noise_sigma * _WHITE_MATTER
+    real = image + noise_rng.normal(0, sigma, image.shape).astype(np.float32)
+    if not look.rician:
+        return np.maximum(real, 0.0)  # magnitude data cannot be negative; stored as unsigned
+    imag = noise_rng.normal(0, sigma, image.shape).astype(np.float32)
+    return np.sqrt(real * real + imag * imag)
+
+
+def _zero_margins(image: np.ndarray, margins: tuple[float, float, float, float]) -> None:
+    """Zero-fill (or clear) the in-plane margins outside a rectangular field of view (every slice)."""
+    rows, columns = image.shape[1], image.shape[2]
+    top, bottom, left, right = (int(round(m * n)) for m, n in zip(margins, (rows, rows, columns, columns), strict=True))
+    image[:, :top, :] = 0
+    image[:, rows - bottom :, :] = 0
+    image[:, :, :left] = 0
+    image[:, :, columns - right :] = 0
+
+
+def _on_grid(array: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(grid)
+    return image
 
 
 def _ds_number(value: float) -> str:
@@ -382,7 +530,7 @@ def write_phantom_series(
     *,
     patient_name: str = "PHANTOM^DEMO",
     patient_id: str | None = None,
-    series_description: str = "T1 CE AX",
+    series_description: str = "T1 MPRAGE +Gd",
     transfer_syntax: UID = ExplicitVRLittleEndian,
 ) -> list[Path]:
     """Write the phantom as MR Image Storage files, one per slice, in slice order.
@@ -461,15 +609,25 @@ def _slice_dataset(
     ds.FrameOfReferenceUID = frame_uid
     ds.PositionReferenceIndicator = ""
     ds.BodyPartExamined = "HEAD"
-    ds.ScanningSequence = "GR"
-    ds.SequenceVariant = "SP"
-    ds.ScanOptions = ""
+    ds.ProtocolName = "t1_mprage_post_gd"
+    # A post-contrast 3D MPRAGE at 3 T as a Siemens scanner labels it (the input screening reads these).
+    ds.ScanningSequence = ["GR", "IR"]
+    ds.SequenceVariant = ["SK", "SP", "MP"]
+    ds.ScanOptions = "IR"
+    ds.SequenceName = "*tfl3d1_16ns"
     ds.MRAcquisitionType = "3D"
-    ds.RepetitionTime = "8.2"
-    ds.EchoTime = "3.2"
+    ds.RepetitionTime = "2300"
+    ds.EchoTime = "2.32"
+    ds.InversionTime = "900"
+    ds.FlipAngle = "8"
     ds.EchoTrainLength = 1
+    ds.NumberOfAverages = "1"
+    ds.ImagingFrequency = "123.25"
+    ds.ImagedNucleus = "1H"
     ds.MagneticFieldStrength = "3"
-    ds.ContrastBolusAgent = "Gadolinium (synthetic)"
+    ds.ContrastBolusAgent = "GADOBUTROL 0.1 mmol/kg"
+    ds.ContrastBolusRoute = "IV"
+    ds.ContrastBolusVolume = "7.5"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = 16
@@ -480,12 +638,14 @@ def _slice_dataset(
     return ds
 
 
-def write_phantom_truth(phantom: Phantom, out_dir: Path) -> tuple[Path, Path]:
-    """Write `mask.nii.gz` (label map on the image grid) and `truth.json` (genotype, diameters)."""
+def write_phantom_truth(phantom: Phantom, out_dir: Path) -> tuple[Path, Path, Path]:
+    """Write `mask.nii.gz` (lesion label map), `brain.nii.gz` (brain truth), both on the image grid,
+    and `truth.json` (genotype, diameters, kinds, the drawn look); return (mask, brain, json) paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mask_path, json_path = out_dir / "mask.nii.gz", out_dir / "truth.json"
+    mask_path, brain_path, json_path = out_dir / "mask.nii.gz", out_dir / "brain.nii.gz", out_dir / "truth.json"
     sitk.WriteImage(phantom.mask, str(mask_path), useCompression=True)
+    sitk.WriteImage(phantom.brain, str(brain_path), useCompression=True)
     truth = {
         "seed": phantom.seed,
         "orientation": phantom.orientation,
@@ -493,26 +653,7 @@ def write_phantom_truth(phantom: Phantom, out_dir: Path) -> tuple[Path, Path]:
         "genotype_meaning": "synthetic label: 0 wild type, 1 mutant; no clinical meaning",
         "lesion_diameters_mm": phantom.lesion_diameters_mm,
         "lesion_kinds": phantom.lesion_kinds,
+        "look": phantom.look.as_dict(),
     }
     json_path.write_text(json.dumps(truth, indent=2) + "\n")
-    return mask_path, json_path
-
-
-@functools.lru_cache(maxsize=1)
-def _template_brain() -> sitk.Image:
-    """nilearn's MNI152 brain mask definition (template > 0.2 x its maximum), holes filled, uint8."""
-    t1 = sitk.ReadImage(str(_template_path("t1")), sitk.sitkFloat32)
-    values = sitk.GetArrayViewFromImage(t1)
-    brain = ndimage.binary_fill_holes(values > 0.2 * float(values.max()))
-    return _like(brain, t1)
-
-
-def brain_truth(phantom: Phantom) -> sitk.Image:
-    """The phantom's known brain (uint8 on its image grid): the MNI brain mask it is built from.
-
-    Why: the brain mask of the node is measured against it (Dice). Template space
-    is patient space here (the template is resampled with the identity transform),
-    so the truth is the template mask resampled linearly and cut at 0.5.
-    """
-    on_grid = sitk.Resample(_template_brain(), phantom.image, sitk.Transform(), sitk.sitkLinear, 0.0)
-    return sitk.Cast(on_grid > 0.5, sitk.sitkUInt8)
+    return mask_path, brain_path, json_path

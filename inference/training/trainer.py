@@ -135,6 +135,7 @@ from inference.imaging import preprocess
 from inference.model.mtsa_net import DOWNSAMPLING, MTSANet, MTSANetConfig
 from inference.model.package import ModelPackage, save_package
 from inference.synthetic.phantoms import generate_phantom
+from inference.synthetic.styles import TRAINING_STYLES
 from inference.training.losses import UncertaintyWeightedLoss, egfr_loss, gtv_loss
 
 SELECTION_LOSSES = ("joint", "gtv")
@@ -268,6 +269,7 @@ def phantom_cases(
     size: int,
     free_slice_ratio: float,
     lesions: tuple[int, int] | None = None,
+    style: str = "classic",
     progress: bool = True,
 ) -> list[CaseSlices]:
     """`n` phantoms with seeds `seed .. seed + n - 1`, pre-processed and cached.
@@ -275,15 +277,18 @@ def phantom_cases(
     `lesions` (lowest, highest) draws each phantom's lesion count uniformly from that
     range instead of the generator's own 1-4 (more lesions per phantom: more lesion
     examples for the same pre-processing time); everything else about a phantom
-    stays what its seed gives.
+    stays what its seed gives. `style` is the phantom style drawn from
+    (`inference.synthetic.styles`; "randomised" for domain randomisation).
     """
     if lesions is not None and not 1 <= lesions[0] <= lesions[1]:
         raise ValueError(f"phantom lesion counts must be 1 <= lowest <= highest, got {lesions}")
+    if style not in TRAINING_STYLES:  # the unseen looks are for evaluation only
+        raise ValueError(f"training phantoms are drawn from {', '.join(TRAINING_STYLES)}, not {style!r}")
     rng = np.random.default_rng(seed)
     counts = np.random.default_rng([seed, 1]).integers(lesions[0], lesions[1] + 1, size=n) if lesions else [None] * n
     cases = []
     for phantom_seed, count in tqdm(zip(range(seed, seed + n), counts), total=n, desc="phantoms", disable=not progress):
-        phantom = generate_phantom(phantom_seed, n_lesions=None if count is None else int(count))
+        phantom = generate_phantom(phantom_seed, style=style, n_lesions=None if count is None else int(count))
         cases.append(
             case_slices(
                 f"phantom-{phantom_seed}",
@@ -583,14 +588,22 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = tqdm.write,
     device: torch.device | str = "cpu",
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainingResult:
-    """Train MTSA-Net with the uncertainty-weighted joint loss on `device`; save the best epoch as a package."""
+    """Train MTSA-Net with the uncertainty-weighted joint loss on `device`; save the best epoch as a package.
+
+    `initial_state` (a state_dict of the same architecture) warm-starts the network:
+    a CPU budget buys more from a trained model than from a random one.
+    """
     started = time.monotonic()
     check_crop_size(config, model_config)
     seed_everything(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     device = torch.device(device)
-    model = MTSANet(model_config).to(device=device, memory_format=torch.channels_last)
+    model = MTSANet(model_config)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
+    model = model.to(device=device, memory_format=torch.channels_last)
     weighting = UncertaintyWeightedLoss().to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *weighting.parameters()], lr=config.learning_rate)
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)

@@ -27,6 +27,15 @@ def test_train_help_documents_the_data_layout() -> None:
     assert "labels.csv" in result.output and "rtstruct.dcm" in result.output
 
 
+def test_a_warm_start_needs_the_same_architecture(tmp_path: Path) -> None:
+    from inference.model.package import DEMO_PACKAGE_DIR
+
+    args = ["train", "--out", str(tmp_path / "pkg"), "--phantoms", "2", "--init-from", str(DEMO_PACKAGE_DIR)]
+    result = CliRunner().invoke(app, args, terminal_width=200)  # the demo has width 8, the default is 32
+    assert result.exit_code == 2 and "its architecture" in result.output
+    assert not (tmp_path / "pkg").exists()
+
+
 def test_evaluate_reports_a_missing_package(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["evaluate", "--model", str(tmp_path / "nowhere"), "--phantoms", "1"])
     assert result.exit_code != 0
@@ -65,6 +74,7 @@ def test_evaluate_rejects_bad_sweep_values_before_any_work(tmp_path: Path) -> No
     for option, message in (
         (["--sweep", "0.3,high"], "comma-separated numbers"),
         (["--sweep-min-volumes", "10"], "needs --sweep"),
+        (["--styles", "own"], "styles must be some of"),
     ):
         result = runner.invoke(app, ["evaluate", *model, *option], terminal_width=200)
         assert result.exit_code == 2, result.output

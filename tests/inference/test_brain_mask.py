@@ -14,8 +14,8 @@ import SimpleITK as sitk
 
 from inference.errors import SeriesError
 from inference.imaging.brain_mask import _expand, brain_mask, shrink_factors
+from inference.synthetic.foreign_styles import FOREIGN_STYLES, apply_style
 from inference.synthetic.phantoms import Phantom, generate_phantom
-from inference.synthetic.styles import STYLES, apply_style
 
 GOAL_DICE = 0.90
 PHANTOMS = {
@@ -41,7 +41,7 @@ def masks(kind: str, style: str) -> tuple[np.ndarray, np.ndarray]:
     return sitk.GetArrayFromImage(brain_mask(image)) > 0, sitk.GetArrayFromImage(truth) > 0
 
 
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", FOREIGN_STYLES)
 @pytest.mark.parametrize("kind", ["axial", "oblique"])
 def test_brain_mask_dice_in_every_style(kind: str, style: str) -> None:
     computed, truth = masks(kind, style)
@@ -49,7 +49,7 @@ def test_brain_mask_dice_in_every_style(kind: str, style: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", FOREIGN_STYLES)
 def test_brain_mask_dice_in_every_style_sagittal(style: str) -> None:
     computed, truth = masks("sagittal", style)
     assert dice(computed, truth) >= GOAL_DICE, (style, dice(computed, truth))

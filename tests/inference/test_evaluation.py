@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from inference.evaluation.evaluate import (
     PhantomScore,
     equivalent_diameter_mm,
     evaluate_package,
+    goals_met,
     lesion_scores,
     summarise,
     threshold_sweep,
@@ -122,3 +124,46 @@ def test_threshold_sweep_over_minimum_volumes(tiny_package: ModelPackage, search
     assert results[(-1.0, 1e12)]["voxel_recall_mean"] == 0.0
     with pytest.raises(ValueError, match="no minimum volumes"):
         threshold_sweep(tiny_package, [31], [0.5], min_volumes_mm3=[], progress=False)
+
+
+def test_summary_reports_sensitivity_for_lesions_of_10_mm_and_false_positives_per_case() -> None:
+    def cube(side: int, found: bool) -> list:
+        truth = np.pad(np.ones((side, side, side), np.uint8), 2)
+        return lesion_scores(1, truth, truth if found else np.zeros_like(truth), (1, 1, 1))
+
+    common = {"orientation": "axial", "genotype": 0, "egfr_call": "wild type", "egfr_probability": 0.1}
+    common |= {"dice": 0.5, "hd95_mm": 1.0, "precision": 1.0, "recall": 0.5}
+    scores = [
+        PhantomScore(seed=1, lesions=cube(12, True) + cube(12, False), false_positive_lesions=3, **common),
+        PhantomScore(
+            seed=2, lesions=cube(12, True) + cube(6, False), false_positive_lesions=0, **common
+        ),  # 6 mm cube: 7.4 mm sphere
+    ]
+    scores[0] = dataclasses.replace(scores[0], false_positives_outside_brain=2)
+    summary = summarise(scores)
+    assert summary["lesions_at_least_10mm"] == 3 and summary["sensitivity_at_least_10mm"] == pytest.approx(2 / 3, 1e-3)
+    assert summary["false_positive_lesions_per_case"] == 1.5 and summary["false_positives_outside_brain"] == 2
+    checks = dict(goals_met("unseen", summary))
+    assert checks == {
+        "lesion_dice_mean >= 0.75": False,
+        "sensitivity_at_least_10mm >= 0.9": False,
+        "false_positive_lesions_per_case <= 0.5": False,
+        "false_positives_outside_brain <= 0": False,
+    }
+
+
+def test_a_false_positive_over_the_background_counts_as_outside_the_brain(tiny_package: ModelPackage) -> None:
+    """At threshold -1 the whole grid is one predicted lesion; with no true lesion it is a false positive."""
+    options = {**SMALL, "n_lesions": 0, "style": "unseen"}
+    results = threshold_sweep(tiny_package, [32], [-1.0, 1.0], device="cpu", progress=False, phantom_options=options)
+    everything, nothing = (results[(t, tiny_package.thresholds.get("min_lesion_volume_mm3", 20.0))] for t in (-1, 1))
+    assert everything["false_positive_lesions"] == 1 and everything["false_positives_outside_brain"] == 1
+    assert nothing["false_positive_lesions"] == 0 and nothing["false_positives_outside_brain"] == 0
+
+
+def test_evaluation_on_a_style_records_it(tiny_package: ModelPackage) -> None:
+    _, scores = evaluate_package(
+        tiny_package, [33], device="cpu", progress=False, phantom_options={**SMALL, "style": "randomised"}
+    )
+    assert scores[0].style == "randomised"
+    assert 0 <= scores[0].false_positives_outside_brain <= scores[0].false_positive_lesions

@@ -159,7 +159,7 @@ def test_uids_are_reproducible_and_non_ascii_names_are_utf8(tmp_path):
 
 def test_truth_files(tmp_path):
     phantom = generate_phantom(17, n_lesions=2, **SMALL)
-    mask_path, json_path = write_phantom_truth(phantom, tmp_path)
+    mask_path, brain_path, json_path = write_phantom_truth(phantom, tmp_path)
     mask = sitk.ReadImage(str(mask_path))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(phantom.mask))
     np.testing.assert_allclose(mask.GetDirection(), phantom.mask.GetDirection(), atol=1e-6)
@@ -167,6 +167,9 @@ def test_truth_files(tmp_path):
     truth = json.loads(json_path.read_text())
     assert truth["genotype"] == phantom.genotype and truth["lesion_diameters_mm"] == phantom.lesion_diameters_mm
     assert "no clinical meaning" in truth["genotype_meaning"]
+    brain = sitk.ReadImage(str(brain_path))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(brain), sitk.GetArrayFromImage(phantom.brain))
+    assert truth["look"]["style"] == "classic" and truth["look"]["skull"] is True
 
 
 def test_phantom_command_writes_series_and_truth(tmp_path):
@@ -177,7 +180,7 @@ def test_phantom_command_writes_series_and_truth(tmp_path):
     for seed in (40, 41):
         folder = tmp_path / f"phantom-{seed}"
         assert len(list((folder / "dicom").glob("*.dcm"))) == 10
-        assert (folder / "mask.nii.gz").is_file() and (folder / "truth.json").is_file()
+        assert all((folder / name).is_file() for name in ("mask.nii.gz", "brain.nii.gz", "truth.json"))
         assert f"phantom {seed}:" in result.output
 
 

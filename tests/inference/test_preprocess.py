@@ -19,8 +19,8 @@ from inference.imaging.preprocess import (
     to_source_grid,
     zscore,
 )
+from inference.synthetic.foreign_styles import apply_style
 from inference.synthetic.phantoms import generate_phantom
-from inference.synthetic.styles import apply_style
 
 SIZE = 128
 

@@ -344,3 +344,30 @@ def test_per_crop_dice_is_what_the_crop_steps_use(monkeypatch) -> None:
         trainer.TrainingConfig(crop_dice="per-slice")
     with pytest.raises(ValueError, match="needs crop steps"):
         trainer.TrainingConfig(crop_dice="per-crop")
+
+
+def test_a_warm_start_begins_from_the_given_weights(tmp_path: Path) -> None:
+    """With a vanishing learning rate the saved (averaged) weights stay those the run started from."""
+    torch.manual_seed(123)
+    start = MTSANet(TINY).state_dict()
+    cases = [tiny_case(11), tiny_case(12)]
+    config = trainer.TrainingConfig(max_epochs=1, batch_size=8, seed=0, learning_rate=1e-12)
+    result = trainer.train(
+        TINY,
+        cases[:1],
+        cases[1:],
+        config,
+        tmp_path / "pkg",
+        name="tiny",
+        version="0",
+        is_demo=True,
+        data_info={},
+        progress=False,
+        log=lambda _: None,
+        initial_state=start,
+    )
+    saved = load_package(result.package.path).build_model().state_dict()
+    parameters = [name for name, _ in MTSANet(TINY).named_parameters()]  # batch-norm statistics do move
+    for name in parameters:
+        torch.testing.assert_close(saved[name], start[name], atol=1e-6, rtol=0, msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(MTSANet(TINY).state_dict().values(), start.values()))
