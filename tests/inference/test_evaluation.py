@@ -152,8 +152,11 @@ def test_summary_reports_sensitivity_for_lesions_of_10_mm_and_false_positives_pe
     }
 
 
-def test_a_false_positive_over_the_background_counts_as_outside_the_brain(tiny_package: ModelPackage) -> None:
-    """At threshold -1 the whole grid is one predicted lesion; with no true lesion it is a false positive."""
+def test_a_false_positive_over_the_background_counts_as_outside_the_brain(
+    tiny_package: ModelPackage, search_everywhere: None
+) -> None:
+    """At threshold -1 the whole grid is one predicted lesion (the node's brain mask switched off, so the
+    evaluation's own count is tested); with no true lesion it is a false positive, outside the brain."""
     options = {**SMALL, "n_lesions": 0, "style": "unseen"}
     results = threshold_sweep(tiny_package, [32], [-1.0, 1.0], device="cpu", progress=False, phantom_options=options)
     everything, nothing = (results[(t, tiny_package.thresholds.get("min_lesion_volume_mm3", 20.0))] for t in (-1, 1))
