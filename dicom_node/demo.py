@@ -148,6 +148,7 @@ def run_demo(
     service = NodeService(settings)
     try:
         host, port = service.start()
+        assert service.http is not None  # the demo's settings enable it
         console.print(f"[bold]2.[/] this node: AE DICOMNODE on {host}:{port}, data in {settings.storage.data_dir}")
         console.print(
             f"   dashboard: [bold]{service.http.url}[/] (actions: log in as demo / {password})", highlight=False

@@ -22,6 +22,7 @@ import fcntl
 import os
 import socket
 from pathlib import Path
+from typing import TextIO
 
 MAX_SLOTS = 64
 
@@ -34,7 +35,7 @@ class Incarnation:
         self.identity = identity
         self.slot: Path | None = None
         self.previous: str | None = None
-        self._handle = None
+        self._handle: TextIO | None = None
 
     def claim(self) -> str | None:
         """Take the first free slot; return the identity of its previous holder (dead), if any."""

@@ -42,6 +42,8 @@ class SeriesWatcher:
     def route(self, series_id: int) -> RoutingOutcome:
         """Decide what to do with one complete series (never raises on bad input)."""
         relative = first_instance_path(self.db, series_id)
+        if relative is None:
+            return RoutingOutcome(None, None, [], "the series has no stored instance", failed=True)
         try:
             header = pydicom.dcmread(self.store.absolute(relative), stop_before_pixels=True)
         except Exception as exc:

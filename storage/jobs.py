@@ -188,6 +188,8 @@ def complete_series(db: Database, series_id: int, outcome: RoutingOutcome) -> in
     """Mark a series evaluated; queue or reject its job. Returns the job id."""
     with db.session() as session:
         series = session.get(Series, series_id)
+        if series is None:
+            raise LookupError(f"series {series_id} does not exist")
         job = session.scalar(select(Job).where(Job.series_id == series_id, Job.state == JobState.RECEIVED))
         if job is None:  # evaluated before, new instances since: a new job
             job = Job(
@@ -243,10 +245,10 @@ def claim_next_job(db: Database, worker_id: str, lease_s: float = DEFAULT_LEASE_
                 reason=None,
                 attempts=Job.attempts + 1,
             )
-        ).rowcount
+        ).rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
         if claimed != 1:
             return None
-        job = session.get(Job, candidate)
+        job = get_job(session, candidate)
         session.refresh(job)
         event_row(
             session, job, EventKind.STATE, f"running on {worker_id} (attempt {job.attempts})", state=JobState.RUNNING
@@ -362,7 +364,7 @@ def renew_lease(db: Database, job_id: int, worker_id: str, lease_s: float = DEFA
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.claimed_by == worker_id)
             .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
-        ).rowcount
+        ).rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
         return renewed == 1
 
 
@@ -382,7 +384,7 @@ def check_holder(session: Session, job_id: int, worker_id: str, attempt: int) ->
             Job.attempts == attempt,
         )
         .values(updated_at=utcnow())
-    ).rowcount
+    ).rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
     if held != 1:
         raise LeaseLost(f"job {job_id}: {worker_id} no longer holds attempt {attempt} (lease expired, re-queued)")
 
@@ -431,7 +433,8 @@ def _requeue_running(db: Database, condition: ColumnElement[bool], why: str, max
             if job is None:
                 continue
             # SQLite takes no row lock on SELECT: this conditional UPDATE is the guard there.
-            if session.execute(update(Job).where(Job.id == job_id, matching).values(updated_at=utcnow())).rowcount != 1:
+            guard = update(Job).where(Job.id == job_id, matching).values(updated_at=utcnow())
+            if session.execute(guard).rowcount != 1:  # type: ignore[attr-defined]  # an UPDATE's CursorResult
                 continue
             session.refresh(job)
             if requeue_job(session, job, f"interrupted run: {why.format(holder=job.claimed_by)}", max_attempts):
@@ -550,11 +553,11 @@ def cancel_job(db: Database, job_id: int, user: str, note: str = "") -> None:
             .values(
                 state=JobState.CANCELLED, updated_at=now, finished_at=now, reason=f"cancelled by {user}{_because(note)}"
             )
-        ).rowcount
+        ).rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
         if changed != 1:
             raise InvalidTransition(f"job {job_id} changed state while being cancelled; look again")
         session.refresh(job)
-        event_row(session, job, EventKind.STATE, job.reason, state=JobState.CANCELLED)
+        event_row(session, job, EventKind.STATE, job.reason or "cancelled", state=JobState.CANCELLED)
 
 
 def _because(note: str) -> str:

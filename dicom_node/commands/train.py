@@ -157,6 +157,7 @@ def train(
         if lesions is not None:
             data_info["lesions_per_phantom"] = list(lesions)
     else:
+        assert data is not None  # checked above: --data or --phantoms
         cases = trainer.folder_cases(
             data, size=size, free_slice_ratio=free_slice_ratio, seed=seed, roi_pattern=roi_pattern
         )

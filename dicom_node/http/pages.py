@@ -73,7 +73,7 @@ def _job(request: Request, job_id: int):
 
 def _outputs(job) -> dict[str, str]:
     """Object name (RTSTRUCT, SR) -> the path of this job's output, relative to the data directory."""
-    found = {}
+    found: dict[str, str] = {}
     for _sop_uid, class_uid, path in (job.summary or {}).get("outputs", []):
         found.setdefault(OUTPUT_CLASS_NAMES.get(class_uid, class_uid), path)
     return found

@@ -46,7 +46,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -195,7 +195,8 @@ def summarise(scores: list[PhantomScore], min_diameter_mm: float = MIN_LESION_DI
     assessable = [s for s in scores if s.egfr_call != EgfrCall.NOT_ASSESSABLE.value]
     truth = [s.genotype for s in assessable]
     called = [int(s.egfr_call == EgfrCall.MUTANT.value) for s in assessable]
-    auc = metrics.roc_auc(truth, [s.egfr_probability for s in assessable]) if assessable else math.nan
+    probabilities = cast(list[float], [s.egfr_probability for s in assessable])  # assessable: never None
+    auc = metrics.roc_auc(truth, probabilities) if assessable else math.nan
     return {
         "phantoms": len(scores),
         "lesions_at_least_mm": min_diameter_mm,
@@ -277,6 +278,7 @@ def threshold_sweep(
         for seed in tqdm(list(seeds), desc="sweeping", disable=not progress):
             phantom = generate_phantom(seed, **(phantom_options or {}))
             result = run_series(write_phantom_series(phantom, Path(tmp) / f"phantom-{seed}"), package, device=device)
+            assert result.probability_map is not None and result.brain_mask is not None  # run_series sets both
             for threshold, min_volume in pairs:
                 label_map, lesions = extract_lesions(
                     result.probability_map,

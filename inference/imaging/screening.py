@@ -402,7 +402,7 @@ def _bounds(g: _Geometry, accepts: ModelAccepts, model_size: int) -> list[str]:
         )
     elif slices > high:
         problems.append(f"{slices} slices; the model accepts at most {high}")
-    low, high = accepts.spacing_mm
+    low_mm, high_mm = accepts.spacing_mm
     measured = [
         ("PixelSpacing (row)", g.pixel_spacing[0]),
         ("PixelSpacing (column)", g.pixel_spacing[1]),
@@ -410,14 +410,14 @@ def _bounds(g: _Geometry, accepts: ModelAccepts, model_size: int) -> list[str]:
         ("SliceThickness", g.thickness),
     ]
     for name, value in measured:
-        if value is not None and not (low - 1e-6 <= value <= high + 1e-6):
-            problems.append(f"{name} {value:g} mm outside {low:g}-{high:g} mm")
-    low, high = accepts.field_of_view_mm
+        if value is not None and not (low_mm - 1e-6 <= value <= high_mm + 1e-6):
+            problems.append(f"{name} {value:g} mm outside {low_mm:g}-{high_mm:g} mm")
+    low_mm, high_mm = accepts.field_of_view_mm
     fov = (g.rows * g.pixel_spacing[0], g.columns * g.pixel_spacing[1])
-    if not all(low <= v <= high for v in fov):
+    if not all(low_mm <= v <= high_mm for v in fov):
         problems.append(
             f"field of view {fov[1]:g} x {fov[0]:g} mm (Columns {g.columns} x PixelSpacing {g.pixel_spacing[1]:g}, "
-            f"Rows {g.rows} x PixelSpacing {g.pixel_spacing[0]:g}) outside {low:g}-{high:g} mm"
+            f"Rows {g.rows} x PixelSpacing {g.pixel_spacing[0]:g}) outside {low_mm:g}-{high_mm:g} mm"
         )
     voxels = model_size * model_size * g.model_slices()
     if voxels > accepts.max_model_grid_voxels:

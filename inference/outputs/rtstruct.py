@@ -551,10 +551,9 @@ def _lesion_contour_items(
     bounding box in it (None: the label is absent); contours are traced on the
     box only, then shifted back.
     """
-    mask = labels[box] == lesion.label if box is not None else None
-    if mask is None or not mask.any():
+    if box is None or not (mask := labels[box] == lesion.label).any():
         raise ValueError(f"result: lesion {lesion.name} (label {lesion.label}) has no voxels")
-    offset = np.array([box[1].start, box[2].start], dtype=float)
+    offset = np.array([box[1].start, box[2].start], dtype=np.float64)
     items: list[Dataset] = []
     for local, contours in enumerate(stack_contours(mask, simplify_tolerance_px)):
         index = box[0].start + local

@@ -59,6 +59,7 @@ import importlib.resources
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -244,7 +245,7 @@ def _acquisition_grid(
     slice_spacing: float | None,
 ) -> tuple[sitk.Image, str]:
     """An empty float32 image with a random (or requested) acquisition geometry."""
-    drawn = {
+    drawn: dict[str, Any] = {
         "orientation": str(rng.choice(ORIENTATIONS, p=list(style.orientation_p))),
         "oblique_base": str(rng.choice(["axial", "sagittal", "coronal"], p=[0.6, 0.2, 0.2])),
         "rotation": _random_rotation(rng, 35.0, 10.0),

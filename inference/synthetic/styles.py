@@ -234,7 +234,7 @@ def draw_look(rng: np.random.Generator, style: Style, orientation: str, noise_si
             skull = True
     gm = _uniform(rng, style.gm_ratio) if style.gm_ratio else TEMPLATE_GM_RATIO
     csf = _uniform(rng, style.csf_ratio) if style.csf_ratio else TEMPLATE_CSF_RATIO
-    layers = tuple(_uniform(rng, bounds) for bounds in style.skull_layers)
+    csf_rim, bone, scalp = (_uniform(rng, bounds) for bounds in style.skull_layers)
     blur = _uniform(rng, style.blur_mm) if rng.random() < style.blur_p else 0.0
     ghost = _uniform(rng, style.ghost_amplitude) if rng.random() < style.ghost_p else 0.0
     return Look(
@@ -243,7 +243,7 @@ def draw_look(rng: np.random.Generator, style: Style, orientation: str, noise_si
         margins=margins,
         gm_ratio=round(gm, 4),
         csf_ratio=round(csf, 4),
-        skull_layers=layers,
+        skull_layers=(csf_rim, bone, scalp),
         rician=bool(rng.random() < style.rician_p),
         noise_sigma=noise_sigma,
         bias_scale=_uniform(rng, style.bias_scale),
@@ -259,5 +259,6 @@ def _draw_skull_and_margins(rng: np.random.Generator, style: Style) -> tuple[boo
     if rng.random() < style.margin_p:
         sides = rng.uniform(0.0, style.margin_max, size=4)
         sides[rng.integers(4)] = max(sides.max(), 0.05)  # at least one side visibly cut
-        return skull, tuple(round(float(s), 4) for s in sides)
+        left, right, top, bottom = (round(float(s), 4) for s in sides)
+        return skull, (left, right, top, bottom)
     return skull, (0.0, 0.0, 0.0, 0.0)

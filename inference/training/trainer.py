@@ -486,6 +486,7 @@ def _crop_step_loss(
 ) -> torch.Tensor:
     """The uncertainty-weighted GTV loss of one batch of tumour-centred crops."""
     images, masks, _ = data
+    assert config.crop_size is not None  # crop steps run only with a crop size
     crop = int(config.crop_size)
     count = config.batch_size * max(1, round((images.shape[-1] / crop) ** 2))
     index = torch.multinomial(weights, count, replacement=True, generator=generator)
@@ -515,6 +516,7 @@ def _train_epoch(
     bar = tqdm(_epoch_batches(masks, config, generator), desc=description, leave=False, disable=not progress)
     for step, index in enumerate(bar):
         if config.crop_size is not None and step % 2:
+            assert crop_weights is not None  # computed whenever crop steps run
             loss = _crop_step_loss(model, weighting, data, crop_weights, config, generator)
         else:
             x, y = _augment(images[index].float()[:, None], masks[index].float()[:, None], generator)
@@ -603,7 +605,7 @@ def train(
     model = MTSANet(model_config)
     if initial_state is not None:
         model.load_state_dict(initial_state)
-    model = model.to(device=device, memory_format=torch.channels_last)
+    model = model.to(device=device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     weighting = UncertaintyWeightedLoss().to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *weighting.parameters()], lr=config.learning_rate)
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
@@ -625,7 +627,7 @@ def train(
         train_loss = _train_epoch(
             model, averaged, weighting, optimizer, train_data, config, generator, progress, f"epoch {epoch}"
         )
-        val_gtv, val_egfr, val_dice, val_accuracy = _validate(averaged.module, val_data, config.batch_size)
+        val_gtv, val_egfr, val_dice, val_accuracy = _validate(averaged.module, val_data, config.batch_size)  # type: ignore[arg-type]  # AveragedModel wraps the MTSANet
         val_loss = val_gtv + val_egfr if config.selection_loss == "joint" else val_gtv
         s1, s2 = weighting.sigmas
         record = EpochRecord(

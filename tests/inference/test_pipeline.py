@@ -196,12 +196,14 @@ def test_series_errors_propagate(small_axial_series, tiny_package):
 def test_series_the_package_does_not_accept_is_refused_before_loading(
     small_axial_series, tiny_package, edited_series, monkeypatch
 ):
-    t2 = edited_series(small_axial_series.files, SeriesDescription="T2 TSE", EchoTime="98", RepetitionTime="6000")
+    t2 = edited_series(
+        small_axial_series.files, SeriesDescription="T2 TSE", EchoTime="98", RepetitionTime="6000", ProtocolName=None
+    )
     monkeypatch.setattr("inference.pipeline.load_series", lambda files: pytest.fail("loaded a refused series"))
     with pytest.raises(SeriesRefused, match="not a post-contrast T1: .*SeriesDescription 'T2 TSE', EchoTime 98 ms"):
         run_series(t2, tiny_package, device="cpu")
-    with pytest.raises(SeriesRefused, match="'T1 CE AX' matches 'ce' \\(the rule refuses it\\)"):
-        run_series(small_axial_series.files, tiny_package, device="cpu", names=NamePatterns(refuse=("ce",)))
+    with pytest.raises(SeriesRefused, match="matches 'gd' \\(the rule refuses it\\)"):
+        run_series(small_axial_series.files, tiny_package, device="cpu", names=NamePatterns(refuse=("gd",)))
 
 
 def test_offline_outputs(small_axial_series, tiny_package, oracle, tmp_path):
@@ -214,8 +216,9 @@ def test_offline_outputs(small_axial_series, tiny_package, oracle, tmp_path):
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk == summary
     assert summary["series"]["series_instance_uid"] == result.series.datasets[0].SeriesInstanceUID
+    description = result.series.datasets[0].SeriesDescription
     assert summary["screening"] == (
-        "post-contrast T1: SeriesDescription 'T1 CE AX' names T1; ContrastBolusAgent 'Gadolinium (synthetic)'"
+        f"post-contrast T1: SeriesDescription '{description}' names T1; ContrastBolusAgent 'GADOBUTROL 0.1 mmol/kg'"
     )
     assert summary["model"] == {
         "name": "tiny-test",
@@ -268,12 +271,12 @@ def test_infer_command_refused_series_exits_2_with_the_reason(small_axial_series
 
 def test_infer_command_applies_a_rules_screening_names(small_axial_series, tiny_package, tmp_path):
     config = tmp_path / "node.toml"
-    config.write_text('[[rules]]\nname = "brain"\n[rules.screening]\nrefuse = ["t1 ce ax"]\n', encoding="utf-8")
+    config.write_text('[[rules]]\nname = "brain"\n[rules.screening]\nrefuse = ["mprage"]\n', encoding="utf-8")
     folder = str(Path(small_axial_series.files[0]).parent)
     common = [folder, "--out", str(tmp_path / "out"), "--model", str(tiny_package.path), "--config", str(config)]
     result = invoke(*common, "--rule", "brain")
     assert result.exit_code == 2
-    assert "SeriesDescription 'T1 CE AX' matches 't1 ce ax' (the rule refuses it)" in result.output
+    assert "SeriesDescription 'T1 MPRAGE +Gd' matches 'mprage' (the rule refuses it)" in result.output
     result = invoke(*common, "--rule", "other")
     assert result.exit_code == 2 and "no routing rule named 'other' (configured: brain)" in result.output
     assert not (tmp_path / "out").exists()

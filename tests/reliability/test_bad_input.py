@@ -348,7 +348,7 @@ def test_single_slice_series_is_rejected_too_few_slices(job_node, phantom_factor
 def test_t2_series_is_rejected_by_screening_naming_its_headers(job_node, phantom_factory):
     files = phantom_factory(8209, "JOB09", series_description="AX T2 FLAIR")
     send_series_expect_rejection(
-        job_node, files, "not a post-contrast T1: ContrastBolusAgent 'Gadolinium (synthetic)'", "'AX T2 FLAIR' names T2"
+        job_node, files, "not a post-contrast T1: ContrastBolusAgent 'GADOBUTROL 0.1 mmol/kg'", "'AX T2 FLAIR' names T2"
     )
     assert_still_serving(job_node, phantom_factory(8202, "JOB02")[0])
 
