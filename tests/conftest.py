@@ -144,3 +144,10 @@ def firing_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest["input"]["n4"] = False
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return folder
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fast tier (`-m "not slow"`) leaves out whole folders that start real services and peers."""
+    for item in items:
+        if {"e2e", "reliability"} & set(item.path.parts):
+            item.add_marker(pytest.mark.slow)
