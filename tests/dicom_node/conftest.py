@@ -13,6 +13,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from sqlalchemy import select
 
 from dicom_node.export_targets import ExportTargets
 from dicom_node.exporter import Exporter
@@ -29,7 +30,7 @@ from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 from storage.exports import resend
 from storage.ingest import store_instance
 from storage.jobs import RoutingOutcome, claim_next_job, complete_series, load_job, record_outputs
-from storage.models import JobState
+from storage.models import Job, JobState
 
 MR_PHANTOM = {"seed": 4242, "orientation": "axial", "matrix": 64, "slices": 12, "n_lesions": 1}
 
@@ -266,3 +267,20 @@ def assert_resend_delivers(node, job_id: int, port: int) -> None:
     finally:
         good.stop()
     assert job.state == JobState.DONE and len(good.received) == 1
+
+
+def storescu(port: int, files: list[Path], calling: str = "STORESCU") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [require_tool("storescu"), "-aet", calling, "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def jobs_by_state(service) -> dict[str, list[Job]]:
+    with service.db.session() as session:
+        found: dict[str, list[Job]] = {}
+        for job in session.scalars(select(Job)).all():
+            found.setdefault(job.state.value, []).append(job)
+        return found

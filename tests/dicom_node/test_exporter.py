@@ -33,8 +33,6 @@ from tests.dicom_node.conftest import (
     wait_for,
 )
 
-__all__ = ["free_port", "start_storescp", "exporting_job", "run_until_settled"]  # imported by other test folders
-
 RTSTRUCT_CLASS, SR_CLASS = RTStructureSetStorage, "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 
 

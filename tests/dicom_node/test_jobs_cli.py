@@ -10,8 +10,7 @@ import sys
 import pydicom
 
 from storage.jobs import claim_next_job, fail_job
-from tests.dicom_node.conftest import wait_for
-from tests.dicom_node.test_store_scp import jobs_by_state, storescu
+from tests.dicom_node.conftest import jobs_by_state, storescu, wait_for
 
 
 def cli(node_env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from dicom_node.series_watcher import SeriesWatcher
-from tests.dicom_node.test_store_scp import storescu
+from tests.dicom_node.conftest import storescu
 
 
 def test_start_up_removes_files_that_have_no_row_and_keeps_stored_ones(start_node, node_env, mr_series):

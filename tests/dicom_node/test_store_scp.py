@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from dicom_node import status_codes
 from storage.instance_store import InstanceStore, sha256_file
 from storage.models import Instance, Job
-from tests.dicom_node.conftest import require_tool, wait_for
+from tests.dicom_node.conftest import jobs_by_state, require_tool, storescu, wait_for
 
 RULES_CONFIG = """
 [[destinations]]
@@ -35,15 +35,6 @@ SeriesDescription = "T1 CE.*"
 """
 
 
-def storescu(port: int, files: list[Path], calling: str = "STORESCU") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [require_tool("storescu"), "-aet", calling, "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def echoscu(port: int, calling: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [require_tool("echoscu"), "-aet", calling, "-aec", "DICOMNODE", "127.0.0.1", str(port)],
@@ -56,14 +47,6 @@ def echoscu(port: int, calling: str) -> subprocess.CompletedProcess:
 def count(service, model) -> int:
     with service.db.session() as session:
         return session.scalar(select(func.count()).select_from(model))
-
-
-def jobs_by_state(service) -> dict[str, list[Job]]:
-    with service.db.session() as session:
-        found: dict[str, list[Job]] = {}
-        for job in session.scalars(select(Job)).all():
-            found.setdefault(job.state.value, []).append(job)
-        return found
 
 
 def test_echoscu_gets_success(start_node):

@@ -16,14 +16,13 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicom_node.peers import free_port
 from dicom_node.settings import load_settings
 from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 from storage.database import Database
 from storage.jobs import list_jobs, load_job
 from storage.models import EventKind, JobState
-from tests.dicom_node.conftest import require_tool, wait_for
-from tests.dicom_node.test_exporter import free_port, start_storescp
-from tests.dicom_node.test_store_scp import storescu
+from tests.dicom_node.conftest import require_tool, start_storescp, storescu, wait_for
 from tests.inference.conftest import dciodvfy_messages
 
 EXPECTED_STAGES = {"load", "preprocess", "model", "postprocess", "write outputs"}

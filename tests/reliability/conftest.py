@@ -18,7 +18,8 @@ from sqlalchemy import select
 from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 from storage.database import Database
 from storage.instance_store import sha256_file
-from storage.models import Instance
+from storage.jobs import list_jobs, load_job
+from storage.models import TERMINAL_STATES, Instance
 from tests.dicom_node.conftest import (  # noqa: F401  (fixtures re-exported for this folder)
     mr_outputs,
     mr_series,
@@ -253,3 +254,22 @@ def with_tiny_model(tiny_model, monkeypatch) -> Path:
     """Make the tiny package the node's default model (`$DICOM_NODE_MODEL`)."""
     monkeypatch.setenv("DICOM_NODE_MODEL", str(tiny_model))
     return tiny_model
+
+
+NO_DESTINATION_RULES = """
+[[rules]]
+name = "mr"
+[rules.match]
+Modality = "MR"
+"""
+
+
+def settled(node, count: int, timeout: float = 120) -> list:
+    """Wait until `count` jobs are done/failed/rejected; return them (with events), oldest first."""
+
+    def finished():
+        jobs = [load_job(node.db, j.id) for j in list_jobs(node.db)]
+        done = [j for j in jobs if j.state in TERMINAL_STATES]
+        return sorted(done, key=lambda j: j.id) if len(done) >= count else None
+
+    return wait_for(finished, timeout=timeout, interval=0.3)

@@ -26,14 +26,16 @@ from sqlalchemy import func, select
 from dicom_node import status_codes
 from dicom_node.logging_setup import configure_logging
 from dicom_node.settings import LoggingSettings
-from storage.jobs import list_jobs, load_job
-from storage.models import TERMINAL_STATES, Instance, JobState
+from storage.jobs import list_jobs
+from storage.models import Instance, JobState
 from tests.reliability.conftest import (
+    NO_DESTINATION_RULES,
     SUCCESS,
     audit_store,
     echo_ok,
     pynetdicom_statuses,
     require_tool,
+    settled,
     sop_uid,
     storescu_statuses,
     wait_for,
@@ -233,13 +235,6 @@ def test_wrong_called_ae_title_is_rejected(start_node, node_log, phantom_factory
 
 # --- stored, then the job fails with its reason (the real engine via the node's worker) ------
 
-NO_DESTINATION_RULES = """
-[[rules]]
-name = "mr"
-[rules.match]
-Modality = "MR"
-"""
-
 
 @pytest.fixture
 def job_node(start_node, with_tiny_model, tmp_path):
@@ -247,17 +242,6 @@ def job_node(start_node, with_tiny_model, tmp_path):
     config = tmp_path / "node.toml"
     config.write_text(NO_DESTINATION_RULES)
     return start_node(config, DICOM_NODE__WORKER__COUNT="1", DICOM_NODE__WORKER__POLL_INTERVAL_S="0.2")
-
-
-def settled(node, count: int, timeout: float = 120) -> list:
-    """Wait until `count` jobs are done/failed/rejected; return them (with events), oldest first."""
-
-    def finished():
-        jobs = [load_job(node.db, j.id) for j in list_jobs(node.db)]
-        done = [j for j in jobs if j.state in TERMINAL_STATES]
-        return sorted(done, key=lambda j: j.id) if len(done) >= count else None
-
-    return wait_for(finished, timeout=timeout, interval=0.3)
 
 
 def send_series_expect_failure(node, files: list[Path], *reason_parts: str):

@@ -30,10 +30,11 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
+from dicom_node.peers import free_port
 from storage.database import Database
 from storage.instance_store import sha256_file
 from storage.models import TERMINAL_STATES, EventKind, Export, ExportState, Instance, Job, JobEvent, JobState
-from tests.dicom_node.test_exporter import free_port, start_storescp
+from tests.dicom_node.conftest import start_storescp
 from tests.reliability.conftest import (
     SUCCESS,
     audit_store,

@@ -19,9 +19,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
+from dicom_node.peers import free_port
 from storage.jobs import list_jobs, load_job
 from storage.models import TERMINAL_STATES, Job, JobState, Series
-from tests.dicom_node.test_exporter import free_port, start_storescp
+from tests.dicom_node.conftest import start_storescp
 from tests.reliability.conftest import (
     SUCCESS,
     audit_store,

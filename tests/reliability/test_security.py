@@ -19,14 +19,14 @@ from pynetdicom.sop_class import MRImageStorage
 
 from dicom_node.exporter import Exporter
 from dicom_node.logging_setup import configure_logging
+from dicom_node.peers import free_port
 from dicom_node.settings import Destination, ExportSettings, LoggingSettings, TlsSettings
 from dicom_node.tls import client_ssl_context, server_ssl_context
 from storage.jobs import load_job
 from storage.models import JobState
 from tests.dicom_node.certificates import Pki, make_pki
-from tests.dicom_node.test_exporter import exporting_job, free_port, run_until_settled
-from tests.reliability.conftest import SUCCESS, audit_store, echo_ok, require_tool
-from tests.reliability.test_bad_input import NO_DESTINATION_RULES, settled
+from tests.dicom_node.conftest import exporting_job, run_until_settled
+from tests.reliability.conftest import NO_DESTINATION_RULES, SUCCESS, audit_store, echo_ok, require_tool, settled
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from dicom_node.series_watcher import SeriesWatcher
 from storage.models import Job
-from tests.dicom_node.test_store_scp import storescu
+from tests.dicom_node.conftest import storescu
 from tests.reliability.conftest import pynetdicom_statuses
 
 RULES = """
