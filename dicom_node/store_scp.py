@@ -111,8 +111,6 @@ class StoreSCP:
         self.db = db
         self.store = store
         self._server: NodeAssociationServer | None = None
-        self.counts = {outcome: 0 for outcome in StoreOutcome}
-        self._counts_lock = threading.Lock()
         self.tracker = AssociationTracker(db, metrics or NodeMetrics())
         self._outcome = threading.local()  # the StoreOutcome of this thread's last successful C-STORE
 
@@ -192,8 +190,6 @@ class StoreSCP:
         except Exception as exc:  # database down or similar: refuse, never acknowledge
             bound.error("store.failed", reason=f"job store error: {exc}")
             return status_codes.OUT_OF_RESOURCES
-        with self._counts_lock:
-            self.counts[outcome] += 1
         self._outcome.value = outcome.value
         if outcome is StoreOutcome.CONFLICT:
             bound.warning(

@@ -204,6 +204,7 @@ def run_job(
     max_attempts: int,
     names: Mapping[str, NamePatterns] | None = None,
     output_settings: OutputSettings | None = None,
+    batch_size: int = 8,
 ) -> None:
     """Run one job that `worker_id` has claimed to `exporting`/`done`, `held`, `rejected`,
     `failed` with its reason, or back to `queued` (an internal error, until `max_attempts`).
@@ -211,7 +212,8 @@ def run_job(
     Results and failures are recorded only while this run still holds the job.
     `targets` applies the destinations' object filters: a filtered-out output gets no export row.
     `names`: `screening_names` of the configured rules; the job's rule picks its own.
-    `output_settings` says how the DICOM outputs are written (ROI name prefix).
+    `output_settings` says how the DICOM outputs are written (ROI name prefix);
+    `batch_size` is `[worker] batch_size`, slices per forward pass.
     """
     output_settings = output_settings or OutputSettings()
     from inference.errors import InferenceError, SeriesRefused
@@ -245,7 +247,9 @@ def run_job(
             f"model package {package.identity.display} ready",
             duration_s=time.perf_counter() - start,
         )
-        result = run_series(files, package, model=network, names=(names or {}).get(rule_name or ""))
+        result = run_series(
+            files, package, model=network, names=(names or {}).get(rule_name or ""), batch_size=batch_size
+        )
         for stage, seconds in result.timings_s.items():
             add_event(db, job_id, EventKind.STAGE, stage, duration_s=seconds)
         out_dir = store.attempt_outputs(job_id, attempt)
@@ -340,6 +344,7 @@ class InferenceWorker(threading.Thread):
                         self.settings.max_attempts,
                         self.names,
                         self.outputs,
+                        self.settings.batch_size,
                     )
             except Exception:  # e.g. the job store went away while recording a failure
                 log.exception("worker.job_crashed", worker=self.worker_id, job_id=job_id)

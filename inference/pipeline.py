@@ -77,6 +77,7 @@ def run_series(
     device: str | None = None,
     model: MTSANet | None = None,
     names: NamePatterns | None = None,
+    batch_size: int = 8,
 ) -> InferenceResult:
     """Run the whole engine on one series; raises `SeriesError` for an unusable series and
     `SeriesRefused` for one the package does not accept (`names`: the routing rule's own patterns).
@@ -114,7 +115,7 @@ def run_series(
             model = package.build_model(torch_device)
         else:
             torch_device = next(model.parameters()).device
-        gtv_prob, mutant_prob = predict_slices(model, model_input.slices, device=torch_device)
+        gtv_prob, mutant_prob = predict_slices(model, model_input.slices, device=torch_device, batch_size=batch_size)
     with _timed(timings, "postprocess"):
         threshold, min_volume = package.gtv_threshold, package.min_lesion_volume_mm3
         probability = preprocess.to_source_grid(gtv_prob, model_input, series.image)

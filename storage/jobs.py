@@ -256,13 +256,6 @@ def claim_next_job(db: Database, worker_id: str, lease_s: float = DEFAULT_LEASE_
         return candidate
 
 
-def transition(
-    db: Database, job_id: int, state: JobState, message: str, *, reason: str | None = None, details: str | None = None
-) -> None:
-    with db.session() as session:
-        set_state(session, get_job(session, job_id), state, message, reason=reason, details=details)
-
-
 def add_event(
     db: Database,
     job_id: int,

@@ -11,7 +11,7 @@ import pytest
 from dicom_node.http.auth import hash_secret, verify_secret
 from dicom_node.peers import send_series
 from dicom_node.settings import ConfigError, load_settings
-from storage.jobs import list_jobs, load_job, transition
+from storage.jobs import claim_next_job, fail_job, list_jobs, load_job
 from storage.models import JobState
 from tests.dicom_node.conftest import EXAMPLE_CONFIG, wait_for
 from tests.dicom_node.http.conftest import TOKEN, basic, http_env, node_url, request
@@ -50,7 +50,8 @@ def test_actions_need_a_physicist_and_are_recorded_with_the_name(http_node, mr_s
     url = node_url(http_node)
     send_series(mr_series, http_node.address[1], calling_ae="MR_SCANNER")
     (job,) = wait_for(lambda: [j for j in list_jobs(http_node.db) if j.state == JobState.QUEUED])
-    transition(http_node.db, job.id, JobState.FAILED, "failed: test", reason="test")
+    claim_next_job(http_node.db, "test:1:aa:worker-0")
+    fail_job(http_node.db, job.id, "failed: test")
 
     # loopback: reading is open, acting is not
     assert request(f"{url}/jobs/{job.id}").status == 200
