@@ -87,6 +87,11 @@ class NodeService:
             unacknowledged_files_removed=orphans,
             jobs_resumed=resumed,
         )
+        try:  # the DICOM port before any worker runs: a port in use must not kill (and count) a claimed job
+            self.address = self.scp.start()
+        except BaseException:
+            self.stop()
+            raise
         every = {"max_instances": 1, "coalesce": True}
         self._scheduler.add_job(
             self._guard(self.watcher.check_once),
@@ -142,7 +147,6 @@ class NodeService:
             )
             worker.start()
             self._workers.append(worker)
-        self.address = self.scp.start()
         return self.address
 
     @property
@@ -169,7 +173,8 @@ class NodeService:
             self.http.stop()
         self.scp.stop()
         self._stop.set()
-        self._scheduler.shutdown(wait=False)
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
         self.exporter.stop(timeout_s=10)
         for worker in self._workers:
             worker.join(timeout=60)

@@ -236,8 +236,12 @@ def run_job(
         holder = (worker_id, attempt)
         bound = bound.bind(series_uid=job.series_uid, study_uid=job.study_uid)
         files = series_files(db, store, series_id)
-        if not files:
-            raise FileNotFoundError("the series' instances are no longer on disk (purged?)")
+        missing = [f for f in files if not f.is_file()]
+        if not files or missing:  # an internal error (shared storage away?), retried: never the series' fault
+            raise FileNotFoundError(
+                f"{len(missing) if files else 'all'} of the series' instance files are not on disk"
+                f" under {store.root} (purged, or the data directory is not mounted?)"
+            )
         start = time.perf_counter()
         package, network = registry.network(model_name, device)
         add_event(

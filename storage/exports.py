@@ -211,6 +211,10 @@ def _settle(session, job: Job) -> None:
         set_state(session, job, JobState.DONE, f"done: {len(states)} object(s) delivered{note}")
 
 
+#: Jobs whose recorded outputs are the result to deliver (never held, cancelled, queued or running ones).
+RESENDABLE = frozenset({JobState.DONE, JobState.FAILED, JobState.EXPORTING})
+
+
 def resend(
     db: Database,
     job_id: int,
@@ -235,6 +239,13 @@ def resend(
             raise ValueError(f"job {job_id} has no outputs to send (state {job.state.value})")
         if job.state == JobState.HELD:
             raise ValueError(f"job {job_id} is held ({job.reason}); release it with `dicom-node jobs release`")
+        if job.state not in RESENDABLE:
+            raise ValueError(
+                f"job {job_id} is {job.state.value}: only a done, failed or exporting job's outputs can be re-sent"
+                " (a cancelled or re-running job's outputs are not the result to deliver)"
+            )
+        if job.purged_at is not None:
+            raise ValueError(f"job {job_id}'s outputs were purged by retention; `dicom-node jobs retry` runs it again")
         wanted = destinations or sorted({e.destination for e in job.exports} | set(job.destinations))
         existing = {(e.destination, e.sop_instance_uid): e for e in job.exports}
         count = 0

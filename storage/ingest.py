@@ -6,7 +6,10 @@ returns. Policy for a SOP Instance UID that arrives again:
 - different bytes: the first stored instance is kept and stays the one used
   for processing; the new content is kept too, under
   `conflicts/<sop uid>/<sha256>.dcm`, so nothing is lost, and the outcome is
-  `CONFLICT` (the SCP answers success and logs a warning for review).
+  `CONFLICT` (the SCP answers success and logs a warning for review);
+- an instance whose file retention purged (`purged_at` set): stored again, the
+  row pointed at the new file, and the series counts as a new delivery (a new
+  job after the quiet period): the re-planning case months later.
 Concurrent stores of the same SOP Instance UID are serialised by a striped lock.
 
 The instance arrives as an `IncomingFile` the SCP streamed to `tmp/` (already
@@ -95,20 +98,41 @@ def store_instance(db: Database, store: InstanceStore, meta: InstanceMeta, data:
         with lock:
             with db.session() as session:
                 existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
-                if existing is not None:
+                purged = existing is not None and existing.purged_at is not None
+                if existing is not None and not purged:
                     if existing.sha256 == digest:
                         return StoreOutcome.DUPLICATE
                     store.keep(incoming, f"conflicts/{meta.sop_instance_uid}/{digest}.dcm")
                     return StoreOutcome.CONFLICT
             store.keep(incoming, relative)
             try:
-                _commit_row(db, meta, relative, digest, incoming.size)
+                if purged:
+                    _restore_row(db, meta, relative, digest, incoming.size)
+                else:
+                    _commit_row(db, meta, relative, digest, incoming.size)
             except BaseException:
                 store.remove(relative)
                 raise
         return StoreOutcome.STORED
     finally:
         incoming.discard()
+
+
+def _restore_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:
+    """Point a purged instance's row at its re-sent file; the series becomes a new delivery."""
+    with db.session() as session:
+        instance = session.scalars(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)).one()
+        instance.path, instance.sha256, instance.size_bytes = relative, digest, size
+        instance.transfer_syntax_uid, instance.purged_at, instance.received_at = (
+            meta.transfer_syntax_uid,
+            None,
+            utcnow(),
+        )
+        instance.calling_ae_title, instance.source_address = meta.calling_ae_title, meta.source_address
+        series = instance.series
+        if series.evaluated_at is not None and series.evaluated_at >= series.last_received_at:
+            open_job_on_first_instance(session, series, meta.study_uid, meta.patient_id)
+        series.last_received_at = utcnow()
 
 
 def _commit_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:

@@ -243,6 +243,8 @@ def claim_next_job(db: Database, worker_id: str, lease_s: float = DEFAULT_LEASE_
                 updated_at=now,
                 finished_at=None,
                 reason=None,
+                output_dir=None,  # a new attempt never carries the previous attempt's outputs
+                summary=None,
                 attempts=Job.attempts + 1,
             )
         ).rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
@@ -512,6 +514,8 @@ def release_job(
         job = get_job(session, job_id)
         if job.state != JobState.HELD:
             raise InvalidTransition(f"job {job_id} is {job.state.value}; only a held job can be released")
+        if job.purged_at is not None:
+            raise InvalidTransition(f"job {job_id}'s outputs were purged by retention; nothing left to release")
         outputs = (job.summary or {}).get("outputs", [])
         exports = [
             (dest, *output)

@@ -3,9 +3,10 @@
 Decisions:
 - A series' files are purged once its LATEST job is `done` (all outputs
   delivered) or `rejected` (never to be processed) and finished more than
-  `retention_days` ago. An earlier failed attempt does not keep a series
-  forever once a later job delivered; a latest job that is failed, held,
-  queued, running or exporting keeps everything, so nothing is deleted before
+  `retention_days` ago (a cancelled one too: nothing will be sent). An earlier
+  failed attempt does not keep a series forever once a later job delivered; a
+  latest job that is failed, held, queued, running or exporting keeps
+  everything, and so does any job of the series that is still held or in flight, so nothing is deleted before
   it was exported or while a physicist still has to look at it.
 - Purged with the series: its instances, every job's outputs
   (`InstanceStore.job_outputs`) and the conflicting re-sends kept under
@@ -35,9 +36,9 @@ from sqlalchemy.orm import Session
 from storage.database import Database
 from storage.instance_store import InstanceStore
 from storage.jobs import event_row
-from storage.models import EventKind, Instance, Job, JobState, Series, Study, utcnow
+from storage.models import TERMINAL_STATES, EventKind, Instance, Job, JobState, Series, Study, utcnow
 
-PURGEABLE = (JobState.DONE, JobState.REJECTED)
+PURGEABLE = (JobState.DONE, JobState.REJECTED, JobState.CANCELLED)
 PSEUDONYM_PREFIX = "PSEUDO-"
 
 
@@ -76,6 +77,8 @@ def _purge_series(
     jobs = session.scalars(select(Job).where(Job.series_id == series_id).order_by(Job.id)).all()
     latest = jobs[-1]
     if latest.state not in PURGEABLE or latest.finished_at is None or latest.finished_at > cutoff:
+        return 0
+    if any(job.state not in TERMINAL_STATES for job in jobs):  # e.g. an earlier result still held for review
         return 0
     instances = session.scalars(
         select(Instance).where(Instance.series_id == series_id, Instance.purged_at.is_(None))

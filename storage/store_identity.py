@@ -9,8 +9,8 @@ each carry the same random store id (`<data_dir>/store-id` and the
 
 - the ids differ (this database belongs to another data directory);
 - the database has no id while the data directory holds instances (a new or
-  empty database: restore the right one, or rebuild the rows from the files
-  with `dicom-node store reindex`);
+  empty database: point the node at the right one, or restore it; rebuilding
+  the rows from the files is not built yet);
 - the data directory has no id while the database knows instances that are
   not purged (a new or wrong data directory).
 
@@ -75,8 +75,8 @@ def check_and_bind(db: Database, store: InstanceStore) -> str:
     if in_db is None and _has_instance_files(store):
         raise StoreMismatchError(
             f"the job store ({db.url_for_humans}) does not know the data directory {store.root}, which holds "
-            f"received images: a new or mistyped storage.database_url? Restore the right database, or rebuild "
-            f"its rows from the files with 'dicom-node store reindex'; nothing was deleted"
+            f"received images: a new or mistyped storage.database_url? Point the node at the database it was used "
+            f"with (or restore it from a backup, see docs/INSTALL.md), or use an empty data directory; nothing was deleted"
         )
     if on_disk is None and _known_instances(db):
         raise StoreMismatchError(

@@ -55,6 +55,7 @@ def worker(
     from dicom_node.logging_setup import configure_logging, get_logger
     from dicom_node.worker import InferenceWorker, ModelRegistry, requeue_dead_holders, take_over_at_start, worker_ids
     from storage.instance_store import InstanceStore
+    from storage.store_identity import StoreMismatchError, check_and_bind
 
     settings = settings_or_exit(config)
     configure_logging(settings.logging)
@@ -67,6 +68,10 @@ def worker(
     registry = ModelRegistry()
     targets = ExportTargets(settings.destinations)
     max_attempts = settings.worker.max_attempts
+    try:  # this host must see the data directory the job store belongs to (shared storage mounted)
+        check_and_bind(db, store)
+    except StoreMismatchError as exc:
+        raise fail(f"cannot start: {exc}") from None
     incarnation, resumed = take_over_at_start(db, settings.storage.data_dir, max_attempts)
     leases = BackgroundScheduler(timezone="UTC")
     leases.add_job(

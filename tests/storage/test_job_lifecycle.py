@@ -15,6 +15,7 @@ from storage.jobs import (
     fail_job,
     hold_outputs,
     load_job,
+    record_outputs,
     release_job,
     requeue_jobs_of,
     retry_after_error,
@@ -168,3 +169,32 @@ def test_internal_errors_are_retried_until_the_cap(db):
     assert job.state == JobState.FAILED
     assert job.reason == "gave up after 3 attempts: internal error: RuntimeError: CUDA out of memory"
     assert sum(e.kind == EventKind.ERROR for e in job.events) == 3
+
+
+def test_a_cancelled_held_result_cannot_be_exported_later(db):
+    """Review reproduction: hold -> cancel -> retry -> the new attempt fails: the held outputs stay unsent."""
+    job_id = held_job(db)
+    cancel_job(db, job_id, "dr.physicist", "implausible")
+    with pytest.raises(ValueError, match="is cancelled"):
+        resend(db, job_id, None, [tuple(o) for o in OUTPUTS])
+    retry_job(db, job_id)
+    assert claim_next_job(db, WORKER) == job_id
+    job = load_job(db, job_id)
+    assert job.output_dir is None and job.summary is None  # the new attempt carries nothing of the held one
+    fail_job(db, job_id, "the series has a gap between slices 4 and 6")
+    with pytest.raises(ValueError, match="no outputs to send"):
+        resend(db, job_id, None, [tuple(o) for o in OUTPUTS])
+    assert load_job(db, job_id).exports == []
+
+
+def test_a_running_rerun_does_not_send_the_previous_result(db):
+    """Review reproduction: a done job retried and claimed must not re-send its old outputs meanwhile."""
+    job_id = queued_job(db)
+    claim_next_job(db, WORKER)
+    record_outputs(db, job_id, "outputs/job-1/attempt-1", {"outputs": OUTPUTS}, [])
+    assert load_job(db, job_id).state == JobState.DONE
+    retry_job(db, job_id)
+    claim_next_job(db, WORKER)
+    with pytest.raises(ValueError, match="no outputs to send|is running"):
+        resend(db, job_id, None, [tuple(o) for o in OUTPUTS])
+    assert load_job(db, job_id).state == JobState.RUNNING

@@ -9,9 +9,17 @@ from sqlalchemy import select
 
 from storage.database import Database
 from storage.exports import RetryPolicy, record_attempt
-from storage.ingest import InstanceMeta, store_instance
+from storage.ingest import InstanceMeta, StoreOutcome, store_instance
 from storage.instance_store import InstanceStore
-from storage.jobs import RoutingOutcome, claim_next_job, complete_series, fail_job, load_job, record_outputs
+from storage.jobs import (
+    RoutingOutcome,
+    claim_next_job,
+    complete_series,
+    fail_job,
+    hold_outputs,
+    load_job,
+    record_outputs,
+)
 from storage.models import Instance, Job, JobState, Study, utcnow
 from storage.retention import purge_expired
 
@@ -126,3 +134,35 @@ def test_without_pseudonymisation_identifiers_stay(tmp_path):
     purge_expired(db, store, retention_days=30, now=utcnow() + timedelta(days=31))
     with db.session() as session:
         assert session.scalars(select(Study.patient_id)).one() == "PAT002"
+
+
+def test_an_earlier_held_result_is_never_purged_under_a_physicists_eyes(tmp_path):
+    """Review reproduction: job 1 held, the series re-delivered and job 2 done: nothing is purged."""
+    db = Database(f"sqlite:///{tmp_path}/jobs.db")
+    store = InstanceStore(tmp_path / "data")
+    for k in range(3):
+        store_instance(db, store, InstanceMeta(f"1.2.3.4.{k}", MR, "1.2.3", "1.2.3.4", EXPLICIT_LE), b"bytes %d" % k)
+    first = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    claim_next_job(db, "w")
+    hold_outputs(db, first, f"outputs/job-{first}/attempt-1", {"outputs": []}, ["31 lesions, limit 30"])
+    store_instance(db, store, InstanceMeta("1.2.3.4.9", MR, "1.2.3", "1.2.3.4", EXPLICIT_LE), b"late instance")
+    second = complete_series(db, 1, RoutingOutcome("r", "default", [], "re-delivery"))
+    claim_next_job(db, "w")
+    record_outputs(db, second, f"outputs/job-{second}/attempt-1", {}, [])  # nothing to send: done
+    assert load_job(db, second).state == JobState.DONE
+    assert purge_expired(db, store, retention_days=1, now=utcnow() + timedelta(days=2)) == 0
+    assert load_job(db, first).purged_at is None and load_job(db, first).state == JobState.HELD
+
+
+def test_a_resend_after_purge_is_stored_again_and_opens_a_new_job(tmp_path):
+    """The re-planning case: months after retention, the same series is sent again."""
+    db, store, job_id = setup(tmp_path)
+    deliver(db, job_id)
+    assert purge_expired(db, store, retention_days=30, now=utcnow() + timedelta(days=31)) == 3
+    meta = InstanceMeta("1.2.3.4.0", MR, "1.2.3", "1.2.3.4", EXPLICIT_LE)
+    assert store_instance(db, store, meta, b"DICM-ish bytes 0") == StoreOutcome.STORED  # not a silent duplicate
+    with db.session() as session:
+        row = session.scalars(select(Instance).where(Instance.sop_instance_uid == "1.2.3.4.0")).one()
+        assert row.purged_at is None and store.absolute(row.path).read_bytes() == b"DICM-ish bytes 0"
+        jobs = session.scalars(select(Job).order_by(Job.id)).all()
+    assert len(jobs) == 2 and jobs[-1].state == JobState.RECEIVED  # routed again after the quiet period

@@ -41,7 +41,7 @@ def test_an_empty_database_is_refused_while_the_store_holds_images(tmp_path: Pat
     _, store = stored_pair(tmp_path)
     before = instance_files(store)
     mistyped = Database(f"sqlite:///{tmp_path}/mistyped.db")
-    with pytest.raises(StoreMismatchError, match="store reindex"):
+    with pytest.raises(StoreMismatchError, match="use an empty data directory; nothing was deleted"):
         check_and_bind(mistyped, store)
     assert instance_files(store) == before and len(before) == 3
 
