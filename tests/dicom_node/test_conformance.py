@@ -49,7 +49,7 @@ def test_the_node_accepts_exactly_the_contexts_the_document_lists(tmp_path: Path
     listed = documented_contexts(DOCUMENT.read_text(encoding="utf-8"), SCP_SIDE)
     storage = sorted(pair for pair in listed if pair[0] != StorageCommitmentPushModel)
     commitment = sorted(pair for pair in listed if pair[0] == StorageCommitmentPushModel)
-    assert len(storage) > 100 and commitment
+    assert storage and commitment
     syntaxes = sorted({ts for _, ts in listed})
     classes = sorted({cls for cls, _ in storage})
     unlisted = (

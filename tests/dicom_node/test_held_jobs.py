@@ -63,11 +63,11 @@ def test_held_result_reaches_no_tps_until_released_and_cancel_ends_another(
     held = wait_for(lambda: len(jobs_in(node, JobState.HELD)) == 2 and jobs_in(node, JobState.HELD), timeout=300)
     first, second = sorted(held, key=lambda j: j.id)
     job = load_job(node.db, first.id)
+    # The firing model's speckle: inside the brain mask it is still far outside every bound (lesion count,
+    # total volume, share of the brain, uncertainty); the reason names what was exceeded.
+    assert job.reason.startswith("held: ") and "limit" in job.reason, job.reason
+    assert job.summary["plausibility"]["held"] is True
     count = len(job.summary["lesions"])
-    assert count > 100, count
-    assert job.reason == f"held: {count} lesions, limit 30" or job.reason.startswith(
-        f"held: {count} lesions, limit 30;"
-    )
     assert job.exports == [] and load_job(node.db, second.id).exports == []
     time.sleep(3)  # several exporter rounds: still nothing may leave the node
     assert tps.received() == []

@@ -39,7 +39,7 @@ def test_job_failure_is_recorded_after_the_store_was_busy(unstarted_node, mr_ser
         return real(*args, **kwargs)
 
     monkeypatch.setattr(dicom_node.worker, "fail_job", busy_twice)
-    run_job(job_id, node.db, node.store, ModelRegistry(), "cpu", ExportTargets([]))
+    run_job(job_id, node.db, node.store, ModelRegistry(), "cpu", "test", ExportTargets([]), max_attempts=3)
 
     job = load_job(node.db, job_id)
     assert busy == [1, 1]

@@ -129,11 +129,10 @@ def test_infer_writes_a_held_result_and_exits_3(small_axial_series, firing_model
     run = CliRunner().invoke(app, ["infer", str(folder), "--out", str(out), "--model", str(firing_model), "--dicom"])
     assert run.exit_code == 3, run.output
     summary = json.loads((out / "summary.json").read_text())
-    count = len(summary["lesions"])
-    assert count > 100, count  # hundreds of detections from a model out of its depth
-    assert summary["plausibility"]["held"] is True
-    assert f"{count} lesions, limit 30" in summary["plausibility"]["reasons"]
-    assert "held:" in run.output and f"{count} lesions, limit 30" in run.output
+    reasons = summary["plausibility"]["reasons"]  # a model out of its depth: speckle, and uncertain everywhere
+    assert summary["plausibility"]["held"] is True and reasons, summary["plausibility"]
+    printed = " ".join(run.output.split())  # Rich wraps long lines
+    assert "held:" in printed and all(" ".join(reason.split()) in printed for reason in reasons)
     # written for a look, nothing hidden: the mask, the summary and the DICOM outputs
     assert (out / "mask.nii.gz").is_file()
     assert len(list(out.glob("RTSTRUCT_*.dcm"))) == 1 and len(list(out.glob("SR_*.dcm"))) == 1
