@@ -312,9 +312,12 @@ def test_phantom_lesion_counts_are_drawn_from_the_range(monkeypatch) -> None:
     asked: list[int | None] = []
     real = trainer.generate_phantom
 
-    def small_phantom(seed: int, n_lesions: int | None = None):
+    styles: list[str] = []
+
+    def small_phantom(seed: int, n_lesions: int | None = None, style: str = "classic"):
         asked.append(n_lesions)
-        return real(seed, **{**SMALL_PHANTOM, "n_lesions": n_lesions or 1})
+        styles.append(style)
+        return real(seed, style=style, **{**SMALL_PHANTOM, "n_lesions": n_lesions or 1})
 
     monkeypatch.setattr(trainer, "generate_phantom", small_phantom)
     cases = trainer.phantom_cases(8, 40, size=64, free_slice_ratio=0.5, lesions=(2, 3), progress=False)
@@ -322,6 +325,8 @@ def test_phantom_lesion_counts_are_drawn_from_the_range(monkeypatch) -> None:
     asked.clear()
     trainer.phantom_cases(2, 40, size=64, free_slice_ratio=0.5, progress=False)
     assert asked == [None, None]  # the generator's own count
+    trainer.phantom_cases(1, 40, size=64, free_slice_ratio=0.5, style="randomised", progress=False)
+    assert styles == ["classic"] * 10 + ["randomised"]
     with pytest.raises(ValueError, match="lowest <= highest"):
         trainer.phantom_cases(2, 40, size=64, free_slice_ratio=0.5, lesions=(3, 2), progress=False)
 
