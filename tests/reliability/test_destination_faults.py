@@ -20,6 +20,7 @@ import time
 
 import pydicom
 import pytest
+import SimpleITK as sitk
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import RTStructureSetStorage
 
@@ -212,6 +213,10 @@ def test_running_node_sends_each_destination_only_its_objects(
     The TPS (`objects = ["RTSTRUCT"]`, accepts only RT Structure Set) gets the RTSTRUCT, the PACS both."""
     model = make_tiny_package(tmp_path_factory.mktemp("lesions-everywhere"), gtv_bias=8.0)
     monkeypatch.setenv("DICOM_NODE_MODEL", str(model))
+    # Export routing is under test, not the engine's safeguards: the whole volume counts as brain (else the
+    # model's one volume-filling "lesion" lies mostly outside it and is dropped) and nothing is held.
+    monkeypatch.setattr("inference.pipeline.brain_mask", lambda image: sitk.Cast(image * 0 + 1, sitk.sitkUInt8))
+    monkeypatch.setattr("inference.pipeline.check_plausibility", lambda *args, **kwargs: [])
     tps_port, pacs_port = free_port(), free_port()
     config = tmp_path / "node.toml"
     config.write_text(

@@ -277,7 +277,7 @@ def test_no_patient_name_in_the_logs_of_a_full_run(
             == 0
         )
         jobs = settled(node, 2)
-        assert jobs[1].state == JobState.FAILED
+        assert jobs[1].state in (JobState.FAILED, JobState.REJECTED)  # one slice: screening refuses it
     finally:
         logs = stream.getvalue()
         configure_logging(LoggingSettings(format="json", level="WARNING"))
@@ -285,7 +285,8 @@ def test_no_patient_name_in_the_logs_of_a_full_run(
         from storage.models import Study
 
         assert PATIENT_NAME in {s.patient_name for s in session.query(Study).all()}
-    assert "store.ok" in logs and "job.inference_done" in logs and "job.failed" in logs
+    assert "store.ok" in logs and "job.inference_done" in logs
+    assert "job.failed" in logs or "job.rejected" in logs
     for part in PATIENT_NAME.split("^"):
         assert part.lower() not in logs.lower(), f"patient name part {part!r} found in the logs"
     assert load_job(node.db, job.id).summary is not None
