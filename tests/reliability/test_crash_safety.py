@@ -70,6 +70,9 @@ check_interval_s = 0.2
 count = 1
 device = "cpu"
 poll_interval_s = 0.2
+# 20 kills at random: one job may be hit several times; the attempt cap is tested elsewhere
+# (tests/dicom_node/test_held_jobs.py), here every job must end done.
+max_attempts = 100
 
 [export]
 retry_initial_s = 0.5
