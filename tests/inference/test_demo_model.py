@@ -1,15 +1,14 @@
 """The committed demo model, through the full DICOM pipeline, on phantoms it never trained on.
 
-A regression guard, not the accuracy claim. Seeds 90000-90007 (8 phantoms,
-13 lesions >= 5 mm) were fixed before demo models 0.2.0 and 0.3.0 were
-trained (on seeds 1000-1063 and 1000-1095); there 0.3.0 scores lesion Dice
-mean 0.762, median 0.927, 11 of 13 lesions found, no false-positive lesion,
-and the bounds below sit just under those figures (one more missed lesion
-fails the test; 0.2.0 fails it with 10 of 13 found and mean 0.711, 0.1.0 with
-median 0.850 and 2 false-positive lesions). The accuracy figures are in
-inference/model/shipped/mtsa-demo/MODEL_CARD.md: 0.797 on the 40 test phantoms,
-0.783 over the 80 phantoms of its four evaluation sets, so the Dice >= 0.80
-goal is not met in general.
+A regression guard, not the accuracy claim. Seeds 90000-90007 (8 classic-style
+phantoms, 13 lesions >= 5 mm) were fixed before demo models 0.2.0, 0.3.0 and
+0.4.0 were trained (on seeds from 1000). There 0.4.0 scores lesion Dice mean
+0.693, median 0.856, 10 of 13 lesions found, no false-positive lesion; the
+bounds below sit just under those figures (one more missed lesion fails the
+test). 0.4.0 is below 0.3.0 on this classic set (0.762, median 0.927, 11 of 13):
+it was fine-tuned for the randomised and unseen styles, where 0.3.0 predicted
+66-89 false-positive lesions per case. The accuracy figures, by style and
+against issue 12's goals, are in inference/model/shipped/mtsa-demo/MODEL_CARD.md.
 """
 
 from __future__ import annotations
@@ -40,7 +39,8 @@ def test_demo_package_is_marked_as_demo() -> None:
 
 def test_demo_model_segments_lesions_of_5_mm_and_more(evaluation: dict) -> None:
     assert evaluation["lesions"] == 13
-    assert evaluation["lesion_detection_rate"] >= 0.84, evaluation
-    assert evaluation["lesion_dice_mean"] >= 0.74, evaluation
-    assert evaluation["lesion_dice_median"] >= 0.90, evaluation
+    assert evaluation["lesion_detection_rate"] >= 0.76, evaluation  # 10 of 13
+    assert evaluation["lesion_dice_mean"] >= 0.68, evaluation
+    assert evaluation["lesion_dice_median"] >= 0.84, evaluation
     assert evaluation["false_positive_lesions"] == 0, evaluation
+    assert evaluation["false_positives_outside_brain"] == 0, evaluation
