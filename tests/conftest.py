@@ -18,6 +18,7 @@ import pydicom
 import pytest
 
 from inference.synthetic.phantoms import Phantom, generate_phantom, write_phantom_series
+from tests.helpers.models import make_tiny_package
 from tests.helpers.postgres import PostgresServer, postgres_bin_dir, wait_ready
 
 
@@ -116,34 +117,12 @@ def firing_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     `small_axial_series` it reports hundreds of lesions (429 when this was written).
     Its manifest keeps the default plausibility bounds.
     """
-    import json
-
-    import torch
-
-    from inference.model.mtsa_net import MTSANet, MTSANetConfig
-    from inference.model.package import MANIFEST_NAME, save_package
-
-    torch.manual_seed(0)
-    config = MTSANetConfig(
-        width=4,
-        input_size=64,
-        transformer_dim=16,
-        transformer_depth=1,
-        transformer_heads=2,
-        transformer_mlp_dim=32,
-        classifier_hidden=8,
+    return make_tiny_package(
+        tmp_path_factory.mktemp("firing-model"),
+        name="firing-test",
+        gtv_gain=200.0,
+        thresholds={"gtv_probability": 0.5, "min_lesion_volume_mm3": 0.0},
     )
-    model = MTSANet(config)
-    with torch.no_grad():
-        model.gtv_out.weight.mul_(200.0)
-        model.gtv_out.bias.fill_(0.0)
-    folder = tmp_path_factory.mktemp("firing-model")
-    thresholds = {"gtv_probability": 0.5, "min_lesion_volume_mm3": 0.0}
-    save_package(model, config, folder, "firing-test", "0.0.1", True, thresholds=thresholds)
-    manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    manifest["input"]["n4"] = False
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    return folder
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

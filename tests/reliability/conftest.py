@@ -29,6 +29,7 @@ from tests.dicom_node.conftest import (  # noqa: F401  (fixtures re-exported for
     unstarted_node,
     wait_for,
 )
+from tests.helpers.models import make_tiny_package
 
 SUCCESS = 0x0000
 
@@ -208,45 +209,12 @@ def audit_store(db: Database, root: Path) -> dict[str, Instance]:
     return rows
 
 
-def make_tiny_package(folder: Path, gtv_bias: float | None = None) -> Path:
-    """A small, untrained MTSA-Net package in `folder` (64 px input, no N4).
-
-    `gtv_bias`: the GTV head's logit bias; a large value makes every head voxel "lesion",
-    so each job writes an RTSTRUCT (the untrained default finds none)."""
-    pytest.importorskip("inference.pipeline", reason="inference pipeline not present")
-    import json
-
-    import torch
-
-    from inference.model.mtsa_net import MTSANet, MTSANetConfig
-    from inference.model.package import MANIFEST_NAME, save_package
-
-    torch.manual_seed(0)
-    config = MTSANetConfig(
-        width=4,
-        input_size=64,
-        transformer_dim=16,
-        transformer_depth=1,
-        transformer_heads=2,
-        transformer_mlp_dim=32,
-        classifier_hidden=8,
-    )
-    model = MTSANet(config)
-    if gtv_bias is not None:
-        torch.nn.init.constant_(model.gtv_out.bias, gtv_bias)
-    save_package(model, config, folder, "tiny-reliability-test", "0.0.1", True)
-    manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    manifest["input"]["n4"] = False
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    return folder
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A small, untrained MTSA-Net package (64 px input, no N4) so that jobs run the real
     engine in about a second on a CPU. Its outputs are meaningless; what the tests
     check is the node's handling of jobs, not the segmentation."""
-    return make_tiny_package(tmp_path_factory.mktemp("tiny-model"))
+    return make_tiny_package(tmp_path_factory.mktemp("tiny-model"), name="tiny-reliability-test")
 
 
 @pytest.fixture

@@ -38,7 +38,8 @@ from tests.dicom_node.conftest import (
     run_until_settled,
     wait_for,
 )
-from tests.reliability.conftest import make_tiny_package, pynetdicom_statuses
+from tests.helpers.models import make_tiny_package
+from tests.reliability.conftest import pynetdicom_statuses
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
 
