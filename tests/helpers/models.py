@@ -20,6 +20,9 @@ TINY_CONFIG = {
     "classifier_hidden": 8,
 }
 
+#: The smallest network the unit tests build (width 2, no dropout): packages, evaluation plumbing.
+MINIMAL_CONFIG = {**TINY_CONFIG, "width": 2, "transformer_dim": 8, "transformer_mlp_dim": 16, "dropout": 0.0}
+
 
 def make_tiny_package(
     folder: Path,

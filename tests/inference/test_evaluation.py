@@ -21,6 +21,7 @@ from inference.evaluation.evaluate import (
 )
 from inference.model.mtsa_net import MTSANet, MTSANetConfig
 from inference.model.package import ModelPackage, save_package
+from tests.helpers.models import MINIMAL_CONFIG
 
 
 def test_equivalent_diameter_of_a_sphere_volume() -> None:
@@ -66,16 +67,7 @@ def test_summary_filters_small_lesions_and_unassessable_egfr() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
-    config = MTSANetConfig(
-        width=2,
-        input_size=64,
-        transformer_dim=8,
-        transformer_depth=1,
-        transformer_heads=2,
-        transformer_mlp_dim=16,
-        classifier_hidden=8,
-        dropout=0.0,
-    )
+    config = MTSANetConfig(**MINIMAL_CONFIG)
     torch.manual_seed(0)
     return save_package(MTSANet(config), config, tmp_path_factory.mktemp("pkg"), "tiny", "0", is_demo=True)
 

@@ -19,17 +19,9 @@ from inference.model.package import (
     save_package,
     sha256_of,
 )
+from tests.helpers.models import MINIMAL_CONFIG
 
-TINY = MTSANetConfig(
-    width=2,
-    input_size=64,
-    transformer_dim=8,
-    transformer_depth=1,
-    transformer_heads=2,
-    transformer_mlp_dim=16,
-    classifier_hidden=8,
-    dropout=0.0,
-)
+TINY = MTSANetConfig(**MINIMAL_CONFIG)
 
 
 @pytest.fixture
