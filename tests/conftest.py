@@ -21,6 +21,8 @@ from inference.synthetic.phantoms import Phantom, generate_phantom, write_phanto
 from tests.helpers.models import make_tiny_package
 from tests.helpers.postgres import PostgresServer, postgres_bin_dir, wait_ready
 
+_HEADER_KEYWORDS = ("patient_id", "patient_name", "series_description", "transfer_syntax")
+
 
 @dataclass(frozen=True)
 class PhantomSeries:
@@ -32,14 +34,19 @@ class PhantomSeries:
 
 @pytest.fixture(scope="session")
 def phantom_series(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., PhantomSeries]:
-    """Factory `make(seed, **generate_phantom_kwargs) -> PhantomSeries`, cached per session."""
+    """The one phantom-series maker, cached per session.
+
+    `make(seed, *, patient_id=None, patient_name=..., series_description=..., **generate_phantom_kwargs)`:
+    the keyword arguments of `write_phantom_series` set the header, the rest shape the phantom.
+    """
     cache: dict[tuple, PhantomSeries] = {}
 
     def make(seed: int, **kwargs) -> PhantomSeries:
         key = (seed, tuple(sorted(kwargs.items())))
         if key not in cache:
+            header = {k: kwargs.pop(k) for k in _HEADER_KEYWORDS if k in kwargs}
             phantom = generate_phantom(seed, **kwargs)
-            files = write_phantom_series(phantom, tmp_path_factory.mktemp(f"phantom-{seed}"))
+            files = write_phantom_series(phantom, tmp_path_factory.mktemp(f"phantom-{seed}"), **header)
             cache[key] = PhantomSeries(phantom, files)
         return cache[key]
 

@@ -13,6 +13,12 @@ from typing import Annotated, Any
 
 import typer
 
+from inference.model.config import MTSANetConfig
+from inference.training.config import TrainingConfig
+
+_NET = MTSANetConfig()  # the option defaults below are these dataclasses' defaults, defined once there
+_TRAINING = TrainingConfig()
+
 DATA_HELP = """Folder of cases: DATA/labels.csv ("case_id,egfr", egfr 0/1 or "wild type"/"mutant")
 and one folder per case: image/ (a DICOM series) or image.nii.gz, plus mask.nii.gz
 (GTV on the image grid, non-zero = GTV) or rtstruct.dcm (ROIs matching --roi-pattern)."""
@@ -35,36 +41,42 @@ def train(
     phantoms: Annotated[int | None, typer.Option(help="Train on N generated phantoms (seeds SEED..SEED+N-1).")] = None,
     data: Annotated[Path | None, typer.Option(help=DATA_HELP, exists=True, file_okay=False)] = None,
     roi_pattern: Annotated[str, typer.Option(help="Regex on RTSTRUCT ROI names that are GTV.")] = "(?i)gtv",
-    seed: Annotated[int, typer.Option(help="Seed of phantoms, split, initialisation and sampling.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of phantoms, split, initialisation and sampling.")] = _TRAINING.seed,
     name: Annotated[str, typer.Option(help="Model name in the manifest.")] = "MTSA-Net",
     version: Annotated[str, typer.Option(help="Model version in the manifest.")] = "1.0.0",
     demo: Annotated[bool, typer.Option(help="Mark the package as a demo model (not for clinical use).")] = False,
-    width: Annotated[int, typer.Option(help="Base channels w (stages w..16w); the paper size is 32.")] = 32,
-    transformer_dim: Annotated[int, typer.Option()] = 256,
-    transformer_depth: Annotated[int, typer.Option()] = 4,
-    transformer_heads: Annotated[int, typer.Option()] = 8,
-    transformer_mlp_dim: Annotated[int, typer.Option()] = 512,
-    classifier_hidden: Annotated[int, typer.Option()] = 128,
-    dropout: Annotated[float, typer.Option()] = 0.1,
-    max_epochs: Annotated[int, typer.Option(help="Upper bound on epochs.")] = 300,
-    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of the training loop.")] = None,
-    patience: Annotated[int, typer.Option(help="Early stopping patience in epochs.")] = 20,
-    batch_size: Annotated[int, typer.Option()] = 8,
-    learning_rate: Annotated[float, typer.Option("--lr")] = 3e-4,
-    free_slice_ratio: Annotated[float, typer.Option(help="Tumour-free slices kept per tumour slice.")] = 0.5,
-    val_fraction: Annotated[float, typer.Option(help="Fraction of cases held out for validation.")] = 0.2,
+    width: Annotated[int, typer.Option(help="Base channels w (stages w..16w); the paper size is 32.")] = _NET.width,
+    transformer_dim: Annotated[int, typer.Option()] = _NET.transformer_dim,
+    transformer_depth: Annotated[int, typer.Option()] = _NET.transformer_depth,
+    transformer_heads: Annotated[int, typer.Option()] = _NET.transformer_heads,
+    transformer_mlp_dim: Annotated[int, typer.Option()] = _NET.transformer_mlp_dim,
+    classifier_hidden: Annotated[int, typer.Option()] = _NET.classifier_hidden,
+    dropout: Annotated[float, typer.Option()] = _NET.dropout,
+    max_epochs: Annotated[int, typer.Option(help="Upper bound on epochs.")] = _TRAINING.max_epochs,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of the training loop.")] = (
+        _TRAINING.max_minutes
+    ),
+    patience: Annotated[int, typer.Option(help="Early stopping patience in epochs.")] = _TRAINING.patience,
+    batch_size: Annotated[int, typer.Option()] = _TRAINING.batch_size,
+    learning_rate: Annotated[float, typer.Option("--lr")] = _TRAINING.learning_rate,
+    free_slice_ratio: Annotated[float, typer.Option(help="Tumour-free slices kept per tumour slice.")] = (
+        _TRAINING.free_slice_ratio
+    ),
+    val_fraction: Annotated[float, typer.Option(help="Fraction of cases held out for validation.")] = (
+        _TRAINING.val_fraction
+    ),
     selection_loss: Annotated[
         str, typer.Option(help='Validation loss for early stopping/best epoch: "joint" (L_GTV+L_EGFR) or "gtv".')
-    ] = "joint",
+    ] = _TRAINING.selection_loss,
     ema_decay: Annotated[
         float, typer.Option(help="Decay of the weight average that is validated and saved (0 = raw weights).")
-    ] = 0.995,
+    ] = _TRAINING.ema_decay,
     small_tumour_weight: Annotated[
         float, typer.Option(help="Oversample slices with small tumour sections up to this weight (1 = off).")
-    ] = 1.0,
+    ] = _TRAINING.small_tumour_weight,
     crop_size: Annotated[
         int | None, typer.Option(help="Every second step trains the GTV on tumour-centred crops of this size (px).")
-    ] = None,
+    ] = _TRAINING.crop_size,
     phantom_lesions: Annotated[
         str | None,
         typer.Option(help='With --phantoms: lesions per phantom, "LOW-HIGH" or "N" (default: the generator\'s 1-4).'),
@@ -79,7 +91,7 @@ def train(
     crop_dice: Annotated[
         str,
         typer.Option(help='Dice of the crop steps: "pooled" over the batch or "per-crop" (one per crop, averaged).'),
-    ] = "pooled",
+    ] = _TRAINING.crop_dice,
     init_from: Annotated[
         Path | None,
         typer.Option(
@@ -106,7 +118,6 @@ def train(
         raise typer.BadParameter(f"--phantom-style must be one of {', '.join(TRAINING_STYLES)}, got {phantom_style!r}")
 
     from inference.errors import ModelPackageError
-    from inference.model.mtsa_net import MTSANetConfig
     from inference.model.predictor import select_device
     from inference.training import trainer
 
@@ -122,7 +133,7 @@ def train(
         dropout=dropout,
     )
     try:
-        config = trainer.TrainingConfig(
+        config = TrainingConfig(
             learning_rate=learning_rate,
             patience=patience,
             max_epochs=max_epochs,

@@ -45,7 +45,8 @@ import torch
 from inference.errors import ModelPackageError
 from inference.imaging.preprocess import DEFAULT_NORMALISATION
 from inference.model.accepts import ModelAccepts
-from inference.model.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.config import MTSANetConfig
+from inference.model.mtsa_net import MTSANet
 from inference.plausibility import PlausibilityBounds
 from inference.result import ModelIdentity
 

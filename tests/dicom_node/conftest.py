@@ -26,7 +26,6 @@ from inference.imaging.postprocess import extract_lesions
 from inference.imaging.volume_loader import load_series
 from inference.outputs.dicom_outputs import WrittenOutput, write_dicom_outputs
 from inference.result import EgfrCall, EgfrPrediction, InferenceResult, ModelIdentity
-from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 from storage.exports import resend
 from storage.ingest import store_instance
 from storage.jobs import RoutingOutcome, claim_next_job, complete_series, load_job, record_outputs
@@ -61,17 +60,17 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20, interval: flo
 
 
 @pytest.fixture(scope="session")
-def mr_series(tmp_path_factory) -> list[Path]:
+def mr_series(phantom_series) -> list[Path]:
     """A small axial phantom series (12 slices of 64x64) written as MR Image Storage."""
-    phantom = generate_phantom(**MR_PHANTOM)
-    return write_phantom_series(phantom, tmp_path_factory.mktemp("mr_series"), series_description="T1 CE AX")
+    return phantom_series(**MR_PHANTOM, series_description="T1 CE AX").files
 
 
 @pytest.fixture(scope="session")
-def mr_outputs(mr_series, tmp_path_factory) -> list[WrittenOutput]:
+def mr_outputs(mr_series, phantom_series, tmp_path_factory) -> list[WrittenOutput]:
     """The RTSTRUCT and Comprehensive 3D SR the node's writers make for `mr_series`, its phantom lesion as result."""
     series = load_series(mr_series)
-    truth = sitk.Cast(generate_phantom(**MR_PHANTOM).mask > 0, sitk.sitkFloat32)
+    phantom = phantom_series(**MR_PHANTOM, series_description="T1 CE AX").phantom
+    truth = sitk.Cast(phantom.mask > 0, sitk.sitkFloat32)
     truth.CopyInformation(series.image)
     label_map, lesions = extract_lesions(  # a binary mask: every voxel in
         truth, brain_mask=sitk.Cast(truth >= -1, sitk.sitkUInt8), threshold=0.5, min_volume_mm3=0
@@ -90,12 +89,11 @@ def mr_outputs(mr_series, tmp_path_factory) -> list[WrittenOutput]:
 
 
 @pytest.fixture(scope="session")
-def other_series(tmp_path_factory) -> list[Path]:
+def other_series(phantom_series) -> list[Path]:
     """A second small series of another patient, described as a T2 FLAIR (matches no T1 rule)."""
-    phantom = generate_phantom(4343, orientation="axial", matrix=64, slices=10, n_lesions=1)
-    return write_phantom_series(
-        phantom, tmp_path_factory.mktemp("t2_series"), series_description="T2 FLAIR", patient_id="OTHER1"
-    )
+    return phantom_series(
+        4343, orientation="axial", matrix=64, slices=10, n_lesions=1, series_description="T2 FLAIR", patient_id="OTHER1"
+    ).files
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ import pytest
 
 from dicom_node.peers import free_port
 from dicom_node.settings import load_settings
-from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 from storage.database import Database
 from storage.jobs import list_jobs, load_job
 from storage.models import EventKind, JobState
@@ -28,16 +27,15 @@ from tests.inference.conftest import dciodvfy_messages
 EXPECTED_STAGES = {"load", "preprocess", "model", "postprocess", "write outputs"}
 
 
-def phantom_series(folder: Path, seed: int, patient_id: str, **kw) -> list[Path]:
-    phantom = generate_phantom(
-        seed,
-        orientation="axial",
-        matrix=kw.pop("matrix", 96),
-        slices=kw.pop("slices", 20),
-        n_lesions=kw.pop("n_lesions", 2),
-        **kw,
-    )
-    return write_phantom_series(phantom, folder, patient_id=patient_id)
+@pytest.fixture
+def study(phantom_series):
+    """`study(seed, patient_id, **kw) -> files`: a small axial phantom (96x96, 20 slices, 2 lesions by default)."""
+
+    def make(seed: int, patient_id: str, **kw) -> list[Path]:
+        kw = {"orientation": "axial", "matrix": 96, "slices": 20, "n_lesions": 2, **kw}
+        return list(phantom_series(seed, patient_id=patient_id, **kw).files)
+
+    return make
 
 
 def received_by_modality(folder: Path) -> dict[str, list[Path]]:
@@ -71,10 +69,10 @@ def finished(node, count: int):
     return sorted(done, key=lambda j: j.id) if len(done) >= count else None
 
 
-def test_storescu_to_node_to_storescp_with_valid_outputs(start_node, tps, tmp_path):
+def test_storescu_to_node_to_storescp_with_valid_outputs(start_node, tps, study):
     tps_port, tps_folder = tps
     node = node_with_tps(start_node, tps_port)
-    files = phantom_series(tmp_path / "study", 3101, "E2E0001")
+    files = study(3101, "E2E0001")
     assert storescu(node.address[1], files).returncode == 0
 
     (job,) = wait_for(lambda: finished(node, 1), timeout=300, interval=0.5)
@@ -98,12 +96,44 @@ def test_storescu_to_node_to_storescp_with_valid_outputs(start_node, tps, tmp_pa
     assert job.summary["egfr"]["call"] in ("mutant", "wild type", "not assessable")
 
 
-def test_corrupt_series_fails_with_reason_and_next_study_completes(start_node, tps, tmp_path):
+def test_one_study_t1ce_t2_and_nan_geometry_only_the_t1ce_is_contoured(start_node, tps, study, edited_series):
+    """Issue 12's guarantee: a T2 and a T1-CE of one study sent together, plus a third series
+    of that study with a NaN slice position. Only the T1-CE reaches the TPS; the other two jobs
+    say why not."""
     tps_port, tps_folder = tps
     node = node_with_tps(start_node, tps_port)
-    corrupt = phantom_series(tmp_path / "corrupt", 3202, "E2EBAD1", slices=16)
+    t1ce = study(3111, "E2E0002")
+    study_uid = str(pydicom.dcmread(t1ce[0], stop_before_pixels=True).StudyInstanceUID)
+    t2 = edited_series(study(3112, "E2E0002"), StudyInstanceUID=study_uid, SeriesDescription="AX T2 FLAIR")
+    nan = edited_series(study(3113, "E2E0002", slices=12), StudyInstanceUID=study_uid)
+    nan = edited_series(nan, [5], ImagePositionPatient=["NaN", "0", "0"])
+    assert storescu(node.address[1], t1ce + t2 + nan).returncode == 0
+
+    jobs = wait_for(lambda: finished(node, 3), timeout=300, interval=0.5)
+    by_series = {j.series_uid: j for j in jobs}
+    uid = {
+        name: str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        for name, files in (("t1ce", t1ce), ("t2", t2), ("nan", nan))
+    }
+    assert by_series[uid["t1ce"]].state == JobState.DONE, by_series[uid["t1ce"]].reason
+    rejected = by_series[uid["t2"]]
+    assert rejected.state == JobState.REJECTED and "T2" in rejected.reason, rejected.reason
+    failed = by_series[uid["nan"]]
+    assert failed.state == JobState.FAILED and "non-finite ImagePositionPatient" in failed.reason, failed.reason
+
+    received = received_by_modality(tps_folder)
+    assert len(received.get("RTSTRUCT", [])) == 1 and len(received.get("SR", [])) == 1, received
+    rtstruct = pydicom.dcmread(received["RTSTRUCT"][0])
+    referenced = rtstruct.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+    assert referenced.RTReferencedSeriesSequence[0].SeriesInstanceUID == uid["t1ce"]
+
+
+def test_corrupt_series_fails_with_reason_and_next_study_completes(start_node, tps, study):
+    tps_port, tps_folder = tps
+    node = node_with_tps(start_node, tps_port)
+    corrupt = study(3202, "E2EBAD1", slices=16)
     del corrupt[7]  # a missing slice in the middle: a gap the loader must name
-    good = phantom_series(tmp_path / "good", 3303, "E2EGOOD", slices=16)
+    good = study(3303, "E2EGOOD", slices=16)
     assert storescu(node.address[1], corrupt).returncode == 0
     assert storescu(node.address[1], good).returncode == 0
 
@@ -124,7 +154,7 @@ def serve_process(config: Path, env: dict[str, str], log: Path) -> subprocess.Po
     )
 
 
-def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, tps, tmp_path):
+def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, tps, tmp_path, study):
     tps_port, tps_folder = tps
     port = free_port()
     env = {
@@ -137,7 +167,7 @@ def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, 
     }
     config = Path(__file__).resolve().parents[2] / "config" / "node.example.toml"
     db = Database(load_settings(config, env=env).storage.resolved_database_url)
-    files = phantom_series(tmp_path / "study", 3404, "E2EKILL", matrix=128, slices=40)
+    files = study(3404, "E2EKILL", matrix=128, slices=40)
 
     log = tmp_path / "serve.log"
     process = serve_process(config, env, log)

@@ -39,7 +39,8 @@ def make_tiny_package(
     """
     import torch
 
-    from inference.model.mtsa_net import MTSANet, MTSANetConfig
+    from inference.model.config import MTSANetConfig
+    from inference.model.mtsa_net import MTSANet
     from inference.model.package import MANIFEST_NAME, save_package
 
     torch.manual_seed(0)

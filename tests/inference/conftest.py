@@ -5,7 +5,7 @@ reader (GDCM) for the geometry and pydicom for the headers, so the writers'
 header maths is checked against an independent implementation. Phantom series
 are loaded with the node's own `inference.imaging.volume_loader.load_series`, as in
 production. Tests get the
-helpers as fixtures (`mr_files`, `mr_series`, `phantom_case`, `result_on`, `dciodvfy`), so
+helpers as fixtures (`geometry_files`, `geometry_series`, `phantom_case`, `result_on`, `dciodvfy`), so
 they work whether or not the test folders are packages.
 """
 
@@ -35,14 +35,13 @@ from inference.result import (
     LoadedSeries,
     ModelIdentity,
 )
-from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 from inference.uids import new_uid
 
 DEMO_MODEL = ModelIdentity(name="mtsa-demo", version="0.1.0", is_demo=True)
 CLINICAL_MODEL = ModelIdentity(name="mtsa-net", version="2.3.1", is_demo=False)
 
 
-def write_mr_series(
+def write_geometry_series(
     out_dir: Path,
     *,
     shape: tuple[int, int, int],
@@ -178,35 +177,33 @@ def dciodvfy_messages(path: Path) -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture
-def mr_files(tmp_path: Path) -> Callable[..., list[Path]]:
-    """Factory: `write_mr_series` into a fresh folder."""
+def geometry_files(tmp_path: Path) -> Callable[..., list[Path]]:
+    """Factory: `write_geometry_series` into a fresh folder."""
     folders = itertools.count()
 
     def make(**kwargs) -> list[Path]:
-        return write_mr_series(tmp_path / f"mr{next(folders)}", **kwargs)
+        return write_geometry_series(tmp_path / f"mr{next(folders)}", **kwargs)
 
     return make
 
 
 @pytest.fixture
-def mr_series(mr_files: Callable[..., list[Path]]) -> Callable[..., LoadedSeries]:
-    """Factory: `write_mr_series` into a fresh folder, then `read_series` (GDCM geometry)."""
+def geometry_series(geometry_files: Callable[..., list[Path]]) -> Callable[..., LoadedSeries]:
+    """Factory: `write_geometry_series` into a fresh folder, then `read_series` (GDCM geometry)."""
 
     def make(**kwargs) -> LoadedSeries:
-        return read_series(mr_files(**kwargs))
+        return read_series(geometry_files(**kwargs))
 
     return make
 
 
 @pytest.fixture
-def phantom_case(tmp_path: Path) -> Callable[..., tuple[LoadedSeries, np.ndarray]]:
-    """Factory: a synthetic phantom written as DICOM and loaded, with its true label map."""
-    folders = itertools.count()
+def phantom_case(phantom_series) -> Callable[..., tuple[LoadedSeries, np.ndarray]]:
+    """Factory: a synthetic phantom written as DICOM (`phantom_series`) and loaded, with its true label map."""
 
-    def make(seed: int, *, patient_name: str = "PHANTOM^DEMO", **kwargs) -> tuple[LoadedSeries, np.ndarray]:
-        phantom = generate_phantom(seed, **kwargs)
-        paths = write_phantom_series(phantom, tmp_path / f"phantom{next(folders)}", patient_name=patient_name)
-        return load_series(paths), sitk.GetArrayFromImage(phantom.mask)
+    def make(seed: int, **kwargs) -> tuple[LoadedSeries, np.ndarray]:
+        made = phantom_series(seed, **kwargs)
+        return load_series(made.files), sitk.GetArrayFromImage(made.phantom.mask)
 
     return make
 

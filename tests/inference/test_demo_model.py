@@ -37,6 +37,7 @@ def test_demo_package_is_marked_as_demo() -> None:
     assert "demo model, synthetic data, not for clinical use" in model_card.lower()
 
 
+@pytest.mark.slow  # runs the demo model on 8 phantoms
 def test_demo_model_segments_lesions_of_5_mm_and_more(evaluation: dict) -> None:
     assert evaluation["lesions"] == 13
     assert evaluation["lesion_detection_rate"] >= 0.76, evaluation  # 10 of 13

@@ -27,8 +27,8 @@ ACCEPTED_WARNING = "Unrecognized defined term <99DICOMNODE> for value 1 of attri
 
 
 @pytest.fixture
-def series(tmp_path: Path, mr_series):
-    series = mr_series(
+def series(tmp_path: Path, geometry_series):
+    series = geometry_series(
         shape=(4, 30, 30),
         row_spacing=1.0,
         col_spacing=1.0,

@@ -19,7 +19,8 @@ from inference.evaluation.evaluate import (
     summarise,
     threshold_sweep,
 )
-from inference.model.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.config import MTSANetConfig
+from inference.model.mtsa_net import MTSANet
 from inference.model.package import ModelPackage, save_package
 from tests.helpers.models import MINIMAL_CONFIG
 

@@ -39,8 +39,8 @@ def test_batched_douglas_peucker_keeps_ends_tolerance_and_independence():
 
 
 @pytest.mark.slow
-def test_150_lesions_become_150_rois_that_rasterise_to_their_masks(mr_series, result_on, tmp_path):
-    series = mr_series(
+def test_150_lesions_become_150_rois_that_rasterise_to_their_masks(geometry_series, result_on, tmp_path):
+    series = geometry_series(
         shape=(12, 96, 96),
         row_spacing=1.0,
         col_spacing=1.0,

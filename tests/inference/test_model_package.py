@@ -10,7 +10,8 @@ import torch
 
 from inference.errors import ModelPackageError
 from inference.model.accepts import ModelAccepts
-from inference.model.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.config import MTSANetConfig
+from inference.model.mtsa_net import MTSANet
 from inference.model.package import (
     DEMO_PACKAGE_DIR,
     MODEL_ENV_VAR,

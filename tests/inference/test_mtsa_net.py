@@ -5,18 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.model.mtsa_net import MSAModule, MTSANet, MTSANetConfig
+from inference.model.config import MTSANetConfig
+from inference.model.mtsa_net import MSAModule, MTSANet
+from tests.helpers.models import MINIMAL_CONFIG
 
-TINY = MTSANetConfig(
-    width=2,
-    input_size=64,
-    transformer_dim=8,
-    transformer_depth=1,
-    transformer_heads=2,
-    transformer_mlp_dim=16,
-    classifier_hidden=8,
-    dropout=0.0,
-)
+TINY = MTSANetConfig(**MINIMAL_CONFIG)  # type: ignore[arg-type]
 
 
 def n_params(module: torch.nn.Module) -> int:

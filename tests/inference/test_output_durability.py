@@ -17,8 +17,8 @@ import storage.instance_store
 from inference.outputs.dicom_outputs import write_dicom_outputs
 
 
-def test_each_output_and_its_folder_are_fsynced_before_return(tmp_path: Path, mr_series, result_on, monkeypatch):
-    series = mr_series(
+def test_each_output_and_its_folder_are_fsynced_before_return(tmp_path: Path, geometry_series, result_on, monkeypatch):
+    series = geometry_series(
         shape=(4, 30, 30),
         row_spacing=1.0,
         col_spacing=1.0,

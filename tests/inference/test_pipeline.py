@@ -22,10 +22,12 @@ from inference.errors import SeriesError, SeriesRefused
 from inference.imaging import preprocess
 from inference.imaging.postprocess import extract_lesions
 from inference.imaging.screening import NamePatterns
-from inference.model.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.config import MTSANetConfig
+from inference.model.mtsa_net import MTSANet
 from inference.model.package import ModelPackage, save_package
 from inference.pipeline import run_series, write_offline_outputs
 from inference.result import EgfrCall
+from tests.helpers.models import TINY_CONFIG
 
 STAGES = ["screen", "load", "brain mask", "preprocess", "model", "postprocess"]
 
@@ -33,15 +35,7 @@ STAGES = ["screen", "load", "brain mask", "preprocess", "model", "postprocess"]
 @pytest.fixture(scope="module")
 def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> ModelPackage:
     """An untrained, small MTSA-Net package (64x64 input)."""
-    config = MTSANetConfig(
-        width=4,
-        input_size=64,
-        transformer_dim=16,
-        transformer_depth=1,
-        transformer_heads=2,
-        transformer_mlp_dim=16,
-        classifier_hidden=8,
-    )
+    config = MTSANetConfig(**TINY_CONFIG)  # type: ignore[arg-type]
     torch.manual_seed(0)
     return save_package(
         MTSANet(config),
@@ -112,6 +106,7 @@ def test_run_series_is_deterministic(small_axial_series, tiny_package):
     assert first.egfr == second.egfr
 
 
+@pytest.mark.slow  # runs the pipeline on several series
 def test_a_worker_builds_the_network_once_and_reuses_it(small_axial_series, tiny_package, monkeypatch):
     from dicom_node.worker import ModelRegistry
 

@@ -12,9 +12,11 @@ from typer.testing import CliRunner
 
 from dicom_node.cli import app
 from inference.errors import ModelPackageError
-from inference.model.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.config import MTSANetConfig
+from inference.model.mtsa_net import MTSANet
 from inference.model.package import DEMO_PACKAGE_DIR, MANIFEST_NAME, load_package, save_package
 from inference.plausibility import PlausibilityBounds, check_plausibility, uncertain_fraction
+from tests.helpers.models import TINY_CONFIG
 
 # 2 x 2 x 5 mm voxels: 20 mm3 each, 50 voxels per cm3.
 GEOMETRY = dict(
@@ -23,8 +25,8 @@ GEOMETRY = dict(
 
 
 @pytest.fixture
-def series(mr_series):
-    return mr_series(**GEOMETRY)
+def series(geometry_series):
+    return geometry_series(**GEOMETRY)
 
 
 def specks(count: int) -> np.ndarray:
@@ -107,7 +109,7 @@ def test_bounds_from_the_manifest_section():
 
 def test_packages_carry_their_bounds(tmp_path):
     assert load_package(DEMO_PACKAGE_DIR).plausibility == PlausibilityBounds()
-    config = MTSANetConfig(width=4, input_size=64, transformer_dim=16, transformer_depth=1, transformer_heads=2)
+    config = MTSANetConfig(**TINY_CONFIG)  # type: ignore[arg-type]
     torch.manual_seed(0)
     package = save_package(MTSANet(config), config, tmp_path, "t", "0", True, plausibility=PlausibilityBounds(7))
     assert package.plausibility.max_lesions == 7

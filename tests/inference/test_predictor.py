@@ -6,19 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from inference.model.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.config import MTSANetConfig
+from inference.model.mtsa_net import MTSANet
 from inference.model.predictor import DEVICE_ENV_VAR, predict_slices, select_device
+from tests.helpers.models import MINIMAL_CONFIG
 
-TINY = MTSANetConfig(
-    width=2,
-    input_size=64,
-    transformer_dim=8,
-    transformer_depth=1,
-    transformer_heads=2,
-    transformer_mlp_dim=16,
-    classifier_hidden=8,
-    dropout=0.1,
-)
+TINY = MTSANetConfig(**MINIMAL_CONFIG)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -125,9 +125,9 @@ def test_roi_display_colours_are_distinct() -> None:
 
 
 @pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
-def test_pixel_to_patient_agrees_with_gdcm_geometry(orientation: str, tmp_path: Path, mr_series) -> None:
+def test_pixel_to_patient_agrees_with_gdcm_geometry(orientation: str, tmp_path: Path, geometry_series) -> None:
     along_row, along_col = ORIENTATIONS[orientation]
-    series = mr_series(
+    series = geometry_series(
         shape=(3, 7, 11),
         row_spacing=0.6,
         col_spacing=1.4,
@@ -149,10 +149,10 @@ def test_pixel_to_patient_agrees_with_gdcm_geometry(orientation: str, tmp_path: 
 
 @pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
 def test_round_trip_reproduces_holes_and_islands_exactly(
-    orientation: str, tmp_path: Path, mr_series, result_on, dciodvfy
+    orientation: str, tmp_path: Path, geometry_series, result_on, dciodvfy
 ) -> None:
     along_row, along_col = ORIENTATIONS[orientation]
-    series = mr_series(
+    series = geometry_series(
         shape=(6, 40, 50),
         row_spacing=0.7,
         col_spacing=1.3,
@@ -171,9 +171,9 @@ def test_round_trip_reproduces_holes_and_islands_exactly(
     assert warnings == []
 
 
-def test_jittered_slice_positions_loaded_by_the_node(tmp_path: Path, mr_files, result_on, dciodvfy) -> None:
+def test_jittered_slice_positions_loaded_by_the_node(tmp_path: Path, geometry_files, result_on, dciodvfy) -> None:
     along_row, along_col = ORIENTATIONS["oblique"]
-    paths = mr_files(
+    paths = geometry_files(
         shape=(10, 40, 50),
         row_spacing=0.7,
         col_spacing=1.3,
@@ -193,9 +193,9 @@ def test_jittered_slice_positions_loaded_by_the_node(tmp_path: Path, mr_files, r
     assert errors == []
 
 
-def test_contour_image_references_match_geometry(tmp_path: Path, mr_series, result_on) -> None:
+def test_contour_image_references_match_geometry(tmp_path: Path, geometry_series, result_on) -> None:
     along_row, along_col = ORIENTATIONS["oblique"]
-    series = mr_series(
+    series = geometry_series(
         shape=(6, 40, 50),
         row_spacing=0.7,
         col_spacing=1.3,
@@ -252,8 +252,8 @@ def test_phantom_round_trip_dice(
 
 
 @pytest.fixture
-def small_series(tmp_path: Path, mr_series):
-    series = mr_series(
+def small_series(tmp_path: Path, geometry_series):
+    series = geometry_series(
         shape=(6, 40, 50),
         row_spacing=0.7,
         col_spacing=1.3,

@@ -25,8 +25,8 @@ def read_back(seg: hd.seg.Segmentation, path: Path, series: LoadedSeries) -> tup
     return back, labels
 
 
-def test_sagittal_segments_are_voxel_exact(tmp_path: Path, mr_series, result_on, dciodvfy) -> None:
-    series = mr_series(
+def test_sagittal_segments_are_voxel_exact(tmp_path: Path, geometry_series, result_on, dciodvfy) -> None:
+    series = geometry_series(
         shape=(6, 40, 50),
         row_spacing=0.7,
         col_spacing=1.3,
@@ -65,8 +65,8 @@ def test_oblique_phantom_seg(tmp_path: Path, phantom_case, result_on, dciodvfy) 
     assert errors == [] and warnings == []
 
 
-def test_no_lesions_is_rejected(tmp_path: Path, mr_series, result_on) -> None:
-    series = mr_series(
+def test_no_lesions_is_rejected(tmp_path: Path, geometry_series, result_on) -> None:
+    series = geometry_series(
         shape=(2, 8, 8),
         row_spacing=1.0,
         col_spacing=1.0,

@@ -27,8 +27,8 @@ ACCEPTED_WARNING = "Unrecognized defined term <99DICOMNODE> for value 1 of attri
 
 
 @pytest.fixture
-def series(tmp_path: Path, mr_series):
-    series = mr_series(
+def series(tmp_path: Path, geometry_series):
+    series = geometry_series(
         shape=(6, 40, 50),
         row_spacing=0.7,
         col_spacing=1.3,

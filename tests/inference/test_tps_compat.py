@@ -15,8 +15,8 @@ from inference.result import InferenceResult, LoadedSeries
 
 
 @pytest.fixture
-def built(mr_series: Callable[..., LoadedSeries], result_on: Callable[..., InferenceResult]):
-    series = mr_series(
+def built(geometry_series: Callable[..., LoadedSeries], result_on: Callable[..., InferenceResult]):
+    series = geometry_series(
         shape=(6, 40, 50), row_spacing=0.7, col_spacing=1.3, slice_spacing=2.5, along_row=(1, 0, 0), along_col=(0, 1, 0)
     )
     labels = np.zeros((6, 40, 50), np.uint16)

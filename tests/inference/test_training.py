@@ -10,22 +10,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from inference.model.mtsa_net import MTSANet, MTSANetConfig
+from inference.model.config import MTSANetConfig
+from inference.model.mtsa_net import MTSANet
 from inference.model.package import load_package
 from inference.synthetic.phantoms import generate_phantom
 from inference.training import trainer
+from inference.training.config import CROP_DICE_MODES, TrainingConfig
 from inference.training.losses import UncertaintyWeightedLoss
+from tests.helpers.models import MINIMAL_CONFIG
 
-TINY = MTSANetConfig(
-    width=2,
-    input_size=64,
-    transformer_dim=8,
-    transformer_depth=1,
-    transformer_heads=2,
-    transformer_mlp_dim=16,
-    classifier_hidden=8,
-    dropout=0.0,
-)
+TINY = MTSANetConfig(**MINIMAL_CONFIG)  # type: ignore[arg-type]
 SMALL_PHANTOM = {"matrix": 64, "slices": 16, "orientation": "axial", "n_lesions": 2}
 
 
@@ -45,11 +39,12 @@ def test_case_slices_keep_tumour_and_some_free_slices() -> None:
     assert 1 <= (~has_tumour).sum() <= has_tumour.sum()
 
 
+@pytest.mark.slow  # trains for an epoch or more
 def test_two_epochs_write_a_loadable_package(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     cases = [tiny_case(11), tiny_case(12)]
     train_cases, val_cases = trainer.split_cases(cases, 0.5, seed=0)
-    config = trainer.TrainingConfig(max_epochs=2, batch_size=4, seed=0, learning_rate=3e-3)
+    config = TrainingConfig(max_epochs=2, batch_size=4, seed=0, learning_rate=3e-3)
     lines: list[str] = []
     result = trainer.train(
         TINY,
@@ -80,7 +75,7 @@ def test_two_epochs_write_a_loadable_package(tmp_path: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_training_on_the_gpu_writes_a_package_that_loads_on_the_cpu(tmp_path: Path) -> None:
     cases = [tiny_case(11), tiny_case(12)]
-    config = trainer.TrainingConfig(max_epochs=1, batch_size=4, seed=0, crop_size=32, crop_dice="per-crop")
+    config = TrainingConfig(max_epochs=1, batch_size=4, seed=0, crop_size=32, crop_dice="per-crop")
     result = trainer.train(
         TINY,
         cases[:1],
@@ -100,9 +95,10 @@ def test_training_on_the_gpu_writes_a_package_that_loads_on_the_cpu(tmp_path: Pa
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+@pytest.mark.slow  # trains for an epoch or more
 def test_time_budget_stops_before_an_epoch_that_would_overrun(tmp_path: Path) -> None:
     cases = [tiny_case(11), tiny_case(12)]
-    config = trainer.TrainingConfig(max_epochs=50, max_minutes=1e-6, batch_size=8)
+    config = TrainingConfig(max_epochs=50, max_minutes=1e-6, batch_size=8)
     result = trainer.train(
         TINY,
         cases[:1],
@@ -166,9 +162,10 @@ def test_folder_with_unlabelled_case_is_rejected(tmp_path: Path) -> None:
         trainer.folder_cases(tmp_path, size=64, free_slice_ratio=0.5, seed=0, progress=False)
 
 
+@pytest.mark.slow  # trains for an epoch or more
 def test_selection_loss_gtv_ignores_the_egfr_term(tmp_path: Path) -> None:
     cases = [tiny_case(11), tiny_case(12)]
-    config = trainer.TrainingConfig(max_epochs=1, batch_size=8, selection_loss="gtv")
+    config = TrainingConfig(max_epochs=1, batch_size=8, selection_loss="gtv")
     result = trainer.train(
         TINY,
         cases[:1],
@@ -185,7 +182,7 @@ def test_selection_loss_gtv_ignores_the_egfr_term(tmp_path: Path) -> None:
     record = result.history[0]
     assert record.val_loss == record.val_gtv_loss and record.val_egfr_loss > 0
     with pytest.raises(ValueError, match="selection_loss"):
-        trainer.TrainingConfig(selection_loss="dice")
+        TrainingConfig(selection_loss="dice")
 
 
 def test_augmentation_moves_image_and_mask_together() -> None:
@@ -201,6 +198,7 @@ def test_augmentation_moves_image_and_mask_together() -> None:
     assert set(torch.unique(augmented_masks).tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.slow  # trains for an epoch or more
 def test_saved_weights_are_the_moving_average(tmp_path: Path) -> None:
     """With a slow average the saved weights stay near the start; with 0 they are the raw weights."""
     torch.set_num_threads(2)
@@ -209,7 +207,7 @@ def test_saved_weights_are_the_moving_average(tmp_path: Path) -> None:
     start = MTSANet(TINY).state_dict()
 
     def distance_from_start(ema_decay: float) -> float:
-        config = trainer.TrainingConfig(max_epochs=1, batch_size=2, seed=0, learning_rate=3e-3, ema_decay=ema_decay)
+        config = TrainingConfig(max_epochs=1, batch_size=2, seed=0, learning_rate=3e-3, ema_decay=ema_decay)
         result = trainer.train(
             TINY,
             cases[:1],
@@ -232,7 +230,7 @@ def test_saved_weights_are_the_moving_average(tmp_path: Path) -> None:
 
 def test_ema_decay_must_be_below_one() -> None:
     with pytest.raises(ValueError, match="ema_decay"):
-        trainer.TrainingConfig(ema_decay=1.0)
+        TrainingConfig(ema_decay=1.0)
 
 
 def test_small_tumour_sections_are_drawn_more_often() -> None:
@@ -241,7 +239,7 @@ def test_small_tumour_sections_are_drawn_more_often() -> None:
     masks[2, :, :40, :40] = 1  # 1600 px: a large one
     weights = trainer.slice_weights(masks, max_weight=3.0)
     assert weights.tolist() == [1.0, 3.0, 1.0]  # sqrt(300 / 16) = 4.3, clipped to 3
-    config = trainer.TrainingConfig(batch_size=3, small_tumour_weight=3.0)
+    config = TrainingConfig(batch_size=3, small_tumour_weight=3.0)
     draws = torch.cat(
         [i for _ in range(200) for i in trainer._epoch_batches(masks, config, torch.Generator().manual_seed(_))]
     )
@@ -267,13 +265,14 @@ def test_crops_cut_image_and_mask_together_and_mostly_around_tumour() -> None:
     assert cropped_masks[200:].sum() == 0
 
 
+@pytest.mark.slow  # trains for an epoch or more
 def test_crop_steps_train_the_segmentation_on_crops(tmp_path: Path, monkeypatch) -> None:
     torch.set_num_threads(2)
     cases = [tiny_case(11), tiny_case(12)]
     shapes: list[tuple[int, ...]] = []
     segment = MTSANet.segment
     monkeypatch.setattr(MTSANet, "segment", lambda self, x: shapes.append(tuple(x.shape)) or segment(self, x))
-    config = trainer.TrainingConfig(max_epochs=1, batch_size=2, seed=0, crop_size=32)
+    config = TrainingConfig(max_epochs=1, batch_size=2, seed=0, crop_size=32)
     result = trainer.train(
         TINY,
         cases[:1],
@@ -295,7 +294,7 @@ def test_crop_steps_train_the_segmentation_on_crops(tmp_path: Path, monkeypatch)
             TINY,
             cases[:1],
             cases[1:],
-            trainer.TrainingConfig(crop_size=64),
+            TrainingConfig(crop_size=64),
             tmp_path / "x",
             name="tiny",
             version="0",
@@ -305,9 +304,10 @@ def test_crop_steps_train_the_segmentation_on_crops(tmp_path: Path, monkeypatch)
             log=lambda _: None,
         )
     with pytest.raises(ValueError, match="multiple of 16"):
-        trainer.TrainingConfig(crop_size=40)
+        TrainingConfig(crop_size=40)
 
 
+@pytest.mark.slow  # prepares full-size phantoms
 def test_phantom_lesion_counts_are_drawn_from_the_range(monkeypatch) -> None:
     asked: list[int | None] = []
     real = trainer.generate_phantom
@@ -340,23 +340,24 @@ def test_per_crop_dice_is_what_the_crop_steps_use(monkeypatch) -> None:
     gtv_loss = trainer.gtv_loss
     monkeypatch.setattr(trainer, "gtv_loss", lambda *a, **k: seen.append(k["per_sample_dice"]) or gtv_loss(*a, **k))
     model, weighting = MTSANet(TINY), UncertaintyWeightedLoss()
-    for mode in trainer.CROP_DICE_MODES:
-        config = trainer.TrainingConfig(batch_size=2, crop_size=32, crop_dice=mode)
+    for mode in CROP_DICE_MODES:
+        config = TrainingConfig(batch_size=2, crop_size=32, crop_dice=mode)
         loss = trainer._crop_step_loss(model, weighting, data, weights, config, torch.Generator().manual_seed(0))
         assert math.isfinite(loss.item())
     assert seen == [False, True]
     with pytest.raises(ValueError, match="crop_dice"):
-        trainer.TrainingConfig(crop_dice="per-slice")
+        TrainingConfig(crop_dice="per-slice")
     with pytest.raises(ValueError, match="needs crop steps"):
-        trainer.TrainingConfig(crop_dice="per-crop")
+        TrainingConfig(crop_dice="per-crop")
 
 
+@pytest.mark.slow  # trains for an epoch or more
 def test_a_warm_start_begins_from_the_given_weights(tmp_path: Path) -> None:
     """With a vanishing learning rate the saved (averaged) weights stay those the run started from."""
     torch.manual_seed(123)
     start = MTSANet(TINY).state_dict()
     cases = [tiny_case(11), tiny_case(12)]
-    config = trainer.TrainingConfig(max_epochs=1, batch_size=8, seed=0, learning_rate=1e-12)
+    config = TrainingConfig(max_epochs=1, batch_size=8, seed=0, learning_rate=1e-12)
     result = trainer.train(
         TINY,
         cases[:1],

@@ -15,7 +15,6 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import MRImageStorage, Verification
 from sqlalchemy import select
 
-from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 from storage.database import Database
 from storage.instance_store import sha256_file
 from storage.jobs import list_jobs, load_job
@@ -52,35 +51,14 @@ Modality = "MR"
 
 
 @pytest.fixture(scope="session")
-def phantom_factory(tmp_path_factory):
-    """`make(seed, patient_id, slices=10, matrix=64, **kw) -> files`, cached per session."""
-    cache: dict[tuple, list[Path]] = {}
+def phantom_factory(phantom_series):
+    """`make(seed, patient_id, slices=10, matrix=64, **kw) -> files`: small axial one-lesion `phantom_series`."""
 
-    def make(
-        seed: int,
-        patient_id: str,
-        *,
-        slices: int = 10,
-        matrix: int = 64,
-        patient_name: str = "PHANTOM^DEMO",
-        series_description: str = "T1 CE AX",
-        **kw,
-    ) -> list[Path]:
-        key = (seed, patient_id, slices, matrix, patient_name, series_description, tuple(sorted(kw.items())))
-        if key not in cache:
-            phantom = generate_phantom(
-                seed,
-                orientation=kw.pop("orientation", "axial"),
-                matrix=matrix,
-                slices=slices,
-                n_lesions=kw.pop("n_lesions", 1),
-                **kw,
-            )
-            folder = tmp_path_factory.mktemp(f"series-{seed}")
-            cache[key] = write_phantom_series(
-                phantom, folder, patient_id=patient_id, patient_name=patient_name, series_description=series_description
-            )
-        return cache[key]
+    def make(seed: int, patient_id: str, *, slices: int = 10, matrix: int = 64, **kw) -> list[Path]:
+        kw.setdefault("orientation", "axial")
+        kw.setdefault("n_lesions", 1)
+        kw.setdefault("series_description", "T1 CE AX")
+        return phantom_series(seed, patient_id=patient_id, slices=slices, matrix=matrix, **kw).files
 
     return make
 
