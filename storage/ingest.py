@@ -11,7 +11,8 @@ returns. Policy for a SOP Instance UID that arrives again:
   `conflicts/<sop uid>/<sha256>.dcm`; `replace` makes the new one the instance
   and moves the old one there. Nothing is lost either way, the SCP answers
   success (the data is safely kept), and a `conflict` event on the series'
-  latest job says what changed (no patient data) and what was done. When a
+  latest job says what changed (no patient data) and what was done (one
+  event, counted up, for a series re-sent with the same correction). When a
   replacement changes what the model or the outputs use
   (`content_compare.MATERIAL_KEYWORDS`), an evaluated series becomes a new
   delivery, as below. `replace` never moves an instance to another study or
@@ -42,7 +43,7 @@ from storage.content_compare import ContentDiff, compare_files
 from storage.database import Database
 from storage.instance_store import IncomingFile, InstanceStore, validate_uid
 from storage.jobs import event_row, open_job_on_first_instance
-from storage.models import EventKind, Instance, Job, Series, Study, utcnow
+from storage.models import EventKind, Instance, Job, JobEvent, Series, Study, utcnow
 
 _LOCKS = [threading.Lock() for _ in range(64)]
 log = structlog.get_logger(__name__)
@@ -232,10 +233,14 @@ def _resolve_conflict(
     already_kept = store.absolute(kept).exists()  # the same correction sent again: one event is enough
     store.keep(incoming, kept)
     if not already_kept:
-        action = f"the first version stays in use, the new one is kept as {kept}"
+        action = "the first version stays in use, the new one is kept under conflicts/<SOP Instance UID>/"
         if policy is ConflictPolicy.REPLACE:
             action = f"not replaced, because it would move the instance to another {_moved_what(moved)}; " + action
-        _conflict_events(db, uid, f"{diff.describe()}; {policy.value}: {action}")
+        with db.session() as session:
+            series_id = session.scalar(select(Instance.series_id).where(Instance.sop_instance_uid == uid))
+            latest = _latest_job(session, series_id) if series_id is not None else None
+            if latest is not None:
+                _conflict_event(session, latest, uid, f"{diff.describe()}; {policy.value}: {action}")
     log.info("store.conflict_kept", sop_instance_uid=uid, changed=diff.keywords, policy=policy.value)
     return StoreOutcome.CONFLICT
 
@@ -273,17 +278,27 @@ def _replace(
             if _SERIES_KEYWORDS.intersection(diff.keywords):
                 series.modality, series.series_description = meta.modality, meta.series_description
             material = diff.material
-            action = f"replace: the new version is the instance now, the previous one is kept as {previous}"
-            new_job = None
+            text = f"{diff.describe()}; replace: the new version is the instance now, the previous one is kept "
+            text += "under conflicts/<SOP Instance UID>/; "
             if material:
                 evaluated = series.evaluated_at is not None and series.evaluated_at >= series.last_received_at
-                if evaluated:
+                if evaluated and latest is not None:  # this job's outputs used the first version
                     new_job = open_job_on_first_instance(session, series, meta.study_uid, meta.patient_id)
+                    session.flush()
+                    event_row(
+                        session,
+                        latest,
+                        EventKind.CONFLICT,
+                        f"instance {uid} re-sent with other content: "
+                        f"{text}the series is evaluated again as a new delivery: job {new_job.id}",
+                    )
+                    latest = new_job
                 series.last_received_at = utcnow()
-                action += "; the series is evaluated again as a new delivery after the quiet period"
+                text += "the series is evaluated again as a new delivery after the quiet period"
             else:
-                action += "; nothing the model or the outputs use changed, so the series is not evaluated again"
-            _conflict_event_rows(session, uid, f"{diff.describe()}; {action}", latest, new_job)
+                text += "nothing the model or the outputs use changed, so the series is not evaluated again"
+            if latest is not None:
+                _conflict_event(session, latest, uid, text)
     except BaseException:
         store.move(previous, stored_path)  # the sender gets a failure status; the first version is back
         raise
@@ -304,18 +319,20 @@ def _latest_job(session: Session, series_id: int) -> Job | None:
     return session.scalar(select(Job).where(Job.series_id == series_id).order_by(Job.id.desc()).limit(1))
 
 
-def _conflict_events(db: Database, sop_instance_uid: str, text: str) -> None:
-    with db.session() as session:
-        series_id = session.scalar(select(Instance.series_id).where(Instance.sop_instance_uid == sop_instance_uid))
-        if series_id is not None:
-            _conflict_event_rows(session, sop_instance_uid, text, _latest_job(session, series_id), None)
+_RESENT = " re-sent with other content: "
 
 
-def _conflict_event_rows(
-    session: Session, sop_instance_uid: str, text: str, latest: Job | None, new_job: Job | None
-) -> None:
-    """A `conflict` event on the series' latest job (the one whose outputs used the first version),
-    and on the new delivery's job when one was opened."""
-    message = f"instance {sop_instance_uid} re-sent with other content: {text}"
-    for job in {id(j): j for j in (latest, new_job) if j is not None}.values():
-        event_row(session, job, EventKind.CONFLICT, message)
+def _conflict_event(session: Session, job: Job, sop_instance_uid: str, text: str) -> None:
+    """A `conflict` event on `job`; a whole series re-sent with the same correction is one event.
+
+    When the job's last event is a conflict event with the same `text`, it is
+    counted up ("12 instances (latest <uid>) re-sent ...") instead of adding a line per instance."""
+    last = session.scalar(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id.desc()).limit(1))
+    if last is not None and last.kind == EventKind.CONFLICT and _RESENT in last.message:
+        head, last_text = last.message.split(_RESENT, 1)
+        if last_text == text:
+            count = 1 if head.startswith("instance ") else int(head.split(" ", 1)[0])
+            last.message = f"{count + 1} instances (latest {sop_instance_uid}){_RESENT}{text}"
+            last.at = utcnow()
+            return
+    event_row(session, job, EventKind.CONFLICT, f"instance {sop_instance_uid}{_RESENT}{text}")

@@ -120,7 +120,12 @@ def test_replace_policy_processes_a_corrected_series_again(start_node, node_env,
             assert pydicom.dcmread(previous).PatientID == pydicom.dcmread(mr_series[0]).PatientID
     with node.db.session() as session:
         assert session.get(Job, first.id).state == JobState.QUEUED  # its history stays
+    # One event per correction, not one per instance; the first job points at the new one.
     shown = json.loads(cli(node_env, "jobs", "show", str(second.id), "--json").stdout)
-    conflicts = [e["message"] for e in shown["events"] if e["kind"] == "conflict"]
-    assert len(conflicts) == len(mr_series) and all("new delivery" in m for m in conflicts)
-    assert not any("MERGED-7" in m or "Merged" in m for m in conflicts)
+    (conflict,) = [e["message"] for e in shown["events"] if e["kind"] == "conflict"]
+    assert conflict.startswith(f"{len(mr_series)} instances (latest ")
+    assert "PatientID, PatientName; replace: the new version is the instance now" in conflict
+    earlier = json.loads(cli(node_env, "jobs", "show", str(first.id), "--json").stdout)
+    (pointer,) = [e["message"] for e in earlier["events"] if e["kind"] == "conflict"]
+    assert pointer.endswith(f"evaluated again as a new delivery: job {second.id}")
+    assert not any("MERGED-7" in m or "Merged" in m for m in (conflict, pointer))
