@@ -257,7 +257,9 @@ def _replace(
     """The new version becomes the instance; the old file moves to `conflicts/` first, so nothing is lost."""
     uid = meta.sop_instance_uid
     previous = f"conflicts/{uid}/{stored_sha}.dcm"
-    store.move(stored_path, previous)
+    had_file = store.absolute(stored_path).exists()  # else (lost outside the node) there is nothing to keep
+    if had_file:
+        store.move(stored_path, previous)
     try:
         store.keep(incoming, stored_path)
         with db.session() as session:
@@ -278,8 +280,10 @@ def _replace(
             if _SERIES_KEYWORDS.intersection(diff.keywords):
                 series.modality, series.series_description = meta.modality, meta.series_description
             material = diff.material
-            text = f"{diff.describe()}; replace: the new version is the instance now, the previous one is kept "
-            text += "under conflicts/<SOP Instance UID>/; "
+            text = f"{diff.describe()}; replace: the new version is the instance now, "
+            text += (
+                "the previous one is kept under conflicts/<SOP Instance UID>/; " if had_file else "its file was lost; "
+            )
             if material:
                 evaluated = series.evaluated_at is not None and series.evaluated_at >= series.last_received_at
                 if evaluated and latest is not None:  # this job's outputs used the first version
@@ -299,8 +303,11 @@ def _replace(
                 text += "nothing the model or the outputs use changed, so the series is not evaluated again"
             if latest is not None:
                 _conflict_event(session, latest, uid, text)
-    except BaseException:
-        store.move(previous, stored_path)  # the sender gets a failure status; the first version is back
+    except BaseException:  # the sender gets a failure status; the first version is back
+        if had_file:
+            store.move(previous, stored_path)
+        else:
+            store.remove(stored_path)
         raise
     log.info(
         "store.conflict_replaced",

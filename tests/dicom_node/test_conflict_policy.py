@@ -15,12 +15,12 @@ from pynetdicom.sop_class import MRImageStorage
 from sqlalchemy import select
 
 from dicom_node import status_codes
+from dicom_node.settings import ConfigError, load_settings
+from storage.ingest import ConflictPolicy
 from storage.instance_store import sha256_file
 from storage.models import Association, Instance, Job, JobState
-from tests.dicom_node.conftest import jobs_by_state, storescu, wait_for
+from tests.dicom_node.conftest import EXAMPLE_CONFIG, jobs_by_state, storescu, wait_for
 from tests.dicom_node.test_jobs_cli import cli
-
-pytestmark = pytest.mark.slow
 
 
 def send_as(port: int, path: Path, transfer_syntax: str) -> int:
@@ -66,6 +66,7 @@ def instance_shas(node) -> dict[str, str]:
         return {row.sop_instance_uid: row.sha256 for row in session.scalars(select(Instance))}
 
 
+@pytest.mark.slow
 def test_resends_in_other_transfer_syntaxes_are_duplicates_and_a_correction_is_a_job_event(
     start_node, node_env, mr_series, tmp_path
 ):
@@ -98,6 +99,7 @@ def test_resends_in_other_transfer_syntaxes_are_duplicates_and_a_correction_is_a
     assert "Corrected" not in human.stdout
 
 
+@pytest.mark.slow
 def test_replace_policy_processes_a_corrected_series_again(start_node, node_env, mr_series, tmp_path):
     node = start_node(DICOM_NODE__STORAGE__CONFLICT_POLICY="replace")
     port = node.address[1]
@@ -129,3 +131,12 @@ def test_replace_policy_processes_a_corrected_series_again(start_node, node_env,
     (pointer,) = [e["message"] for e in earlier["events"] if e["kind"] == "conflict"]
     assert pointer.endswith(f"evaluated again as a new delivery: job {second.id}")
     assert not any("MERGED-7" in m or "Merged" in m for m in (conflict, pointer))
+
+
+def test_the_policy_is_a_documented_setting_keep_first_by_default(tmp_path) -> None:
+    assert load_settings(EXAMPLE_CONFIG, env={}).storage.conflict_policy is ConflictPolicy.KEEP_FIRST
+    assert 'conflict_policy = "keep-first"' in EXAMPLE_CONFIG.read_text()
+    replace = load_settings(EXAMPLE_CONFIG, env={"DICOM_NODE__STORAGE__CONFLICT_POLICY": "replace"})
+    assert replace.storage.conflict_policy is ConflictPolicy.REPLACE
+    with pytest.raises(ConfigError, match="storage.conflict_policy: Input should be 'keep-first' or 'replace'"):
+        load_settings(EXAMPLE_CONFIG, env={"DICOM_NODE__STORAGE__CONFLICT_POLICY": "newest"})

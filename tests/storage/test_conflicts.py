@@ -169,3 +169,17 @@ def test_conflicting_versions_are_purged_with_the_series(stores, tmp_path: Path)
     assert purge_expired(db, store, retention_days=30, now=utcnow() + timedelta(days=31)) == 1
     assert not store.conflicts(uid).exists()
     assert not list((store.root / "instances").rglob("*.dcm"))
+
+
+def test_replace_when_the_stored_file_was_lost_stores_the_new_version(stores, tmp_path: Path) -> None:
+    """A stored file removed outside the node: nothing to keep, the correction still becomes the instance."""
+    db, store = stores
+    send(db, store, BASE)
+    store.absolute(the_instance(db).path).unlink()
+    corrected = edited(tmp_path, "corrected.dcm", PatientID="NEW")
+    assert send(db, store, corrected, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
+    row = the_instance(db)
+    assert sha256_file(store.absolute(row.path)) == row.sha256 == sha256_file(corrected)
+    ((_, message),) = conflict_events(db)
+    assert "data set (could not be read" in message and "the instance now, its file was lost" in message
+    assert not store.conflicts(row.sop_instance_uid).exists()
