@@ -29,16 +29,20 @@ def stored_instance_meta(path: Path) -> InstanceMeta:
     return instance_meta(ds, str(ds.file_meta.TransferSyntaxUID), None)
 
 
-@store_app.command("reindex")
+REINDEX_HELP = (
+    "Recreate the rows of the instance files the job store does not know (after losing the database, "
+    "or restoring an older backup). Run it with the node stopped. Every series that gets rows is processed "
+    "and delivered again after the quiet period; the job history is not recovered. Nothing is deleted: "
+    "unreadable files are moved to <data_dir>/unindexed/. Exit status 1 when some files could not be indexed."
+)
+
+
+@store_app.command("reindex", help=REINDEX_HELP)
 def reindex(
     config: Path | None = ConfigOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be added; change nothing."),
 ) -> None:
-    """Recreate the rows of the instance files the job store does not know (after losing the database).
-
-    Run it with the node stopped. Every series that gets rows is processed and delivered again after
-    the quiet period; the job history is not recovered. Nothing is deleted: unreadable files are moved
-    to <data_dir>/unindexed/. Exit status 1 when some files could not be indexed."""
+    """See REINDEX_HELP (one paragraph, so that the help text wraps)."""
     from storage.instance_store import InstanceStore
     from storage.reindex import UNINDEXED_DIR
     from storage.reindex import reindex as rebuild
