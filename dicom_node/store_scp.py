@@ -41,7 +41,7 @@ from dicom_node.settings import NodeSettings
 from dicom_node.storage_commitment import CommitmentReceiver, accept_reports
 from dicom_node.tls import server_ssl_context
 from storage.database import Database
-from storage.ingest import InstanceMeta, StoreOutcome, store_instance
+from storage.ingest import ConflictPolicy, InstanceMeta, StoreOutcome, store_instance
 from storage.instance_store import IncomingFile, InstanceStore, InvalidUIDError
 
 log = get_logger(__name__)
@@ -67,6 +67,15 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     return str(value).strip() if value not in (None, "") else None
 
+
+# The `store.conflict` warning; what changed is a `conflict` event of the series' latest job (jobs show).
+_CONFLICT_REASONS = {
+    ConflictPolicy.KEEP_FIRST: "same SOP Instance UID with other content; first version kept, "
+    "new one saved under conflicts/ (what changed: the job's conflict event)",
+    ConflictPolicy.REPLACE: "same SOP Instance UID with other content; the new version replaces the first, "
+    "which is saved under conflicts/, unless it moves the instance to another series "
+    "(what changed and what was done: the job's conflict event)",
+}
 
 # Outcome label of a refused C-STORE, by the status it answered.
 REFUSAL_NAMES = {
@@ -105,9 +114,15 @@ class StoreSCP:
     """Receives instances into the instance store and job store."""
 
     def __init__(
-        self, settings: NodeSettings, db: Database, store: InstanceStore, metrics: NodeMetrics | None = None
+        self,
+        settings: NodeSettings,
+        db: Database,
+        store: InstanceStore,
+        metrics: NodeMetrics | None = None,
+        conflict_policy: ConflictPolicy = ConflictPolicy.KEEP_FIRST,
     ) -> None:
         self.settings = settings
+        self.conflict_policy = conflict_policy  # `[storage] conflict_policy`
         self.db = db
         self.store = store
         self._server: NodeAssociationServer | None = None
@@ -180,7 +195,7 @@ class StoreSCP:
             )
             return status_codes.DATASET_DOES_NOT_MATCH_SOP_CLASS
         try:
-            outcome = store_instance(self.db, self.store, meta, incoming)
+            outcome = store_instance(self.db, self.store, meta, incoming, self.conflict_policy)
         except InvalidUIDError as exc:
             bound.warning("store.rejected", reason=str(exc))
             return status_codes.CANNOT_UNDERSTAND
@@ -191,11 +206,11 @@ class StoreSCP:
             bound.error("store.failed", reason=f"job store error: {exc}")
             return status_codes.OUT_OF_RESOURCES
         self._outcome.value = outcome.value
-        if outcome is StoreOutcome.CONFLICT:
+        if outcome is StoreOutcome.CONFLICT:  # still Success: both versions are safely kept
             bound.warning(
                 "store.conflict",
-                reason="same SOP Instance UID with different content; "
-                "first version kept, new one saved under conflicts/",
+                reason=_CONFLICT_REASONS[self.conflict_policy],
+                policy=self.conflict_policy.value,
             )
         else:
             bound.debug("store.ok", outcome=outcome.value)

@@ -3,10 +3,20 @@
 The Store SCP calls `store_instance` and may answer success only when it
 returns. Policy for a SOP Instance UID that arrives again:
 - same bytes (same sha256): idempotent, nothing is written (`DUPLICATE`);
-- different bytes: the first stored instance is kept and stays the one used
-  for processing; the new content is kept too, under
-  `conflicts/<sop uid>/<sha256>.dcm`, so nothing is lost, and the outcome is
-  `CONFLICT` (the SCP answers success and logs a warning for review);
+- different bytes but the same content (another transfer syntax, other file
+  meta, a lossless re-encoding: `storage.content_compare`): `DUPLICATE`;
+- other content (a correction: demographics fix, merge, re-reconstruction):
+  `CONFLICT`, handled by the conflict policy (`[storage] conflict_policy`):
+  `keep-first` keeps the first version in use and the new one under
+  `conflicts/<sop uid>/<sha256>.dcm`; `replace` makes the new one the instance
+  and moves the old one there. Nothing is lost either way, the SCP answers
+  success (the data is safely kept), and a `conflict` event on the series'
+  latest job says what changed (no patient data) and what was done (one
+  event, counted up, for a series re-sent with the same correction). When a
+  replacement changes what the model or the outputs use
+  (`content_compare.MATERIAL_KEYWORDS`), an evaluated series becomes a new
+  delivery, as below. `replace` never moves an instance to another study or
+  series: such a re-send is kept as with `keep-first`, and its event says so;
 - an instance whose file retention purged (`purged_at` set): stored again, the
   row pointed at the new file, and the series counts as a new delivery (a new
   job after the quiet period): the re-planning case months later.
@@ -24,21 +34,32 @@ import enum
 import threading
 from dataclasses import dataclass
 
+import structlog
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
+from storage.content_compare import ContentDiff, compare_files
 from storage.database import Database
 from storage.instance_store import IncomingFile, InstanceStore, validate_uid
-from storage.jobs import open_job_on_first_instance
-from storage.models import Instance, Series, Study, utcnow
+from storage.jobs import event_row, open_job_on_first_instance
+from storage.models import EventKind, Instance, Job, JobEvent, Series, Study, utcnow
 
 _LOCKS = [threading.Lock() for _ in range(64)]
+log = structlog.get_logger(__name__)
 
 
 class StoreOutcome(str, enum.Enum):
     STORED = "stored"
     DUPLICATE = "duplicate"
     CONFLICT = "conflict"
+
+
+class ConflictPolicy(str, enum.Enum):
+    """What a re-sent instance with other content does (`[storage] conflict_policy`)."""
+
+    KEEP_FIRST = "keep-first"  # the first version stays in use; the new one is kept under conflicts/
+    REPLACE = "replace"  # the new version becomes the instance; the old one is kept under conflicts/
 
 
 @dataclass(frozen=True)
@@ -84,7 +105,13 @@ def _get_or_create_series(session, meta: InstanceMeta) -> Series:
     return series
 
 
-def store_instance(db: Database, store: InstanceStore, meta: InstanceMeta, data: bytes | IncomingFile) -> StoreOutcome:
+def store_instance(
+    db: Database,
+    store: InstanceStore,
+    meta: InstanceMeta,
+    data: bytes | IncomingFile,
+    conflict_policy: ConflictPolicy = ConflictPolicy.KEEP_FIRST,
+) -> StoreOutcome:
     """Persist one encoded instance (file meta + data set) durably; see module doc.
 
     `data` is consumed: an `IncomingFile` is moved into place or discarded."""
@@ -96,14 +123,16 @@ def store_instance(db: Database, store: InstanceStore, meta: InstanceMeta, data:
         digest = incoming.sha256
         lock = _LOCKS[hash(meta.sop_instance_uid) % len(_LOCKS)]
         with lock:
+            stored: tuple[str, str] | None = None  # (path, sha256) of a stored version with other bytes
             with db.session() as session:
                 existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
                 purged = existing is not None and existing.purged_at is not None
                 if existing is not None and not purged:
                     if existing.sha256 == digest:
                         return StoreOutcome.DUPLICATE
-                    store.keep(incoming, f"conflicts/{meta.sop_instance_uid}/{digest}.dcm")
-                    return StoreOutcome.CONFLICT
+                    stored = (existing.path, existing.sha256)
+            if stored is not None:
+                return _resolve_conflict(db, store, meta, incoming, *stored, conflict_policy)
             store.keep(incoming, relative)
             try:
                 if purged:
@@ -168,3 +197,149 @@ def _commit_row(db: Database, meta: InstanceMeta, relative: str, digest: str, si
         except IntegrityError:
             if attempt == 1:
                 raise
+
+
+# -- a re-sent instance with other bytes (rare: corrections) ------------------------------------------
+
+# A replacement that moves an instance to another study or series is not done (see module doc).
+_PLACEMENT_KEYWORDS = frozenset({"StudyInstanceUID", "SeriesInstanceUID"})
+# Study and series columns a replacement refreshes from the new version's header.
+_STUDY_KEYWORDS = frozenset({"PatientID", "PatientName", "StudyDate", "AccessionNumber"})
+_SERIES_KEYWORDS = frozenset({"Modality", "SeriesDescription"})
+
+
+def _resolve_conflict(
+    db: Database,
+    store: InstanceStore,
+    meta: InstanceMeta,
+    incoming: IncomingFile,
+    stored_path: str,
+    stored_sha: str,
+    policy: ConflictPolicy,
+) -> StoreOutcome:
+    """Other bytes for a stored SOP Instance UID: the same content (DUPLICATE) or a conflict under `policy`.
+
+    Runs under the instance's lock; the content is compared outside any transaction."""
+    incoming.finish()
+    diff = compare_files(store.absolute(stored_path), incoming.path)
+    if diff.same_content:
+        return StoreOutcome.DUPLICATE
+    uid, digest = meta.sop_instance_uid, incoming.sha256
+    moved = sorted(_PLACEMENT_KEYWORDS.intersection(diff.keywords))
+    if policy is ConflictPolicy.REPLACE and not moved:
+        _replace(db, store, meta, incoming, stored_path, stored_sha, diff)
+        return StoreOutcome.CONFLICT
+    kept = f"conflicts/{uid}/{digest}.dcm"
+    already_kept = store.absolute(kept).exists()  # the same correction sent again: one event is enough
+    store.keep(incoming, kept)
+    if not already_kept:
+        action = "the first version stays in use, the new one is kept under conflicts/<SOP Instance UID>/"
+        if policy is ConflictPolicy.REPLACE:
+            action = f"not replaced, because it would move the instance to another {_moved_what(moved)}; " + action
+        with db.session() as session:
+            series_id = session.scalar(select(Instance.series_id).where(Instance.sop_instance_uid == uid))
+            latest = _latest_job(session, series_id) if series_id is not None else None
+            if latest is not None:
+                _conflict_event(session, latest, uid, f"{diff.describe()}; {policy.value}: {action}")
+    log.info("store.conflict_kept", sop_instance_uid=uid, changed=diff.keywords, policy=policy.value)
+    return StoreOutcome.CONFLICT
+
+
+def _replace(
+    db: Database,
+    store: InstanceStore,
+    meta: InstanceMeta,
+    incoming: IncomingFile,
+    stored_path: str,
+    stored_sha: str,
+    diff: ContentDiff,
+) -> None:
+    """The new version becomes the instance; the old file moves to `conflicts/` first, so nothing is lost."""
+    uid = meta.sop_instance_uid
+    previous = f"conflicts/{uid}/{stored_sha}.dcm"
+    had_file = store.absolute(stored_path).exists()  # else (lost outside the node) there is nothing to keep
+    if had_file:
+        store.move(stored_path, previous)
+    try:
+        store.keep(incoming, stored_path)
+        with db.session() as session:
+            instance = session.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).one()
+            instance.sha256, instance.size_bytes, instance.transfer_syntax_uid = (
+                incoming.sha256,
+                incoming.size,
+                meta.transfer_syntax_uid,
+            )
+            instance.received_at = utcnow()
+            instance.calling_ae_title, instance.source_address = meta.calling_ae_title, meta.source_address
+            series = instance.series
+            latest = _latest_job(session, series.id)  # before a new delivery's job exists
+            if _STUDY_KEYWORDS.intersection(diff.keywords):
+                study = series.study
+                study.patient_id, study.patient_name = meta.patient_id, meta.patient_name
+                study.study_date, study.accession_number = meta.study_date, meta.accession_number
+            if _SERIES_KEYWORDS.intersection(diff.keywords):
+                series.modality, series.series_description = meta.modality, meta.series_description
+            material = diff.material
+            text = f"{diff.describe()}; replace: the new version is the instance now, "
+            text += (
+                "the previous one is kept under conflicts/<SOP Instance UID>/; " if had_file else "its file was lost; "
+            )
+            if material:
+                evaluated = series.evaluated_at is not None and series.evaluated_at >= series.last_received_at
+                if evaluated and latest is not None:  # this job's outputs used the first version
+                    new_job = open_job_on_first_instance(session, series, meta.study_uid, meta.patient_id)
+                    session.flush()
+                    event_row(
+                        session,
+                        latest,
+                        EventKind.CONFLICT,
+                        f"instance {uid} re-sent with other content: "
+                        f"{text}the series is evaluated again as a new delivery: job {new_job.id}",
+                    )
+                    latest = new_job
+                series.last_received_at = utcnow()
+                text += "the series is evaluated again as a new delivery after the quiet period"
+            else:
+                text += "nothing the model or the outputs use changed, so the series is not evaluated again"
+            if latest is not None:
+                _conflict_event(session, latest, uid, text)
+    except BaseException:  # the sender gets a failure status; the first version is back
+        if had_file:
+            store.move(previous, stored_path)
+        else:
+            store.remove(stored_path)
+        raise
+    log.info(
+        "store.conflict_replaced",
+        sop_instance_uid=uid,
+        changed=diff.keywords,
+        material=diff.material,
+        new_delivery=bool(diff.material),
+    )
+
+
+def _moved_what(keywords: list[str]) -> str:
+    return "study" if "StudyInstanceUID" in keywords else "series"
+
+
+def _latest_job(session: Session, series_id: int) -> Job | None:
+    return session.scalar(select(Job).where(Job.series_id == series_id).order_by(Job.id.desc()).limit(1))
+
+
+_RESENT = " re-sent with other content: "
+
+
+def _conflict_event(session: Session, job: Job, sop_instance_uid: str, text: str) -> None:
+    """A `conflict` event on `job`; a whole series re-sent with the same correction is one event.
+
+    When the job's last event is a conflict event with the same `text`, it is
+    counted up ("12 instances (latest <uid>) re-sent ...") instead of adding a line per instance."""
+    last = session.scalar(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id.desc()).limit(1))
+    if last is not None and last.kind == EventKind.CONFLICT and _RESENT in last.message:
+        head, last_text = last.message.split(_RESENT, 1)
+        if last_text == text:
+            count = 1 if head.startswith("instance ") else int(head.split(" ", 1)[0])
+            last.message = f"{count + 1} instances (latest {sop_instance_uid}){_RESENT}{text}"
+            last.at = utcnow()
+            return
+    event_row(session, job, EventKind.CONFLICT, f"instance {sop_instance_uid}{_RESENT}{text}")

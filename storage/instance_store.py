@@ -188,6 +188,15 @@ class InstanceStore:
     def remove(self, relative: str) -> None:
         self.absolute(relative).unlink(missing_ok=True)
 
+    def move(self, source: str, target: str) -> None:
+        """Durably rename one stored file to another relative path (both validated to stay under the root)."""
+        src, dst = self.absolute(source), self.absolute(target)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+        _fsync_dir(dst.parent)
+        if src.parent != dst.parent:
+            _fsync_dir(src.parent)
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 

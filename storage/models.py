@@ -100,6 +100,7 @@ class EventKind(str, enum.Enum):
     LOG = "log"  # an informational line
     EXPORT = "export"  # one export attempt
     ERROR = "error"  # a failure, with its reason and trace
+    CONFLICT = "conflict"  # an instance re-sent with other content: what changed, the policy applied
 
 
 class Base(DeclarativeBase):

@@ -9,8 +9,9 @@ each carry the same random store id (`<data_dir>/store-id` and the
 
 - the ids differ (this database belongs to another data directory);
 - the database has no id while the data directory holds instances (a new or
-  empty database: point the node at the right one, or restore it; rebuilding
-  the rows from the files is not built yet);
+  empty database: point the node at the right one, restore it, or, when it is
+  lost, rebuild its rows from the files with `dicom-node store reindex`,
+  `storage.reindex`, which then records the id);
 - the data directory has no id while the database knows instances that are
   not purged (a new or wrong data directory).
 
@@ -76,7 +77,9 @@ def check_and_bind(db: Database, store: InstanceStore) -> str:
         raise StoreMismatchError(
             f"the job store ({db.url_for_humans}) does not know the data directory {store.root}, which holds "
             f"received images: a new or mistyped storage.database_url? Point the node at the database it was used "
-            f"with (or restore it from a backup, see docs/INSTALL.md), or use an empty data directory; nothing was deleted"
+            f"with (or restore it from a backup, see docs/INSTALL.md); if it is lost, rebuild its rows from the "
+            f"files with `dicom-node store reindex` (the job history is not recovered); or use an empty data "
+            f"directory; nothing was deleted"
         )
     if on_disk is None and _known_instances(db):
         raise StoreMismatchError(

@@ -51,6 +51,7 @@ from pydantic import (
     model_validator,
 )
 
+from storage.ingest import ConflictPolicy
 from storage.jobs import DEFAULT_LEASE_S
 
 # Inference devices: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
@@ -210,6 +211,9 @@ class StorageSettings(_Section):
     retention_check_interval_min: float = Field(default=60, gt=0)
     # After retention: drop patient names, replace patient IDs by keyed pseudonyms in the kept history.
     pseudonymise_after_retention: bool = False
+    # A re-sent instance with other content (a correction): "keep-first" keeps the first version in use,
+    # "replace" makes the new one the instance; the other is kept under conflicts/ (storage/ingest.py).
+    conflict_policy: ConflictPolicy = ConflictPolicy.KEEP_FIRST
 
     _absolute_data_dir = field_validator("data_dir")(_absolute)
 

@@ -1,0 +1,78 @@
+"""`dicom-node store reindex`: rebuild the job store's rows from the instance files (storage/reindex.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from dicom_node.commands._common import ConfigOption, fail, job_store_or_exit, settings_or_exit
+
+if TYPE_CHECKING:
+    from storage.ingest import InstanceMeta
+
+store_app = typer.Typer(help="The instance store: rebuild the job store's rows from its files.", no_args_is_help=True)
+
+
+def stored_instance_meta(path: Path) -> InstanceMeta:
+    """A stored file's header as the Store SCP reads it on arrival (its own transfer syntax, no sender)."""
+    import pydicom
+
+    from dicom_node.store_scp import HEADER_KEYWORDS, instance_meta
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_KEYWORDS))
+    if "TransferSyntaxUID" not in ds.file_meta:
+        raise ValueError("no file meta information (Transfer Syntax UID)")
+    return instance_meta(ds, str(ds.file_meta.TransferSyntaxUID), None)
+
+
+REINDEX_HELP = (
+    "Recreate the rows of the instance files the job store does not know (after losing the database, "
+    "or restoring an older backup). Run it with the node stopped. Every series that gets rows is processed "
+    "and delivered again after the quiet period; the job history is not recovered. Nothing is deleted: "
+    "unreadable files are moved to <data_dir>/unindexed/. Exit status 1 when some files could not be indexed."
+)
+
+
+@store_app.command("reindex", help=REINDEX_HELP)
+def reindex(
+    config: Path | None = ConfigOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be added; change nothing."),
+) -> None:
+    """See REINDEX_HELP (one paragraph, so that the help text wraps)."""
+    from storage.instance_store import InstanceStore
+    from storage.reindex import UNINDEXED_DIR
+    from storage.reindex import reindex as rebuild
+    from storage.store_identity import StoreMismatchError
+
+    settings = settings_or_exit(config)
+    db = job_store_or_exit(settings)
+    store = InstanceStore(settings.storage.data_dir)
+    try:
+        report = rebuild(db, store, stored_instance_meta, dry_run=dry_run)
+    except StoreMismatchError as exc:
+        raise fail(str(exc)) from None
+    finally:
+        db.dispose()
+    console = Console(soft_wrap=True)
+    verb = "would add" if dry_run else "added"
+    console.print(
+        f"{report.files} instance files: {report.known} already known, {verb} {report.added} "
+        f"in {len(report.series)} series (each is routed again after the quiet period), "
+        f"{len(report.unreadable)} not indexed",
+        highlight=False,
+    )
+    for relative, reason in report.unreadable:
+        where = "left in place (dry run)" if dry_run else f"moved to {UNINDEXED_DIR}/"
+        console.print(f"  not indexed, {where}: {escape(relative)}: {escape(reason)}", highlight=False)
+    if report.store_id is not None:
+        console.print(f"job store bound to this data directory (store id {report.store_id})", highlight=False)
+    if report.unreadable:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(store_app, name="store")

@@ -1,0 +1,185 @@
+"""Re-sent SOP Instance UIDs with other bytes (storage/ingest.py conflict policy), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from sqlalchemy import select
+
+from dicom_node.store_scp import instance_meta
+from storage.database import Database
+from storage.ingest import ConflictPolicy, StoreOutcome, store_instance
+from storage.instance_store import InstanceStore, sha256_file
+from storage.jobs import RoutingOutcome, complete_series, series_ready_for_routing
+from storage.models import EventKind, Instance, Job, JobEvent, JobState, Study, utcnow
+from storage.retention import purge_expired
+
+BASE = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
+IMPLICIT = Path(get_testdata_file("MR_small_implicit.dcm"))  # type: ignore[arg-type]
+RLE = Path(get_testdata_file("MR_small_RLE.dcm"))  # type: ignore[arg-type]
+
+
+def send(db: Database, store: InstanceStore, path: Path, policy=ConflictPolicy.KEEP_FIRST) -> StoreOutcome:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    meta = instance_meta(ds, ds.file_meta.TransferSyntaxUID, "PACS", "127.0.0.1")
+    return store_instance(db, store, meta, path.read_bytes(), policy)
+
+
+def edited(tmp_path: Path, name: str, **changes: object) -> Path:
+    ds = pydicom.dcmread(BASE)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(tmp_path / name)
+    return tmp_path / name
+
+
+def the_instance(db: Database) -> Instance:
+    with db.session() as session:
+        return session.scalars(select(Instance)).one()
+
+
+def conflict_events(db: Database) -> list[tuple[int, str]]:
+    with db.session() as session:
+        rows = session.execute(select(JobEvent.job_id, JobEvent.message).where(JobEvent.kind == EventKind.CONFLICT))
+        return [(job_id, message) for job_id, message in rows]
+
+
+def jobs(db: Database) -> list[tuple[int, JobState]]:
+    with db.session() as session:
+        return [(j.id, j.state) for j in session.scalars(select(Job).order_by(Job.id))]
+
+
+@pytest.fixture
+def stores(job_store_url: str, tmp_path: Path):
+    db = Database(job_store_url)
+    yield db, InstanceStore(tmp_path / "data")
+    db.dispose()
+
+
+@pytest.mark.parametrize("resent", [IMPLICIT, RLE], ids=["implicit-vr", "rle-lossless"])
+def test_the_same_content_in_another_transfer_syntax_is_a_duplicate(stores, resent: Path) -> None:
+    db, store = stores
+    assert send(db, store, BASE) is StoreOutcome.STORED
+    assert send(db, store, resent) is StoreOutcome.DUPLICATE
+    row = the_instance(db)
+    assert row.sha256 == sha256_file(BASE) and sha256_file(store.absolute(row.path)) == sha256_file(BASE)
+    assert not (store.root / "conflicts").exists()
+    assert conflict_events(db) == []
+    assert not list(store.tmp_dir.iterdir())  # the re-send's temporary file is gone
+
+
+def test_keep_first_keeps_the_first_version_and_records_what_changed(stores, tmp_path: Path) -> None:
+    db, store = stores
+    send(db, store, BASE)
+    original_name = str(pydicom.dcmread(BASE).PatientName)
+    corrected = edited(tmp_path, "corrected.dcm", PatientName="Merged^Patient", SliceThickness="4.0")
+    assert send(db, store, corrected) is StoreOutcome.CONFLICT
+
+    row = the_instance(db)
+    assert row.sha256 == sha256_file(BASE) == sha256_file(store.absolute(row.path))
+    kept = store.conflicts(row.sop_instance_uid) / f"{sha256_file(corrected)}.dcm"
+    assert kept.read_bytes() == corrected.read_bytes()
+    ((job_id, message),) = conflict_events(db)
+    assert job_id == jobs(db)[-1][0]
+    assert (
+        row.sop_instance_uid in message
+        and "PatientName" in message
+        and "SliceThickness 0.8" in message
+        and "-> 4.0" in message
+    )
+    assert "keep-first: the first version stays in use" in message
+    assert "Merged" not in message and original_name not in message
+
+    # The same correction again: nothing new to record; a third version is recorded.
+    assert send(db, store, corrected) is StoreOutcome.CONFLICT
+    assert len(conflict_events(db)) == 1
+    assert send(db, store, edited(tmp_path, "third.dcm", PatientID="X9")) is StoreOutcome.CONFLICT
+    assert len(conflict_events(db)) == 2 and len(list(store.conflicts(row.sop_instance_uid).iterdir())) == 2
+
+
+def test_replace_makes_the_new_version_the_instance_and_a_new_delivery(stores, tmp_path: Path) -> None:
+    db, store = stores
+    send(db, store, BASE)
+    first_job = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    assert series_ready_for_routing(db, 0) == []
+    corrected = edited(tmp_path, "corrected.dcm", PatientName="Merged^Patient", PatientID="MERGED-1")
+
+    assert send(db, store, corrected, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
+
+    row = the_instance(db)
+    assert row.sha256 == sha256_file(corrected) == sha256_file(store.absolute(row.path))
+    assert row.size_bytes == corrected.stat().st_size
+    previous = store.conflicts(row.sop_instance_uid) / f"{sha256_file(BASE)}.dcm"
+    assert previous.read_bytes() == BASE.read_bytes()  # nothing is lost
+    with db.session() as session:
+        study = session.scalars(select(Study)).one()
+        assert (study.patient_id, study.patient_name) == ("MERGED-1", "Merged^Patient")
+    # A new job in `received`, routed after the quiet period; the first one keeps its history.
+    (first, first_state), (second, second_state) = jobs(db)
+    assert first == first_job and first_state == JobState.QUEUED and second_state == JobState.RECEIVED
+    assert series_ready_for_routing(db, 0) == [1]
+    events = conflict_events(db)
+    assert {job_id for job_id, _ in events} == {first, second}
+    assert all("replace: the new version is the instance now" in m and "new delivery" in m for _, m in events)
+    assert all("Merged" not in m and "MERGED-1" not in m for _, m in events)
+    new_job = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    assert new_job == second
+    with db.session() as session:
+        assert session.get(Job, new_job).patient_id == "MERGED-1"
+
+
+def test_replace_of_something_nothing_downstream_reads_is_no_new_delivery(stores, tmp_path: Path) -> None:
+    db, store = stores
+    send(db, store, BASE)
+    complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    cosmetic = edited(tmp_path, "cosmetic.dcm", InstitutionName="Renamed Hospital")
+    assert send(db, store, cosmetic, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
+    assert the_instance(db).sha256 == sha256_file(cosmetic)
+    assert len(jobs(db)) == 1 and series_ready_for_routing(db, 0) == []
+    ((_, message),) = conflict_events(db)
+    assert "InstitutionName" in message and "not evaluated again" in message
+
+
+def test_replace_never_moves_an_instance_to_another_series(stores, tmp_path: Path) -> None:
+    db, store = stores
+    send(db, store, BASE)
+    moved = edited(tmp_path, "moved.dcm", SeriesInstanceUID="1.2.826.0.1.3680043.8.498.1")
+    assert send(db, store, moved, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
+    row = the_instance(db)
+    assert row.sha256 == sha256_file(BASE)
+    assert (store.conflicts(row.sop_instance_uid) / f"{sha256_file(moved)}.dcm").exists()
+    ((_, message),) = conflict_events(db)
+    assert "not replaced, because it would move the instance to another series" in message
+
+
+def test_conflicting_versions_are_purged_with_the_series(stores, tmp_path: Path) -> None:
+    """`conflicts/` follows retention: both the kept re-send and a replaced first version go with the series."""
+    db, store = stores
+    send(db, store, BASE)
+    send(db, store, edited(tmp_path, "a.dcm", PatientID="A"), ConflictPolicy.KEEP_FIRST)
+    send(db, store, edited(tmp_path, "b.dcm", PatientID="B"), ConflictPolicy.REPLACE)
+    uid = the_instance(db).sop_instance_uid
+    assert len(list(store.conflicts(uid).iterdir())) == 2
+    job_id = complete_series(db, 1, RoutingOutcome(None, None, [], "no rule"))  # rejected: purgeable
+    assert jobs(db)[-1] == (job_id, JobState.REJECTED)
+    assert purge_expired(db, store, retention_days=30, now=utcnow() + timedelta(days=31)) == 1
+    assert not store.conflicts(uid).exists()
+    assert not list((store.root / "instances").rglob("*.dcm"))
+
+
+def test_replace_when_the_stored_file_was_lost_stores_the_new_version(stores, tmp_path: Path) -> None:
+    """A stored file removed outside the node: nothing to keep, the correction still becomes the instance."""
+    db, store = stores
+    send(db, store, BASE)
+    store.absolute(the_instance(db).path).unlink()
+    corrected = edited(tmp_path, "corrected.dcm", PatientID="NEW")
+    assert send(db, store, corrected, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
+    row = the_instance(db)
+    assert sha256_file(store.absolute(row.path)) == row.sha256 == sha256_file(corrected)
+    ((_, message),) = conflict_events(db)
+    assert "data set (could not be read" in message and "the instance now, its file was lost" in message
+    assert not store.conflicts(row.sop_instance_uid).exists()

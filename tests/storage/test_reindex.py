@@ -1,0 +1,118 @@
+"""`storage.reindex`: the job store lost, its rows rebuilt from the instance files (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from dicom_node.commands.store import stored_instance_meta
+from storage.database import Database
+from storage.ingest import store_instance
+from storage.instance_store import InstanceStore, sha256_file
+from storage.jobs import RoutingOutcome, complete_series, series_ready_for_routing, stored_instance_paths
+from storage.models import Instance, Job, JobState, Series, Study
+from storage.reindex import reindex
+from storage.store_identity import StoreMismatchError, check_and_bind
+
+
+def receive(db: Database, store: InstanceStore, files: list[Path]) -> None:
+    for path in files:
+        store_instance(db, store, stored_instance_meta(path), path.read_bytes())
+
+
+@pytest.fixture
+def lost_database(tmp_path: Path, small_axial_series, phantom_series) -> InstanceStore:
+    """A data directory holding two series received and routed, whose SQLite job store was then deleted."""
+    store = InstanceStore(tmp_path / "data")
+    old = Database(f"sqlite:///{tmp_path}/old.db")
+    check_and_bind(old, store)
+    receive(old, store, small_axial_series.files)
+    receive(old, store, phantom_series(11, orientation="sagittal", matrix=64, slices=10).files)
+    for series_id in (1, 2):
+        complete_series(old, series_id, RoutingOutcome("r", "default", ["tps"], "test"))
+    old.dispose()
+    for leftover in tmp_path.glob("old.db*"):
+        leftover.unlink()
+    return store
+
+
+def instance_files(store: InstanceStore) -> dict[str, Path]:
+    return {path.relative_to(store.root).as_posix(): path for path in (store.root / "instances").rglob("*.dcm")}
+
+
+def test_reindex_brings_every_instance_back_and_the_series_are_routed_again(lost_database, job_store_url) -> None:
+    store = lost_database
+    db = Database(job_store_url)
+    files = instance_files(store)
+    assert len(files) == 30
+    with pytest.raises(StoreMismatchError, match="dicom-node store reindex"):
+        check_and_bind(db, store)  # start-up refuses the empty database and deletes nothing
+    assert instance_files(store) == files
+
+    report = reindex(db, store, stored_instance_meta)
+
+    assert (report.files, report.known, report.added, len(report.series), report.unreadable) == (30, 0, 30, 2, [])
+    with db.session() as session:
+        rows = {row.path: row for row in session.scalars(select(Instance))}
+        assert rows.keys() == files.keys()
+        for relative, row in rows.items():
+            ds = pydicom.dcmread(files[relative], stop_before_pixels=True)
+            assert row.sop_instance_uid == ds.SOPInstanceUID and row.sha256 == sha256_file(files[relative])
+            assert row.size_bytes == files[relative].stat().st_size
+            assert row.transfer_syntax_uid == ds.file_meta.TransferSyntaxUID
+        assert sorted(s.instance_count for s in session.scalars(select(Series))) == [10, 20]
+        assert all(study.patient_id for study in session.scalars(select(Study)))
+        assert [job.state for job in session.scalars(select(Job))] == [JobState.RECEIVED, JobState.RECEIVED]
+    # Start-up accepts the pair now and would delete nothing; the watcher routes both series.
+    assert check_and_bind(db, store) == report.store_id
+    assert stored_instance_paths(db) == set(files)
+    assert sorted(series_ready_for_routing(db, 0)) == [1, 2]
+    job_id = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    with db.session() as session:
+        assert session.get(Job, job_id).state == JobState.QUEUED
+
+    again = reindex(db, store, stored_instance_meta)  # idempotent
+    assert (again.files, again.known, again.added, again.store_id) == (30, 30, 0, report.store_id)
+    db.dispose()
+
+
+def test_unreadable_and_misplaced_files_are_moved_aside_never_deleted(lost_database, tmp_path) -> None:
+    store = lost_database
+    db = Database(f"sqlite:///{tmp_path}/new.db")
+    series_dir = next((store.root / "instances").glob("*/*"))
+    junk = series_dir / "1.2.3.4.5.dcm"
+    junk.write_bytes(b"not DICOM at all")
+    a_file = next(p for p in series_dir.glob("*.dcm") if p != junk)
+    misplaced = series_dir / "1.2.3.4.6.dcm"  # a real instance under another SOP Instance UID's name
+    misplaced.write_bytes(a_file.read_bytes())
+    for ignored in ("tmp/x.dcm", "conflicts/1.2.3/abc.dcm", "outputs/job-1/attempt-1/rt.dcm"):
+        (store.root / ignored).parent.mkdir(parents=True, exist_ok=True)
+        (store.root / ignored).write_bytes(a_file.read_bytes())
+
+    dry = reindex(db, store, stored_instance_meta, dry_run=True)
+    assert (dry.added, len(dry.unreadable), dry.store_id) == (30, 2, None)
+    assert junk.exists() and stored_instance_paths(db) == set()
+
+    report = reindex(db, store, stored_instance_meta)
+    assert report.added == 30 and report.files == 32
+    reasons = dict(report.unreadable)
+    assert set(reasons) == {junk.relative_to(store.root).as_posix(), misplaced.relative_to(store.root).as_posix()}
+    assert "its UIDs place it at instances/" in reasons[misplaced.relative_to(store.root).as_posix()]
+    for moved in (junk, misplaced):
+        aside = store.root / "unindexed" / moved.relative_to(store.root)
+        assert not moved.exists() and aside.exists()
+    assert (aside.read_bytes(), junk.name) == (a_file.read_bytes(), "1.2.3.4.5.dcm")
+    assert len(stored_instance_paths(db)) == 30  # tmp/, conflicts/, outputs/ are not instances
+    db.dispose()
+
+
+def test_a_database_of_another_data_directory_is_refused(lost_database, tmp_path) -> None:
+    other = Database(f"sqlite:///{tmp_path}/other.db")
+    check_and_bind(other, InstanceStore(tmp_path / "other-data"))
+    with pytest.raises(StoreMismatchError, match="belongs to another data directory"):
+        reindex(other, lost_database, stored_instance_meta)
+    assert stored_instance_paths(other) == set()
+    other.dispose()
