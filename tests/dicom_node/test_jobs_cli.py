@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pydicom
+import pytest
 
 from storage.jobs import claim_next_job, fail_job
 from tests.dicom_node.conftest import jobs_by_state, storescu, wait_for
@@ -53,6 +54,7 @@ def test_jobs_list_show_retry_json_contract(start_node, node_env, mr_series):
     assert json.loads(cli(node_env, "jobs", "show", str(job["id"]), "--json").stdout)["state"] == "queued"
 
 
+@pytest.mark.slow
 def test_jobs_errors_are_one_line_not_tracebacks(node_env):
     missing = cli(node_env, "jobs", "show", "999")
     assert missing.returncode == 2

@@ -207,6 +207,7 @@ def test_config_check_hides_database_password() -> None:
     assert "s3cret" not in result.output and "postgresql://node:***@db/dicom" in result.output
 
 
+@pytest.mark.slow
 def test_config_check_error_is_one_message_without_traceback(tmp_path: Path) -> None:
     path = write(tmp_path, "[node]\nport = 70000\n")
     result = subprocess.run(

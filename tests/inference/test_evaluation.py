@@ -92,6 +92,7 @@ def search_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("inference.pipeline.brain_mask", everywhere)
 
 
+@pytest.mark.slow
 def test_evaluation_runs_the_dicom_pipeline(tiny_package: ModelPackage) -> None:
     summary, scores = evaluate_package(tiny_package, [31], device="cpu", progress=False, phantom_options=SMALL)
     assert summary["phantoms"] == 1 and len(scores) == 1
@@ -99,6 +100,7 @@ def test_evaluation_runs_the_dicom_pipeline(tiny_package: ModelPackage) -> None:
     assert math.isfinite(scores[0].dice)  # a patient Dice was computed (NaN would mean no comparison)
 
 
+@pytest.mark.slow
 def test_threshold_sweep_extremes(tiny_package: ModelPackage, search_everywhere: None) -> None:
     results = threshold_sweep(tiny_package, [31], [-1.0, 1.0], device="cpu", progress=False, phantom_options=SMALL)
     default = tiny_package.min_lesion_volume_mm3
@@ -145,6 +147,7 @@ def test_summary_reports_sensitivity_for_lesions_of_10_mm_and_false_positives_pe
     }
 
 
+@pytest.mark.slow
 def test_a_false_positive_over_the_background_counts_as_outside_the_brain(
     tiny_package: ModelPackage, search_everywhere: None
 ) -> None:

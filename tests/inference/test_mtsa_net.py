@@ -31,6 +31,7 @@ def test_msa_module_multiplies_attention_with_input() -> None:
     assert torch.equal(module(features), features)  # Att * 0 = 0 whatever Att is
 
 
+@pytest.mark.slow
 def test_paper_sized_model_shapes_and_size() -> None:
     model = MTSANet(MTSANetConfig()).eval()
     assert model.config.stage_channels == (32, 64, 128, 256, 512)
@@ -58,6 +59,7 @@ def test_width_scales_the_same_code() -> None:
     assert gtv.shape == (2, 1, 64, 64) and egfr.shape == (2, 2)
 
 
+@pytest.mark.slow
 def test_both_heads_receive_gradients() -> None:
     model = MTSANet(TINY)
     gtv, egfr = model(torch.randn(2, 1, 64, 64))
@@ -87,6 +89,7 @@ def test_config_round_trip_and_unknown_keys() -> None:
         MTSANetConfig.from_dict({**TINY.to_dict(), "depth": 3})
 
 
+@pytest.mark.slow
 def test_segment_is_the_gtv_path_of_forward_and_takes_crops() -> None:
     model = MTSANet(TINY).eval()
     x = torch.randn(2, 1, 64, 64)

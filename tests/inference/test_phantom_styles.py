@@ -110,6 +110,7 @@ def test_a_full_head_phantom_has_signal_outside_the_brain_and_lesions_inside_it(
     assert lesions.any() and np.all(brain[lesions])
 
 
+@pytest.mark.slow
 def test_lesion_appearance_follows_size() -> None:
     """Mostly solid when small, mostly rings when large, some small rings (clinical pattern)."""
     assert _ring_probability(5.0, 0) < 0.2 and _ring_probability(25.0, 0) > 0.8

@@ -57,6 +57,7 @@ def test_geometry_keywords_are_honoured():
     assert phantom.image.GetPixelID() == sitk.sitkFloat32 and phantom.mask.GetPixelID() == sitk.sitkUInt8
 
 
+@pytest.mark.slow
 def test_random_geometry_stays_in_the_documented_ranges():
     for seed in range(10, 16):
         phantom = generate_phantom(seed, n_lesions=0)
@@ -97,6 +98,7 @@ def test_genotype_drives_the_enhancement_pattern():
     assert solid_share[1] >= 0.7 and solid_share[0] <= 0.3, solid_share
 
 
+@pytest.mark.slow
 def test_stored_genotype_has_some_label_noise():
     flips = sum(generate_phantom(seed, **SMALL).genotype != _true_genotype(seed) for seed in range(60))
     assert 1 <= flips <= 15

@@ -83,6 +83,7 @@ def assert_same_grid(a: sitk.Image, b: sitk.Image) -> None:
     np.testing.assert_allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_run_series_plumbing_with_an_untrained_package(small_axial_series, tiny_package):
     result = run_series(small_axial_series.files, tiny_package, device="cpu")
     assert_same_grid(result.label_map, result.series.image)
@@ -97,6 +98,7 @@ def test_run_series_plumbing_with_an_untrained_package(small_axial_series, tiny_
     assert (result.egfr.call is EgfrCall.NOT_ASSESSABLE) == (not result.lesions)
 
 
+@pytest.mark.slow
 def test_run_series_is_deterministic(small_axial_series, tiny_package):
     first = run_series(small_axial_series.files, tiny_package, device="cpu")
     second = run_series(small_axial_series.files, tiny_package, device="cpu")
@@ -130,6 +132,7 @@ def test_a_worker_builds_the_network_once_and_reuses_it(small_axial_series, tiny
         run_series(small_axial_series.files, package, model=network, device="cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("seed", "orientation"), [(7, "axial"), (34, "sagittal"), (30, "oblique")], ids=["axial", "sagittal", "oblique"]
 )
@@ -166,6 +169,7 @@ def scalp_and_field_of_view_edge(image: sitk.Image):
     return rims
 
 
+@pytest.mark.slow
 def test_detections_outside_the_brain_are_never_reported(phantom_series, tiny_package, oracle):
     series = phantom_series(7, orientation="axial", matrix=96, slices=24, slice_spacing=3.5, n_lesions=3)
     oracle(series.phantom)
@@ -234,6 +238,7 @@ def invoke(*args: str):
     return CliRunner().invoke(app, ["infer", *args])
 
 
+@pytest.mark.slow
 def test_infer_command_writes_outputs_and_a_summary(small_axial_series, tiny_package, oracle, tmp_path):
     oracle(small_axial_series.phantom)
     folder = Path(small_axial_series.files[0]).parent

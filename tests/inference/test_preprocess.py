@@ -36,6 +36,7 @@ def assert_within_one_voxel(original: np.ndarray, back: np.ndarray) -> None:
     assert np.all(ndimage.binary_erosion(original, cube) <= back), "voxels lost beyond one voxel"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("seed", "orientation", "kwargs", "aligned"),
     [
@@ -118,6 +119,7 @@ def test_field_of_view_covers_the_head(phantom_series, orientation):
     assert not on_model[:, [0, -1], :].any() and not on_model[:, :, [0, -1]].any()  # margin left and right
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalisation", ["zscore-brain", "zscore-foreground"])
 def test_model_slices_are_z_scored_over_the_declared_region(phantom_series, normalisation):
     series = phantom_series(36, orientation="axial", matrix=96, slices=24, n_lesions=1)

@@ -227,6 +227,7 @@ def test_contour_image_references_match_geometry(tmp_path: Path, geometry_series
 # --- round trip on synthetic phantoms ------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("orientation", "seed"), [("axial", 11), ("sagittal", 12), ("oblique", 13)])
 def test_phantom_round_trip_dice(
     orientation: str, seed: int, tmp_path: Path, phantom_case, result_on, dciodvfy

@@ -145,6 +145,7 @@ def write_nifti_case(root: Path, case_id: str, seed: int) -> None:
     sitk.WriteImage(phantom.mask, str(root / case_id / "mask.nii.gz"))
 
 
+@pytest.mark.slow
 def test_folder_of_nifti_cases(tmp_path: Path) -> None:
     write_nifti_case(tmp_path, "case1", 21)
     write_nifti_case(tmp_path, "case2", 22)
@@ -331,6 +332,7 @@ def test_phantom_lesion_counts_are_drawn_from_the_range(monkeypatch) -> None:
         trainer.phantom_cases(2, 40, size=64, free_slice_ratio=0.5, lesions=(3, 2), progress=False)
 
 
+@pytest.mark.slow
 def test_per_crop_dice_is_what_the_crop_steps_use(monkeypatch) -> None:
     torch.set_num_threads(2)
     case = tiny_case(11)

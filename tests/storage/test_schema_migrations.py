@@ -45,6 +45,7 @@ def test_a_new_database_gets_the_current_schema(job_store_url: str) -> None:
     db.dispose()
 
 
+@pytest.mark.slow
 def test_a_previous_release_database_is_refused_then_upgraded_keeping_its_rows(job_store_url: str) -> None:
     previous_release_database(job_store_url)
     with pytest.raises(SchemaError, match="dicom-node db upgrade"):
@@ -87,6 +88,7 @@ def test_the_migrations_build_the_schema_the_models_declare(tmp_path: Path) -> N
     assert shape(migrated) == shape(created)
 
 
+@pytest.mark.slow
 def test_upgrade_of_an_empty_database_creates_it(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/fresh.db"
     assert dicom_node("db", "upgrade", url=url).returncode == 0
