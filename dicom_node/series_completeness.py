@@ -14,6 +14,12 @@ Evidence, most trusted first; a count is used only when it is consistent:
    count that does not describe this series is ignored, never trusted to hold
    a series back). Fewer instances than the count: incomplete, with the
    missing InstanceNumbers when the numbering is 1..N. As many: complete.
+   Without it, a vendor's count of slice locations, read as dcm2niix reads
+   them and only under its private creator: GE LocationsInAcquisition
+   (0021,xx4F, GEMS_RELA_01), Philips NumberOfSlicesMR (2001,xx18, Philips
+   Imaging DD 001), compared with the distinct slice locations received.
+   Counts are not used for DERIVED images (ImageType): a reformat may carry
+   its source acquisition's count.
 2. **Temporal and cardiac positions.** NumberOfTemporalPositions (0020,0105)
    with TemporalPositionIdentifier (0020,0100): every position 1..N must be
    present with the same number of slices. CardiacNumberOfImages (0018,1090):
@@ -58,6 +64,19 @@ GAP_FACTOR = 1.5
 SAME_LOCATION_MM = 0.01
 # Orientation cosines that differ by more than this are another orientation.
 ORIENTATION_TOLERANCE = 1e-3
+# Vendor counts of slice locations: (group, private creator, element offset, name in the verdict).
+VENDOR_LOCATION_COUNTS = (
+    (0x0021, "GEMS_RELA_01", 0x4F, "GE LocationsInAcquisition"),
+    (0x2001, "Philips Imaging DD 001", 0x18, "Philips NumberOfSlicesMR"),
+)
+# Private blocks looked for (creator elements gggg,0010 .. gggg,001F).
+_PRIVATE_BLOCKS = range(0x10, 0x20)
+_PRIVATE_TAGS = [
+    tag
+    for group, _, offset, _ in VENDOR_LOCATION_COUNTS
+    for block in _PRIVATE_BLOCKS
+    for tag in ((group << 16) | block, (group << 16) | (block << 8) | offset)
+]
 
 
 @dataclass(frozen=True)
@@ -72,6 +91,8 @@ class SliceHeader:
     temporal_positions: int | None = None
     temporal_position: int | None = None
     cardiac_images: int | None = None
+    derived: bool = False  # ImageType value 1 is DERIVED
+    vendor_locations: tuple[str, int] | None = None  # (name, value) of a vendor's slice-location count
 
 
 @dataclass(frozen=True)
@@ -79,9 +100,10 @@ class Completeness:
     """The verdict on one series as received so far."""
 
     received: int
-    expected: int | None  # from a header count that applies to this series
+    expected: int | None  # images, from ImagesInAcquisition when it applies to this series
     missing: str | None  # why it looks incomplete; None when nothing is seen missing
     evidence: str  # what the verdict rests on, for the job's history
+    counted: bool = False  # a header count applies and is met (not merely nothing seen missing)
 
     @property
     def incomplete(self) -> bool:
@@ -89,8 +111,8 @@ class Completeness:
 
     @property
     def confirmed(self) -> bool:
-        """Complete by a count from the headers (not merely nothing seen missing)."""
-        return self.missing is None and self.expected is not None and self.received >= self.expected
+        """Complete by a count from the headers."""
+        return self.missing is None and self.counted
 
     def describe(self) -> str:
         return f"incomplete: {self.missing}" if self.missing else self.evidence
@@ -98,7 +120,9 @@ class Completeness:
 
 def read_slice_header(path: Path) -> SliceHeader:
     """The completeness attributes of one stored instance; raises if the file cannot be read."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(COMPLETENESS_KEYWORDS))
+    ds = pydicom.dcmread(
+        path, stop_before_pixels=True, specific_tags=[*COMPLETENESS_KEYWORDS, "ImageType", *_PRIVATE_TAGS]
+    )
     return SliceHeader(
         instance_number=_int(ds, "InstanceNumber"),
         position=_floats(ds, "ImagePositionPatient", 3),  # type: ignore[arg-type]
@@ -108,6 +132,8 @@ def read_slice_header(path: Path) -> SliceHeader:
         temporal_positions=_int(ds, "NumberOfTemporalPositions"),
         temporal_position=_int(ds, "TemporalPositionIdentifier"),
         cardiac_images=_int(ds, "CardiacNumberOfImages"),
+        derived=_first(ds.get("ImageType")).strip().upper() == "DERIVED",
+        vendor_locations=_vendor_locations(ds),
     )
 
 
@@ -115,18 +141,22 @@ def assess(headers: Sequence[SliceHeader]) -> Completeness:
     """Combine every piece of evidence (module doc) into one verdict."""
     received = len(headers)
     expected, count_missing, count_evidence = _count(headers)
+    if expected is None:
+        count_missing, count_evidence = _location_count(headers)
+    counted = count_evidence is not None  # a count applies and is met
     findings = [f for f in (count_missing, _temporal(headers), _cardiac(headers)) if f]
     positions_missing, positions_evidence = _positions(headers)
-    if positions_missing and not (expected is not None and received >= expected):
+    if positions_missing and not counted:
         findings.append(positions_missing)  # with every counted image here, a gap is spacing (the engine's concern)
     evidence = "; ".join(e for e in (count_evidence, positions_evidence) if e) or "no count or slice positions"
-    return Completeness(received, expected, "; ".join(findings) or None, f"{received} instances: {evidence}")
+    missing = "; ".join(findings) or None
+    return Completeness(received, expected, missing, f"{received} instances: {evidence}", counted)
 
 
 def _count(headers: Sequence[SliceHeader]) -> tuple[int | None, str | None, str | None]:
     """(expected count, what is missing by it, evidence) from ImagesInAcquisition when it applies."""
     count = _consistent(h.images_in_acquisition for h in headers)
-    if count is None or count <= 0:
+    if count is None or count <= 0 or any(h.derived for h in headers):
         return None, None, None
     if len({h.acquisition_number for h in headers if h.acquisition_number is not None}) > 1:
         return None, None, None  # the count is per acquisition; several here
@@ -140,6 +170,21 @@ def _count(headers: Sequence[SliceHeader]) -> tuple[int | None, str | None, str 
     if len(numbers) == received and len(set(numbers)) == received and min(numbers) >= 1:
         missing += f", InstanceNumber {_ranges(sorted(set(range(1, count + 1)) - set(numbers)))} missing"
     return count, missing, None
+
+
+def _location_count(headers: Sequence[SliceHeader]) -> tuple[str | None, str | None]:
+    """(what is missing, evidence when met) by a vendor's count of slice locations, when it applies."""
+    vendor = _consistent_pair(h.vendor_locations for h in headers)
+    normal = _normal(headers)
+    if vendor is None or normal is None or any(h.derived for h in headers):
+        return None, None
+    name, count = vendor
+    locations = len({_location(h, normal) for h in headers})
+    if count <= 0 or locations > count:
+        return None, None  # the count does not describe this series
+    if locations == count:
+        return None, f"{locations} of {count} slice locations ({name})"
+    return f"{locations} of {count} slice locations ({name} {count})", None
 
 
 def _temporal(headers: Sequence[SliceHeader]) -> str | None:
@@ -225,6 +270,28 @@ def _consistent(values: Iterable[int | None]) -> int | None:
     if len(seen) != 1:
         return None
     return next(iter(seen))
+
+
+def _consistent_pair(values: Iterable[tuple[str, int] | None]) -> tuple[str, int] | None:
+    seen = set(values)
+    return next(iter(seen)) if len(seen) == 1 else None
+
+
+def _vendor_locations(ds: pydicom.Dataset) -> tuple[str, int] | None:
+    """The first vendor slice-location count present under its own private creator."""
+    for group, creator, offset, name in VENDOR_LOCATION_COUNTS:
+        try:
+            return name, int(_first(ds.private_block(group, creator)[offset].value))
+        except (KeyError, TypeError, ValueError, IndexError):
+            continue
+    return None
+
+
+def _first(value: object) -> str:
+    """The first value of a multi-valued element (MultiValue, list) or the value itself, as text."""
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return str(value[0]) if len(value) else ""
+    return "" if value is None else str(value)
 
 
 def _ranges(numbers: Sequence[int]) -> str:

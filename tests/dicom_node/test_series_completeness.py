@@ -49,6 +49,31 @@ def test_a_count_that_does_not_describe_the_series_is_ignored_never_holds_it_bac
     assert assess(two).expected is None
 
 
+def test_counts_of_derived_images_are_not_used():
+    # A reformat may carry its source acquisition's count: it never holds the series back.
+    verdict = assess(axial(60, images_in_acquisition=176, derived=True))
+    assert verdict.expected is None and not verdict.incomplete and not verdict.confirmed
+    located = assess(axial(60, vendor_locations=("GE LocationsInAcquisition", 176), derived=True))
+    assert not located.incomplete and not located.confirmed
+
+
+def test_a_vendor_count_of_slice_locations_is_used_without_images_in_acquisition():
+    ge = ("GE LocationsInAcquisition", 40)
+    verdict = assess(axial(30, vendor_locations=ge))
+    assert verdict.missing == "30 of 40 slice locations (GE LocationsInAcquisition 40)"
+    assert assess(axial(40, vendor_locations=ge)).confirmed
+    # Repeated per temporal position, locations are counted once.
+    two_times = axial(40, vendor_locations=ge, temporal_positions=2, temporal_position=1) + axial(
+        40, vendor_locations=ge, temporal_positions=2, temporal_position=2
+    )
+    assert assess(two_times).confirmed
+    # More locations than the count: it does not describe this series.
+    assert not assess(axial(50, vendor_locations=ge)).incomplete
+    # ImagesInAcquisition, when it applies, comes first.
+    both = assess(axial(40, images_in_acquisition=40, vendor_locations=("GE LocationsInAcquisition", 90)))
+    assert both.confirmed and "ImagesInAcquisition" in both.evidence
+
+
 def test_a_gap_in_the_slice_positions_is_incomplete_even_without_a_count():
     slices = [h for h in axial(40) if not 21 <= h.instance_number <= 25]  # type: ignore[operator]
     verdict = assess(slices)
@@ -117,4 +142,23 @@ def test_read_slice_header_reads_the_stored_attributes(mr_series: list[Path], tm
     header = read_slice_header(copy)
     assert header.instance_number == 3 and header.images_in_acquisition == 12
     assert header.position is None and header.orientation is not None
-    assert read_slice_header(mr_series[0]).position is not None
+    assert header.derived  # the phantoms are DERIVED\SECONDARY
+    first = read_slice_header(mr_series[0])
+    assert first.position is not None and first.vendor_locations is None
+
+
+def test_read_slice_header_reads_vendor_counts_only_under_their_private_creator(mr_series: list[Path], tmp_path):
+    def saved(name: str, group: int, creator: str, offset: int, vr: str, value) -> Path:
+        ds = pydicom.dcmread(mr_series[0])
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.private_block(group, "SOMEONE ELSE", create=True)  # takes block 0x10: the vendor's lands in 0x11
+        ds.private_block(group, creator, create=True).add_new(offset, vr, value)
+        ds.save_as(tmp_path / name)
+        return tmp_path / name
+
+    ge = read_slice_header(saved("ge.dcm", 0x0021, "GEMS_RELA_01", 0x4F, "SS", 176))
+    assert ge.vendor_locations == ("GE LocationsInAcquisition", 176) and not ge.derived
+    philips = read_slice_header(saved("philips.dcm", 0x2001, "Philips Imaging DD 001", 0x18, "SL", 60))
+    assert philips.vendor_locations == ("Philips NumberOfSlicesMR", 60)
+    other = read_slice_header(saved("other.dcm", 0x0021, "NOT GE", 0x4F, "SS", 176))
+    assert other.vendor_locations is None

@@ -44,11 +44,12 @@ def watcher(node, clock) -> SeriesWatcher:
 
 
 def with_count(files: list[Path], out: Path, images_in_acquisition: int) -> list[Path]:
-    """Copies of `files` whose headers say ImagesInAcquisition = `images_in_acquisition`."""
+    """Copies of `files` as a scanner's original images whose headers say ImagesInAcquisition = `images_in_acquisition`."""
     out.mkdir(parents=True, exist_ok=True)
     copies = []
     for source in files:
         ds = pydicom.dcmread(source)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]  # the phantoms are DERIVED: their counts would not count
         ds.ImagesInAcquisition = images_in_acquisition
         copies.append(out / source.name)
         ds.save_as(copies[-1], enforce_file_format=True)
