@@ -64,6 +64,7 @@ from storage.jobs import (
     RoutingOutcome,
     complete_series,
     first_instance_path,
+    note_on_received_job,
     series_awaiting_routing,
     series_instance_paths,
 )
@@ -99,6 +100,7 @@ class SeriesWatcher:
         self.clock = clock
         self.listening_since = clock()
         self._assessed: dict[int, _Assessed] = {}  # by series id: headers are read once per instance count
+        self._noted: set[tuple[int, int]] = set()  # (series id, instance count) whose wait is in the job's history
 
     def route(self, series_id: int) -> RoutingOutcome:
         """Decide what to do with one series by the header of its first instance (never raises on bad input)."""
@@ -152,6 +154,7 @@ class SeriesWatcher:
         described = completeness.describe()
         if completeness.incomplete:
             if not final:
+                self._note_waiting(series, completeness)
                 return None
             return replace(
                 outcome,
@@ -182,6 +185,7 @@ class SeriesWatcher:
                 log.error("series.routing_failed", series_id=series.series_id, reason=str(exc))
                 continue
             self._assessed.pop(series.series_id, None)
+            self._noted = {key for key in self._noted if key[0] != series.series_id}
             if self.deliveries is not None:
                 self.deliveries.forget(series.series_uid)
             log.info(
@@ -194,6 +198,16 @@ class SeriesWatcher:
             )
             job_ids.append(job_id)
         return job_ids
+
+    def _note_waiting(self, series: AwaitingSeries, completeness: Completeness) -> None:
+        """Once per instance count: the received job's history and the log say why the series waits."""
+        key = (series.series_id, series.instance_count)
+        if key in self._noted:
+            return
+        self._noted.add(key)
+        message = f"waiting for the rest: {completeness.missing} (up to {self.partial_quiet_period_s:g} s)"
+        note_on_received_job(self.db, series.series_id, message)
+        log.info("series.incomplete_waiting", series_id=series.series_id, missing=completeness.missing)
 
     def _assess(self, series: AwaitingSeries) -> _Assessed:
         """Routing and completeness of the series as it is now, read again only when instances were added."""

@@ -176,6 +176,16 @@ def series_awaiting_routing(
         return [AwaitingSeries(*row) for row in rows]
 
 
+def note_on_received_job(db: Database, series_id: int, message: str) -> bool:
+    """A log event on the series' `received` job (why it waits); False if it has none."""
+    with db.session() as session:
+        job = session.scalar(select(Job).where(Job.series_id == series_id, Job.state == JobState.RECEIVED))
+        if job is None:
+            return False
+        event_row(session, job, EventKind.LOG, message)
+        return True
+
+
 def series_instance_paths(db: Database, series_id: int) -> list[str]:
     """Relative paths of a series' stored instances, in order of arrival."""
     with db.session() as session:

@@ -108,6 +108,10 @@ def test_a_series_sent_in_two_associations_with_a_long_pause_gets_one_job_when_w
     assert watcher.check_once() == []
     [received] = jobs(node)
     assert received.state == JobState.RECEIVED
+    waiting = [e.message for e in load_job(node.db, received.id).events if e.message.startswith("waiting")]
+    assert waiting == [  # once, not at every check
+        "waiting for the rest: 7 of 12 images (ImagesInAcquisition 12), InstanceNumber 8-12 missing (up to 120 s)"
+    ]
 
     assert storescu(node.address[1], files[7:]).returncode == 0
     second_ended = delivered(node, uid)
