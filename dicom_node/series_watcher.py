@@ -163,7 +163,8 @@ class SeriesWatcher:
                 "for the rest (`dicom-node jobs retry` runs it as it is)",
                 completeness=described,
             )
-        # Nothing seen missing. An association that ended without A-RELEASE (or none seen) needs a count.
+        # Nothing seen missing. After an association that ended without A-RELEASE, only a met count routes
+        # it before the long period; with no association seen (another process's SCP), the timing is all there is.
         clean = delivery is None or delivery.released
         if not (clean or completeness.confirmed or final):
             return None
