@@ -6,13 +6,23 @@ this is where an association becomes a row in the job store
 Prometheus counts (`dicom_node.metrics`). Each association's counts are
 touched only by that association's thread; a job-store error while recording
 is logged and never breaks the association.
+
+It also tells the series watcher which series an association is still
+delivering (`SeriesDeliveries`): a series is never taken as complete while an
+association that stored into it is open, and its quiet period counts from
+the end of the last one, released or not. This knowledge lives in the
+process that runs the SCP and its watcher (`serve`); other processes see
+only the instances' times.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from pynetdicom import evt
 
@@ -26,6 +36,7 @@ from storage.associations import (
     settle_interrupted,
 )
 from storage.database import Database
+from storage.models import utcnow
 
 log = get_logger(__name__)
 
@@ -40,6 +51,63 @@ class _Followed:
     started: float = field(default_factory=time.monotonic)
     outcome: str = "closed"  # until released or aborted
     counts: AssociationCounts = field(default_factory=AssociationCounts)
+    series: set[str] = field(default_factory=set)  # Series Instance UIDs it stored new instances into
+
+
+@dataclass(frozen=True)
+class SeriesDelivery:
+    """What this process saw of the associations that stored into one series."""
+
+    open_associations: int  # still open
+    ended_at: datetime | None  # when the last of them ended (UTC)
+    ended_outcome: str | None  # how it ended: released, aborted, closed
+
+    @property
+    def released(self) -> bool:
+        """The last association ended with an A-RELEASE (the sender said it was done)."""
+        return self.open_associations == 0 and self.ended_outcome == "released"
+
+
+class SeriesDeliveries:
+    """Open and ended deliveries per series, written by association threads, read by the watcher."""
+
+    def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._by_series: dict[str, SeriesDelivery] = {}
+
+    def opened(self, series_uid: str) -> None:
+        """An association stored its first new instance into the series."""
+        with self._lock:
+            was = self._by_series.get(series_uid, SeriesDelivery(0, None, None))
+            self._by_series[series_uid] = SeriesDelivery(was.open_associations + 1, was.ended_at, was.ended_outcome)
+
+    def ended(self, series_uids: Iterable[str], outcome: str) -> None:
+        """An association that stored into these series ended (`outcome`: released, aborted, closed)."""
+        now = self.clock()
+        with self._lock:
+            for uid in series_uids:
+                was = self._by_series.get(uid, SeriesDelivery(1, None, None))
+                self._by_series[uid] = SeriesDelivery(max(0, was.open_associations - 1), now, outcome)
+
+    def state(self, series_uid: str) -> SeriesDelivery | None:
+        """None when no association of this process stored into the series (recently)."""
+        with self._lock:
+            return self._by_series.get(series_uid)
+
+    def forget(self, series_uid: str) -> None:
+        """The series was routed: drop what ended (an open association stays followed)."""
+        with self._lock:
+            was = self._by_series.get(series_uid)
+            if was is not None and was.open_associations == 0:
+                del self._by_series[series_uid]
+
+    def prune(self, ended_before: datetime) -> None:
+        """Drop series whose deliveries all ended before `ended_before` (they no longer matter)."""
+        with self._lock:
+            for uid, was in list(self._by_series.items()):
+                if was.open_associations == 0 and (was.ended_at is None or was.ended_at < ended_before):
+                    del self._by_series[uid]
 
 
 class AssociationTracker:
@@ -48,6 +116,7 @@ class AssociationTracker:
         self.metrics = metrics
         self.node = socket.gethostname()
         self._open: dict[int, _Followed] = {}  # by id(assoc), until its connection closes
+        self.deliveries = SeriesDeliveries()
 
     def settle_leftovers(self) -> None:
         """Before listening: this host's rows left `open` by a crash become `interrupted`."""
@@ -78,14 +147,21 @@ class AssociationTracker:
     def aborted(self, event: evt.Event) -> None:
         self._set_outcome(event, "aborted")
 
-    def stored(self, event: evt.Event, outcome: str, nbytes: int, seconds: float) -> None:
-        """One C-STORE handled: `outcome` is a StoreOutcome value or the refusal's name."""
+    def stored(
+        self, event: evt.Event, outcome: str, nbytes: int, seconds: float, series_uid: str | None = None
+    ) -> None:
+        """One C-STORE handled: `outcome` is a StoreOutcome value or the refusal's name.
+
+        `series_uid`: the series a newly stored instance joined (a delivery into it begins)."""
         self.metrics.observe_store(event.assoc.requestor.ae_title, outcome, nbytes, seconds)
         followed = self._open.get(id(event.assoc))
         if followed is not None:
             key = outcome if outcome in ACCEPTED_OUTCOMES else "refused"
             setattr(followed.counts, key, getattr(followed.counts, key) + 1)
             followed.counts.bytes_received += nbytes
+            if outcome == "stored" and series_uid is not None and series_uid not in followed.series:
+                followed.series.add(series_uid)
+                self.deliveries.opened(series_uid)
 
     def rejected(self, event: evt.Event) -> None:
         """An A-ASSOCIATE-RJ sent (called or calling AE policy, too many associations)."""
@@ -104,6 +180,7 @@ class AssociationTracker:
         if followed is None:
             return
         counts = followed.counts
+        self.deliveries.ended(followed.series, followed.outcome)
         self.metrics.associations_active.dec()
         self.metrics.associations.labels(self.metrics.ae_label(followed.calling_ae), followed.outcome).inc()
         if followed.row_id is not None:

@@ -1,46 +1,109 @@
-"""Series completion: a series is complete when no new instance arrived for the quiet period.
+"""Series completion: when a received series is taken as whole and routed.
 
-DIMSE has no "end of series" message, so completion is a timeout
-(APScheduler interval job, `series.check_interval_s`). A complete series is
-routed with the header of its first stored instance; the job is queued or
-rejected with the reason (`storage.jobs.complete_series`). New instances
-after that start a new delivery and, after another quiet period, a new job.
+DIMSE has no "end of series" message, so completion is decided from three
+things, checked every `[series] check_interval_s` (APScheduler):
 
-Each series is routed in isolation: a header that cannot be read or
-routed (e.g. a malformed value in an attribute a rule matches on) fails that
+- **The delivery.** While an association that stored into the series is open
+  (`association_tracker.SeriesDeliveries`), the series waits. The quiet
+  period counts from the end of the last such association (and never from
+  before the series' last instance).
+- **Its headers** (`series_completeness`): an expected count
+  (ImagesInAcquisition), temporal or cardiac positions, gaps in the slice
+  positions.
+- **Two quiet periods.** `quiet_period_s` (short, default 5 s) after a
+  released association, for a series that looks whole. `partial_quiet_period_s`
+  (long, default 120 s) after its last instance, for a series that looks
+  incomplete, whose association was aborted or dropped (unless a count shows
+  it whole), or whose association stays open without sending.
+
+When the long period is over, a series is decided whatever it looks like: an
+incomplete one that a rule matches **fails** with the reason ("incomplete
+series: 150 of 176 images (ImagesInAcquisition 176), InstanceNumber 151-176
+missing"), so no partial RTSTRUCT reaches a planning system unseen; the job
+keeps its rule, so `dicom-node jobs retry` runs it as it is when a physicist
+decides so. If the rest arrives later, the series is a new delivery and gets
+a new job. A series no rule matches is rejected after the short period
+without its completeness being read: nothing will run on it.
+
+Limit: a series without a count whose *trailing* slices are missing has
+evenly spaced positions and looks whole; it is routed after the short
+period. Likewise, a process that does not run the SCP (or another host's
+SCP sharing the job store) does not see the associations: the quiet period
+counts from the last instance.
+
+Start-up: a series whose last instance reached a previous run of the process
+counts its quiet period from this run's start (its association's end was
+not seen), so a series whose sender was still sending across a restart is
+not cut in two.
+
+Each series is decided in isolation: a header that cannot be read or routed
+(e.g. a malformed value in an attribute a rule matches on) fails that
 series' job with the reason, and the other series proceed. One bad series
 must never stall the watcher for every series after it.
 
-The quiet period must elapse while the node is listening: nothing is routed
-during the first quiet period after start-up, so a series whose sender was
-still sending (or retrying) across a restart is not cut in two.
+Time comes from `clock` (UTC now; tests inject a fake one), the same clock
+as the job store's timestamps.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 
 import pydicom
 
+from dicom_node.association_tracker import SeriesDeliveries
 from dicom_node.logging_setup import get_logger
 from dicom_node.routing import CompiledRule, route_series
+from dicom_node.series_completeness import Completeness, assess, read_slice_header
 from storage.database import Database
 from storage.instance_store import InstanceStore
-from storage.jobs import RoutingOutcome, complete_series, first_instance_path, series_ready_for_routing
+from storage.jobs import (
+    AwaitingSeries,
+    RoutingOutcome,
+    complete_series,
+    first_instance_path,
+    note_on_received_job,
+    series_awaiting_routing,
+    series_instance_paths,
+)
+from storage.models import utcnow
 
 log = get_logger(__name__)
 
 
+@dataclass(frozen=True)
+class _Assessed:
+    instance_count: int  # the verdicts below are about this many instances
+    outcome: RoutingOutcome
+    completeness: Completeness | None  # None: not read (no rule matched, routing failed)
+
+
 class SeriesWatcher:
-    def __init__(self, db: Database, store: InstanceStore, rules: list[CompiledRule], quiet_period_s: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        store: InstanceStore,
+        rules: list[CompiledRule],
+        quiet_period_s: float,
+        partial_quiet_period_s: float | None = None,
+        deliveries: SeriesDeliveries | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
         self.db = db
         self.store = store
         self.rules = rules
         self.quiet_period_s = quiet_period_s
-        self._listening_since = time.monotonic()
+        self.partial_quiet_period_s = max(quiet_period_s, partial_quiet_period_s or quiet_period_s)
+        self.deliveries = deliveries
+        self.clock = clock
+        self.listening_since = clock()
+        self._assessed: dict[int, _Assessed] = {}  # by series id: headers are read once per instance count
+        self._noted: set[tuple[int, int]] = set()  # (series id, instance count) whose wait is in the job's history
 
     def route(self, series_id: int) -> RoutingOutcome:
-        """Decide what to do with one complete series (never raises on bad input)."""
+        """Decide what to do with one series by the header of its first instance (never raises on bad input)."""
         relative = first_instance_path(self.db, series_id)
         if relative is None:
             return RoutingOutcome(None, None, [], "the series has no stored instance", failed=True)
@@ -59,20 +122,101 @@ class SeriesWatcher:
         rule = decision.rule
         return RoutingOutcome(rule.name, rule.model, list(rule.destinations), decision.reason)
 
+    def completeness(self, series_id: int) -> Completeness:
+        """The series' completeness from the headers of its stored instances."""
+        paths = series_instance_paths(self.db, series_id)
+        headers = []
+        for relative in paths:
+            try:
+                headers.append(read_slice_header(self.store.absolute(relative)))
+            except Exception as exc:  # the engine fails the series with its own reason
+                return Completeness(len(paths), None, None, f"{relative.rsplit('/', 1)[-1]} unreadable: {exc}")
+        return assess(headers)
+
+    def decide(self, series: AwaitingSeries, now: datetime) -> RoutingOutcome | None:
+        """The outcome to record for a series now, or None while it waits (module doc)."""
+        delivery = self.deliveries.state(series.series_uid) if self.deliveries is not None else None
+        quiet_since = max(series.last_received_at, self.listening_since)
+        if delivery is not None and delivery.ended_at is not None and delivery.open_associations == 0:
+            quiet_since = max(quiet_since, delivery.ended_at)
+        quiet_s = (now - quiet_since).total_seconds()
+        if quiet_s < self.quiet_period_s:
+            return None
+        final = (now - max(series.last_received_at, self.listening_since)).total_seconds() >= (
+            self.partial_quiet_period_s
+        )
+        if delivery is not None and delivery.open_associations > 0 and not final:
+            return None
+        assessed = self._assess(series)
+        outcome, completeness = assessed.outcome, assessed.completeness
+        if completeness is None:  # no rule, or routing failed: nothing will run on it
+            return outcome
+        described = completeness.describe()
+        if completeness.incomplete:
+            if not final:
+                self._note_waiting(series, completeness)
+                return None
+            return replace(
+                outcome,
+                failed=True,
+                reason=f"incomplete series: {completeness.missing}; waited {self.partial_quiet_period_s:g} s "
+                "for the rest (`dicom-node jobs retry` runs it as it is)",
+                completeness=described,
+            )
+        # Nothing seen missing. After an association that ended without A-RELEASE, only a met count routes
+        # it before the long period; with no association seen (another process's SCP), the timing is all there is.
+        clean = delivery is None or delivery.released
+        if not (clean or completeness.confirmed or final):
+            return None
+        return replace(outcome, completeness=described)
+
     def check_once(self) -> list[int]:
         """Route every series that became complete; returns the job ids created or updated."""
+        now = self.clock()
         job_ids: list[int] = []
-        if time.monotonic() - self._listening_since < self.quiet_period_s:
-            return job_ids
-        for series_id in series_ready_for_routing(self.db, self.quiet_period_s):
+        if self.deliveries is not None:
+            self.deliveries.prune(ended_before=now - timedelta(seconds=self.partial_quiet_period_s))
+        for series in series_awaiting_routing(self.db, self.quiet_period_s, self.clock):
             try:
-                outcome = self.route(series_id)
-                job_id = complete_series(self.db, series_id, outcome)
+                outcome = self.decide(series, now)
+                if outcome is None:
+                    continue
+                job_id = complete_series(self.db, series.series_id, outcome)
             except Exception as exc:  # e.g. the database: this series is tried again next round, the others go on
-                log.error("series.routing_failed", series_id=series_id, reason=str(exc))
+                log.error("series.routing_failed", series_id=series.series_id, reason=str(exc))
                 continue
+            self._assessed.pop(series.series_id, None)
+            self._noted = {key for key in self._noted if key[0] != series.series_id}
+            if self.deliveries is not None:
+                self.deliveries.forget(series.series_uid)
             log.info(
-                "series.complete", job_id=job_id, series_id=series_id, rule=outcome.rule_name, reason=outcome.reason
+                "series.complete",
+                job_id=job_id,
+                series_id=series.series_id,
+                rule=outcome.rule_name,
+                reason=outcome.reason,
+                completeness=outcome.completeness,
             )
             job_ids.append(job_id)
         return job_ids
+
+    def _note_waiting(self, series: AwaitingSeries, completeness: Completeness) -> None:
+        """Once per instance count: the received job's history and the log say why the series waits."""
+        key = (series.series_id, series.instance_count)
+        if key in self._noted:
+            return
+        self._noted.add(key)
+        message = f"waiting for the rest: {completeness.missing} (up to {self.partial_quiet_period_s:g} s)"
+        note_on_received_job(self.db, series.series_id, message)
+        log.info("series.incomplete_waiting", series_id=series.series_id, missing=completeness.missing)
+
+    def _assess(self, series: AwaitingSeries) -> _Assessed:
+        """Routing and completeness of the series as it is now, read again only when instances were added."""
+        cached = self._assessed.get(series.series_id)
+        if cached is not None and cached.instance_count == series.instance_count:
+            return cached
+        outcome = self.route(series.series_id)
+        completeness = None if outcome.rule_name is None or outcome.failed else self.completeness(series.series_id)
+        assessed = _Assessed(series.instance_count, outcome, completeness)
+        self._assessed[series.series_id] = assessed
+        return assessed

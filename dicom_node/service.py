@@ -58,7 +58,14 @@ class NodeService:
         self.metrics = NodeMetrics()
         self.metrics.add_collector(JobStoreCollector(self.db, self.store.free_bytes, s.node.min_free_disk_mb * 2**20))
         self.scp = StoreSCP(s.node, self.db, self.store, self.metrics, conflict_policy=s.storage.conflict_policy)
-        self.watcher = SeriesWatcher(self.db, self.store, compile_rules(s.rules), s.series.quiet_period_s)
+        self.watcher = SeriesWatcher(
+            self.db,
+            self.store,
+            compile_rules(s.rules),
+            s.series.quiet_period_s,
+            s.series.partial_quiet_period_s,
+            self.scp.tracker.deliveries,
+        )
         self.exporter = Exporter(self.db, self.store, s.destinations, s.export, s.node.ae_title, s.node.dimse_timeout_s)
         self.exporter.on_attempt = self.metrics.observe_export
         self.registry = ModelRegistry()

@@ -136,10 +136,11 @@ class StoreSCP:
     def handle_store(self, event: evt.Event) -> int:
         """`_receive`, timed and counted (per association and in the metrics) by its outcome."""
         start = time.perf_counter()
-        self._outcome.value, self._outcome.nbytes = None, 0
+        self._outcome.value, self._outcome.nbytes, self._outcome.series_uid = None, 0, None
         status = self._receive(event)
         outcome = self._outcome.value or REFUSAL_NAMES.get(status, f"status_{status:04x}")
-        self.tracker.stored(event, outcome, self._outcome.nbytes, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.tracker.stored(event, outcome, self._outcome.nbytes, seconds, self._outcome.series_uid)
         return status
 
     def _receive(self, event: evt.Event) -> int:
@@ -205,7 +206,7 @@ class StoreSCP:
         except Exception as exc:  # database down or similar: refuse, never acknowledge
             bound.error("store.failed", reason=f"job store error: {exc}")
             return status_codes.OUT_OF_RESOURCES
-        self._outcome.value = outcome.value
+        self._outcome.value, self._outcome.series_uid = outcome.value, meta.series_uid
         if outcome is StoreOutcome.CONFLICT:  # still Success: both versions are safely kept
             bound.warning(
                 "store.conflict",

@@ -20,6 +20,8 @@ holder and its attempt in the same transaction (`LeaseLost`).
 Series that arrive again after they were evaluated: the new instances join
 the stored series and, after a new quiet period, the whole series is
 evaluated again and a new job is created; earlier jobs stay in the history.
+When a series is complete is the watcher's decision
+(`dicom_node.series_watcher`); `series_awaiting_routing` lists the candidates.
 
 Attempt cap (`[worker] max_attempts`): an attempt that ends without a result
 for a reason that may not recur (an internal error, or a worker that died
@@ -145,19 +147,55 @@ def open_job_on_first_instance(session: Session, series: Series, study_uid: str,
     return job
 
 
-def series_ready_for_routing(db: Database, quiet_period_s: float) -> list[int]:
-    """Series ids whose last new instance is older than the quiet period and not yet evaluated."""
-    cutoff = utcnow() - timedelta(seconds=quiet_period_s)
+@dataclass(frozen=True)
+class AwaitingSeries:
+    """A series with instances not yet evaluated (the watcher decides whether it is complete)."""
+
+    series_id: int
+    series_uid: str
+    instance_count: int
+    last_received_at: datetime
+
+
+def series_awaiting_routing(
+    db: Database, quiet_period_s: float, clock: Callable[[], datetime] = utcnow
+) -> list[AwaitingSeries]:
+    """Series not yet evaluated whose last new instance is at least `quiet_period_s` old, oldest first.
+
+    `clock`: the current UTC time (injected by tests)."""
+    cutoff = clock() - timedelta(seconds=quiet_period_s)
     with db.session() as session:
-        rows = session.scalars(
-            select(Series.id)
+        rows = session.execute(
+            select(Series.id, Series.series_uid, Series.instance_count, Series.last_received_at)
             .where(
                 Series.last_received_at <= cutoff,
                 or_(Series.evaluated_at.is_(None), Series.evaluated_at < Series.last_received_at),
             )
             .order_by(Series.last_received_at)
         )
-        return list(rows)
+        return [AwaitingSeries(*row) for row in rows]
+
+
+def note_on_received_job(db: Database, series_id: int, message: str) -> bool:
+    """A log event on the series' `received` job (why it waits); False if it has none."""
+    with db.session() as session:
+        job = session.scalar(select(Job).where(Job.series_id == series_id, Job.state == JobState.RECEIVED))
+        if job is None:
+            return False
+        event_row(session, job, EventKind.LOG, message)
+        return True
+
+
+def series_instance_paths(db: Database, series_id: int) -> list[str]:
+    """Relative paths of a series' stored instances, in order of arrival."""
+    with db.session() as session:
+        return list(
+            session.scalars(
+                select(Instance.path)
+                .where(Instance.series_id == series_id, Instance.purged_at.is_(None))
+                .order_by(Instance.id)
+            )
+        )
 
 
 def stored_instance_paths(db: Database) -> set[str]:
@@ -181,7 +219,8 @@ class RoutingOutcome:
     model: str | None
     destinations: list[str]
     reason: str  # why it matched, why nothing matched, or why routing failed
-    failed: bool = False  # routing itself failed (e.g. a malformed value): the job fails, not rejected
+    failed: bool = False  # the job fails with `reason` (routing failed, or a rule matched an incomplete series)
+    completeness: str | None = None  # what the series' completeness verdict rests on (job history)
 
 
 def complete_series(db: Database, series_id: int, outcome: RoutingOutcome) -> int:
@@ -204,6 +243,12 @@ def complete_series(db: Database, series_id: int, outcome: RoutingOutcome) -> in
         series.evaluated_at = utcnow()
         job.instance_count = series.instance_count
         event_row(session, job, EventKind.LOG, f"series complete: {series.instance_count} instances")
+        if outcome.completeness is not None:
+            event_row(session, job, EventKind.LOG, f"completeness: {outcome.completeness}")
+        if outcome.rule_name is not None:  # also when failed: `jobs retry` then runs it as routed
+            job.rule_name = outcome.rule_name
+            job.model = outcome.model
+            job.destinations = list(outcome.destinations)
         if outcome.failed:
             set_state(session, job, JobState.FAILED, f"failed: {outcome.reason}", reason=f"failed: {outcome.reason}")
         elif outcome.rule_name is None:
@@ -211,9 +256,6 @@ def complete_series(db: Database, series_id: int, outcome: RoutingOutcome) -> in
                 session, job, JobState.REJECTED, f"rejected: {outcome.reason}", reason=f"rejected: {outcome.reason}"
             )
         else:
-            job.rule_name = outcome.rule_name
-            job.model = outcome.model
-            job.destinations = list(outcome.destinations)
             set_state(session, job, JobState.QUEUED, f"queued: {outcome.reason}")
         session.flush()
         return job.id

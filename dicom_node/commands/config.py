@@ -49,7 +49,11 @@ def check(config: Path | None = ConfigOption) -> None:
         "retention",
         f"{storage.retention_days:g} days after export" if storage.retention_days else "keep forever",
     )
-    summary.add_row("series complete after", f"{settings.series.quiet_period_s:g} s without instances")
+    summary.add_row(
+        "series complete after",
+        f"{settings.series.quiet_period_s:g} s after its association ended "
+        f"({settings.series.partial_quiet_period_s:g} s if it looks incomplete)",
+    )
     summary.add_row("workers", f"{settings.worker.count} on {settings.worker.device}")
     summary.add_row(
         "RTSTRUCT ROI names", f"{settings.outputs.roi_name_prefix}GTV_1, {settings.outputs.roi_name_prefix}GTV_2, ..."

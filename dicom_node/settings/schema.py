@@ -236,11 +236,23 @@ class StorageSettings(_Section):
         return self.database_url or f"sqlite:///{self.data_dir}/dicom-node.db"
 
 
-class SeriesSettings(_Section):
-    """Series completion: a series is complete after a quiet period without instances."""
+# `[series] partial_quiet_period_s` by default. It is never shorter than `quiet_period_s`: a longer
+# quiet_period_s (an older file's 300 s, a test's 600 s) raises it, so such files stay valid.
+DEFAULT_PARTIAL_QUIET_PERIOD_S = 120.0
 
-    quiet_period_s: float = Field(default=30, gt=0)
-    check_interval_s: float = Field(default=5, gt=0)
+
+class SeriesSettings(_Section):
+    """Series completion (`dicom_node.series_watcher`): a short quiet period after the delivery
+    ended, a long one for a series that looks incomplete."""
+
+    quiet_period_s: float = Field(default=5, gt=0)
+    partial_quiet_period_s: float = Field(default=DEFAULT_PARTIAL_QUIET_PERIOD_S, gt=0)
+    check_interval_s: float = Field(default=1, gt=0)
+
+    @model_validator(mode="after")
+    def _partial_not_shorter(self) -> SeriesSettings:
+        self.partial_quiet_period_s = max(self.partial_quiet_period_s, self.quiet_period_s)
+        return self
 
 
 # The output objects the node writes, as named in a destination's `objects` filter.

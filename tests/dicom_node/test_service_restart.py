@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import time
+from sqlalchemy import select
 
 from dicom_node.series_watcher import SeriesWatcher
+from storage.models import Series
 from tests.dicom_node.conftest import storescu
+from tests.helpers.clock import FakeClock
 
 
 def test_start_up_removes_files_that_have_no_row_and_keeps_stored_ones(start_node, node_env, mr_series):
@@ -26,10 +28,15 @@ def test_start_up_removes_files_that_have_no_row_and_keeps_stored_ones(start_nod
 def test_nothing_is_routed_during_the_first_quiet_period_after_start(start_node, mr_series):
     node = start_node(DICOM_NODE__SERIES__QUIET_PERIOD_S="600")  # its own watcher never routes here
     assert storescu(node.address[1], mr_series).returncode == 0
-    time.sleep(0.5)
-    # A watcher that has just started (as after a restart) waits a full quiet period,
-    # even though the series' last instance is already older than that.
-    fresh = SeriesWatcher(node.db, node.store, node.watcher.rules, quiet_period_s=0.3)
+    with node.db.session() as session:
+        last_received = session.scalars(select(Series.last_received_at)).one()
+    # A watcher that starts (as after a restart) an hour after the series' last instance:
+    # the series is far older than the quiet period, yet waits a full quiet period from the start.
+    clock = FakeClock(last_received)
+    clock.advance(3600)
+    fresh = SeriesWatcher(node.db, node.store, node.watcher.rules, quiet_period_s=5, clock=clock)
     assert fresh.check_once() == []
-    time.sleep(0.4)
+    clock.advance(4.9)
+    assert fresh.check_once() == []
+    clock.advance(0.1)
     assert len(fresh.check_once()) == 1

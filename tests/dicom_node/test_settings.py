@@ -38,7 +38,7 @@ def test_defaults_without_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert settings.storage.data_dir == tmp_path / "var"
     assert settings.storage.resolved_database_url == f"sqlite:///{tmp_path}/var/dicom-node.db"
     assert settings.storage.retention_days is None
-    assert settings.series.quiet_period_s == 30
+    assert settings.series.quiet_period_s == 5
     assert settings.logging.format == "auto" and not settings.logging.log_patient_names
     assert settings.rules == [] and settings.destinations == []
 
@@ -50,7 +50,7 @@ def test_example_file_matches_the_contract(tmp_path: Path, monkeypatch: pytest.M
     assert (settings.node.host, settings.node.port) == ("127.0.0.1", 11112)
     assert settings.node.allowed_calling_aets == [] and settings.node.allowed_source_addresses == []
     assert settings.storage.data_dir == tmp_path / "var"
-    assert settings.series.quiet_period_s == 30
+    assert settings.series.quiet_period_s == 5
     [rule] = settings.rules
     assert (rule.name, rule.model, rule.match, rule.destinations) == (
         "brain-mr",
@@ -99,7 +99,7 @@ def test_environment_overrides(tmp_path: Path) -> None:
     assert settings.storage.retention_days == 7.5
     assert settings.destination("tps").host == "tps.example.org"
     assert settings.logging.level == "DEBUG"
-    assert settings.series.quiet_period_s == 30
+    assert settings.series.quiet_period_s == 5
 
 
 def test_environment_overrides_rule_patterns_keeping_keyword_case() -> None:

@@ -1,0 +1,235 @@
+"""When a received series is routed: real associations on 127.0.0.1, decisions at instants of a fake clock.
+
+Each test starts a node whose own watcher never routes (quiet periods of 600 s) and
+drives a second watcher that shares the node's view of its associations but reads
+time from a `FakeClock`, so every assertion is about an exact number of seconds after
+the last instance or the end of the association, however slow the machine is.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage
+from sqlalchemy import select
+
+from dicom_node.series_watcher import SeriesWatcher
+from storage.jobs import list_jobs, load_job, retry_job
+from storage.models import EventKind, Job, JobState, Series
+from tests.dicom_node.conftest import storescu, wait_for
+from tests.helpers.clock import FakeClock
+
+SHORT_S, LONG_S = 5.0, 120.0
+
+
+@pytest.fixture
+def node(start_node):
+    return start_node(DICOM_NODE__SERIES__QUIET_PERIOD_S="600")  # its own watcher stays out of the way
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()  # the real time before anything is sent: the watcher below starts listening then
+
+
+@pytest.fixture
+def watcher(node, clock) -> SeriesWatcher:
+    return SeriesWatcher(
+        node.db, node.store, node.watcher.rules, SHORT_S, LONG_S, node.scp.tracker.deliveries, clock=clock
+    )
+
+
+def with_count(files: list[Path], out: Path, images_in_acquisition: int) -> list[Path]:
+    """Copies of `files` as a scanner's original images whose headers say ImagesInAcquisition = `images_in_acquisition`."""
+    out.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for source in files:
+        ds = pydicom.dcmread(source)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]  # the phantoms are DERIVED: their counts would not count
+        ds.ImagesInAcquisition = images_in_acquisition
+        copies.append(out / source.name)
+        ds.save_as(copies[-1], enforce_file_format=True)
+    return copies
+
+
+def delivered(node, series_uid: str) -> datetime:
+    """Once the association that delivered `series_uid` has closed: the later of its end and the last instance."""
+    state = wait_for(lambda: (s := node.scp.tracker.deliveries.state(series_uid)) and not s.open_associations and s)
+    assert state.ended_at >= last_instance(node, series_uid)
+    return state.ended_at
+
+
+def last_instance(node, series_uid: str) -> datetime:
+    with node.db.session() as session:
+        return session.scalars(select(Series.last_received_at).where(Series.series_uid == series_uid)).one()
+
+
+def series_uid(files: list[Path]) -> str:
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def jobs(node) -> list[Job]:
+    with node.db.session() as session:
+        return list(session.scalars(select(Job).order_by(Job.id)).all())
+
+
+def test_a_released_complete_series_is_routed_the_short_quiet_period_after_release(node, watcher, clock, mr_series):
+    assert storescu(node.address[1], mr_series).returncode == 0
+    ended = delivered(node, series_uid(mr_series))
+
+    clock.set(ended, SHORT_S - 0.1)
+    assert watcher.check_once() == []
+    clock.set(ended, SHORT_S)
+    [job_id] = watcher.check_once()
+    job = load_job(node.db, job_id)
+    assert job.state == JobState.QUEUED and job.instance_count == len(mr_series)
+    [completeness] = [e.message for e in job.events if e.message.startswith("completeness:")]
+    assert completeness.startswith("completeness: 12 instances: 12 slice positions, spacing ")
+    assert completeness.endswith(" mm, no gap")
+
+
+def test_a_series_sent_in_two_associations_with_a_long_pause_gets_one_job_when_whole(
+    node, watcher, clock, mr_series, tmp_path
+):
+    files = with_count(mr_series, tmp_path / "counted", len(mr_series))
+    uid = series_uid(files)
+    assert storescu(node.address[1], files[:7]).returncode == 0
+    first_ended = delivered(node, uid)
+
+    # Far past the short quiet period: the count says 7 of 12, so the series waits.
+    for after in (SHORT_S, 60.0):
+        clock.set(first_ended, after)
+        assert watcher.check_once() == []
+    clock.set(last_instance(node, uid), LONG_S - 0.1)
+    assert watcher.check_once() == []
+    [received] = jobs(node)
+    assert received.state == JobState.RECEIVED
+    waiting = [e.message for e in load_job(node.db, received.id).events if e.message.startswith("waiting")]
+    assert waiting == [  # once, not at every check
+        "waiting for the rest: 7 of 12 images (ImagesInAcquisition 12), InstanceNumber 8-12 missing (up to 120 s)"
+    ]
+
+    assert storescu(node.address[1], files[7:]).returncode == 0
+    second_ended = delivered(node, uid)
+    clock.set(second_ended, SHORT_S - 0.1)
+    assert watcher.check_once() == []
+    clock.set(second_ended, SHORT_S)
+    [job_id] = watcher.check_once()
+
+    [job] = jobs(node)
+    assert job.id == job_id == received.id and job.state == JobState.QUEUED and job.instance_count == 12
+    messages = [e.message for e in load_job(node.db, job_id).events]
+    assert "completeness: 12 instances: 12 of 12 images (ImagesInAcquisition); 12 slice positions" in " ".join(messages)
+
+
+def test_missing_trailing_slices_wait_the_long_period_then_fail_with_the_reason(
+    node, watcher, clock, mr_series, tmp_path
+):
+    files = with_count(mr_series, tmp_path / "counted", len(mr_series))
+    uid = series_uid(files)
+    assert storescu(node.address[1], files[:9]).returncode == 0  # the last 3 slices never come
+    ended, last = delivered(node, uid), last_instance(node, uid)
+
+    clock.set(ended, SHORT_S)
+    assert watcher.check_once() == []
+    clock.set(last, LONG_S - 0.1)
+    assert watcher.check_once() == []
+    clock.set(last, LONG_S)
+    [job_id] = watcher.check_once()
+
+    job = load_job(node.db, job_id)
+    assert job.state == JobState.FAILED
+    assert job.reason == (
+        "failed: incomplete series: 9 of 12 images (ImagesInAcquisition 12), InstanceNumber 10-12 missing; "
+        "waited 120 s for the rest (`dicom-node jobs retry` runs it as it is)"
+    )
+    assert job.rule_name == "brain-mr" and job.model == "default" and job.destinations == ["tps"]
+    assert not job.exports
+
+    # The rest arrives later: a new delivery, a new job, routed the short period after it.
+    assert storescu(node.address[1], files[9:]).returncode == 0
+    again = delivered(node, uid)
+    clock.set(again, SHORT_S)
+    [second_id] = watcher.check_once()
+    assert second_id != job_id
+    second = load_job(node.db, second_id)
+    assert second.state == JobState.QUEUED and second.instance_count == 12
+
+    # A physicist may still run the partial job as it was routed.
+    retry_job(node.db, job_id)
+    assert load_job(node.db, job_id).state == JobState.QUEUED
+
+
+def test_a_gap_in_the_slice_positions_waits_for_the_missing_slices(node, watcher, clock, mr_series):
+    uid = series_uid(mr_series)
+    assert storescu(node.address[1], mr_series[:5] + mr_series[8:]).returncode == 0  # slices 6-8 later
+    ended = delivered(node, uid)
+    clock.set(ended, 60)
+    assert watcher.check_once() == []
+
+    assert storescu(node.address[1], mr_series[5:8]).returncode == 0
+    clock.set(delivered(node, uid), SHORT_S)
+    [job_id] = watcher.check_once()
+    assert load_job(node.db, job_id).state == JobState.QUEUED and len(list_jobs(node.db)) == 1
+
+
+def send_and_hold(port: int, files: list[Path]):
+    """A pynetdicom association that stores `files` and stays open; the caller releases or aborts it."""
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    for path in files:
+        assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0
+    return assoc
+
+
+def test_an_open_association_holds_its_series_until_the_long_period(node, watcher, clock, mr_series, tmp_path):
+    files = with_count(mr_series, tmp_path / "counted", len(mr_series))  # whole by its count, yet it waits
+    uid = series_uid(files)
+    assoc = send_and_hold(node.address[1], files)
+    try:
+        last = last_instance(node, uid)
+        assert node.scp.tracker.deliveries.state(uid).open_associations == 1
+        clock.set(last, 60)
+        assert watcher.check_once() == []
+        clock.set(last, LONG_S)  # a sender that keeps its association open without sending
+        [job_id] = watcher.check_once()
+        assert load_job(node.db, job_id).state == JobState.QUEUED
+    finally:
+        assoc.release()
+
+
+def test_an_aborted_association_needs_a_count_to_be_routed_early(node, watcher, clock, mr_series, tmp_path):
+    uncounted, counted = mr_series[:6], with_count(mr_series[6:], tmp_path / "other", 6)
+    # Two series: the second one's headers make it a series of its own with a count of 6.
+    other = []
+    for number, path in enumerate(counted, start=1):
+        ds = pydicom.dcmread(path)
+        ds.InstanceNumber = number
+        ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".2"
+        ds.SOPInstanceUID = ds.SOPInstanceUID + ".2"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(path, enforce_file_format=True)
+        other.append(path)
+    send_and_hold(node.address[1], uncounted + other).abort()
+    ended = delivered(node, series_uid(uncounted))
+    assert delivered(node, series_uid(other)) == ended
+    # pynetdicom may report the closed connection before the A-ABORT: either way, not released.
+    assert node.scp.tracker.deliveries.state(series_uid(uncounted)).ended_outcome in ("aborted", "closed")
+
+    clock.set(ended, SHORT_S)
+    [counted_job] = watcher.check_once()  # 6 of 6: whole, although the sender aborted
+    assert load_job(node.db, counted_job).series_uid == series_uid(other)
+    last = last_instance(node, series_uid(uncounted))
+    clock.set(last, LONG_S - 0.1)
+    assert watcher.check_once() == []  # nothing seen missing, but no count and no release: the sender may retry
+    clock.set(last, LONG_S)
+    [late_job] = watcher.check_once()
+    job = load_job(node.db, late_job)
+    assert job.series_uid == series_uid(uncounted) and job.state == JobState.QUEUED
+    assert any(e.kind == EventKind.LOG and e.message.startswith("completeness: 6 instances") for e in job.events)
