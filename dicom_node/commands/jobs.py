@@ -95,6 +95,7 @@ def job_dict(job, *, full: bool = False) -> dict:
                 "last_error": e.last_error,
                 "done_at": _iso(e.done_at),
                 "path": e.path,
+                "attempt": e.attempt,
             }
             for e in job.exports
         ]
@@ -213,10 +214,15 @@ def show(
         )
     console.print(table)
     if data["exports"]:
-        exports = Table("destination", "object", "state", "attempts", "last error")
+        exports = Table("job attempt", "destination", "object", "state", "tries", "last error")
         for e in data["exports"]:
             exports.add_row(
-                escape(e["destination"]), e["object"], e["state"], str(e["attempts"]), escape(e["last_error"] or "")
+                str(e["attempt"]),
+                escape(e["destination"]),
+                e["object"],
+                e["state"],
+                str(e["attempts"]),
+                escape(e["last_error"] or ""),
             )
         console.print(exports)
     for event in job.events:
@@ -284,9 +290,13 @@ def retry(job_id: int, config: Path | None = ConfigOption) -> None:
 def export(
     job_id: int,
     to: list[str] = typer.Option(None, "--to", help="Destination name (repeatable)."),
+    attempt: int | None = typer.Option(
+        None, "--attempt", min=1, help="Send this attempt's outputs instead of the latest attempt's."
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Re-send a job's results to its destinations (or only to --to), as their `objects` filters allow."""
+    """Re-send a job's results (its latest attempt's, or --attempt N's) to its destinations (or only to --to),
+    as their `objects` filters allow; earlier attempts' outputs are not sent again."""
     from dicom_node.export_targets import ExportTargets
     from storage.exports import resend
     from storage.jobs import InvalidTransition, JobNotFound, load_job
@@ -298,11 +308,15 @@ def export(
         raise fail(f"unknown destination(s) {', '.join(unknown)}; configured: {', '.join(sorted(known)) or 'none'}")
     db = _database(config)
     try:
-        outputs = [tuple(o) for o in (load_job(db, job_id).summary or {}).get("outputs", [])]
-        count = resend(db, job_id, list(to) if to else None, outputs, ExportTargets(settings.destinations).wants)
+        job = load_job(db, job_id)
+        outputs = [tuple(o) for o in (job.summary or {}).get("outputs", [])]
+        count = resend(
+            db, job_id, list(to) if to else None, outputs, ExportTargets(settings.destinations).wants, attempt=attempt
+        )
     except (JobNotFound, InvalidTransition, ValueError) as exc:
         raise fail(str(exc)) from None
-    console.print(f"job {job_id}: {count} export(s) pending; the running service sends them")
+    which = f"attempt {attempt}" if attempt is not None else f"attempt {job.attempts}, the latest"
+    console.print(f"job {job_id}: {count} export(s) of {which} pending; the running service sends them")
 
 
 UserOption = typer.Option(None, "--user", help="Who decides (recorded in the job's events; default: the OS login).")
