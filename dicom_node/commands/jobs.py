@@ -316,7 +316,7 @@ def export(
     except (JobNotFound, InvalidTransition, ValueError) as exc:
         raise fail(str(exc)) from None
     which = f"attempt {attempt}" if attempt is not None else f"attempt {job.attempts}, the latest"
-    console.print(f"job {job_id}: {count} export(s) of {which} pending; the running service sends them")
+    console.print(f"job {job_id}: {count} export(s) pending ({which}); the running service sends them")
 
 
 UserOption = typer.Option(None, "--user", help="Who decides (recorded in the job's events; default: the OS login).")
