@@ -14,6 +14,10 @@ is the worker that runs (or last ran) the job, `host:pid:nonce:worker-N`;
 `host` its host; `lease_expires_at` how long a running job's worker is
 trusted without a heartbeat.
 
+Re-runs: a retried job keeps every attempt's outputs; `export` re-sends the
+latest attempt's only, `export --attempt N` attempt N's (`storage.exports.resend`),
+and `show` lists each export row with its attempt.
+
 Every value that comes from the job store (patient ID, reasons, messages,
 AE titles) is escaped before Rich renders it: a PatientID such as
 `PAT[/]01` is text, not markup, and must neither crash nor restyle the view.
@@ -276,7 +280,8 @@ def _write_overlay(db, data_dir: Path, job, out_png: Path) -> str | None:
 
 @jobs_app.command("retry")
 def retry(job_id: int, config: Path | None = ConfigOption) -> None:
-    """Queue a done, failed or rejected job again (the running service picks it up)."""
+    """Queue a done, failed or rejected job again (the running service picks it up); its new result
+    goes into the same output series and supersedes the earlier one."""
     from storage.jobs import InvalidTransition, JobNotFound, retry_job
 
     try:
