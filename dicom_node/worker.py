@@ -9,7 +9,9 @@ readable reason and the stack trace, and the worker takes the next job: a bad
 series never stops the service. A series the input screening refuses (not what
 the model accepts) is `rejected` with the reason instead; the job's routing rule
 may add its own screening names (`rules.screening`). Outputs go to `outputs/job-<id>/attempt-<n>/`
-so a retried job never mixes its results with an earlier attempt's.
+so a retried job never mixes its results with an earlier attempt's. A re-run (a retry, or a
+later job of the same series and model) writes into the same output series and supersedes
+the latest object written there (`storage.outputs`, `inference.outputs.supersession`).
 
 Decisions:
 - A worker's id is `host:pid:nonce:worker-N`, unique per process (the nonce
@@ -61,10 +63,12 @@ from storage.jobs import (
     retry_after_error,
 )
 from storage.models import EventKind, Instance
+from storage.outputs import WrittenObject, latest_in_series
 from storage.write_retry import retry_write
 
 if TYPE_CHECKING:
     from inference.imaging.screening import NamePatterns
+    from inference.outputs.supersession import Predecessor
 
 if TYPE_CHECKING:
     from inference.model.mtsa_net import MTSANet
@@ -221,7 +225,7 @@ def run_job(
     bound = log.bind(job_id=job_id, worker=worker_id)
     holder: tuple[str, int] | None = None
     try:
-        from inference.outputs.dicom_outputs import write_dicom_outputs
+        from inference.outputs.dicom_outputs import output_series_uids, write_dicom_outputs
         from inference.pipeline import run_series, write_offline_outputs
 
         with db.session() as session:
@@ -259,20 +263,32 @@ def run_job(
         out_dir = store.attempt_outputs(job_id, attempt)
         start = time.perf_counter()
         summary = write_offline_outputs(result, out_dir)
-        written = write_dicom_outputs(result, out_dir, roi_name_prefix=output_settings.roi_name_prefix)
+        predecessors = _predecessors(db, output_series_uids(result))
+        written = write_dicom_outputs(
+            result, out_dir, roi_name_prefix=output_settings.roi_name_prefix, predecessors=predecessors
+        )
         add_event(db, job_id, EventKind.STAGE, "write outputs", duration_s=time.perf_counter() - start)
-        outputs = [
-            (output.sop_instance_uid, output.sop_class_uid, output.path.relative_to(store.root).as_posix())
+        for kind, before in predecessors.items():
+            add_event(db, job_id, EventKind.LOG, f"{kind} r{before.next_revision}: {before.sentence()}")
+        objects = [
+            WrittenObject(
+                kind=output.kind,
+                series_uid=output.series_instance_uid,
+                sop_instance_uid=output.sop_instance_uid,
+                sop_class_uid=output.sop_class_uid,
+                path=output.path.relative_to(store.root).as_posix(),
+            )
             for output in written
         ]
+        outputs = [(o.sop_instance_uid, o.sop_class_uid, o.path) for o in objects]
         summary["outputs"] = outputs
         relative_dir = out_dir.relative_to(store.root).as_posix()
         if result.hold_reasons:
-            hold_outputs(db, job_id, relative_dir, summary, result.hold_reasons, holder=holder)
+            hold_outputs(db, job_id, relative_dir, summary, result.hold_reasons, holder=holder, objects=objects)
             bound.warning("job.held", reasons=result.hold_reasons, lesions=len(result.lesions))
             return
         exports = targets.rows(destinations, outputs)
-        record_outputs(db, job_id, relative_dir, summary, exports, holder=holder)
+        record_outputs(db, job_id, relative_dir, summary, exports, holder=holder, objects=objects)
         bound.info("job.inference_done", lesions=len(result.lesions), egfr=result.egfr.call.value, outputs=len(outputs))
     except LeaseLost as exc:
         bound.warning("job.lease_lost", reason=str(exc))
@@ -286,6 +302,27 @@ def run_job(
         bound.exception("job.error", reason=repr(exc))
         reason = f"internal error: {type(exc).__name__}: {exc}"
         _record_end(partial(retry_after_error, db, job_id, reason, max_attempts, exc, holder=holder), job_id)
+
+
+def _predecessors(db: Database, series_uids: Mapping[str, str]) -> dict[str, Predecessor]:
+    """By kind, the latest object already written in each output series: what this run supersedes."""
+    from inference.outputs.supersession import Predecessor
+
+    latest = latest_in_series(db, series_uids.values())
+    return {
+        kind: Predecessor(
+            study_uid=prior.study_uid,
+            series_uid=prior.series_uid,
+            sop_class_uid=prior.sop_class_uid,
+            sop_instance_uid=prior.sop_instance_uid,
+            written_at=prior.created_at,
+            job_id=prior.job_id,
+            attempt=prior.attempt,
+            revision=prior.revision,
+        )
+        for kind, series_uid in series_uids.items()
+        if (prior := latest.get(series_uid)) is not None
+    }
 
 
 def _record_end(record: Callable[[], object], job_id: int) -> None:

@@ -11,6 +11,13 @@ are delivered, `failed` (with the destinations and last errors as reason) when
 none is pending and any failed. `resend` makes failed or delivered exports
 pending again (`dicom-node jobs export`).
 
+Attempts: each export row belongs to the attempt of the job that wrote its
+object (`Export.attempt`). A job's state follows the rows of the attempt being
+delivered only (`_settle`): a retry is judged by its own rows, never by an
+earlier attempt's failures. `resend` sends the latest attempt's outputs unless
+told another attempt (`jobs export --attempt N`); the other attempts' rows stay
+as they were, so a stale result is never re-sent with the new one.
+
 Storage Commitment (destinations with `storage_commitment = true`): the
 C-STOREd rows become `committing` with the N-ACTION's Transaction UID
 (`request_commitment`) *before* the N-ACTION is sent, because the report may
@@ -41,6 +48,7 @@ from storage.models import (
     JobState,
     utcnow,
 )
+from storage.outputs import attempt_outputs
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,7 @@ def record_attempt(
             f"{export.destination}: {export.sop_class_name()} attempt {export.attempts}: {message}",
         )
         session.flush()
-        _settle(session, job)
+        _settle(session, job, export.attempt)
 
 
 def request_commitment(db: Database, export_ids: list[int], transaction_uid: str, now: datetime | None = None) -> None:
@@ -158,8 +166,8 @@ def record_commitment(
                 session, export.job, EventKind.EXPORT, f"{export.destination}: {export.sop_class_name()} {message}"
             )
         session.flush()
-        for job in {export.job.id: export.job for export in exports}.values():
-            _settle(session, job)
+        for job, attempt in {(export.job, export.attempt) for export in exports}:
+            _settle(session, job, attempt)
     return settled
 
 
@@ -171,7 +179,7 @@ def expire_commitments(
     expired = 0
     with db.session() as session:
         exports = session.scalars(select(Export).where(Export.state == ExportState.COMMITTING)).all()
-        jobs = {}
+        jobs: dict[tuple[int, int], tuple[Job, int]] = {}
         for export in exports:
             timeout_s = timeouts_s.get(export.destination, default_timeout_s)
             if export.commit_requested_at is None or now - export.commit_requested_at < timedelta(seconds=timeout_s):
@@ -188,19 +196,24 @@ def expire_commitments(
                 f"{export.destination}: {export.sop_class_name()} {export.last_error};"
                 " re-send with `dicom-node jobs export`",
             )
-            jobs[export.job.id] = export.job
+            jobs[(export.job.id, export.attempt)] = (export.job, export.attempt)
             expired += 1
         session.flush()
-        for job in jobs.values():
-            _settle(session, job)
+        for job, attempt in jobs.values():
+            _settle(session, job, attempt)
     return expired
 
 
-def _settle(session, job: Job) -> None:
-    states = [e.state for e in job.exports]
+def _settle(session, job: Job, attempt: int) -> None:
+    """`done` or `failed` once every export row of `attempt` (the one being delivered) has settled.
+
+    Rows of other attempts are history: a retry's failed rows of attempt 1 never fail attempt 2.
+    """
+    exports = [e for e in job.exports if e.attempt == attempt]
+    states = [e.state for e in exports]
     if job.state != JobState.EXPORTING or UNSETTLED_EXPORT_STATES & set(states):
         return
-    failed = [e for e in job.exports if e.state == ExportState.FAILED]
+    failed = [e for e in exports if e.state == ExportState.FAILED]
     if failed:
         reason = "; ".join(sorted({f"export to {e.destination} failed: {e.last_error}" for e in failed}))
         event_row(session, job, EventKind.ERROR, reason)
@@ -221,22 +234,34 @@ def resend(
     destinations: list[str] | None = None,
     outputs: list[tuple[str, str, str]] | None = None,
     wants: Callable[[str, str], bool] | None = None,
+    attempt: int | None = None,
 ) -> int:
-    """Make a job's exports pending again (optionally only to `destinations`).
+    """Make the exports of one attempt of a job pending again (optionally only to `destinations`).
 
-    A destination the job never had gets new rows for each of `outputs`
-    (sop uid, class uid, relative path). `wants(destination, sop_class_uid)`
-    (the destinations' object filters) says which objects go where: an object
-    a destination does not want gets no row, and its undelivered row is
-    removed (e.g. the SR a TPS refused, once `objects = ["RTSTRUCT"]` is set),
-    so that it no longer fails the job. Returns the number of pending exports.
+    `attempt`: the job's latest attempt when None (`dicom-node jobs export`), else that
+    attempt's outputs (`--attempt N`); rows of other attempts are left as they are, so
+    stale results of earlier attempts are never sent again by accident. Its outputs are
+    what the attempt recorded (`storage.outputs`); `outputs` (sop uid, class uid,
+    relative path) stands in for a job recorded before that existed (`summary["outputs"]`).
+    A destination without rows for the attempt gets new rows for each output.
+    `wants(destination, sop_class_uid)` (the destinations' object filters) says which
+    objects go where: an object a destination does not want gets no row, and its
+    undelivered row is removed (e.g. the SR a TPS refused, once `objects = ["RTSTRUCT"]`
+    is set), so that it no longer fails the job. Returns the number of pending exports.
     """
     wants = wants or (lambda _destination, _class_uid: True)
     now = utcnow()
     with db.session() as session:
         job = get_job(session, job_id)
-        if job.output_dir is None:
-            raise ValueError(f"job {job_id} has no outputs to send (state {job.state.value})")
+        latest = attempt is None or attempt == job.attempts
+        attempt = job.attempts if attempt is None else attempt
+        if not 1 <= attempt <= job.attempts:
+            raise ValueError(f"job {job_id} has no attempt {attempt} (it has been run {job.attempts} time(s))")
+        if latest and job.output_dir is None:
+            raise ValueError(
+                f"job {job_id} has no outputs to send (state {job.state.value})"
+                + (f"; `--attempt N` sends an earlier attempt's (1..{job.attempts - 1})" if job.attempts > 1 else "")
+            )
         if job.state == JobState.HELD:
             raise ValueError(f"job {job_id} is held ({job.reason}); release it with `dicom-node jobs release`")
         if job.state not in RESENDABLE:
@@ -246,14 +271,27 @@ def resend(
             )
         if job.purged_at is not None:
             raise ValueError(f"job {job_id}'s outputs were purged by retention; `dicom-node jobs retry` runs it again")
+        busy = sorted({e.attempt for e in job.exports if e.attempt != attempt and e.state in UNSETTLED_EXPORT_STATES})
+        if busy:
+            raise ValueError(
+                f"job {job_id} is still sending attempt {busy[0]}; re-send attempt {attempt} once that has settled"
+            )
+        recorded = attempt_outputs(session, job_id, attempt) or (outputs if latest else None) or []
+        if not recorded and not latest:
+            raise ValueError(f"job {job_id}: attempt {attempt} wrote no outputs to send")
         wanted = destinations or sorted({e.destination for e in job.exports} | set(job.destinations))
-        existing = {(e.destination, e.sop_instance_uid): e for e in job.exports}
+        existing = {(e.destination, e.sop_instance_uid): e for e in job.exports if e.attempt == attempt}
         count = 0
         for destination in wanted:
-            for sop_uid, class_uid, path in outputs or []:
+            for sop_uid, class_uid, path in recorded:
                 if (destination, sop_uid) not in existing and wants(destination, class_uid):
                     existing[(destination, sop_uid)] = Export(
-                        job=job, destination=destination, sop_instance_uid=sop_uid, sop_class_uid=class_uid, path=path
+                        job=job,
+                        destination=destination,
+                        sop_instance_uid=sop_uid,
+                        sop_class_uid=class_uid,
+                        path=path,
+                        attempt=attempt,
                     )
                     session.add(existing[(destination, sop_uid)])
         for (destination, _), export in existing.items():
@@ -277,7 +315,8 @@ def resend(
             raise ValueError(
                 f"job {job_id}: nothing to send to {', '.join(wanted)} (their `objects` filters exclude every output)"
             )
-        set_state(session, job, JobState.EXPORTING, f"re-sending {count} object(s) to {', '.join(wanted)}")
+        which = "" if attempt == job.attempts else f" of attempt {attempt} (not the latest, {job.attempts})"
+        set_state(session, job, JobState.EXPORTING, f"re-sending {count} object(s){which} to {', '.join(wanted)}")
         return count
 
 

@@ -40,7 +40,7 @@ in the event history.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -59,6 +59,7 @@ from storage.models import (
     Series,
     utcnow,
 )
+from storage.outputs import WrittenObject, add_outputs
 
 # Which states may follow which; anything else is a programming error.
 ALLOWED = {
@@ -487,26 +488,36 @@ def record_outputs(
     exports: list[tuple[str, str, str, str]],
     *,
     holder: tuple[str, int] | None = None,
+    objects: Sequence[WrittenObject] = (),
 ) -> None:
     """Store a job's results and its export rows (destination, sop uid, class uid, path);
     then move it to `exporting`, or `done` if there is nothing to send.
 
     `holder` (worker id, attempt): record only if that run still holds the job, else
-    `LeaseLost`, so that a run whose lease expired never delivers a second set of outputs."""
+    `LeaseLost`, so that a run whose lease expired never delivers a second set of outputs.
+    `objects`: the DICOM objects the attempt wrote (`storage.outputs`, what re-runs supersede)."""
     with db.session() as session:
         if holder is not None:
             check_holder(session, job_id, *holder)
         job = get_job(session, job_id)
         job.output_dir = output_dir
         job.summary = summary
+        add_outputs(session, job, objects)
         _queue_exports(session, job, exports, "")
 
 
 def _queue_exports(session: Session, job: Job, exports: list[tuple[str, str, str, str]], prefix: str) -> None:
-    """Add the export rows and move the job to `exporting` (`done` when there are none)."""
+    """Add the export rows (of the job's current attempt) and move the job to `exporting` (`done` when none)."""
     for destination, sop_uid, class_uid, path in exports:
         session.add(
-            Export(job=job, destination=destination, sop_instance_uid=sop_uid, sop_class_uid=class_uid, path=path)
+            Export(
+                job=job,
+                destination=destination,
+                sop_instance_uid=sop_uid,
+                sop_class_uid=class_uid,
+                path=path,
+                attempt=job.attempts,
+            )
         )
     if exports:
         destinations = ", ".join(sorted({e[0] for e in exports}))
@@ -528,10 +539,11 @@ def hold_outputs(
     reasons: list[str],
     *,
     holder: tuple[str, int] | None = None,
+    objects: Sequence[WrittenObject] = (),
 ) -> None:
     """Store a job's results without export rows and move it to `held` with the gate's reasons.
 
-    `holder` as for `record_outputs`."""
+    `holder` and `objects` as for `record_outputs`."""
     reason = "held: " + "; ".join(reasons)
     with db.session() as session:
         if holder is not None:
@@ -539,6 +551,7 @@ def hold_outputs(
         job = get_job(session, job_id)
         job.output_dir = output_dir
         job.summary = summary
+        add_outputs(session, job, objects)
         set_state(session, job, JobState.HELD, f"{reason} (nothing sent; release or cancel)", reason=reason)
 
 

@@ -281,6 +281,8 @@ class Export(Base):
     # Storage Commitment: the N-ACTION's Transaction UID, kept so a report after a restart still finds the row.
     transaction_uid: Mapped[str | None] = mapped_column(UID, default=None, index=True)
     commit_requested_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The job's attempt whose output this is: a retry's rows never settle (or re-send) another attempt's.
+    attempt: Mapped[int] = mapped_column(default=1, server_default="1")
 
     job: Mapped[Job] = relationship(back_populates="exports")
 
@@ -288,6 +290,28 @@ class Export(Base):
         return OUTPUT_CLASS_NAMES.get(self.sop_class_uid, self.sop_class_uid)
 
     __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid"),)
+
+
+class Output(Base):
+    """One DICOM object an attempt of a job wrote (RTSTRUCT, SR, SEG), delivered or not.
+
+    The history re-runs supersede (`storage.outputs`): the latest row of an output
+    series is the result a re-run of the same source series and model replaces,
+    and `jobs export --attempt N` sends attempt N's rows.
+    """
+
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    study_uid: Mapped[str] = mapped_column(UID)
+    series_uid: Mapped[str] = mapped_column(UID, index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    path: Mapped[str] = mapped_column(String(400))  # relative to the data directory
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class NodeMeta(Base):

@@ -14,6 +14,10 @@ is the worker that runs (or last ran) the job, `host:pid:nonce:worker-N`;
 `host` its host; `lease_expires_at` how long a running job's worker is
 trusted without a heartbeat.
 
+Re-runs: a retried job keeps every attempt's outputs; `export` re-sends the
+latest attempt's only, `export --attempt N` attempt N's (`storage.exports.resend`),
+and `show` lists each export row with its attempt.
+
 Every value that comes from the job store (patient ID, reasons, messages,
 AE titles) is escaped before Rich renders it: a PatientID such as
 `PAT[/]01` is text, not markup, and must neither crash nor restyle the view.
@@ -95,6 +99,7 @@ def job_dict(job, *, full: bool = False) -> dict:
                 "last_error": e.last_error,
                 "done_at": _iso(e.done_at),
                 "path": e.path,
+                "attempt": e.attempt,
             }
             for e in job.exports
         ]
@@ -213,10 +218,15 @@ def show(
         )
     console.print(table)
     if data["exports"]:
-        exports = Table("destination", "object", "state", "attempts", "last error")
+        exports = Table("job attempt", "destination", "object", "state", "tries", "last error")
         for e in data["exports"]:
             exports.add_row(
-                escape(e["destination"]), e["object"], e["state"], str(e["attempts"]), escape(e["last_error"] or "")
+                str(e["attempt"]),
+                escape(e["destination"]),
+                e["object"],
+                e["state"],
+                str(e["attempts"]),
+                escape(e["last_error"] or ""),
             )
         console.print(exports)
     for event in job.events:
@@ -270,7 +280,8 @@ def _write_overlay(db, data_dir: Path, job, out_png: Path) -> str | None:
 
 @jobs_app.command("retry")
 def retry(job_id: int, config: Path | None = ConfigOption) -> None:
-    """Queue a done, failed or rejected job again (the running service picks it up)."""
+    """Queue a done, failed or rejected job again (the running service picks it up); its new result
+    goes into the same output series and supersedes the earlier one."""
     from storage.jobs import InvalidTransition, JobNotFound, retry_job
 
     try:
@@ -284,9 +295,13 @@ def retry(job_id: int, config: Path | None = ConfigOption) -> None:
 def export(
     job_id: int,
     to: list[str] = typer.Option(None, "--to", help="Destination name (repeatable)."),
+    attempt: int | None = typer.Option(
+        None, "--attempt", min=1, help="Send this attempt's outputs instead of the latest attempt's."
+    ),
     config: Path | None = ConfigOption,
 ) -> None:
-    """Re-send a job's results to its destinations (or only to --to), as their `objects` filters allow."""
+    """Re-send a job's results (its latest attempt's, or --attempt N's) to its destinations (or only to --to),
+    as their `objects` filters allow; earlier attempts' outputs are not sent again."""
     from dicom_node.export_targets import ExportTargets
     from storage.exports import resend
     from storage.jobs import InvalidTransition, JobNotFound, load_job
@@ -298,11 +313,15 @@ def export(
         raise fail(f"unknown destination(s) {', '.join(unknown)}; configured: {', '.join(sorted(known)) or 'none'}")
     db = _database(config)
     try:
-        outputs = [tuple(o) for o in (load_job(db, job_id).summary or {}).get("outputs", [])]
-        count = resend(db, job_id, list(to) if to else None, outputs, ExportTargets(settings.destinations).wants)
+        job = load_job(db, job_id)
+        outputs = [tuple(o) for o in (job.summary or {}).get("outputs", [])]
+        count = resend(
+            db, job_id, list(to) if to else None, outputs, ExportTargets(settings.destinations).wants, attempt=attempt
+        )
     except (JobNotFound, InvalidTransition, ValueError) as exc:
         raise fail(str(exc)) from None
-    console.print(f"job {job_id}: {count} export(s) pending; the running service sends them")
+    which = f"attempt {attempt}" if attempt is not None else f"attempt {job.attempts}, the latest"
+    console.print(f"job {job_id}: {count} export(s) pending ({which}); the running service sends them")
 
 
 UserOption = typer.Option(None, "--user", help="Who decides (recorded in the job's events; default: the OS login).")

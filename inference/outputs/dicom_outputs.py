@@ -13,6 +13,10 @@ The one call the node's worker and `dicom-node infer --dicom` use. Decisions:
 - The SR lists the RTSTRUCT and SEG written with it as pertinent other evidence.
 - The RTSTRUCT is checked against what planning systems are known to reject
   (`tps_compat`) before anything is written; a problem raises `ValueError`.
+- Each kind goes into its stable output series (`supersession.output_series_uid`
+  of the source series and the model), with new SOP Instance UIDs on every run;
+  `predecessors` (the worker finds them in the job store) make a re-run's
+  objects name the ones they replace.
 - The SEG is opt-in (``include_seg``): SPEC promises RTSTRUCT + SR to the
   destinations, and a TPS that does not accept Segmentation Storage would fail
   the export of the whole job.
@@ -21,6 +25,7 @@ The one call the node's worker and `dicom-node infer --dicom` use. Decisions:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +35,7 @@ from pydicom.dataset import Dataset
 from inference.outputs.rtstruct import build_rtstruct
 from inference.outputs.seg import build_seg
 from inference.outputs.sr import build_sr
+from inference.outputs.supersession import OUTPUT_KINDS, Predecessor, output_series_uid
 from inference.outputs.tps_compat import check_tps_compatible
 from inference.result import InferenceResult
 from storage.instance_store import InvalidUIDError, validate_uid, write_durably
@@ -45,10 +51,22 @@ class WrittenOutput:
     path: Path
     sop_instance_uid: str
     sop_class_uid: str
+    series_instance_uid: str
+
+
+def output_series_uids(result: InferenceResult) -> dict[str, str]:
+    """The output series of each kind for `result`'s source series and model (the same on every re-run)."""
+    source = str(result.series.datasets[0].SeriesInstanceUID)
+    return {kind: output_series_uid(source, result.model, kind) for kind in OUTPUT_KINDS}
 
 
 def write_dicom_outputs(
-    result: InferenceResult, out_dir: Path, *, include_seg: bool = False, roi_name_prefix: str = ""
+    result: InferenceResult,
+    out_dir: Path,
+    *,
+    include_seg: bool = False,
+    roi_name_prefix: str = "",
+    predecessors: Mapping[str, Predecessor] | None = None,
 ) -> list[WrittenOutput]:
     """Build and write the RTSTRUCT and SEG (when there are lesions) and the SR of `result`.
 
@@ -62,6 +80,9 @@ def write_dicom_outputs(
         Also write a DICOM Segmentation of the lesions.
     roi_name_prefix : str
         Put before each RTSTRUCT ROI name (``[outputs] roi_name_prefix``), e.g. ``AI_``.
+    predecessors : mapping of str to Predecessor, or None
+        By kind, the latest object already written in that kind's output series
+        (`output_series_uids`): the new one supersedes it.
 
     Returns
     -------
@@ -70,13 +91,27 @@ def write_dicom_outputs(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    series = output_series_uids(result)
+    before = dict(predecessors or {})
     written, related = [], []
     if result.lesions:
-        rtstruct = build_rtstruct(result, roi_name_prefix=roi_name_prefix)
+        rtstruct = build_rtstruct(
+            result,
+            roi_name_prefix=roi_name_prefix,
+            series_instance_uid=series["RTSTRUCT"],
+            supersedes=before.get("RTSTRUCT"),
+        )
         check_tps_compatible(rtstruct, result.series.datasets)
         related.append(rtstruct)
         if include_seg:
-            related.append(build_seg(result))
+            seg_before = before.get("SEG")
+            related.append(
+                build_seg(
+                    result,
+                    series_instance_uid=series["SEG"],
+                    instance_number=seg_before.next_revision if seg_before else 1,
+                )
+            )
         written += [write_dataset(ds, out_dir, str(ds.Modality)) for ds in related]
     else:
         log.warning(
@@ -85,7 +120,8 @@ def write_dicom_outputs(
             reason="no lesions found; an RT Structure Set needs at least one ROI",
             series_uid=str(result.series.datasets[0].SeriesInstanceUID),
         )
-    written.append(write_dataset(build_sr(result, related=related), out_dir, "SR"))
+    sr = build_sr(result, related=related, series_instance_uid=series["SR"], supersedes=before.get("SR"))
+    written.append(write_dataset(sr, out_dir, "SR"))
     return written
 
 
@@ -105,4 +141,10 @@ def write_dataset(ds: Dataset, out_dir: Path, kind: str) -> WrittenOutput:
         raise ValueError(f"ds: {exc}") from None
     path = Path(out_dir) / f"{kind}_{uid}.dcm"
     write_durably(path, lambda handle: ds.save_as(handle, enforce_file_format=True))
-    return WrittenOutput(kind=kind, path=path, sop_instance_uid=uid, sop_class_uid=str(ds.SOPClassUID))
+    return WrittenOutput(
+        kind=kind,
+        path=path,
+        sop_instance_uid=uid,
+        sop_class_uid=str(ds.SOPClassUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+    )

@@ -25,13 +25,20 @@ def short_label(model: ModelIdentity) -> str:
     return DEMO_WARNING if model.is_demo else "AI PROPOSAL - REQUIRES CLINICAL REVIEW"
 
 
-def structure_set_label(model: ModelIdentity) -> str:
+def structure_set_label(model: ModelIdentity, revision: int = 1) -> str:
     """Structure Set Label (SH, at most 16 characters, DICOM PS3.5 6.2).
 
     SH cannot hold the full warning, so the label is a short code and the
     Structure Set Name and Description carry `short_label` / `full_statement`.
+    A re-run's structure set (`revision` > 1, `inference.outputs.supersession`)
+    ends with `` r<revision>``, the code shortened so that the label keeps 16
+    characters up to revision 9999.
     """
-    return "DEMO-NONCLINICAL" if model.is_demo else "AI GTV PROPOSAL"
+    if revision < 1 or revision > 9999:
+        raise ValueError(f"revision: must be 1..9999, got {revision}")
+    if revision == 1:
+        return "DEMO-NONCLINICAL" if model.is_demo else "AI GTV PROPOSAL"
+    return f"{'DEMO-NONCL' if model.is_demo else 'AI GTV'} r{revision}"
 
 
 def full_statement(model: ModelIdentity) -> str:

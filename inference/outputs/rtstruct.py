@@ -45,6 +45,9 @@ Decisions
   99 s). `bench/writers.py` measures it.
 - At most `MAX_ROIS` (1,000) ROIs: a format guard only; the plausibility gate
   (`inference.plausibility`, 30 lesions by default) holds such results long before.
+- A re-run (`inference.outputs.supersession`) writes into the same output
+  series; the structure set names the one it replaces (Predecessor Structure
+  Set Sequence, description) and its label ends with the revision.
 - Approval Status is UNAPPROVED: the structure set is a proposal until a
   clinician approves it in the TPS.
 - Patient and study attributes are copied from the source headers, text decoded,
@@ -76,6 +79,7 @@ from scipy import ndimage
 from skimage.measure import find_contours
 
 from inference.outputs.notice import full_statement, short_label, structure_set_label
+from inference.outputs.supersession import Predecessor
 from inference.result import InferenceResult, Lesion
 from inference.uids import new_uid
 
@@ -303,6 +307,8 @@ def build_rtstruct(
     manufacturer: str = "dicom-node",
     simplify_tolerance_px: float = 0.25,
     timestamp: datetime | None = None,
+    series_instance_uid: str | None = None,
+    supersedes: Predecessor | None = None,
 ) -> Dataset:
     """Build the RT Structure Set (one GTV ROI per lesion) of an inference result.
 
@@ -321,6 +327,12 @@ def build_rtstruct(
     timestamp : datetime.datetime or None
         Creation time written to the Series, Structure Set and SOP Common dates
         and times; now when None.
+    series_instance_uid : str or None
+        The output series (`inference.outputs.supersession.output_series_uid`); a new UID when None.
+    supersedes : inference.outputs.supersession.Predecessor or None
+        The structure set this one replaces (a re-run): referenced in the Predecessor
+        Structure Set Sequence, named in the description, and the label and Instance
+        Number carry the revision.
 
     Returns
     -------
@@ -344,7 +356,9 @@ def build_rtstruct(
     sources = result.series.datasets
     frame_of_reference_uid = sources[0].FrameOfReferenceUID
 
-    ds = _base_dataset(result, series_number, manufacturer, when)
+    ds = _base_dataset(result, series_number, manufacturer, when, series_instance_uid or new_uid())
+    if supersedes is not None:
+        _mark_superseding(ds, result, supersedes)
     roi_items, contour_items, observation_items = [], [], []
     contoured_slices: set[int] = set()
     colours = roi_display_colours(len(result.lesions))
@@ -457,7 +471,20 @@ def _generation_description(result: InferenceResult) -> str:
     return text
 
 
-def _base_dataset(result: InferenceResult, series_number: int, manufacturer: str, when: datetime) -> Dataset:
+def _mark_superseding(ds: Dataset, result: InferenceResult, predecessor: Predecessor) -> None:
+    """A re-run's structure set: revision in label and Instance Number, the predecessor named and referenced."""
+    ds.StructureSetLabel = structure_set_label(result.model, predecessor.next_revision)
+    ds.StructureSetDescription = f"{full_statement(result.model)} {predecessor.sentence()}"
+    ds.InstanceNumber = predecessor.next_revision
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = predecessor.sop_class_uid
+    reference.ReferencedSOPInstanceUID = predecessor.sop_instance_uid
+    ds.PredecessorStructureSetSequence = DicomSequence([reference])
+
+
+def _base_dataset(
+    result: InferenceResult, series_number: int, manufacturer: str, when: datetime, series_instance_uid: str
+) -> Dataset:
     """Top-level modules without the ROI sequences.
 
     SOP Common, Patient, General Study, RT Series, Frame of Reference (C.7.4.1,
@@ -480,7 +507,7 @@ def _base_dataset(result: InferenceResult, series_number: int, manufacturer: str
     _copy_patient_and_study(source, ds)
 
     ds.Modality = "RTSTRUCT"
-    ds.SeriesInstanceUID = new_uid()
+    ds.SeriesInstanceUID = series_instance_uid
     ds.SeriesNumber = series_number
     ds.SeriesDate, ds.SeriesTime = date, time
     ds.SeriesDescription = short_label(result.model)

@@ -43,6 +43,8 @@ def build_seg(
     series_number: int = 903,
     manufacturer: str = "dicom-node",
     timestamp: datetime | None = None,
+    series_instance_uid: str | None = None,
+    instance_number: int = 1,
 ) -> hd.seg.Segmentation:
     """Build a BINARY Segmentation with one segment per lesion.
 
@@ -56,6 +58,10 @@ def build_seg(
         Manufacturer (0008,0070) of the Enhanced General Equipment module.
     timestamp : datetime.datetime or None
         Content, Series and Instance Creation date and time; now when None.
+    series_instance_uid : str or None
+        The output series (`inference.outputs.supersession.output_series_uid`); a new UID when None.
+    instance_number : int
+        Instance Number: the revision in its output series (a re-run's SEG is the next one).
 
     Returns
     -------
@@ -105,10 +111,10 @@ def build_seg(
         pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=new_uid(),
+        series_instance_uid=series_instance_uid or new_uid(),
         series_number=series_number,
         sop_instance_uid=new_uid(),
-        instance_number=1,
+        instance_number=instance_number,
         manufacturer=manufacturer,
         manufacturer_model_name=result.model.name[:64],
         software_versions=result.model.version[:64],

@@ -31,6 +31,10 @@ Decisions
 - The RTSTRUCT / SEG written from the same result can be listed in the
   Pertinent Other Evidence Sequence (PS3.3 C.17.2); lesion groups and ROIs /
   segments share the names ``GTV_n``.
+- A re-run (`inference.outputs.supersession`) writes into the same output
+  series and lists the SR it replaces in the Predecessor Documents Sequence
+  (PS3.3 C.17.2.1: "SR SOP Instances whose content has been wholly or partially
+  included in this document").
 - Completion Flag COMPLETE, Verification Flag UNVERIFIED and Preliminary Flag
   PRELIMINARY: nobody has reviewed the AI result yet.
 """
@@ -48,6 +52,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from inference.outputs import codes
 from inference.outputs.codes import PrivateCode
 from inference.outputs.notice import full_statement, short_label
+from inference.outputs.supersession import Predecessor
 from inference.result import EgfrCall, EgfrPrediction, InferenceResult, Lesion, ModelIdentity
 from inference.uids import new_uid
 
@@ -61,6 +66,8 @@ def build_sr(
     manufacturer: str = "dicom-node",
     timestamp: datetime | None = None,
     related: Sequence[Dataset] = (),
+    series_instance_uid: str | None = None,
+    supersedes: Predecessor | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the Measurement Report (TID 1500) of an inference result.
 
@@ -78,6 +85,11 @@ def build_sr(
     related : sequence of pydicom.dataset.Dataset
         Other results of the same study (the RTSTRUCT, the SEG) to list as
         pertinent other evidence.
+    series_instance_uid : str or None
+        The output series (`inference.outputs.supersession.output_series_uid`); a new UID when None.
+    supersedes : inference.outputs.supersession.Predecessor or None
+        The SR this one replaces (a re-run): listed in the Predecessor Documents
+        Sequence; the Instance Number is its revision.
 
     Returns
     -------
@@ -110,14 +122,15 @@ def build_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=result.series.datasets,
         content=report,
-        series_instance_uid=new_uid(),
+        series_instance_uid=series_instance_uid or new_uid(),
         series_number=series_number,
         sop_instance_uid=new_uid(),
-        instance_number=1,
+        instance_number=supersedes.next_revision if supersedes else 1,
         manufacturer=manufacturer,
         is_complete=True,
         is_final=False,
         is_verified=False,
+        previous_versions=[supersedes.reference()] if supersedes else None,
     )
     measurements = _imaging_measurements(sr)
     lesion_items = [item for lesion in result.lesions for item in _lesion_group(lesion, algorithm)]

@@ -1,0 +1,85 @@
+"""Re-runs: a result of the same source series and model supersedes the earlier one, it never duplicates it.
+
+The one home of how re-runs are told apart from new results. Decisions:
+
+- Each output kind (RTSTRUCT, SR, SEG) of one source series and one model
+  (name and version) lives in ONE output series, whose Series Instance UID is
+  derived from those four values (`output_series_uid`, a UUID v5 UID under
+  ``2.25``, `inference.uids`). A retried job, a late delivery of more slices
+  or a re-sent series lands in the same series as the first result, with new
+  SOP Instance UIDs and the next Instance Number. Another model version is
+  another series: its result does not replace the older model's, it is a
+  different result.
+- The new result names the one it replaces (`Predecessor`: the latest object
+  written before in the same output series, whoever wrote it): the SR lists it
+  in the Predecessor Documents Sequence (PS3.3 C.17.2), the RTSTRUCT in the
+  Predecessor Structure Set Sequence (PS3.3 C.8.8.5), and its Structure Set
+  Label ends with the revision (``AI GTV r2``, SH keeps 16 characters) while
+  the Structure Set Description (ST) says which instance, of when, by which
+  job and attempt, it supersedes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from inference.result import ModelIdentity
+from inference.uids import new_uid
+
+#: The output kinds that each have their own series per source series and model.
+OUTPUT_KINDS = ("RTSTRUCT", "SR", "SEG")
+
+
+def output_series_uid(source_series_uid: str, model: ModelIdentity, kind: str) -> UID:
+    """The Series Instance UID of `kind` outputs of `model` on `source_series_uid`: the same on every re-run.
+
+    Raises
+    ------
+    ValueError
+        `kind` is not one of `OUTPUT_KINDS` or the source series UID is empty.
+    """
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"kind: {kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
+    if not str(source_series_uid):
+        raise ValueError("source_series_uid: empty")
+    return new_uid(f"output-series\x00{source_series_uid}\x00{model.name}\x00{model.version}\x00{kind}")
+
+
+@dataclass(frozen=True)
+class Predecessor:
+    """The result a new output supersedes: the latest earlier object in the same output series.
+
+    `revision` is that object's place in its series (1: the first result), so the
+    new object is revision ``revision + 1``.
+    """
+
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    written_at: datetime
+    job_id: int
+    attempt: int
+    revision: int
+
+    @property
+    def next_revision(self) -> int:
+        return self.revision + 1
+
+    def reference(self) -> Dataset:
+        """The identity highdicom's ``previous_versions`` and the reference sequences need."""
+        ds = Dataset()
+        ds.StudyInstanceUID = self.study_uid
+        ds.SeriesInstanceUID = self.series_uid
+        ds.SOPClassUID = self.sop_class_uid
+        ds.SOPInstanceUID = self.sop_instance_uid
+        return ds
+
+    def sentence(self) -> str:
+        """ "Supersedes <SOP Instance UID> of <time UTC> (job N, attempt K)." for descriptions."""
+        when = self.written_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"Supersedes {self.sop_instance_uid} of {when} (job {self.job_id}, attempt {self.attempt})."

@@ -1,0 +1,106 @@
+"""The DICOM objects each attempt of a job wrote: what a re-run supersedes, what `jobs export --attempt` sends.
+
+Decisions:
+- A row per written object (`storage.models.Output`), added in the same
+  transaction that records the attempt's result (`storage.jobs.record_outputs`,
+  `hold_outputs`), so only a run that still held the job leaves rows: a run
+  whose lease expired wrote files nobody will ever send or supersede.
+- The result a re-run replaces is the latest row of the same output series
+  (`latest_in_series`), whichever job or attempt wrote it, delivered or held:
+  it is the last version a reader of that series may have seen. Its revision
+  is the number of rows of that series so far.
+- Rows are kept when retention purges the files (the history stays).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from storage.database import Database
+from storage.models import Job, Output
+
+
+@dataclass(frozen=True)
+class WrittenObject:
+    """One object an attempt wrote, as the worker reports it (paths relative to the data directory)."""
+
+    kind: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class PriorOutput:
+    """The latest object of an output series, and how many that series holds (its revision)."""
+
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    created_at: datetime
+    job_id: int
+    attempt: int
+    revision: int
+
+
+def add_outputs(session: Session, job: Job, objects: Sequence[WrittenObject]) -> None:
+    """Record `objects` as written by the job's current attempt (call inside the recording transaction)."""
+    for obj in objects:
+        session.add(
+            Output(
+                job_id=job.id,
+                attempt=job.attempts,
+                kind=obj.kind,
+                study_uid=job.study_uid,
+                series_uid=obj.series_uid,
+                sop_instance_uid=obj.sop_instance_uid,
+                sop_class_uid=obj.sop_class_uid,
+                path=obj.path,
+            )
+        )
+
+
+def latest_in_series(db: Database, series_uids: Iterable[str]) -> dict[str, PriorOutput]:
+    """By output series UID, the latest object written in it (series without any are left out)."""
+    wanted = sorted(set(series_uids))
+    if not wanted:
+        return {}
+    with db.session() as session:
+        counts = dict(
+            session.execute(
+                select(Output.series_uid, func.count()).where(Output.series_uid.in_(wanted)).group_by(Output.series_uid)
+            ).all()
+        )
+        latest = {}
+        for series_uid in counts:
+            row = session.scalars(
+                select(Output).where(Output.series_uid == series_uid).order_by(Output.id.desc()).limit(1)
+            ).one()
+            latest[series_uid] = PriorOutput(
+                study_uid=row.study_uid,
+                series_uid=row.series_uid,
+                sop_class_uid=row.sop_class_uid,
+                sop_instance_uid=row.sop_instance_uid,
+                created_at=row.created_at,
+                job_id=row.job_id,
+                attempt=row.attempt,
+                revision=counts[series_uid],
+            )
+        return latest
+
+
+def attempt_outputs(session: Session, job_id: int, attempt: int) -> list[tuple[str, str, str]]:
+    """(SOP Instance UID, SOP Class UID, path) of what attempt `attempt` of a job wrote, in writing order."""
+    rows = session.execute(
+        select(Output.sop_instance_uid, Output.sop_class_uid, Output.path)
+        .where(Output.job_id == job_id, Output.attempt == attempt)
+        .order_by(Output.id)
+    ).all()
+    return [(sop, cls, path) for sop, cls, path in rows]

@@ -1,0 +1,155 @@
+"""Re-runs at the TPS: a retry or a later job of the same series supersedes, it never duplicates (issue 14).
+
+A real node (its exporter running) on a real job store, the worker's `run_job` with a tiny
+real model, DCMTK storescp (or a pynetdicom SCP) as the TPS, `dicom-node jobs retry/export`
+as separate processes, and dciodvfy on every object the TPS received.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.export_targets import ExportTargets
+from dicom_node.peers import ReceivingNode, free_port
+from dicom_node.worker import ModelRegistry, run_job
+from inference.model.package import MANIFEST_NAME
+from inference.plausibility import PlausibilityBounds
+from storage.jobs import RoutingOutcome, claim_next_job, complete_series, load_job
+from storage.models import JobState
+from tests.dicom_node.conftest import EXAMPLE_CONFIG, jobs_by_state, storescu, wait_for
+from tests.helpers.models import make_tiny_package
+from tests.inference.conftest import dciodvfy_messages
+from tests.inference.test_dicom_outputs import ACCEPTED_WARNING
+
+
+@pytest.fixture(scope="module")
+def delivering_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny untrained package that finds a few "lesions" on `mr_series` (3 when written) and
+    delivers them: its plausibility bounds are off (the gate is tested elsewhere)."""
+    folder = make_tiny_package(
+        tmp_path_factory.mktemp("rerun-model"),
+        name="rerun-test",
+        gtv_gain=50.0,
+        thresholds={"gtv_probability": 0.5, "min_lesion_volume_mm3": 0.0},
+    )
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    bounds = PlausibilityBounds().to_manifest()
+    manifest["plausibility"] = {key: None if key.startswith("max_") else value for key, value in bounds.items()}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env, "DICOM_NODE_CONFIG": str(EXAMPLE_CONFIG)},
+        timeout=120,
+    )
+
+
+def received(tps: ReceivingNode) -> dict[str, pydicom.Dataset]:
+    """What the TPS holds, by SOP Instance UID; then its folder is emptied for the next step."""
+    found = {}
+    for path in tps.received():
+        ds = pydicom.dcmread(path)
+        found[str(ds.SOPInstanceUID)] = ds
+        errors, warnings = dciodvfy_messages(path)
+        assert errors == [], (ds.Modality, errors)
+        assert all(ACCEPTED_WARNING in w for w in warnings), (ds.Modality, warnings)
+    for path in tps.received():
+        path.unlink()
+    return found
+
+
+@pytest.mark.slow
+def test_retry_and_a_later_job_supersede_and_export_sends_only_the_latest_attempt(
+    start_node, node_env, mr_series, delivering_model, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("DICOM_NODE_MODEL", str(delivering_model))
+    tps = ReceivingNode(tmp_path / "tps", free_port())
+    overrides = {"DICOM_NODE__DESTINATIONS__0__PORT": str(tps.port), "DICOM_NODE__EXPORT__RETRY_INITIAL_S": "0.5"}
+    env = {**node_env, **overrides, "DICOM_NODE_MODEL": str(delivering_model)}
+    try:
+        node = start_node(**overrides)  # no workers: this test runs the worker's run_job itself
+        registry = ModelRegistry()
+
+        def run(job_id: int) -> dict[str, pydicom.Dataset]:
+            assert claim_next_job(node.db, "test:1:aa:worker-0") == job_id
+            run_job(job_id, node.db, node.store, registry, "cpu", "test:1:aa:worker-0", ExportTargets([]), 3)
+            job = wait_for(lambda: (j := load_job(node.db, job_id)).state == JobState.DONE and j, timeout=60)
+            got = received(tps)
+            assert {str(ds.Modality) for ds in got.values()} == {"RTSTRUCT", "SR"}, job.reason
+            return {str(ds.Modality): ds for ds in got.values()}
+
+        assert storescu(node.address[1], mr_series).returncode == 0
+        [job] = wait_for(lambda: jobs_by_state(node).get("queued"))
+        first = run(job.id)
+        assert first["RTSTRUCT"].StructureSetLabel == "DEMO-NONCLINICAL" and first["SR"].InstanceNumber == 1
+        assert "PredecessorDocumentsSequence" not in first["SR"]
+
+        assert cli(env, "jobs", "retry", str(job.id)).returncode == 0
+        second = run(job.id)
+        for kind in ("RTSTRUCT", "SR"):
+            assert second[kind].SeriesInstanceUID == first[kind].SeriesInstanceUID
+            assert second[kind].SeriesNumber == first[kind].SeriesNumber
+            assert second[kind].SOPInstanceUID != first[kind].SOPInstanceUID
+            assert second[kind].InstanceNumber == 2
+        (study,) = second["SR"].PredecessorDocumentsSequence
+        (series_item,) = study.ReferencedSeriesSequence
+        (reference,) = series_item.ReferencedSOPSequence
+        assert (study.StudyInstanceUID, series_item.SeriesInstanceUID, reference.ReferencedSOPInstanceUID) == (
+            first["SR"].StudyInstanceUID,
+            first["SR"].SeriesInstanceUID,
+            first["SR"].SOPInstanceUID,
+        )
+        assert reference.ReferencedSOPClassUID == first["SR"].SOPClassUID
+        rtstruct = second["RTSTRUCT"]
+        assert rtstruct.StructureSetLabel == "DEMO-NONCL r2"  # a demo package: the label still says so
+        assert f"Supersedes {first['RTSTRUCT'].SOPInstanceUID} of " in rtstruct.StructureSetDescription
+        assert f"(job {job.id}, attempt 1)." in rtstruct.StructureSetDescription
+        assert rtstruct.PredecessorStructureSetSequence[0].ReferencedSOPInstanceUID == first["RTSTRUCT"].SOPInstanceUID
+
+        # `jobs export` after the retry: only the latest attempt's two objects reach the TPS again.
+        exported = cli(env, "jobs", "export", str(job.id))
+        assert exported.returncode == 0 and "pending (attempt 2, the latest)" in exported.stdout, exported.stderr
+        wait_for(lambda: load_job(node.db, job.id).state == JobState.DONE and len(tps.received()) == 2, timeout=60)
+        assert set(received(tps)) == {second["RTSTRUCT"].SOPInstanceUID, second["SR"].SOPInstanceUID}
+        # `--attempt 1`: the first attempt's two, on purpose.
+        exported = cli(env, "jobs", "export", str(job.id), "--attempt", "1")
+        assert exported.returncode == 0 and "pending (attempt 1)" in exported.stdout, exported.stderr
+        wait_for(lambda: load_job(node.db, job.id).state == JobState.DONE and len(tps.received()) == 2, timeout=60)
+        assert set(received(tps)) == {first["RTSTRUCT"].SOPInstanceUID, first["SR"].SOPInstanceUID}
+        shown = json.loads(cli(env, "jobs", "show", str(job.id), "--json").stdout)
+        assert sorted((e["attempt"], e["object"], e["state"]) for e in shown["exports"]) == [
+            (1, "RTSTRUCT", "done"),
+            (1, "SR", "done"),
+            (2, "RTSTRUCT", "done"),
+            (2, "SR", "done"),
+        ]
+        refused = cli(env, "jobs", "export", str(job.id), "--attempt", "3")
+        assert refused.returncode == 2 and "has no attempt 3" in refused.stderr and "Traceback" not in refused.stderr
+
+        # A later job of the same series (a late delivery, a re-send): the same series again, revision 3.
+        later = complete_series(node.db, job.series_id, RoutingOutcome("brain-mr", "default", ["tps"], "test"))
+        third = run(later)
+        for kind in ("RTSTRUCT", "SR"):
+            assert third[kind].SeriesInstanceUID == first[kind].SeriesInstanceUID
+            assert third[kind].InstanceNumber == 3
+        assert third["SR"].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[
+            0
+        ].ReferencedSOPInstanceUID == (second["SR"].SOPInstanceUID)
+        assert third["RTSTRUCT"].StructureSetLabel == "DEMO-NONCL r3"
+        assert f"(job {job.id}, attempt 2)." in third["RTSTRUCT"].StructureSetDescription
+    finally:
+        tps.stop()
+        shutil.rmtree(tmp_path / "tps", ignore_errors=True)
