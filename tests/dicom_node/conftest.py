@@ -3,8 +3,10 @@ and the exporter's test peers (DCMTK storescp, pynetdicom SCPs that misbehave on
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -282,3 +284,12 @@ def jobs_by_state(service) -> dict[str, list[Job]]:
         for job in session.scalars(select(Job)).all():
             found.setdefault(job.state.value, []).append(job)
         return found
+
+
+def cli(node_env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """Run `dicom-node ARGS` in a fresh interpreter with the test node's environment."""
+    env = {**os.environ, **node_env}
+    env.pop("DICOM_NODE_CONFIG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )

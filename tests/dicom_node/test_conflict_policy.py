@@ -19,8 +19,7 @@ from dicom_node.settings import ConfigError, load_settings
 from storage.ingest import ConflictPolicy
 from storage.instance_store import sha256_file
 from storage.models import Association, Instance, Job, JobState
-from tests.dicom_node.conftest import EXAMPLE_CONFIG, jobs_by_state, storescu, wait_for
-from tests.dicom_node.test_jobs_cli import cli
+from tests.dicom_node.conftest import EXAMPLE_CONFIG, cli, jobs_by_state, storescu, wait_for
 
 
 def send_as(port: int, path: Path, transfer_syntax: str) -> int:

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pydicom
 import pytest
 
 from storage.jobs import claim_next_job, fail_job
-from tests.dicom_node.conftest import jobs_by_state, storescu, wait_for
-
-
-def cli(node_env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **node_env}
-    env.pop("DICOM_NODE_CONFIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True, env=env, timeout=120
-    )
+from tests.dicom_node.conftest import cli, jobs_by_state, storescu, wait_for
 
 
 def test_jobs_list_show_retry_json_contract(start_node, node_env, mr_series):

@@ -25,9 +25,8 @@ from inference.plausibility import PlausibilityBounds
 from storage.jobs import RoutingOutcome, claim_next_job, complete_series, load_job
 from storage.models import JobState
 from tests.dicom_node.conftest import EXAMPLE_CONFIG, jobs_by_state, storescu, wait_for
+from tests.helpers.dciodvfy import ACCEPTED_WARNING, dciodvfy_messages
 from tests.helpers.models import make_tiny_package
-from tests.inference.conftest import dciodvfy_messages
-from tests.inference.test_dicom_outputs import ACCEPTED_WARNING
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,7 @@ import pytest
 from sqlalchemy import func, select
 
 from storage.models import Instance
-from tests.dicom_node.conftest import jobs_by_state, storescu, wait_for
-from tests.dicom_node.test_jobs_cli import cli
+from tests.dicom_node.conftest import cli, jobs_by_state, storescu, wait_for
 
 pytestmark = pytest.mark.slow
 

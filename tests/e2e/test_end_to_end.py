@@ -22,7 +22,7 @@ from storage.database import Database
 from storage.jobs import list_jobs, load_job
 from storage.models import EventKind, JobState
 from tests.dicom_node.conftest import require_tool, start_storescp, storescu, wait_for
-from tests.inference.conftest import dciodvfy_messages
+from tests.helpers.dciodvfy import dciodvfy_messages
 
 EXPECTED_STAGES = {"load", "preprocess", "model", "postprocess", "write outputs"}
 

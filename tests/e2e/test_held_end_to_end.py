@@ -16,7 +16,7 @@ from dicom_node.peers import free_port
 from storage.jobs import list_jobs, load_job, release_job
 from storage.models import JobState
 from tests.dicom_node.conftest import require_tool, wait_for
-from tests.inference.conftest import dciodvfy_messages
+from tests.helpers.dciodvfy import dciodvfy_messages
 
 
 @pytest.mark.slow

@@ -12,8 +12,6 @@ they work whether or not the test folders are packages.
 from __future__ import annotations
 
 import itertools
-import shutil
-import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from inference.result import (
     ModelIdentity,
 )
 from inference.uids import new_uid
+from tests.helpers.dciodvfy import dciodvfy_messages
 
 DEMO_MODEL = ModelIdentity(name="mtsa-demo", version="0.1.0", is_demo=True)
 CLINICAL_MODEL = ModelIdentity(name="mtsa-net", version="2.3.1", is_demo=False)
@@ -162,18 +161,6 @@ def _max_diameter(points: np.ndarray) -> float:
     except QhullError:  # flat or tiny lesion: all points
         pass
     return float(pdist(points).max())
-
-
-def dciodvfy_messages(path: Path) -> tuple[list[str], list[str]]:
-    """(errors, warnings) that dciodvfy reports for one file; skips without dciodvfy."""
-    tool = shutil.which("dciodvfy")
-    if tool is None:
-        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
-    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
-    lines = (run.stdout + run.stderr).splitlines()
-    errors = [line for line in lines if line.startswith("Error")]
-    warnings = [line for line in lines if line.startswith("Warning")]
-    return errors, warnings
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ from inference.outputs import codes
 from inference.outputs.dicom_outputs import write_dataset, write_dicom_outputs
 from inference.outputs.rtstruct_raster import rasterise_roi
 from inference.result import EgfrCall, EgfrPrediction, InferenceResult, ModelIdentity
+from tests.helpers.dciodvfy import ACCEPTED_WARNING
 
 # The one dciodvfy warning accepted for our SRs; see tests/inference/test_sr.py.
-ACCEPTED_WARNING = "Unrecognized defined term <99DICOMNODE> for value 1 of attribute <Coding Scheme Designator>"
 
 
 @pytest.fixture

@@ -20,10 +20,9 @@ from inference.outputs.codes import PrivateCode
 from inference.outputs.notice import DEMO_DATA_WARNING, DEMO_WARNING, REVIEW_NOTICE
 from inference.outputs.sr import EGFR_TRACKING_IDENTIFIER, build_sr
 from inference.result import EgfrCall, EgfrPrediction, InferenceResult, ModelIdentity
+from tests.helpers.dciodvfy import ACCEPTED_WARNING
 
 CLINICAL_MODEL = ModelIdentity(name="mtsa-net", version="2.3.1", is_demo=False)
-
-ACCEPTED_WARNING = "Unrecognized defined term <99DICOMNODE> for value 1 of attribute <Coding Scheme Designator>"
 
 
 @pytest.fixture

@@ -17,14 +17,14 @@ from inference.outputs.notice import structure_set_label
 from inference.outputs.supersession import OUTPUT_KINDS, Predecessor, output_series_uid
 from inference.result import ModelIdentity
 from storage.instance_store import validate_uid
-from tests.inference.test_dicom_outputs import ACCEPTED_WARNING
+from tests.helpers.dciodvfy import ACCEPTED_WARNING
 
 MODEL = ModelIdentity("mtsa-net", "1.2.0", False)
 
 
 @pytest.fixture
-def series(mr_series):
-    return mr_series(
+def series(geometry_series):
+    return geometry_series(
         shape=(4, 30, 30), row_spacing=1.0, col_spacing=1.0, slice_spacing=2.0, along_row=(1, 0, 0), along_col=(0, 1, 0)
     )
 

@@ -14,7 +14,7 @@ from dicom_node.store_scp import instance_meta
 from storage.database import Database
 from storage.ingest import ConflictPolicy, StoreOutcome, store_instance
 from storage.instance_store import InstanceStore, sha256_file
-from storage.jobs import RoutingOutcome, complete_series, series_ready_for_routing
+from storage.jobs import RoutingOutcome, complete_series, series_awaiting_routing
 from storage.models import EventKind, Instance, Job, JobEvent, JobState, Study, utcnow
 from storage.retention import purge_expired
 
@@ -105,7 +105,7 @@ def test_replace_makes_the_new_version_the_instance_and_a_new_delivery(stores, t
     db, store = stores
     send(db, store, BASE)
     first_job = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
-    assert series_ready_for_routing(db, 0) == []
+    assert [s.series_id for s in series_awaiting_routing(db, 0)] == []
     corrected = edited(tmp_path, "corrected.dcm", PatientName="Merged^Patient", PatientID="MERGED-1")
 
     assert send(db, store, corrected, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
@@ -121,7 +121,7 @@ def test_replace_makes_the_new_version_the_instance_and_a_new_delivery(stores, t
     # A new job in `received`, routed after the quiet period; the first one keeps its history.
     (first, first_state), (second, second_state) = jobs(db)
     assert first == first_job and first_state == JobState.QUEUED and second_state == JobState.RECEIVED
-    assert series_ready_for_routing(db, 0) == [1]
+    assert [s.series_id for s in series_awaiting_routing(db, 0)] == [1]
     events = conflict_events(db)
     assert {job_id for job_id, _ in events} == {first, second}
     assert all("replace: the new version is the instance now" in m and "new delivery" in m for _, m in events)
@@ -139,7 +139,7 @@ def test_replace_of_something_nothing_downstream_reads_is_no_new_delivery(stores
     cosmetic = edited(tmp_path, "cosmetic.dcm", InstitutionName="Renamed Hospital")
     assert send(db, store, cosmetic, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
     assert the_instance(db).sha256 == sha256_file(cosmetic)
-    assert len(jobs(db)) == 1 and series_ready_for_routing(db, 0) == []
+    assert len(jobs(db)) == 1 and [s.series_id for s in series_awaiting_routing(db, 0)] == []
     ((_, message),) = conflict_events(db)
     assert "InstitutionName" in message and "not evaluated again" in message
 

@@ -12,7 +12,7 @@ from dicom_node.commands.store import stored_instance_meta
 from storage.database import Database
 from storage.ingest import store_instance
 from storage.instance_store import InstanceStore, sha256_file
-from storage.jobs import RoutingOutcome, complete_series, series_ready_for_routing, stored_instance_paths
+from storage.jobs import RoutingOutcome, complete_series, series_awaiting_routing, stored_instance_paths
 from storage.models import Instance, Job, JobState, Series, Study
 from storage.reindex import reindex
 from storage.store_identity import StoreMismatchError, check_and_bind
@@ -69,7 +69,7 @@ def test_reindex_brings_every_instance_back_and_the_series_are_routed_again(lost
     # Start-up accepts the pair now and would delete nothing; the watcher routes both series.
     assert check_and_bind(db, store) == report.store_id
     assert stored_instance_paths(db) == set(files)
-    assert sorted(series_ready_for_routing(db, 0)) == [1, 2]
+    assert sorted([s.series_id for s in series_awaiting_routing(db, 0)]) == [1, 2]
     job_id = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
     with db.session() as session:
         assert session.get(Job, job_id).state == JobState.QUEUED
