@@ -15,7 +15,11 @@ Receivers:
 - bare pynetdicom SCP: writes the received bytes, no fsync, no database;
 - DCMTK storescp: writes files, not durable.
 
-    .venv/bin/python bench/ingest.py [--repeats 3] [--concurrent 4]
+- node at a baseline (`--baseline DIR`, a source tree such as
+  `git archive d8709be | tar -x -C /tmp/base`): the same command with that
+  tree first on PYTHONPATH, so "node / node before" is measured in one run.
+
+    .venv/bin/python bench/ingest.py [--repeats 3] [--concurrent 4] [--baseline /tmp/base]
 """
 
 from __future__ import annotations
@@ -32,13 +36,13 @@ import textwrap
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.peers import find_dcmtk, free_port, wait_listening
 from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-Receiver = tuple[int, str, Callable[[], None], Callable[[], int | None]]  # port, AE, stop, peak RSS (kB)
 
 BARE_SCP = textwrap.dedent(
     """
@@ -58,32 +62,54 @@ BARE_SCP = textwrap.dedent(
 )
 
 
-def peak_rss_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
+@dataclass
+class Receiver:
+    """A receiving process: where to send, and what it used (from /proc, while it runs)."""
+
+    port: int
+    ae: str
+    process: subprocess.Popen
+
+    def peak_rss_kb(self) -> int | None:
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        except OSError:
+            return None
         return None
-    return None
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds so far: what the receiver costs on a shared machine."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def process_receiver(command: list[str], port: int, ae: str, env: dict[str, str] | None = None) -> Receiver:
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_listening(port, 60)
-
-    def stop() -> None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    return port, ae, stop, lambda: peak_rss_kb(process.pid)
+    return Receiver(port, ae, process)
 
 
-def node(folder: Path) -> Receiver:
+REPO = Path(__file__).resolve().parents[1]
+
+
+def node(folder: Path, source: Path = REPO) -> Receiver:
+    """`dicom-node serve` from the source tree `source` (this checkout by default)."""
     port = free_port()
     env = {
         **os.environ,
@@ -96,9 +122,9 @@ def node(folder: Path) -> Receiver:
         "DICOM_NODE__LOGGING__FORMAT": "json",
         "DICOM_NODE__LOGGING__LEVEL": "WARNING",
         "DICOM_NODE__HTTP__ENABLED": "false",
+        "PYTHONPATH": str(source),
     }
-    executable = str(Path(sys.executable).parent / "dicom-node")
-    return process_receiver([executable, "serve"], port, "DICOMNODE", env)
+    return process_receiver([sys.executable, "-m", "dicom_node.cli", "serve"], port, "DICOMNODE", env)
 
 
 def bare(folder: Path) -> Receiver:
@@ -135,19 +161,28 @@ def send(port: int, called: str, files: list[Path]) -> None:
         raise RuntimeError(f"storescu to {called} failed: {result.stderr[-500:]}")
 
 
-def timed_run(start: Callable[[Path], Receiver], folder: Path, batches: list[list[Path]]) -> tuple[float, int | None]:
+@dataclass
+class Run:
+    seconds: float
+    cpu_s: float
+    peak_rss_kb: int | None
+
+
+def timed_run(start: Callable[[Path], Receiver], folder: Path, batches: list[list[Path]]) -> Run:
+    """Start a receiver, send `batches` at once (one storescu each), stop it."""
     folder.mkdir(parents=True)
-    port, called, stop, peak = start(folder)
+    receiver = start(folder)
     try:
+        cpu = receiver.cpu_s()
         began = time.perf_counter()
         with ThreadPoolExecutor(len(batches)) as pool:
-            list(pool.map(lambda files: send(port, called, files), batches))
+            list(pool.map(lambda files: send(receiver.port, receiver.ae, files), batches))
         elapsed = time.perf_counter() - began
-        rss = peak()
+        run = Run(elapsed, receiver.cpu_s() - cpu, receiver.peak_rss_kb())
     finally:
-        stop()
+        receiver.stop()
         shutil.rmtree(folder, ignore_errors=True)
-    return elapsed, rss
+    return run
 
 
 def main() -> None:
@@ -156,6 +191,8 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=4)
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--slices", type=int, default=176)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these receivers (node always)")
+    parser.add_argument("--baseline", type=Path, help="a source tree of the node to compare with (module doc)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     series = []
@@ -164,37 +201,44 @@ def main() -> None:
         series.append(write_phantom_series(phantom, work / f"series-{k}", patient_id=f"BENCH{k}"))
     megabytes = sum(f.stat().st_size for f in series[0]) / 1e6
     receivers: dict[str, Callable[[Path], Receiver]] = {"node": node}
+    if args.baseline is not None:
+        baseline = args.baseline.resolve()
+        receivers["node before"] = lambda folder: node(folder, baseline)
     if shutil.which("Orthanc"):
         receivers["Orthanc"] = orthanc
     else:
         print("Orthanc not installed (Debian package 'orthanc'): skipped", file=sys.stderr)
     receivers |= {"bare pynetdicom SCP": bare, "DCMTK storescp": storescp}
+    if args.only:
+        receivers = {name: start for name, start in receivers.items() if name == "node" or name in args.only}
 
-    one: dict[str, list[float]] = {name: [] for name in receivers}
-    peaks: dict[str, int | None] = {}
+    one: dict[str, list[Run]] = {name: [] for name in receivers}
     for repeat in range(args.repeats):
         for name, start in receivers.items():
-            elapsed, rss = timed_run(start, work / f"{name.replace(' ', '_')}-{repeat}", [series[0]])
-            one[name].append(elapsed)
-            peaks[name] = max(peaks.get(name) or 0, rss or 0) or None
-    many: dict[str, float] = {}
+            one[name].append(timed_run(start, work / f"{name.replace(' ', '_')}-{repeat}", [series[0]]))
+    many: dict[str, Run] = {}
     if args.concurrent > 1:
         for name, start in receivers.items():
-            many[name], _ = timed_run(start, work / f"{name.replace(' ', '_')}-many", series)
+            many[name] = timed_run(start, work / f"{name.replace(' ', '_')}-many", series)
 
-    median = {name: statistics.median(values) for name, values in one.items()}
+    median = {name: statistics.median(run.seconds for run in runs) for name, runs in one.items()}
+    cpu = {name: statistics.median(run.cpu_s for run in runs) for name, runs in one.items()}
+    peaks = {name: max(run.peak_rss_kb or 0 for run in runs) for name, runs in one.items()}
     report: dict[str, object] = {
         "series": f"{len(series[0])} slices {args.matrix}x{args.matrix}, {megabytes:.1f} MB; DCMTK TCP_NODELAY=1",
         "one_series_median_s": {k: round(v, 3) for k, v in median.items()},
         "instances_per_s": {k: round(len(series[0]) / v, 1) for k, v in median.items()},
         "node_time_ratio": {f"vs {k}": round(median["node"] / v, 2) for k, v in median.items() if k != "node"},
+        "receiver_cpu_s_median": {k: round(v, 2) for k, v in cpu.items()},
+        "node_cpu_ratio": {f"vs {k}": round(cpu["node"] / v, 2) for k, v in cpu.items() if k != "node" and v},
         "peak_rss_mb": {k: round(v / 1024, 1) for k, v in peaks.items() if v},
     }
     if many:
-        report[f"{args.concurrent}_concurrent_series_s"] = {k: round(v, 3) for k, v in many.items()}
+        report[f"{args.concurrent}_concurrent_series_s"] = {k: round(v.seconds, 3) for k, v in many.items()}
         report["node_time_ratio_concurrent"] = {
-            f"vs {k}": round(many["node"] / v, 2) for k, v in many.items() if k != "node"
+            f"vs {k}": round(many["node"].seconds / v.seconds, 2) for k, v in many.items() if k != "node"
         }
+        report["peak_rss_mb_concurrent"] = {k: round((v.peak_rss_kb or 0) / 1024, 1) for k, v in many.items()}
     print(json.dumps(report, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 

@@ -16,6 +16,12 @@ The instance arrives as an `IncomingFile` the SCP streamed to `tmp/` (already
 hashed), or as bytes (tests, tools). It is moved into place, never copied; a
 duplicate or a failure discards it. Success means the file is fsync'd under
 its name and its row committed.
+
+Speed (issue #18): the common case, one more instance of a series already
+receiving, is one SQLAlchemy Core transaction (read the series' state,
+insert the instance, count it in SQL: `_insert_into_open_series`); the ORM
+path with its job bookkeeping runs only for the first instance of a series
+or of a new delivery (`_commit_row_opening_job`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import enum
 import threading
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.database import Database
@@ -104,7 +110,7 @@ def store_instance(db: Database, store: InstanceStore, meta: InstanceMeta, data:
                         return StoreOutcome.DUPLICATE
                     store.keep(incoming, f"conflicts/{meta.sop_instance_uid}/{digest}.dcm")
                     return StoreOutcome.CONFLICT
-            store.keep(incoming, relative)
+            store.place(incoming, relative)  # fsync'd before the row: see storage.instance_store
             try:
                 if purged:
                     _restore_row(db, meta, relative, digest, incoming.size)
@@ -135,8 +141,60 @@ def _restore_row(db: Database, meta: InstanceMeta, relative: str, digest: str, s
         series.last_received_at = utcnow()
 
 
+_SERIES: Table = Series.__table__  # type: ignore[assignment]  # declarative tables are Tables
+_INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+_SERIES_STATE = select(_SERIES.c.id, _SERIES.c.evaluated_at, _SERIES.c.last_received_at).where(
+    _SERIES.c.series_uid == bindparam("series_uid")
+)
+_INSERT_INSTANCE = insert(_INSTANCES)
+# Counted in SQL: stores into one series over parallel associations read the
+# row before their write transaction starts; `+= 1` in Python lost updates.
+_COUNT_INSTANCE = (
+    update(_SERIES)
+    .where(_SERIES.c.id == bindparam("series_id"))
+    .values(
+        instance_count=_SERIES.c.instance_count + 1,
+        last_received_at=bindparam("now", type_=_SERIES.c.last_received_at.type),
+    )
+)
+
+
 def _commit_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:
-    """Insert the instance row; retry once if another thread created the study/series."""
+    """Insert the instance row: the fast path when its series is receiving, else with the job opened."""
+    if not _insert_into_open_series(db, meta, relative, digest, size):
+        _commit_row_opening_job(db, meta, relative, digest, size)
+
+
+def _insert_into_open_series(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> bool:
+    """One Core transaction: the instance row and its series' count. False (nothing written) when
+    the series is new or was evaluated since its last instance (a new delivery: a job to open)."""
+    with db.engine.begin() as connection:
+        series = connection.execute(_SERIES_STATE, {"series_uid": meta.series_uid}).first()
+        if series is None or (series.evaluated_at is not None and series.evaluated_at >= series.last_received_at):
+            return False
+        now = utcnow()
+        connection.execute(
+            _INSERT_INSTANCE,
+            {
+                "sop_instance_uid": meta.sop_instance_uid,
+                "sop_class_uid": meta.sop_class_uid,
+                "series_id": series.id,
+                "transfer_syntax_uid": meta.transfer_syntax_uid,
+                "path": relative,
+                "sha256": digest,
+                "size_bytes": size,
+                "calling_ae_title": meta.calling_ae_title,
+                "source_address": meta.source_address,
+                "received_at": now,
+            },
+        )
+        connection.execute(_COUNT_INSTANCE, {"series_id": series.id, "now": now})
+    return True
+
+
+def _commit_row_opening_job(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:
+    """Insert the first instance row of a series or delivery, with its job; retry once if
+    another thread created the study/series."""
     for attempt in range(2):
         try:
             with db.session() as session:
