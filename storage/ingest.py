@@ -18,19 +18,22 @@ duplicate or a failure discards it. Success means the file is fsync'd under
 its name and its row committed.
 
 Speed (issue #18): the common case, one more instance of a series already
-receiving, is one SQLAlchemy Core transaction (read the series' state,
-insert the instance, count it in SQL: `_insert_into_open_series`); the ORM
-path with its job bookkeeping runs only for the first instance of a series
-or of a new delivery (`_commit_row_opening_job`).
+receiving, is SQLAlchemy Core (read the series' state, insert the instance,
+count it in SQL: `_insert_into_open_series`), and the rows of concurrent
+C-STOREs share one transaction, so one WAL flush (`GroupCommit`); each is
+acknowledged only after that commit. The ORM path with its job bookkeeping
+runs only for the first instance of a series or of a new delivery
+(`_commit_row_opening_job`).
 """
 
 from __future__ import annotations
 
 import enum
 import threading
+import weakref
 from dataclasses import dataclass
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.database import Database
@@ -160,35 +163,114 @@ _COUNT_INSTANCE = (
 
 
 def _commit_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:
-    """Insert the instance row: the fast path when its series is receiving, else with the job opened."""
-    if not _insert_into_open_series(db, meta, relative, digest, size):
+    """Insert the instance row: grouped with concurrent ones when its series is receiving, else with the job opened."""
+    if not group_commit(db).insert(db, _PendingRow(meta, relative, digest, size)):
         _commit_row_opening_job(db, meta, relative, digest, size)
 
 
-def _insert_into_open_series(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> bool:
-    """One Core transaction: the instance row and its series' count. False (nothing written) when
-    the series is new or was evaluated since its last instance (a new delivery: a job to open)."""
-    with db.engine.begin() as connection:
-        series = connection.execute(_SERIES_STATE, {"series_uid": meta.series_uid}).first()
-        if series is None or (series.evaluated_at is not None and series.evaluated_at >= series.last_received_at):
-            return False
-        now = utcnow()
-        connection.execute(
-            _INSERT_INSTANCE,
-            {
-                "sop_instance_uid": meta.sop_instance_uid,
-                "sop_class_uid": meta.sop_class_uid,
-                "series_id": series.id,
-                "transfer_syntax_uid": meta.transfer_syntax_uid,
-                "path": relative,
-                "sha256": digest,
-                "size_bytes": size,
-                "calling_ae_title": meta.calling_ae_title,
-                "source_address": meta.source_address,
-                "received_at": now,
-            },
-        )
-        connection.execute(_COUNT_INSTANCE, {"series_id": series.id, "now": now})
+@dataclass
+class _PendingRow:
+    """One instance row waiting for its transaction; `done` once that committed or failed."""
+
+    meta: InstanceMeta
+    relative: str
+    digest: str
+    size: int
+    done: bool = False
+    inserted: bool = False  # False when done: its series needs the job path
+    error: Exception | None = None
+
+
+class GroupCommit:
+    """Commits the instance rows of concurrent C-STOREs in one transaction: one WAL flush for all.
+
+    The first thread to arrive commits every row queued by then, its own
+    included; threads arriving meanwhile queue theirs and wait on the commit
+    lock (no busy-wait on the database's write lock); the first of them commits
+    the next batch. A row is reported (and its C-STORE acknowledged) only after
+    the transaction that holds it committed. A thread alone commits its own row
+    without a hand-off. A failing batch is retried row by row, so an error is
+    reported to the C-STORE it belongs to.
+    """
+
+    def __init__(self) -> None:
+        self._queue_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._queue: list[_PendingRow] = []
+        self.transactions = 0  # committed batches and rows: what grouping saved, for tests and benchmarks
+        self.rows = 0
+
+    def insert(self, db: Database, row: _PendingRow) -> bool:
+        """Commit `row` (with whatever else is queued); False if its series needs the job path."""
+        with self._queue_lock:
+            self._queue.append(row)
+        with self._commit_lock:
+            if not row.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._run(db, batch)
+        if row.error is not None:
+            raise row.error
+        return row.inserted
+
+    def _run(self, db: Database, batch: list[_PendingRow]) -> None:
+        try:
+            with db.engine.begin() as connection:
+                inserted = [_insert_into_open_series(connection, row) for row in batch]
+        except Exception as exc:
+            if len(batch) > 1:
+                for row in batch:
+                    self._run(db, [row])
+            else:
+                batch[0].error, batch[0].done = exc, True
+            return
+        except BaseException as exc:  # interrupted: no row of this batch is reported committed
+            for row in batch:
+                row.error, row.done = RuntimeError(f"commit interrupted: {exc!r}"), True
+            raise
+        self.transactions += 1
+        self.rows += sum(inserted)
+        for row, ok in zip(batch, inserted, strict=True):
+            row.inserted, row.done = ok, True
+
+
+_GROUPS: weakref.WeakKeyDictionary[Database, GroupCommit] = weakref.WeakKeyDictionary()
+_GROUPS_LOCK = threading.Lock()
+
+
+def group_commit(db: Database) -> GroupCommit:
+    """The one `GroupCommit` of a job store (per `Database` object)."""
+    with _GROUPS_LOCK:
+        group = _GROUPS.get(db)
+        if group is None:
+            group = _GROUPS[db] = GroupCommit()
+        return group
+
+
+def _insert_into_open_series(connection: Connection, row: _PendingRow) -> bool:
+    """The instance row and its series' count, in the caller's transaction. False (nothing
+    written) when the series is new or was evaluated since its last instance (a new delivery)."""
+    meta = row.meta
+    series = connection.execute(_SERIES_STATE, {"series_uid": meta.series_uid}).first()
+    if series is None or (series.evaluated_at is not None and series.evaluated_at >= series.last_received_at):
+        return False
+    now = utcnow()
+    connection.execute(
+        _INSERT_INSTANCE,
+        {
+            "sop_instance_uid": meta.sop_instance_uid,
+            "sop_class_uid": meta.sop_class_uid,
+            "series_id": series.id,
+            "transfer_syntax_uid": meta.transfer_syntax_uid,
+            "path": row.relative,
+            "sha256": row.digest,
+            "size_bytes": row.size,
+            "calling_ae_title": meta.calling_ae_title,
+            "source_address": meta.source_address,
+            "received_at": now,
+        },
+    )
+    connection.execute(_COUNT_INSTANCE, {"series_id": series.id, "now": now})
     return True
 
 
