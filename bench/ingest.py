@@ -19,6 +19,13 @@ Receivers:
   `git archive d8709be | tar -x -C /tmp/base`): the same command with that
   tree first on PYTHONPATH, so "node / node before" is measured in one run.
 
+Also measured (each against its reference in the same run):
+- memory: the node's resident memory (VmRSS) sampled while one association
+  stores a `--rss-instances` series of small images, by quarter of the send;
+- sending: the node's `Exporter` delivering a job's RTSTRUCT + SR to DCMTK
+  `storescp`, against DCMTK `storescu` sending the same two files to it. The
+  exporter sends job outputs only; there is no series forwarding to measure.
+
     .venv/bin/python bench/ingest.py [--repeats 3] [--concurrent 4] [--baseline /tmp/base]
 """
 
@@ -151,10 +158,10 @@ def orthanc(folder: Path) -> Receiver:
     return process_receiver(["Orthanc", str(folder / "orthanc.json")], port, "ORTHANC")
 
 
-def send(port: int, called: str, files: list[Path]) -> None:
+def send(port: int, called: str, files: list[Path], *options: str) -> None:
     binary = find_dcmtk("storescu") or "storescu"
     result = subprocess.run(
-        [binary, "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        [binary, *options, "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
         capture_output=True, text=True, env=DCMTK_ENV,
     )  # fmt: skip
     if result.returncode != 0:
@@ -185,12 +192,104 @@ def timed_run(start: Callable[[Path], Receiver], folder: Path, batches: list[lis
     return run
 
 
+def rss_across_series(folder: Path, files: list[Path]) -> dict[str, float]:
+    """The node's VmRSS (MB) sampled every 50 ms while one association stores `files`:
+    the largest sample in each quarter of the send, and the first one."""
+    folder.mkdir(parents=True)
+    receiver = node(folder)
+    samples: list[tuple[float, int]] = []
+    try:
+        began = time.perf_counter()
+        with ThreadPoolExecutor(1) as pool:
+            sending = pool.submit(send, receiver.port, receiver.ae, files)
+            while not sending.done():
+                samples.append((time.perf_counter() - began, receiver.rss_kb()))
+                time.sleep(0.05)
+            sending.result()
+        elapsed = time.perf_counter() - began
+    finally:
+        receiver.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    quarters = {
+        f"max in quarter {q + 1}": max(
+            (kb for t, kb in samples if q * elapsed / 4 <= t < (q + 1) * elapsed / 4), default=0
+        )
+        / 1024
+        for q in range(4)
+    }
+    return {"first sample": samples[0][1] / 1024, **{k: round(v, 1) for k, v in quarters.items()}}
+
+
+def exporter_vs_storescu(work: Path, series_file: Path, repeats: int) -> dict[str, object]:
+    """Seconds to deliver one job's RTSTRUCT + SR: the node's Exporter vs DCMTK storescu (median)."""
+    import pydicom
+
+    from bench.writers import in_memory_series, result_with_lesions
+    from dicom_node.export_targets import ExportTargets
+    from dicom_node.exporter import Exporter
+    from dicom_node.settings import Destination, ExportSettings
+    from dicom_node.store_scp import instance_meta
+    from inference.outputs.dicom_outputs import write_dicom_outputs
+    from storage.database import Database
+    from storage.ingest import store_instance
+    from storage.instance_store import InstanceStore
+    from storage.jobs import RoutingOutcome, claim_next_job, complete_series, record_outputs
+
+    written = write_dicom_outputs(result_with_lesions(in_memory_series(512, 176), 10), work / "outputs")
+    files = [output.path for output in written]
+    store = InstanceStore(work / "exporter-node")
+    db = Database(f"sqlite:///{work / 'exporter-node' / 'jobs.db'}")
+    ds = pydicom.dcmread(series_file, stop_before_pixels=True)
+    store_instance(db, store, instance_meta(ds, ds.file_meta.TransferSyntaxUID, "BENCH"), series_file.read_bytes())
+    port = free_port()
+    (work / "tps").mkdir()
+    tps = process_receiver(
+        [find_dcmtk("storescp") or "storescp", "-aet", "TPS", "-od", str(work / "tps"), str(port)],
+        port, "TPS", DCMTK_ENV,
+    )  # fmt: skip
+    destination = Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=port)
+    exporter = Exporter(db, store, [destination], ExportSettings(), "DICOMNODE")
+    times: dict[str, list[float]] = {"node exporter": [], "DCMTK storescu": []}
+    try:
+        for _ in range(repeats):
+            job_id = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "bench"))
+            claim_next_job(db, "bench")
+            out_dir = store.attempt_outputs(job_id, 1)
+            out_dir.mkdir(parents=True)
+            outputs = []
+            for path in files:
+                copy = Path(shutil.copy(path, out_dir / path.name))
+                header = pydicom.dcmread(copy, stop_before_pixels=True)
+                outputs.append(
+                    (str(header.SOPInstanceUID), str(header.SOPClassUID), copy.relative_to(store.root).as_posix())
+                )
+            relative_dir = out_dir.relative_to(store.root).as_posix()
+            record_outputs(db, job_id, relative_dir, {"outputs": outputs}, ExportTargets([]).rows(["tps"], outputs))
+            began = time.perf_counter()
+            if exporter.run_once() != len(files):
+                raise RuntimeError("the exporter did not send both outputs")
+            times["node exporter"].append(time.perf_counter() - began)
+            began = time.perf_counter()
+            send(port, "TPS", files, "--required")  # only the contexts the files need, as the exporter
+            times["DCMTK storescu"].append(time.perf_counter() - began)
+    finally:
+        tps.stop()
+        db.dispose()
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "objects": f"RTSTRUCT + SR, {sum(f.stat().st_size for f in files) / 1e6:.2f} MB",
+        "median_s": {k: round(v, 3) for k, v in median.items()},
+        "exporter_time_ratio_vs_storescu": round(median["node exporter"] / median["DCMTK storescu"], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrent", type=int, default=4)
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--slices", type=int, default=176)
+    parser.add_argument("--rss-instances", type=int, default=1000, help="small instances for the RSS run (0: skip)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these receivers (node always)")
     parser.add_argument("--baseline", type=Path, help="a source tree of the node to compare with (module doc)")
     args = parser.parse_args()
@@ -239,6 +338,11 @@ def main() -> None:
             f"vs {k}": round(many["node"].seconds / v.seconds, 2) for k, v in many.items() if k != "node"
         }
         report["peak_rss_mb_concurrent"] = {k: round((v.peak_rss_kb or 0) / 1024, 1) for k, v in many.items()}
+    if args.rss_instances:
+        small = generate_phantom(3, orientation="axial", matrix=64, slices=args.rss_instances)
+        files = write_phantom_series(small, work / "small", patient_id="RSS")
+        report[f"node_rss_mb_across_{args.rss_instances}_instances"] = rss_across_series(work / "rss", files)
+    report["sending"] = exporter_vs_storescu(work / "sending", series[0][0], args.repeats)
     print(json.dumps(report, indent=2))
     shutil.rmtree(work, ignore_errors=True)
 
