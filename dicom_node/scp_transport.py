@@ -24,11 +24,11 @@ pynetdicom's `AssociationServer` is kept; these subclasses close its gaps
   `IncomingFile` under the data directory's `tmp/` (hashed as it is written)
   and is never assembled in memory. Over `max_instance_mb`: A-ABORT.
 - Latency (issue #18): pynetdicom's two reactor threads poll, each sleeping
-  1 ms when idle, and a C-STORE crosses both twice (request in, response
-  out). Here the network thread waits on its socket and a wake-up socket
-  (`WakingDUL`), and the association thread waits on the message queue
-  (`SpoolingDIMSE.get_msg`): each wakes when there is something to do. The
-  file meta of a received instance is encoded directly (`file_meta_bytes`).
+  1 ms when idle, and a C-STORE crosses both. Here the network thread waits
+  on its socket instead (`WakingDUL`), and the association thread waits on
+  the message queue (`SpoolingDIMSE.get_msg`): each wakes when its input
+  arrives. The file meta of a received instance is encoded directly
+  (`file_meta_bytes`).
 """
 
 from __future__ import annotations
@@ -191,55 +191,34 @@ class SpoolingDIMSE(DIMSEServiceProvider):
 
 
 class WakingDUL(DULServiceProvider):
-    """pynetdicom's DUL reactor, waiting on the socket and a wake-up socket instead of sleeping.
+    """pynetdicom's DUL reactor, woken by the peer's data instead of sleeping through it.
 
     `run_reactor` is pynetdicom 3.0's loop with one change: where it slept
-    1 ms after an idle round, it waits until the peer sends, a primitive is
-    queued to be sent (`send_pdu` wakes it), or `IDLE_WAIT_S` passes (timers,
-    the kill flag).
+    1 ms after an idle round, it waits on the socket for up to that long, so
+    a PDU is read as soon as it arrives. A primitive queued to be sent is
+    still picked up within 1 ms: waking the reactor for it (a wake-up socket
+    was tried) made the sending thread wait for the GIL, and was slower.
     """
 
     def __init__(self, assoc: Any) -> None:
         super().__init__(assoc)
-        self._kill_thread: bool = False
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
-
-    def send_pdu(self, primitive: Any) -> None:
-        super().send_pdu(primitive)
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:  # already full (it is awake anyway) or closed (the reactor has ended)
-            pass
+        self._kill_thread: bool = False  # pynetdicom's flag, typed for mypy
 
     def _wait(self) -> None:
-        """Until there is something to read, something to send, or `IDLE_WAIT_S` passed."""
+        """Until the peer sent something, or `self._run_loop_delay` (1 ms) passed."""
         transport = self.socket.socket if self.socket is not None else None
-        waitables: list[Any] = [self._wake_reader]
-        if transport is not None and transport.fileno() != -1:
-            if isinstance(transport, ssl.SSLSocket) and transport.pending():
-                return  # decrypted bytes already buffered: select would not see them
-            waitables.append(transport)
+        if transport is None or transport.fileno() == -1:
+            time.sleep(self._run_loop_delay)
+            return
+        if isinstance(transport, ssl.SSLSocket) and transport.pending():
+            return  # decrypted bytes already buffered: select would not see them
         try:
-            ready, _, _ = select.select(waitables, [], [], IDLE_WAIT_S)
+            select.select([transport], [], [], self._run_loop_delay)
         except (OSError, ValueError):  # the transport closed meanwhile: the next round notices
             return
-        if self._wake_reader in ready:
-            try:
-                self._wake_reader.recv(4096)
-            except OSError:
-                pass
 
     def run_reactor(self) -> None:
         """pynetdicom's `DULServiceProvider.run_reactor` with `_wait` for its idle sleep."""
-        try:
-            self._reactor()
-        finally:
-            self._wake_reader.close()
-            self._wake_writer.close()
-
-    def _reactor(self) -> None:
         self._idle_timer.start()
         idle = False
         while True:
