@@ -217,7 +217,7 @@ def rss_across_series(folder: Path, files: list[Path]) -> dict[str, float]:
         / 1024
         for q in range(4)
     }
-    return {"first sample": samples[0][1] / 1024, **{k: round(v, 1) for k, v in quarters.items()}}
+    return {"first sample": round(samples[0][1] / 1024, 1), **{k: round(v, 1) for k, v in quarters.items()}}
 
 
 def exporter_vs_storescu(work: Path, series_file: Path, repeats: int) -> dict[str, object]:
@@ -294,6 +294,14 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="a source tree of the node to compare with (module doc)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    try:
+        print(json.dumps(run_all(args, work), indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """Every measurement of the module doc; the report as a dict."""
     series = []
     for k in range(max(1, args.concurrent)):
         phantom = generate_phantom(7 + k, orientation="axial", matrix=args.matrix, slices=args.slices)
@@ -343,8 +351,7 @@ def main() -> None:
         files = write_phantom_series(small, work / "small", patient_id="RSS")
         report[f"node_rss_mb_across_{args.rss_instances}_instances"] = rss_across_series(work / "rss", files)
     report["sending"] = exporter_vs_storescu(work / "sending", series[0][0], args.repeats)
-    print(json.dumps(report, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+    return report
 
 
 if __name__ == "__main__":
