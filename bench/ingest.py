@@ -15,7 +15,18 @@ Receivers:
 - bare pynetdicom SCP: writes the received bytes, no fsync, no database;
 - DCMTK storescp: writes files, not durable.
 
-    .venv/bin/python bench/ingest.py [--repeats 3] [--concurrent 4]
+- node at a baseline (`--baseline DIR`, a source tree such as
+  `git archive d8709be | tar -x -C /tmp/base`): the same command with that
+  tree first on PYTHONPATH, so "node / node before" is measured in one run.
+
+Also measured (each against its reference in the same run):
+- memory: the node's resident memory (VmRSS) sampled while one association
+  stores a `--rss-instances` series of small images, by quarter of the send;
+- sending: the node's `Exporter` delivering a job's RTSTRUCT + SR to DCMTK
+  `storescp`, against DCMTK `storescu` sending the same two files to it. The
+  exporter sends job outputs only; there is no series forwarding to measure.
+
+    .venv/bin/python bench/ingest.py [--repeats 3] [--concurrent 4] [--baseline /tmp/base]
 """
 
 from __future__ import annotations
@@ -32,13 +43,13 @@ import textwrap
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_node.peers import find_dcmtk, free_port, wait_listening
 from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-Receiver = tuple[int, str, Callable[[], None], Callable[[], int | None]]  # port, AE, stop, peak RSS (kB)
 
 BARE_SCP = textwrap.dedent(
     """
@@ -58,32 +69,54 @@ BARE_SCP = textwrap.dedent(
 )
 
 
-def peak_rss_kb(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
+@dataclass
+class Receiver:
+    """A receiving process: where to send, and what it used (from /proc, while it runs)."""
+
+    port: int
+    ae: str
+    process: subprocess.Popen
+
+    def peak_rss_kb(self) -> int | None:
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        except OSError:
+            return None
         return None
-    return None
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds so far: what the receiver costs on a shared machine."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def process_receiver(command: list[str], port: int, ae: str, env: dict[str, str] | None = None) -> Receiver:
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_listening(port, 60)
-
-    def stop() -> None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    return port, ae, stop, lambda: peak_rss_kb(process.pid)
+    return Receiver(port, ae, process)
 
 
-def node(folder: Path) -> Receiver:
+REPO = Path(__file__).resolve().parents[1]
+
+
+def node(folder: Path, source: Path = REPO) -> Receiver:
+    """`dicom-node serve` from the source tree `source` (this checkout by default)."""
     port = free_port()
     env = {
         **os.environ,
@@ -96,9 +129,9 @@ def node(folder: Path) -> Receiver:
         "DICOM_NODE__LOGGING__FORMAT": "json",
         "DICOM_NODE__LOGGING__LEVEL": "WARNING",
         "DICOM_NODE__HTTP__ENABLED": "false",
+        "PYTHONPATH": str(source),
     }
-    executable = str(Path(sys.executable).parent / "dicom-node")
-    return process_receiver([executable, "serve"], port, "DICOMNODE", env)
+    return process_receiver([sys.executable, "-m", "dicom_node.cli", "serve"], port, "DICOMNODE", env)
 
 
 def bare(folder: Path) -> Receiver:
@@ -125,29 +158,129 @@ def orthanc(folder: Path) -> Receiver:
     return process_receiver(["Orthanc", str(folder / "orthanc.json")], port, "ORTHANC")
 
 
-def send(port: int, called: str, files: list[Path]) -> None:
+def send(port: int, called: str, files: list[Path], *options: str) -> None:
     binary = find_dcmtk("storescu") or "storescu"
     result = subprocess.run(
-        [binary, "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        [binary, *options, "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
         capture_output=True, text=True, env=DCMTK_ENV,
     )  # fmt: skip
     if result.returncode != 0:
         raise RuntimeError(f"storescu to {called} failed: {result.stderr[-500:]}")
 
 
-def timed_run(start: Callable[[Path], Receiver], folder: Path, batches: list[list[Path]]) -> tuple[float, int | None]:
+@dataclass
+class Run:
+    seconds: float
+    cpu_s: float
+    peak_rss_kb: int | None
+
+
+def timed_run(start: Callable[[Path], Receiver], folder: Path, batches: list[list[Path]]) -> Run:
+    """Start a receiver, send `batches` at once (one storescu each), stop it."""
     folder.mkdir(parents=True)
-    port, called, stop, peak = start(folder)
+    receiver = start(folder)
     try:
+        cpu = receiver.cpu_s()
         began = time.perf_counter()
         with ThreadPoolExecutor(len(batches)) as pool:
-            list(pool.map(lambda files: send(port, called, files), batches))
+            list(pool.map(lambda files: send(receiver.port, receiver.ae, files), batches))
         elapsed = time.perf_counter() - began
-        rss = peak()
+        run = Run(elapsed, receiver.cpu_s() - cpu, receiver.peak_rss_kb())
     finally:
-        stop()
+        receiver.stop()
         shutil.rmtree(folder, ignore_errors=True)
-    return elapsed, rss
+    return run
+
+
+def rss_across_series(folder: Path, files: list[Path]) -> dict[str, float]:
+    """The node's VmRSS (MB) sampled every 50 ms while one association stores `files`:
+    the largest sample in each quarter of the send, and the first one."""
+    folder.mkdir(parents=True)
+    receiver = node(folder)
+    samples: list[tuple[float, int]] = []
+    try:
+        began = time.perf_counter()
+        with ThreadPoolExecutor(1) as pool:
+            sending = pool.submit(send, receiver.port, receiver.ae, files)
+            while not sending.done():
+                samples.append((time.perf_counter() - began, receiver.rss_kb()))
+                time.sleep(0.05)
+            sending.result()
+        elapsed = time.perf_counter() - began
+    finally:
+        receiver.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    quarters = {
+        f"max in quarter {q + 1}": max(
+            (kb for t, kb in samples if q * elapsed / 4 <= t < (q + 1) * elapsed / 4), default=0
+        )
+        / 1024
+        for q in range(4)
+    }
+    return {"first sample": round(samples[0][1] / 1024, 1), **{k: round(v, 1) for k, v in quarters.items()}}
+
+
+def exporter_vs_storescu(work: Path, series_file: Path, repeats: int) -> dict[str, object]:
+    """Seconds to deliver one job's RTSTRUCT + SR: the node's Exporter vs DCMTK storescu (median)."""
+    import pydicom
+
+    from bench.writers import in_memory_series, result_with_lesions
+    from dicom_node.export_targets import ExportTargets
+    from dicom_node.exporter import Exporter
+    from dicom_node.settings import Destination, ExportSettings
+    from dicom_node.store_scp import instance_meta
+    from inference.outputs.dicom_outputs import write_dicom_outputs
+    from storage.database import Database
+    from storage.ingest import store_instance
+    from storage.instance_store import InstanceStore
+    from storage.jobs import RoutingOutcome, claim_next_job, complete_series, record_outputs
+
+    written = write_dicom_outputs(result_with_lesions(in_memory_series(512, 176), 10), work / "outputs")
+    files = [output.path for output in written]
+    store = InstanceStore(work / "exporter-node")
+    db = Database(f"sqlite:///{work / 'exporter-node' / 'jobs.db'}")
+    ds = pydicom.dcmread(series_file, stop_before_pixels=True)
+    store_instance(db, store, instance_meta(ds, ds.file_meta.TransferSyntaxUID, "BENCH"), series_file.read_bytes())
+    port = free_port()
+    (work / "tps").mkdir()
+    tps = process_receiver(
+        [find_dcmtk("storescp") or "storescp", "-aet", "TPS", "-od", str(work / "tps"), str(port)],
+        port, "TPS", DCMTK_ENV,
+    )  # fmt: skip
+    destination = Destination(name="tps", ae_title="TPS", host="127.0.0.1", port=port)
+    exporter = Exporter(db, store, [destination], ExportSettings(), "DICOMNODE")
+    times: dict[str, list[float]] = {"node exporter": [], "DCMTK storescu": []}
+    try:
+        for _ in range(repeats):
+            job_id = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "bench"))
+            claim_next_job(db, "bench")
+            out_dir = store.attempt_outputs(job_id, 1)
+            out_dir.mkdir(parents=True)
+            outputs = []
+            for path in files:
+                copy = Path(shutil.copy(path, out_dir / path.name))
+                header = pydicom.dcmread(copy, stop_before_pixels=True)
+                outputs.append(
+                    (str(header.SOPInstanceUID), str(header.SOPClassUID), copy.relative_to(store.root).as_posix())
+                )
+            relative_dir = out_dir.relative_to(store.root).as_posix()
+            record_outputs(db, job_id, relative_dir, {"outputs": outputs}, ExportTargets([]).rows(["tps"], outputs))
+            began = time.perf_counter()
+            if exporter.run_once() != len(files):
+                raise RuntimeError("the exporter did not send both outputs")
+            times["node exporter"].append(time.perf_counter() - began)
+            began = time.perf_counter()
+            send(port, "TPS", files, "--required")  # only the contexts the files need, as the exporter
+            times["DCMTK storescu"].append(time.perf_counter() - began)
+    finally:
+        tps.stop()
+        db.dispose()
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "objects": f"RTSTRUCT + SR, {sum(f.stat().st_size for f in files) / 1e6:.2f} MB",
+        "median_s": {k: round(v, 3) for k, v in median.items()},
+        "exporter_time_ratio_vs_storescu": round(median["node exporter"] / median["DCMTK storescu"], 2),
+    }
 
 
 def main() -> None:
@@ -156,47 +289,69 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=4)
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--slices", type=int, default=176)
+    parser.add_argument("--rss-instances", type=int, default=1000, help="small instances for the RSS run (0: skip)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these receivers (node always)")
+    parser.add_argument("--baseline", type=Path, help="a source tree of the node to compare with (module doc)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    try:
+        print(json.dumps(run_all(args, work), indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """Every measurement of the module doc; the report as a dict."""
     series = []
     for k in range(max(1, args.concurrent)):
         phantom = generate_phantom(7 + k, orientation="axial", matrix=args.matrix, slices=args.slices)
         series.append(write_phantom_series(phantom, work / f"series-{k}", patient_id=f"BENCH{k}"))
     megabytes = sum(f.stat().st_size for f in series[0]) / 1e6
     receivers: dict[str, Callable[[Path], Receiver]] = {"node": node}
+    if args.baseline is not None:
+        baseline = args.baseline.resolve()
+        receivers["node before"] = lambda folder: node(folder, baseline)
     if shutil.which("Orthanc"):
         receivers["Orthanc"] = orthanc
     else:
         print("Orthanc not installed (Debian package 'orthanc'): skipped", file=sys.stderr)
     receivers |= {"bare pynetdicom SCP": bare, "DCMTK storescp": storescp}
+    if args.only:
+        receivers = {name: start for name, start in receivers.items() if name == "node" or name in args.only}
 
-    one: dict[str, list[float]] = {name: [] for name in receivers}
-    peaks: dict[str, int | None] = {}
+    one: dict[str, list[Run]] = {name: [] for name in receivers}
     for repeat in range(args.repeats):
         for name, start in receivers.items():
-            elapsed, rss = timed_run(start, work / f"{name.replace(' ', '_')}-{repeat}", [series[0]])
-            one[name].append(elapsed)
-            peaks[name] = max(peaks.get(name) or 0, rss or 0) or None
-    many: dict[str, float] = {}
+            one[name].append(timed_run(start, work / f"{name.replace(' ', '_')}-{repeat}", [series[0]]))
+    many: dict[str, Run] = {}
     if args.concurrent > 1:
         for name, start in receivers.items():
-            many[name], _ = timed_run(start, work / f"{name.replace(' ', '_')}-many", series)
+            many[name] = timed_run(start, work / f"{name.replace(' ', '_')}-many", series)
 
-    median = {name: statistics.median(values) for name, values in one.items()}
+    median = {name: statistics.median(run.seconds for run in runs) for name, runs in one.items()}
+    cpu = {name: statistics.median(run.cpu_s for run in runs) for name, runs in one.items()}
+    peaks = {name: max(run.peak_rss_kb or 0 for run in runs) for name, runs in one.items()}
     report: dict[str, object] = {
         "series": f"{len(series[0])} slices {args.matrix}x{args.matrix}, {megabytes:.1f} MB; DCMTK TCP_NODELAY=1",
         "one_series_median_s": {k: round(v, 3) for k, v in median.items()},
         "instances_per_s": {k: round(len(series[0]) / v, 1) for k, v in median.items()},
         "node_time_ratio": {f"vs {k}": round(median["node"] / v, 2) for k, v in median.items() if k != "node"},
+        "receiver_cpu_s_median": {k: round(v, 2) for k, v in cpu.items()},
+        "node_cpu_ratio": {f"vs {k}": round(cpu["node"] / v, 2) for k, v in cpu.items() if k != "node" and v},
         "peak_rss_mb": {k: round(v / 1024, 1) for k, v in peaks.items() if v},
     }
     if many:
-        report[f"{args.concurrent}_concurrent_series_s"] = {k: round(v, 3) for k, v in many.items()}
+        report[f"{args.concurrent}_concurrent_series_s"] = {k: round(v.seconds, 3) for k, v in many.items()}
         report["node_time_ratio_concurrent"] = {
-            f"vs {k}": round(many["node"] / v, 2) for k, v in many.items() if k != "node"
+            f"vs {k}": round(many["node"].seconds / v.seconds, 2) for k, v in many.items() if k != "node"
         }
-    print(json.dumps(report, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+        report["peak_rss_mb_concurrent"] = {k: round((v.peak_rss_kb or 0) / 1024, 1) for k, v in many.items()}
+    if args.rss_instances:
+        small = generate_phantom(3, orientation="axial", matrix=64, slices=args.rss_instances)
+        files = write_phantom_series(small, work / "small", patient_id="RSS")
+        report[f"node_rss_mb_across_{args.rss_instances}_instances"] = rss_across_series(work / "rss", files)
+    report["sending"] = exporter_vs_storescu(work / "sending", series[0][0], args.repeats)
+    return report
 
 
 if __name__ == "__main__":

@@ -23,10 +23,18 @@ pynetdicom's `AssociationServer` is kept; these subclasses close its gaps
 - Memory: a C-STORE data set streams, fragment by fragment, into an
   `IncomingFile` under the data directory's `tmp/` (hashed as it is written)
   and is never assembled in memory. Over `max_instance_mb`: A-ABORT.
+- Latency (issue #18): pynetdicom's two reactor threads poll, each sleeping
+  1 ms when idle, and a C-STORE crosses both. Here the network thread waits
+  on its socket instead (`WakingDUL`), and the association thread waits on
+  the message queue (`SpoolingDIMSE.get_msg`): each wakes when its input
+  arrives. The file meta of a received instance is encoded directly
+  (`file_meta_bytes`).
 """
 
 from __future__ import annotations
 
+import queue
+import select
 import socket
 import ssl
 import struct
@@ -37,16 +45,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pynetdicom import AE
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.logging_setup import get_logger
-from storage.instance_store import IncomingFile
+from storage.instance_store import IncomingFile, InvalidUIDError, validate_uid
 
 log = get_logger(__name__)
 
@@ -54,6 +63,37 @@ P_DATA_TF = 0x04
 MAX_OTHER_PDU_BYTES = 1024 * 1024  # A-ASSOCIATE-RQ with many contexts fits easily
 MIN_RATE_BYTES_PER_S = 64 * 1024
 _ABORT_INVALID_PARAMETER = 0x06
+# Longest wait of an idle reactor before it looks at its timers and flags again (pynetdicom: 1 ms).
+IDLE_WAIT_S = 0.005
+
+
+def _explicit_le(group_element: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element with a 2-byte length (UI, SH)."""
+    return struct.pack("<HH", 2, group_element) + vr + struct.pack("<H", len(value)) + value
+
+
+_META_VERSION = struct.pack("<HH", 2, 0x0001) + b"OB\x00\x00" + struct.pack("<L", 2) + b"\x00\x01"
+_META_IMPLEMENTATION = _explicit_le(
+    0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode() + b"\x00" * (len(PYNETDICOM_IMPLEMENTATION_UID) % 2)
+) + _explicit_le(
+    0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode() + b" " * (len(PYNETDICOM_IMPLEMENTATION_VERSION) % 2)
+)
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """The File Meta Information group of a received instance, as pynetdicom's
+    `encode_file_meta(create_file_meta(...))` writes it, without building a data set;
+    raises `InvalidUIDError` for a value that is not a UID."""
+    body = _META_VERSION
+    for element, (value, what) in (
+        (0x0002, (sop_class_uid, "SOP Class UID")),
+        (0x0003, (sop_instance_uid, "SOP Instance UID")),
+        (0x0010, (transfer_syntax_uid, "Transfer Syntax UID")),
+    ):
+        encoded = validate_uid(value, what).encode()
+        body += _explicit_le(element, b"UI", encoded + b"\x00" * (len(encoded) % 2))
+    body += _META_IMPLEMENTATION
+    return struct.pack("<HH", 2, 0x0000) + b"UL" + struct.pack("<HL", 4, len(body)) + body
 
 
 class NodeAE(AE):
@@ -69,6 +109,22 @@ class NodeAE(AE):
             for assoc in super().active_associations
             if not assoc.is_acceptor or assoc.is_established or assoc is current
         ]
+
+
+def _pynetdicom_file_meta(command: Any, context: Any) -> bytes:
+    """pynetdicom's file meta encoding, for request UIDs `file_meta_bytes` refuses."""
+    try:
+        return bytes(
+            encode_file_meta(
+                create_file_meta(
+                    sop_class_uid=command.AffectedSOPClassUID,
+                    sop_instance_uid=command.AffectedSOPInstanceUID,
+                    transfer_syntax=context.transfer_syntax[0],
+                )
+            )
+        )
+    except Exception:  # a malformed request UID: the handler finds no file meta and refuses
+        return b""  # this thread reads the network and must not die of a peer's data
 
 
 class SpoolingDIMSE(DIMSEServiceProvider):
@@ -99,19 +155,25 @@ class SpoolingDIMSE(DIMSEServiceProvider):
             single.presentation_data_value_list = [[context_id, data]]
             super().receive_primitive(single)
 
+    def get_msg(self, block: bool = False) -> Any:
+        """The next complete message; the association reactor's poll (`block=False`) waits up
+        to `IDLE_WAIT_S` for one instead of coming back empty at once (module doc)."""
+        if block:
+            return super().get_msg(block=True)
+        try:
+            return self.msg_queue.get(timeout=IDLE_WAIT_S)
+        except queue.Empty:
+            return None, None
+
     def _spool(self, message: C_STORE_RQ, context: Any, chunk: memoryview) -> None:
         if self._current is None:
             command = message.command_set
             try:
-                meta = encode_file_meta(
-                    create_file_meta(
-                        sop_class_uid=command.AffectedSOPClassUID,
-                        sop_instance_uid=command.AffectedSOPInstanceUID,
-                        transfer_syntax=context.transfer_syntax[0],
-                    )
+                meta = file_meta_bytes(
+                    command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, context.transfer_syntax[0]
                 )
-            except Exception:  # a malformed request UID: the handler finds no file meta and refuses
-                meta = b""  # this thread reads the network and must not die of a peer's data
+            except InvalidUIDError:  # pynetdicom's encoder decides what it accepts
+                meta = _pynetdicom_file_meta(command, context)
             self._current = self._open_file(b"\x00" * 128 + b"DICM" + meta)
         self._current.write(chunk)  # its size is bounded by GuardedSocket (max_instance_mb)
 
@@ -126,6 +188,73 @@ class SpoolingDIMSE(DIMSEServiceProvider):
                 incoming.discard()
         self._current = None
         self._done.clear()
+
+
+class WakingDUL(DULServiceProvider):
+    """pynetdicom's DUL reactor, woken by the peer's data instead of sleeping through it.
+
+    `run_reactor` is pynetdicom 3.0's loop with one change: where it slept
+    1 ms after an idle round, it waits on the socket for up to that long, so
+    a PDU is read as soon as it arrives. A primitive queued to be sent is
+    still picked up within 1 ms: waking the reactor for it (a wake-up socket
+    was tried) made the sending thread wait for the GIL, and was slower.
+    """
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__(assoc)
+        self._kill_thread: bool = False  # pynetdicom's flag, typed for mypy
+
+    def _wait(self) -> None:
+        """Until the peer sent something, or `self._run_loop_delay` (1 ms) passed."""
+        transport = self.socket.socket if self.socket is not None else None
+        if transport is None or transport.fileno() == -1:
+            time.sleep(self._run_loop_delay)
+            return
+        if isinstance(transport, ssl.SSLSocket) and transport.pending():
+            return  # decrypted bytes already buffered: select would not see them
+        try:
+            select.select([transport], [], [], self._run_loop_delay)
+        except (OSError, ValueError):  # the transport closed meanwhile: the next round notices
+            return
+
+    def run_reactor(self) -> None:
+        """pynetdicom's `DULServiceProvider.run_reactor` with `_wait` for its idle sleep."""
+        self._idle_timer.start()
+        idle = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                idle = True
+            if idle:
+                self._wait()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # as pynetdicom: A-ABORT past the state machine, end both reactors
+                log.error("association.dul_failed", reason=str(exc))
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                if self.socket is not None:
+                    self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            self.state_machine.do_action(event)
+            idle = False
 
 
 class GuardedSocket(AssociationSocket):
@@ -261,6 +390,8 @@ class NodeRequestHandler(RequestHandler):
         assoc = Association(ae, MODE_ACCEPTOR)
         assoc._server = server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        assoc.dul = WakingDUL(assoc)  # before the socket, which is handed to the DUL
+        assoc.acse_timeout, assoc.network_timeout = ae.acse_timeout, ae.network_timeout  # the DUL's timers
         assoc.set_socket(GuardedSocket(assoc, self.request, server.limits))
         assoc.dimse = SpoolingDIMSE(assoc, server.open_incoming)
         assoc.acceptor.maximum_length = ae.maximum_pdu_size

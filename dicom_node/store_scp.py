@@ -168,7 +168,7 @@ class StoreSCP:
 
     def _store(self, event: evt.Event, incoming: IncomingFile, calling_ae: str) -> int:
         try:
-            incoming.finish()
+            incoming.complete()  # readable for the header; fsync'd when placed (storage.ingest)
         except OSError as exc:
             log.error("store.failed", reason=f"storage error: {exc}", disk_full=exc.errno == errno.ENOSPC)
             return status_codes.OUT_OF_RESOURCES

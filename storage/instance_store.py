@@ -7,6 +7,13 @@ Decisions:
 - A received instance is written once: it streams into an `IncomingFile` in
   `tmp/` as it arrives (hashed and counted on the way, never held whole in
   memory) and that same file is renamed into place.
+- A received instance whose row is committed afterwards (`InstanceStore.place`)
+  is renamed into place first, then the file and its directory are fsync'd
+  concurrently: one storage flush instead of two in a row. A crash before
+  both fsyncs returned leaves a file without a row, which start-up removes
+  (`remove_unreferenced`); the row, and with it the success status, comes
+  only after both. Files no row will point at (conflicts, outputs) keep
+  the order file fsync, rename, directory fsync (`write_durably`, `keep`).
 - Nothing from a dataset becomes a path unless it passes `validate_uid`
   (digits and dots, <= 64 characters, no empty or leading-zero components),
   so `..`, separators or over-long values can never escape the data directory.
@@ -20,8 +27,13 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
+
+# Directory fsyncs that run beside a file's fsync (`IncomingFile.place`); sized for the
+# concurrent associations of one node, each waiting on its own.
+_DIR_SYNCS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dir-fsync")
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -106,6 +118,18 @@ class IncomingFile:
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
+    def complete(self) -> None:
+        """Flush to the operating system (readable by path, not yet durable); raises a write error."""
+        if self.error is not None:
+            raise self.error
+        if self._handle is not None:
+            try:
+                self._handle.flush()
+            except OSError as exc:
+                self.error = exc
+                self.discard()
+                raise
+
     def finish(self) -> None:
         """Flush, fsync and close; the bytes are on disk (not yet under their name). Idempotent.
 
@@ -130,6 +154,31 @@ class IncomingFile:
         os.replace(self.path, target)
         self.path = target
         _fsync_dir(target.parent)
+
+    def place(self, target: Path) -> None:
+        """Rename into `target`, then fsync the file and the directory concurrently (module doc).
+
+        For a file whose row is committed only after this returns: until then a
+        crash leaves at worst an unreferenced file, removed at start-up. On error
+        the file is removed from `target` and the error raised."""
+        self.complete()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path, target)
+        self.path = target
+        handle, self._handle = self._handle, None
+        try:
+            directory = _DIR_SYNCS.submit(_fsync_dir, target.parent)
+            try:
+                if handle is not None:
+                    os.fsync(handle.fileno())
+            finally:
+                directory.result()  # both waited for, whichever failed
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        finally:
+            if handle is not None:
+                handle.close()
 
     def discard(self) -> None:
         """Drop a file that was not moved into place (duplicate, refused, or an aborted transfer)."""
@@ -184,6 +233,10 @@ class InstanceStore:
     def keep(self, incoming: IncomingFile, relative: str) -> None:
         """Durably move a received file to `relative` (validated to stay under the root)."""
         incoming.move_to(self.absolute(relative))
+
+    def place(self, incoming: IncomingFile, relative: str) -> None:
+        """Move a received file to `relative` for a row committed next (`IncomingFile.place`)."""
+        incoming.place(self.absolute(relative))
 
     def remove(self, relative: str) -> None:
         self.absolute(relative).unlink(missing_ok=True)

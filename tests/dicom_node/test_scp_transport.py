@@ -1,0 +1,126 @@
+"""The receive path's speed mechanisms (issue #18) keep their contracts.
+
+- `file_meta_bytes` writes what pynetdicom's encoder writes, and refuses non-UIDs;
+- `IncomingFile.place` (rename, then file and directory fsync'd together):
+  the file is complete under its name, nothing is left in `tmp/`, and a
+  failure removes it from its target;
+- the fast insert path keeps the per-series count exact over parallel
+  associations, and a series re-sent after evaluation opens a new job.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.sop_class import MRImageStorage
+from sqlalchemy import func, select, update
+
+from dicom_node import status_codes
+from dicom_node.scp_transport import file_meta_bytes
+from storage.instance_store import InstanceStore, InvalidUIDError, sha256_file
+from storage.models import Instance, Job, JobState, Series, utcnow
+from tests.dicom_node.conftest import storescu
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@pytest.mark.parametrize(
+    ("sop_instance_uid", "transfer_syntax"),
+    [
+        ("1.2.3.4", "1.2.840.10008.1.2.1"),
+        ("1.2.3.45", "1.2.840.10008.1.2"),
+        ("2.25." + "9" * 59, "1.2.840.10008.1.2.4.90"),
+    ],
+)
+def test_file_meta_bytes_are_pynetdicoms_encoding(sop_instance_uid, transfer_syntax):
+    expected = encode_file_meta(
+        create_file_meta(sop_class_uid=MR, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax)
+    )
+    assert file_meta_bytes(MR, sop_instance_uid, transfer_syntax) == bytes(expected)
+
+
+@pytest.mark.parametrize("bad", ["", "1.2.3.", "1.2.x", "../1", "1." + "2" * 70])
+def test_file_meta_bytes_refuse_values_that_are_not_uids(bad):
+    with pytest.raises(InvalidUIDError):
+        file_meta_bytes(MR, bad, "1.2.840.10008.1.2.1")
+
+
+def test_place_makes_the_file_complete_under_its_name(tmp_path):
+    store = InstanceStore(tmp_path / "data")
+    incoming = store.incoming(b"header")
+    for _ in range(64):
+        incoming.write(os.urandom(8192))
+    digest = incoming.sha256
+    store.place(incoming, "instances/1.2/1.2.3/1.2.3.4.dcm")
+    target = store.absolute("instances/1.2/1.2.3/1.2.3.4.dcm")
+    assert target.stat().st_size == len(b"header") + 64 * 8192
+    assert sha256_file(target) == digest
+    assert list(store.tmp_dir.iterdir()) == []
+    incoming.discard()  # what the caller's `finally` does: the placed file stays
+    assert target.exists()
+
+
+def test_place_that_fails_leaves_nothing_under_the_target(tmp_path):
+    store = InstanceStore(tmp_path / "data")
+    incoming = store.incoming(b"x" * 100)
+    blocker = store.root / "instances" / "1.2"
+    blocker.write_text("a file where the study folder should be")  # the rename target's parent is not a folder
+    with pytest.raises(OSError):
+        store.place(incoming, "instances/1.2/1.2.3/1.2.3.4.dcm")
+    incoming.discard()
+    assert list(store.tmp_dir.iterdir()) == []
+    assert blocker.read_text().startswith("a file")
+
+
+def _send(port: int, files: list[Path], statuses: list[int]) -> None:
+    ae = AE(ae_title="PARALLEL")
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        for path in files:
+            statuses.append(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
+
+
+def test_parallel_associations_into_one_series_count_every_instance(start_node, mr_series):
+    """Four associations store one series' instances at once: rows, count and files agree."""
+    node = start_node()
+    port = node.address[1]
+    statuses: list[int] = []
+    threads = [threading.Thread(target=_send, args=(port, mr_series[k::4], statuses)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert statuses == [status_codes.SUCCESS] * len(mr_series)
+    with node.db.session() as session:
+        series = session.scalars(select(Series)).one()
+        rows = session.scalar(select(func.count()).select_from(Instance))
+        jobs = session.scalar(select(func.count()).select_from(Job))
+        paths = list(session.scalars(select(Instance.path)))
+    assert rows == series.instance_count == len(mr_series)
+    assert jobs == 1
+    assert all(node.store.absolute(path).is_file() for path in paths)
+
+
+def test_instances_after_evaluation_open_a_new_job(start_node, mr_series):
+    """The fast path steps aside for a new delivery: the ORM path opens its job."""
+    node = start_node()
+    port = node.address[1]
+    assert storescu(port, mr_series[:4]).returncode == 0
+    with node.db.session() as session:
+        session.execute(update(Series).values(evaluated_at=utcnow()))  # what the watcher does,
+        session.execute(update(Job).values(state=JobState.REJECTED))  # with a rule that matched nothing
+    assert storescu(port, mr_series[4:8]).returncode == 0
+    with node.db.session() as session:
+        series = session.scalars(select(Series)).one()
+        jobs = session.scalar(select(func.count()).select_from(Job))
+    assert series.instance_count == 8
+    assert jobs == 2

@@ -1,0 +1,110 @@
+"""Group commit (`storage.ingest.GroupCommit`) on SQLite and PostgreSQL.
+
+The contract: the rows of C-STOREs arriving together share one transaction,
+and none of them is reported stored (so acknowledged by the SCP) before that
+transaction committed. The commit lock is held by the test to make the
+C-STOREs queue up deterministically; what a crash between commit and
+acknowledgement does is covered by tests/reliability/test_crash_safety.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, func, select, text
+
+from storage.database import Database
+from storage.ingest import InstanceMeta, StoreOutcome, group_commit, store_instance
+from storage.instance_store import InstanceStore
+from storage.models import Instance, Series
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+STUDY, SERIES = "1.2.826.0.1.9", "1.2.826.0.1.9.1"
+
+
+def meta(k: int) -> InstanceMeta:
+    return InstanceMeta(f"1.2.826.0.1.9.1.{k}", MR, STUDY, SERIES, EXPLICIT_LE, patient_id="GROUP")
+
+
+def committed_rows(url: str) -> int:
+    """Instance rows another connection sees: only committed ones."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT count(*) FROM instances")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_rows_share_one_transaction_and_none_is_reported_before_it(job_store_url: str, tmp_path: Path):
+    db = Database(job_store_url)
+    store = InstanceStore(tmp_path / "data")
+    assert store_instance(db, store, meta(0), b"first: opens the series and its job") is StoreOutcome.STORED
+    group = group_commit(db)
+    transactions_before = group.transactions
+    outcomes: dict[int, StoreOutcome] = {}
+    senders = [
+        threading.Thread(target=lambda k=k: outcomes.__setitem__(k, store_instance(db, store, meta(k), b"%d" % k)))
+        for k in range(1, 5)
+    ]
+    with group._commit_lock:  # a commit in progress: the four C-STOREs queue behind it
+        for sender in senders:
+            sender.start()
+        deadline = time.monotonic() + 60
+        while len(group._queue) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(group._queue) == 4
+        time.sleep(0.2)
+        assert outcomes == {}  # nobody reported stored
+        assert all(sender.is_alive() for sender in senders)
+        assert committed_rows(job_store_url) == 1
+    for sender in senders:
+        sender.join(60)
+    assert outcomes == {k: StoreOutcome.STORED for k in range(1, 5)}
+    assert group.transactions == transactions_before + 1  # the four rows, one commit
+    assert committed_rows(job_store_url) == 5
+    with db.session() as session:
+        assert session.scalar(select(Series.instance_count)) == 5
+        paths = session.scalars(select(Instance.path)).all()
+    assert all(store.absolute(path).is_file() for path in paths)
+    db.dispose()
+
+
+def test_a_failing_row_fails_alone(job_store_url: str, tmp_path: Path):
+    """Retried row by row: the other C-STOREs of the batch are stored, the bad one gets the error."""
+    db = Database(job_store_url)
+    store = InstanceStore(tmp_path / "data")
+    assert store_instance(db, store, meta(0), b"first") is StoreOutcome.STORED
+    group = group_commit(db)
+    too_long = InstanceMeta("1.2.826.0.1.9.1.99", MR, STUDY, SERIES, EXPLICIT_LE, calling_ae_title="X" * 400)
+    results: dict[int, object] = {}
+
+    def send(k: int, instance: InstanceMeta) -> None:
+        try:
+            results[k] = store_instance(db, store, instance, b"%d" % k)
+        except Exception as exc:
+            results[k] = exc
+
+    senders = [threading.Thread(target=send, args=(k, meta(k))) for k in (1, 2)]
+    senders.append(threading.Thread(target=send, args=(3, too_long)))
+    with group._commit_lock:
+        for sender in senders:
+            sender.start()
+        deadline = time.monotonic() + 60
+        while len(group._queue) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for sender in senders:
+        sender.join(60)
+    if db.engine.dialect.name == "sqlite":  # SQLite does not enforce VARCHAR lengths: all three stored
+        assert results == {1: StoreOutcome.STORED, 2: StoreOutcome.STORED, 3: StoreOutcome.STORED}
+    else:
+        assert results[1] is StoreOutcome.STORED and results[2] is StoreOutcome.STORED
+        assert isinstance(results[3], Exception)
+        assert not store.absolute(store.instance_path(STUDY, SERIES, too_long.sop_instance_uid)).exists()
+    with db.session() as session:
+        stored = session.scalar(select(func.count()).select_from(Instance))
+        assert session.scalar(select(Series.instance_count)) == stored
+    db.dispose()
