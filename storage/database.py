@@ -38,9 +38,11 @@ class JobStoreUnreachable(Exception):
     """The job store did not accept a connection; the message names the URL (password masked) and why."""
 
 
-def application_name() -> str:
-    """`dicom-node <host>:<pid>`: this process in PostgreSQL's `pg_stat_activity` (at most 63 bytes)."""
-    return f"dicom-node {socket.gethostname()}:{os.getpid()}"[:63]
+def application_name(pid: int | None = None) -> str:
+    """`dicom-node <host>:<pid>` of this process (or of `pid` on this host), as PostgreSQL's
+    `pg_stat_activity` shows its connections; at most 63 bytes, PostgreSQL's limit."""
+    suffix = f":{os.getpid() if pid is None else pid}"
+    return f"dicom-node {socket.gethostname()}"[: 63 - len(suffix)] + suffix
 
 
 def masked(url: str) -> str:
