@@ -94,7 +94,7 @@ def test_upgrade_of_an_empty_database_creates_it(tmp_path: Path) -> None:
 
 
 def test_an_association_of_more_than_2_gib_is_recorded_after_upgrading_from_0002(job_store_url: str) -> None:
-    """Revision 0003 widens associations.bytes_received to 64 bits (PostgreSQL's INTEGER stops at 2**31 - 1)."""
+    """Revision 0004 widens associations.bytes_received to 64 bits (PostgreSQL's INTEGER stops at 2**31 - 1)."""
     from storage.models import Association
     from storage.schema import upgrade
 
