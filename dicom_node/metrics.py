@@ -8,7 +8,10 @@ Two kinds, chosen by where the truth lives:
   call `NodeMetrics`.
 - Read from the job store at scrape time (`JobStoreCollector`): jobs by
   state, held jobs, stage durations (the `stage` events, so workers on other
-  hosts are counted too), the oldest pending export, free disk. Nothing to
+  hosts are counted too), the oldest pending export, Storage Commitment
+  outcomes per destination (a report may arrive on any association, or the
+  exporter's timeout may end it: the export rows are the one record of all
+  three), free disk. Nothing to
   keep in sync, and a restart loses nothing.
 
 Labels never carry patient data: calling AE titles, destination names, stage
@@ -20,7 +23,7 @@ series of their own; the rest are counted as `other`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -38,6 +41,12 @@ STAGE_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 CSTORE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 # Stage event messages that are stage names; "model package <name> ready" is folded into one.
 MODEL_PACKAGE_STAGE = "model package"
+# Storage Commitment outcome label of each export state a requested commitment can be in.
+COMMITMENT_OUTCOMES = {
+    ExportState.COMMITTING: "awaiting",
+    ExportState.COMMITTED: "committed",
+    ExportState.FAILED: "failed",
+}
 
 
 class NodeMetrics:
@@ -119,10 +128,17 @@ def stage_label(message: str) -> str:
 class JobStoreCollector(Collector):
     """Gauges and histograms computed from the job store at each scrape."""
 
-    def __init__(self, db: Database, free_bytes: Callable[[], int], watermark_bytes: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        free_bytes: Callable[[], int],
+        watermark_bytes: int,
+        commitment_destinations: Sequence[str] = (),
+    ) -> None:
         self.db = db
         self.free_bytes = free_bytes
         self.watermark_bytes = watermark_bytes
+        self.commitment_destinations = tuple(commitment_destinations)  # reported from the start, at 0
 
     def describe(self) -> list:
         return []  # collected lazily: no DB query when the collector is registered
@@ -172,11 +188,33 @@ class JobStoreCollector(Collector):
                 queue.add_metric([destination], count)
                 oldest = first if oldest is None or first < oldest else oldest
             yield queue
+            yield self._commitments(session)
             yield GaugeMetricFamily(
                 "dicom_node_export_oldest_pending_age_seconds",
                 "Age of the oldest pending export (0 when none): a stuck destination shows here first.",
                 value=(utcnow() - oldest).total_seconds() if oldest is not None else 0.0,
             )
+
+    def _commitments(self, session) -> GaugeMetricFamily:
+        """Exports whose Storage Commitment was requested, by destination and outcome (awaiting,
+        committed, failed: refused by the report or no report in time); every outcome of a
+        configured destination is present, 0 when none."""
+        rows = session.execute(
+            select(Export.destination, Export.state, func.count())
+            .where(Export.transaction_uid.is_not(None), Export.state.in_(list(COMMITMENT_OUTCOMES)))
+            .group_by(Export.destination, Export.state)
+        ).all()
+        counts = {(destination, COMMITMENT_OUTCOMES[state]): count for destination, state, count in rows}
+        family = GaugeMetricFamily(
+            "dicom_node_storage_commitments",
+            "Exports with Storage Commitment requested, by destination and outcome (awaiting, committed, failed).",
+            labels=["destination", "outcome"],
+        )
+        destinations = sorted({d for d, _ in counts} | set(self.commitment_destinations))
+        for destination in destinations:
+            for outcome in COMMITMENT_OUTCOMES.values():
+                family.add_metric([destination, outcome], counts.get((destination, outcome), 0))
+        return family
 
     def _stage_histogram(self, session) -> HistogramMetricFamily:
         """Cumulative buckets counted in SQL over every stage event (one query)."""

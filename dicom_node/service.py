@@ -56,7 +56,14 @@ class NodeService:
         self.store = InstanceStore(s.storage.data_dir)
         self.db = Database(s.storage.resolved_database_url)
         self.metrics = NodeMetrics()
-        self.metrics.add_collector(JobStoreCollector(self.db, self.store.free_bytes, s.node.min_free_disk_mb * 2**20))
+        self.metrics.add_collector(
+            JobStoreCollector(
+                self.db,
+                self.store.free_bytes,
+                s.node.min_free_disk_mb * 2**20,
+                [d.name for d in s.destinations if d.storage_commitment],
+            )
+        )
         self.scp = StoreSCP(s.node, self.db, self.store, self.metrics, conflict_policy=s.storage.conflict_policy)
         self.watcher = SeriesWatcher(
             self.db,

@@ -7,18 +7,47 @@ the watcher and the workers share one file. Any other SQLAlchemy URL
 (PostgreSQL for several hosts) is used as given. The schema is versioned with
 Alembic (`storage.schema`): an empty database gets the current schema, one at
 another revision is refused until `dicom-node db upgrade` has run.
+
+A job store that cannot be reached when it is opened raises
+`JobStoreUnreachable`, one line naming the URL with its password masked (what
+`serve` and `worker` print before refusing to start). PostgreSQL connections
+give up after `PG_CONNECT_TIMEOUT_S` (not the kernel's minutes-long TCP
+timeout for a host that does not answer) and carry `application_name`
+`dicom-node <host>:<pid>`, so `pg_stat_activity` shows which process of which
+host holds each connection (and each open transaction).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.schema import ensure_current
+
+PG_CONNECT_TIMEOUT_S = 10
+
+
+class JobStoreUnreachable(Exception):
+    """The job store did not accept a connection; the message names the URL (password masked) and why."""
+
+
+def application_name(pid: int | None = None) -> str:
+    """`dicom-node <host>:<pid>` of this process (or of `pid` on this host), as PostgreSQL's
+    `pg_stat_activity` shows its connections; at most 63 bytes, PostgreSQL's limit."""
+    suffix = f":{os.getpid() if pid is None else pid}"
+    return f"dicom-node {socket.gethostname()}"[: 63 - len(suffix)] + suffix
+
+
+def masked(url: str) -> str:
+    """`url` with any password masked, for messages and logs."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -38,19 +67,39 @@ def make_engine(url: str) -> Engine:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
+    elif make_url(url).get_backend_name() == "postgresql":
+        query = make_url(url).query
+        connect_args: dict[str, object] = {}
+        if "connect_timeout" not in query:
+            connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+        if "application_name" not in query:
+            connect_args["application_name"] = application_name()
+        engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     else:
         engine = create_engine(url, pool_pre_ping=True)
     return engine
+
+
+def _reachable(engine: Engine, url: str) -> None:
+    """Connect once; a refusal becomes `JobStoreUnreachable` with the driver's reason on one line."""
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        reason = " ".join(str(exc.orig).split()) or type(exc.orig).__name__
+        raise JobStoreUnreachable(f"cannot reach the job store {masked(url)}: {reason}") from exc
 
 
 class Database:
     """The job store: an engine plus a session factory."""
 
     def __init__(self, url: str) -> None:
-        """Open the job store at `url`; raises `storage.schema.SchemaError` for a stale schema."""
+        """Open the job store at `url`; raises `JobStoreUnreachable` when it does not accept a connection,
+        `storage.schema.SchemaError` for a stale schema."""
         self.url = url
         self.engine = make_engine(url)
         try:
+            _reachable(self.engine, url)
             ensure_current(self.engine)
         except BaseException:
             self.engine.dispose()
@@ -71,7 +120,7 @@ class Database:
     @property
     def url_for_humans(self) -> str:
         """The URL with any password masked, for messages and logs."""
-        return make_url(self.url).render_as_string(hide_password=True)
+        return masked(self.url)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Enum,
     Float,
@@ -236,7 +237,7 @@ class Association(Base):
     instances_duplicate: Mapped[int] = mapped_column(default=0)
     instances_conflict: Mapped[int] = mapped_column(default=0)
     instances_refused: Mapped[int] = mapped_column(default=0)
-    bytes_received: Mapped[int] = mapped_column(default=0)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)  # one association can exceed 2 GiB
     reason: Mapped[str | None] = mapped_column(Text, default=None)
 
 

@@ -2,7 +2,10 @@
 
 Exit 0 with a summary of what the node will do, or exit 2 with one red line
 naming the file and key (the same message `serve` would stop with). TLS
-certificates and keys are loaded too, so a wrong PEM is caught here.
+certificates and keys are loaded too, so a wrong PEM is caught here, and so
+are the start-up checks `serve` makes on this host (`dicom_node.preflight`):
+every rule's model package loads and verifies, `[worker] device` exists. The
+job store is not opened (see `dicom-node db current`).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ console = Console(highlight=False, soft_wrap=True)
 @config_app.command("check")
 def check(config: Path | None = ConfigOption) -> None:
     """Validate the configuration and print a summary."""
+    from dicom_node.preflight import StartupCheckFailed, check_device, check_models
     from dicom_node.routing import compile_rules
     from dicom_node.settings import ConfigError
     from dicom_node.tls import client_ssl_context, server_ssl_context
+    from dicom_node.worker import ModelRegistry
 
     settings = settings_or_exit(config)
     try:
@@ -33,6 +38,11 @@ def check(config: Path | None = ConfigOption) -> None:
         for destination in settings.destinations:
             client_ssl_context(destination.tls)
     except ConfigError as exc:
+        raise fail(str(exc)) from None
+    try:
+        device = check_device(settings.worker.device, "[worker] device") if settings.worker.count else None
+        models = check_models(settings.rules, ModelRegistry())
+    except StartupCheckFailed as exc:
         raise fail(str(exc)) from None
 
     node, storage = settings.node, settings.storage
@@ -54,7 +64,9 @@ def check(config: Path | None = ConfigOption) -> None:
         f"{settings.series.quiet_period_s:g} s after its association ended "
         f"({settings.series.partial_quiet_period_s:g} s if it looks incomplete)",
     )
-    summary.add_row("workers", f"{settings.worker.count} on {settings.worker.device}")
+    on = f"{settings.worker.device} ({device} here)" if device else settings.worker.device
+    summary.add_row("workers", f"{settings.worker.count} on {on}")
+    summary.add_row("model packages (verified)", ", ".join(models) or "none (no routing rules)")
     summary.add_row(
         "RTSTRUCT ROI names", f"{settings.outputs.roi_name_prefix}GTV_1, {settings.outputs.roi_name_prefix}GTV_2, ..."
     )

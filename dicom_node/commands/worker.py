@@ -22,9 +22,10 @@ from dicom_node.commands._common import ConfigOption, fail, job_store_or_exit, s
 
 
 def _devices(settings, count: int | None, devices: list[str] | None) -> list[str]:
-    """One device per worker: the `--device`s given, else `--count` times `[worker] device`."""
+    """One device per worker: the `--device`s given, else `--count` times `[worker] device`; each must exist
+    on this host (checked before the job store is opened)."""
+    from dicom_node.preflight import StartupCheckFailed, check_device
     from dicom_node.settings.schema import DEVICE_PATTERN
-    from inference.model.predictor import select_device
 
     if devices and count is not None:
         raise fail("give --count or --device, not both (each --device starts one worker)")
@@ -33,9 +34,9 @@ def _devices(settings, count: int | None, devices: list[str] | None) -> list[str
         if not re.match(DEVICE_PATTERN, device):
             raise fail(f"--device {device!r} must be auto, cpu, cuda or cuda:N")
         try:
-            select_device(None if device == "auto" else device)
-        except RuntimeError as exc:
-            raise fail(str(exc)) from None
+            check_device(device, "--device" if devices else "[worker] device")
+        except StartupCheckFailed as exc:
+            raise fail(f"cannot start: {exc}") from None
     return chosen
 
 
@@ -53,6 +54,7 @@ def worker(
 
     from dicom_node.export_targets import ExportTargets
     from dicom_node.logging_setup import configure_logging, get_logger
+    from dicom_node.preflight import StartupCheckFailed, check_models
     from dicom_node.worker import InferenceWorker, ModelRegistry, requeue_dead_holders, take_over_at_start, worker_ids
     from storage.instance_store import InstanceStore
     from storage.store_identity import StoreMismatchError, check_and_bind
@@ -66,6 +68,10 @@ def worker(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     registry = ModelRegistry()
+    try:  # before any job is claimed: a broken package would fail every job it is given
+        models = check_models(settings.rules, registry)
+    except StartupCheckFailed as exc:
+        raise fail(f"cannot start: {exc}") from None
     targets = ExportTargets(settings.destinations)
     max_attempts = settings.worker.max_attempts
     try:  # this host must see the data directory the job store belongs to (shared storage mounted)
@@ -92,7 +98,7 @@ def worker(
     for w in workers:
         w.start()
     get_logger(__name__).info(
-        "workers.started", workers=[w.worker_id for w in workers], devices=devices, jobs_resumed=resumed
+        "workers.started", workers=[w.worker_id for w in workers], devices=devices, models=models, jobs_resumed=resumed
     )
     stop.wait()
     leases.shutdown(wait=False)

@@ -345,3 +345,41 @@ def test_running_node_exports_to_orthanc_with_commitment_and_takes_the_report_on
     assert job.state == JobState.DONE, job.reason
     assert {e.state for e in job.exports} == {ExportState.COMMITTED}
     assert any("committed by ORTHANC" in e.message for e in job.events)
+
+
+def test_commitment_outcomes_per_destination_are_in_the_metrics(unstarted_node, mr_series, mr_outputs) -> None:
+    """One object committed and one refused by the report: `dicom_node_storage_commitments` counts each, per
+    destination, from the export rows (so a report taken by another process counts too)."""
+    from prometheus_client import CollectorRegistry
+
+    from dicom_node.metrics import JobStoreCollector
+
+    node = unstarted_node
+    _, sr = mr_outputs
+    registry = CollectorRegistry()
+    registry.register(JobStoreCollector(node.db, lambda: 1, 0, ["pacs", "archive"]))
+
+    def scraped() -> dict[tuple[str, str], float]:
+        return {
+            (s.labels["destination"], s.labels["outcome"]): s.value
+            for family in registry.collect()
+            if family.name == "dicom_node_storage_commitments"
+            for s in family.samples
+        }
+
+    assert scraped() == {(d, o): 0 for d in ("archive", "pacs") for o in ("awaiting", "committed", "failed")}
+    port = free_port()
+    pacs = CommitmentSCP(port, report_on="same", fail={sr.sop_instance_uid})
+    try:
+        job_id = job_to_pacs(node, mr_series, mr_outputs)
+        run_until_settled(exporter_to(node, [committing_destination(port, storage_commitment_wait_s=5)]), node, job_id)
+    finally:
+        pacs.stop()
+    assert scraped() == {
+        ("pacs", "awaiting"): 0,
+        ("pacs", "committed"): 1,
+        ("pacs", "failed"): 1,
+        ("archive", "awaiting"): 0,
+        ("archive", "committed"): 0,
+        ("archive", "failed"): 0,
+    }

@@ -19,7 +19,10 @@ def worker(tmp_path, *args: str):
     [
         (["--device", "gpu"], "--device 'gpu' must be auto, cpu, cuda or cuda:N"),
         (["--device", "cpu", "--count", "2"], "give --count or --device, not both"),
-        (["--device", f"cuda:{torch.cuda.device_count()}"], "no such CUDA device is available"),
+        (
+            ["--device", f"cuda:{torch.cuda.device_count()}"],
+            f'--device = "cuda:{torch.cuda.device_count()}": no such CUDA device on this host',
+        ),
     ],
     ids=["not-a-device", "count-and-device", "missing-gpu"],
 )

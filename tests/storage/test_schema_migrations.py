@@ -93,3 +93,22 @@ def test_upgrade_of_an_empty_database_creates_it(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/fresh.db"
     assert dicom_node("db", "upgrade", url=url).returncode == 0
     assert current_revision(make_engine(url)) == head_revision()
+
+
+def test_an_association_of_more_than_2_gib_is_recorded_after_upgrading_from_0002(job_store_url: str) -> None:
+    """Revision 0004 widens associations.bytes_received to 64 bits (PostgreSQL's INTEGER stops at 2**31 - 1)."""
+    from storage.models import Association
+    from storage.schema import upgrade
+
+    engine = make_engine(job_store_url)
+    with engine.begin() as connection:
+        command.upgrade(_config(connection), "0002")
+    assert upgrade(engine) == ("0002", head_revision())
+    engine.dispose()
+    db = Database(job_store_url)
+    received = 5 * 2**30 + 7
+    with db.session() as session:
+        session.add(Association(calling_ae_title="BIGSENDER", outcome="released", bytes_received=received))
+    with db.engine.connect() as connection:
+        assert connection.execute(text("SELECT bytes_received FROM associations")).scalar_one() == received
+    db.dispose()
