@@ -341,8 +341,6 @@ def _commit_row_opening_job(db: Database, meta: InstanceMeta, relative: str, dig
 
 # -- a re-sent instance with other bytes (rare: corrections) ------------------------------------------
 
-# A replacement that moves an instance to another study or series is not done (see module doc).
-_PLACEMENT_KEYWORDS = frozenset({"StudyInstanceUID", "SeriesInstanceUID"})
 # Study and series columns a replacement refreshes from the new version's header.
 _STUDY_KEYWORDS = frozenset({"PatientID", "PatientName", "StudyDate", "AccessionNumber"})
 _SERIES_KEYWORDS = frozenset({"Modality", "SeriesDescription"})
@@ -365,7 +363,7 @@ def _resolve_conflict(
     if diff.same_content:
         return StoreOutcome.DUPLICATE
     uid, digest = meta.sop_instance_uid, incoming.sha256
-    moved = sorted(_PLACEMENT_KEYWORDS.intersection(diff.keywords))
+    moved = _placement_changes(db, meta)
     if policy is ConflictPolicy.REPLACE and not moved:
         _replace(db, store, meta, incoming, stored_path, stored_sha, diff)
         return StoreOutcome.CONFLICT
@@ -409,7 +407,7 @@ def _replace(
                 incoming.size,
                 meta.transfer_syntax_uid,
             )
-            instance.received_at = utcnow()
+            instance.sop_class_uid, instance.received_at = meta.sop_class_uid, utcnow()
             instance.calling_ae_title, instance.source_address = meta.calling_ae_title, meta.source_address
             series = instance.series
             latest = _latest_job(session, series.id)  # before a new delivery's job exists
@@ -456,6 +454,26 @@ def _replace(
         material=diff.material,
         new_delivery=bool(diff.material),
     )
+
+
+def _placement_changes(db: Database, meta: InstanceMeta) -> list[str]:
+    """Which of study and series the re-send names differently from the stored row.
+
+    Read from the row, not from the content diff: a stored file that cannot be
+    read gives a diff without keywords, and the guard must hold then too."""
+    with db.session() as session:
+        series_uid, study_uid = session.execute(
+            select(Series.series_uid, Study.study_uid)
+            .join(Instance, Instance.series_id == Series.id)
+            .join(Study, Study.id == Series.study_id)
+            .where(Instance.sop_instance_uid == meta.sop_instance_uid)
+        ).one()
+    moved = []
+    if meta.series_uid != series_uid:
+        moved.append("SeriesInstanceUID")
+    if meta.study_uid != study_uid:
+        moved.append("StudyInstanceUID")
+    return sorted(moved)
 
 
 def _moved_what(keywords: list[str]) -> str:

@@ -183,3 +183,32 @@ def test_replace_when_the_stored_file_was_lost_stores_the_new_version(stores, tm
     ((_, message),) = conflict_events(db)
     assert "data set (could not be read" in message and "the instance now, its file was lost" in message
     assert not store.conflicts(row.sop_instance_uid).exists()
+
+
+def test_replace_never_moves_an_instance_even_when_its_stored_file_cannot_be_read(stores, tmp_path: Path) -> None:
+    """The reviewer's case: the stored file lost, the re-send names another study and series (and patient)."""
+    db, store = stores
+    send(db, store, BASE)
+    stored_path = the_instance(db).path
+    store.absolute(stored_path).unlink()
+    other = edited(
+        tmp_path, "other.dcm", StudyInstanceUID="1.2.3.999", SeriesInstanceUID="1.2.3.999.1", PatientID="OTHER"
+    )
+    assert send(db, store, other, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
+    row = the_instance(db)
+    assert (row.path, row.sha256) == (stored_path, sha256_file(BASE))
+    assert not store.absolute(stored_path).exists()  # nothing of the other study under this study's path
+    assert (store.conflicts(row.sop_instance_uid) / f"{sha256_file(other)}.dcm").exists()
+    with db.session() as session:
+        assert session.scalars(select(Study)).one().patient_id == pydicom.dcmread(BASE).PatientID
+    ((_, message),) = conflict_events(db)
+    assert "not replaced, because it would move the instance to another study" in message
+
+
+def test_replace_updates_the_sop_class_of_the_row(stores, tmp_path: Path) -> None:
+    db, store = stores
+    send(db, store, BASE)
+    enhanced = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage
+    resent = edited(tmp_path, "enhanced.dcm", SOPClassUID=enhanced)
+    assert send(db, store, resent, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
+    assert (the_instance(db).sop_class_uid, the_instance(db).sha256) == (enhanced, sha256_file(resent))
