@@ -8,8 +8,10 @@ returns. Policy for a SOP Instance UID that arrives again:
 - other content (a correction: demographics fix, merge, re-reconstruction):
   `CONFLICT`, handled by the conflict policy (`[storage] conflict_policy`):
   `keep-first` keeps the first version in use and the new one under
-  `conflicts/<sop uid>/<sha256>.dcm`; `replace` makes the new one the instance
-  and moves the old one there. Nothing is lost either way, the SCP answers
+  `conflicts/<sop uid>/<sha256>.dcm`; `replace` keeps the old one there (a hard
+  link) and renames the new one over the instance's path in one step, so a
+  reader always finds a whole version; queued jobs of the series it makes a
+  new delivery (below) are cancelled, a running one finishes and is superseded. Nothing is lost either way, the SCP answers
   success (the data is safely kept), and a `conflict` event on the series'
   latest job says what changed (no patient data) and what was done (one
   event, counted up, for a series re-sent with the same correction). When a
@@ -50,8 +52,8 @@ from sqlalchemy.orm import Session
 
 from storage.content_compare import ContentDiff, compare_files
 from storage.database import Database
-from storage.instance_store import IncomingFile, InstanceStore, validate_uid
-from storage.jobs import event_row, open_job_on_first_instance
+from storage.instance_store import IncomingFile, InstanceStore, sha256_file, validate_uid
+from storage.jobs import cancel_superseded, event_row, open_job_on_first_instance
 from storage.models import EventKind, Instance, Job, JobEvent, Series, Study, utcnow
 
 _LOCKS = [threading.Lock() for _ in range(64)]
@@ -360,6 +362,8 @@ def _resolve_conflict(
     Runs under the instance's lock; the content is compared outside any transaction."""
     incoming.finish()
     diff = compare_files(store.absolute(stored_path), incoming.path)
+    if diff.same_content and policy is ConflictPolicy.REPLACE:
+        diff = _interrupted_replacement(store, meta.sop_instance_uid, stored_path, stored_sha, incoming) or diff
     if diff.same_content:
         return StoreOutcome.DUPLICATE
     uid, digest = meta.sop_instance_uid, incoming.sha256
@@ -392,14 +396,21 @@ def _replace(
     stored_sha: str,
     diff: ContentDiff,
 ) -> None:
-    """The new version becomes the instance; the old file moves to `conflicts/` first, so nothing is lost."""
+    """The new version becomes the instance; the old one is kept under `conflicts/`, so nothing is lost.
+
+    Order, so that the instance's path always holds a whole version and a crash loses nothing: the
+    old file is kept under `conflicts/` by a hard link (or a copy), the new one renamed over the
+    path in one step (directory fsync'd), then the row is committed. When the commit fails the old
+    content is put back. (A crash before the commit leaves the new file under the old row's sha256;
+    the sender, which got no success, re-sends and `_resolve_conflict` completes the replacement.)"""
     uid = meta.sop_instance_uid
     previous = f"conflicts/{uid}/{stored_sha}.dcm"
     had_file = store.absolute(stored_path).exists()  # else (lost outside the node) there is nothing to keep
-    if had_file:
-        store.move(stored_path, previous)
+    kept_before = store.absolute(previous).exists()  # the same version was kept earlier
+    if had_file and not kept_before:
+        store.keep_copy(stored_path, previous)
     try:
-        store.keep(incoming, stored_path)
+        store.keep(incoming, stored_path)  # readers see the old version or the new one, never no file
         with db.session() as session:
             instance = session.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).one()
             instance.sha256, instance.size_bytes, instance.transfer_syntax_uid = (
@@ -427,6 +438,9 @@ def _replace(
                 if evaluated and latest is not None:  # this job's outputs used the first version
                     new_job = open_job_on_first_instance(session, series, meta.study_uid, meta.patient_id)
                     session.flush()
+                    cancelled = cancel_superseded(session, series.id, new_job)
+                    if cancelled:
+                        log.info("store.superseded_jobs_cancelled", jobs=cancelled, new_job=new_job.id)
                     event_row(
                         session,
                         latest,
@@ -443,7 +457,9 @@ def _replace(
                 _conflict_event(session, latest, uid, text)
     except BaseException:  # the sender gets a failure status; the first version is back
         if had_file:
-            store.move(previous, stored_path)
+            store.keep_copy(previous, stored_path)
+            if not kept_before:
+                store.remove(previous)
         else:
             store.remove(stored_path)
         raise
@@ -454,6 +470,19 @@ def _replace(
         material=diff.material,
         new_delivery=bool(diff.material),
     )
+
+
+def _interrupted_replacement(
+    store: InstanceStore, uid: str, stored_path: str, stored_sha: str, incoming: IncomingFile
+) -> ContentDiff | None:
+    """A replacement interrupted before its row was committed (a crash): the stored file already is
+    this re-send while the row names the previous version, kept under `conflicts/`. The diff against
+    that version, so that the re-send completes the replacement; None otherwise (rare path: one hash)."""
+    previous = store.absolute(f"conflicts/{uid}/{stored_sha}.dcm")
+    if not previous.exists() or sha256_file(store.absolute(stored_path)) != incoming.sha256:
+        return None
+    diff = compare_files(previous, incoming.path)
+    return None if diff.same_content else diff
 
 
 def _placement_changes(db: Database, meta: InstanceMeta) -> list[str]:

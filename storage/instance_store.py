@@ -250,6 +250,26 @@ class InstanceStore:
         if src.parent != dst.parent:
             _fsync_dir(src.parent)
 
+    def keep_copy(self, source: str, target: str) -> None:
+        """Durably make `target` hold `source`'s content, `source` left in place (a `replace` keeps
+        the previous version so). A hard link (no bytes copied), else a copy fsync'd; either way
+        `target` appears whole, in one rename, and its directory is fsync'd."""
+        src, dst = self.absolute(source), self.absolute(target)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.tmp_dir / f"{uuid.uuid4().hex}.partial"
+        try:
+            os.link(src, partial)
+        except OSError:  # no hard links here (file system, permissions): copy
+            with open(src, "rb") as handle:
+                write_durably(dst, lambda out: shutil.copyfileobj(handle, out), self.tmp_dir)
+            return
+        try:
+            os.replace(partial, dst)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync_dir(dst.parent)
+
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 

@@ -612,6 +612,30 @@ def cancel_job(db: Database, job_id: int, user: str, note: str = "") -> None:
         event_row(session, job, EventKind.STATE, job.reason or "cancelled", state=JobState.CANCELLED)
 
 
+def cancel_superseded(session: Session, series_id: int, new_job: Job) -> list[int]:
+    """Cancel the series' queued jobs that `new_job` supersedes (a `replace` correction made the series
+    a new delivery): they must not run on a series whose instances are being replaced. Their ids.
+
+    The same conditional UPDATE as `cancel_job`: a job a worker claims at this moment runs, and its
+    result is then superseded by `new_job`'s. A running job is left to finish likewise."""
+    reason = f"cancelled: superseded by job {new_job.id} (instances of the series were replaced by corrected versions)"
+    cancelled = []
+    for job in session.scalars(
+        select(Job).where(Job.series_id == series_id, Job.state == JobState.QUEUED, Job.id != new_job.id)
+    ).all():
+        now = utcnow()
+        changed = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state == JobState.QUEUED)
+            .values(state=JobState.CANCELLED, updated_at=now, finished_at=now, reason=reason)
+        ).rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
+        if changed == 1:
+            session.refresh(job)
+            event_row(session, job, EventKind.STATE, reason, state=JobState.CANCELLED)
+            cancelled.append(job.id)
+    return cancelled
+
+
 def _because(note: str) -> str:
     return f": {note}" if note else ""
 

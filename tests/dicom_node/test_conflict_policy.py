@@ -119,8 +119,9 @@ def test_replace_policy_processes_a_corrected_series_again(start_node, node_env,
             assert pydicom.dcmread(node.store.absolute(row.path)).PatientID == "MERGED-7"
             (previous,) = node.store.conflicts(row.sop_instance_uid).iterdir()  # ... the first ones kept here
             assert pydicom.dcmread(previous).PatientID == pydicom.dcmread(mr_series[0]).PatientID
-    with node.db.session() as session:
-        assert session.get(Job, first.id).state == JobState.QUEUED  # its history stays
+    with node.db.session() as session:  # still queued: cancelled, not run on a series being replaced
+        cancelled = session.get(Job, first.id)
+        assert cancelled.state == JobState.CANCELLED and f"superseded by job {second.id}" in cancelled.reason
     # One event per correction, not one per instance; the first job points at the new one.
     shown = json.loads(cli(node_env, "jobs", "show", str(second.id), "--json").stdout)
     (conflict,) = [e["message"] for e in shown["events"] if e["kind"] == "conflict"]

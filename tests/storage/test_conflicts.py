@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from dicom_node.store_scp import instance_meta
 from storage.database import Database
 from storage.ingest import ConflictPolicy, StoreOutcome, store_instance
 from storage.instance_store import InstanceStore, sha256_file
-from storage.jobs import RoutingOutcome, complete_series, series_awaiting_routing
+from storage.jobs import RoutingOutcome, claim_next_job, complete_series, series_awaiting_routing
 from storage.models import EventKind, Instance, Job, JobEvent, JobState, Study, utcnow
 from storage.retention import purge_expired
 
@@ -118,9 +120,14 @@ def test_replace_makes_the_new_version_the_instance_and_a_new_delivery(stores, t
     with db.session() as session:
         study = session.scalars(select(Study)).one()
         assert (study.patient_id, study.patient_name) == ("MERGED-1", "Merged^Patient")
-    # A new job in `received`, routed after the quiet period; the first one keeps its history.
+    # A new job in `received`, routed after the quiet period; the first, still queued, is cancelled
+    # (it must not run on a series being replaced) and keeps its history.
     (first, first_state), (second, second_state) = jobs(db)
-    assert first == first_job and first_state == JobState.QUEUED and second_state == JobState.RECEIVED
+    assert first == first_job and first_state == JobState.CANCELLED and second_state == JobState.RECEIVED
+    with db.session() as session:
+        assert session.get(Job, first).reason == (
+            f"cancelled: superseded by job {second} (instances of the series were replaced by corrected versions)"
+        )
     assert [s.series_id for s in series_awaiting_routing(db, 0)] == [1]
     events = conflict_events(db)
     assert {job_id for job_id, _ in events} == {first, second}
@@ -212,3 +219,78 @@ def test_replace_updates_the_sop_class_of_the_row(stores, tmp_path: Path) -> Non
     resent = edited(tmp_path, "enhanced.dcm", SOPClassUID=enhanced)
     assert send(db, store, resent, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
     assert (the_instance(db).sop_class_uid, the_instance(db).sha256) == (enhanced, sha256_file(resent))
+
+
+def test_replace_never_leaves_the_instance_path_without_a_file(stores, tmp_path: Path) -> None:
+    """The reviewer's case: a reader polling the instance's path during 30 replacements never misses it."""
+    db, store = stores
+    send(db, store, BASE)
+    target = store.absolute(the_instance(db).path)
+    missing, stop = [0], threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            if not os.path.exists(target):
+                missing[0] += 1
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(30):
+            send(db, store, edited(tmp_path, f"c{i}.dcm", SliceThickness=str(1 + i)), ConflictPolicy.REPLACE)
+    finally:
+        stop.set()
+        thread.join()
+    assert missing[0] == 0
+    row = the_instance(db)
+    assert row.sha256 == sha256_file(target) == sha256_file(tmp_path / "c29.dcm")
+    assert len(list(store.conflicts(row.sop_instance_uid).iterdir())) == 30  # every earlier version kept
+
+
+def test_a_failed_row_commit_puts_the_first_version_back(tmp_path: Path) -> None:
+    """The database refuses the row update (a real SQLite trigger): the sender gets a failure, nothing changed."""
+    db, store = Database(f"sqlite:///{tmp_path}/db.sqlite"), InstanceStore(tmp_path / "data")
+    send(db, store, BASE)
+    path = store.absolute(the_instance(db).path)
+    with db.session() as session:
+        session.execute(
+            text("CREATE TRIGGER refuse BEFORE UPDATE ON instances BEGIN SELECT RAISE(ABORT, 'refused'); END")
+        )
+    with pytest.raises(Exception, match="refused"):
+        send(db, store, edited(tmp_path, "c.dcm", PatientID="NEW"), ConflictPolicy.REPLACE)
+    assert path.read_bytes() == BASE.read_bytes() and the_instance(db).sha256 == sha256_file(BASE)
+    assert not (store.root / "conflicts").exists() or not any((store.root / "conflicts").rglob("*.dcm"))
+    assert not list(store.tmp_dir.iterdir())
+    db.dispose()
+
+
+def test_a_replacement_interrupted_before_its_commit_is_completed_by_the_re_send(stores, tmp_path: Path) -> None:
+    """A crash after the new file was renamed into place, before the row: the state is built as the
+    crash leaves it (old version kept under conflicts/, new bytes at the path, row unchanged)."""
+    db, store = stores
+    send(db, store, BASE)
+    complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    row = the_instance(db)
+    corrected = edited(tmp_path, "corrected.dcm", PatientID="NEW")
+    store.keep_copy(row.path, f"conflicts/{row.sop_instance_uid}/{row.sha256}.dcm")
+    incoming = store.incoming(corrected.read_bytes())
+    incoming.finish()
+    os.replace(incoming.path, store.absolute(row.path))  # the rename, as `_replace` does it
+
+    assert send(db, store, corrected, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
+    assert the_instance(db).sha256 == sha256_file(corrected)
+    with db.session() as session:
+        assert session.scalars(select(Study)).one().patient_id == "NEW"
+    assert [state for _, state in jobs(db)] == [JobState.CANCELLED, JobState.RECEIVED]
+    assert any("PatientID" in m for _, m in conflict_events(db))
+
+
+def test_a_running_job_is_left_to_finish_when_its_series_is_replaced(stores, tmp_path: Path) -> None:
+    db, store = stores
+    send(db, store, BASE)
+    first = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    assert claim_next_job(db, "worker-1") == first
+    send(db, store, edited(tmp_path, "c.dcm", PatientID="NEW"), ConflictPolicy.REPLACE)
+    assert [state for _, state in jobs(db)] == [JobState.RUNNING, JobState.RECEIVED]
+    ((_, pointer),) = [(j, m) for j, m in conflict_events(db) if j == first]
+    assert pointer.endswith(f"evaluated again as a new delivery: job {jobs(db)[1][0]}")
