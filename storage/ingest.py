@@ -19,7 +19,8 @@ returns. Policy for a SOP Instance UID that arrives again:
   (`content_compare.MATERIAL_KEYWORDS`), an evaluated series becomes a new
   delivery, as below. `replace` never moves an instance to another study or
   series: such a re-send is kept as with `keep-first`, and its event says so;
-- an instance whose file retention purged (`purged_at` set): stored again, the
+- an instance whose file retention purged (`purged_at` set), or whose file is
+  missing (a database backup restored after retention): stored again, the
   row pointed at the new file, and the series counts as a new delivery (a new
   job after the quiet period): the re-planning case months later.
 Concurrent stores of the same SOP Instance UID are serialised by a striped lock.
@@ -139,9 +140,12 @@ def store_instance(
                 existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
                 purged = existing is not None and existing.purged_at is not None
                 if existing is not None and not purged:
-                    if existing.sha256 == digest:
+                    if existing.sha256 != digest:
+                        stored = (existing.path, existing.sha256)
+                    elif store.absolute(existing.path).exists():
                         return StoreOutcome.DUPLICATE
-                    stored = (existing.path, existing.sha256)
+                    else:  # its file is gone (an older database backup restored): stored again, as if purged
+                        purged = True
             if stored is not None:
                 return _resolve_conflict(db, store, meta, incoming, *stored, conflict_policy)
             store.place(incoming, relative)  # fsync'd before the row: see storage.instance_store

@@ -294,3 +294,14 @@ def test_a_running_job_is_left_to_finish_when_its_series_is_replaced(stores, tmp
     assert [state for _, state in jobs(db)] == [JobState.RUNNING, JobState.RECEIVED]
     ((_, pointer),) = [(j, m) for j, m in conflict_events(db) if j == first]
     assert pointer.endswith(f"evaluated again as a new delivery: job {jobs(db)[1][0]}")
+
+
+def test_a_re_send_of_an_instance_whose_file_is_missing_is_stored_again(stores) -> None:
+    """The same bytes again, but the row's file is gone (an older backup restored): not a duplicate."""
+    db, store = stores
+    send(db, store, BASE)
+    path = store.absolute(the_instance(db).path)
+    path.unlink()
+    assert send(db, store, BASE) is StoreOutcome.STORED
+    assert path.read_bytes() == BASE.read_bytes() and the_instance(db).purged_at is None
+    assert send(db, store, BASE) is StoreOutcome.DUPLICATE

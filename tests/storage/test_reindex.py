@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pydicom
@@ -10,10 +11,10 @@ from sqlalchemy import select
 
 from dicom_node.commands.store import stored_instance_meta
 from storage.database import Database
-from storage.ingest import store_instance
+from storage.ingest import StoreOutcome, store_instance
 from storage.instance_store import InstanceStore, sha256_file
 from storage.jobs import RoutingOutcome, complete_series, series_awaiting_routing, stored_instance_paths
-from storage.models import Instance, Job, JobState, Series, Study
+from storage.models import Instance, Job, JobState, Series, Study, utcnow
 from storage.reindex import reindex
 from storage.store_identity import StoreMismatchError, check_and_bind
 
@@ -43,7 +44,10 @@ def instance_files(store: InstanceStore) -> dict[str, Path]:
     return {path.relative_to(store.root).as_posix(): path for path in (store.root / "instances").rglob("*.dcm")}
 
 
-def test_reindex_brings_every_instance_back_and_the_series_are_routed_again(lost_database, job_store_url) -> None:
+def test_reindex_with_route_brings_every_instance_back_and_the_series_are_routed_again(
+    lost_database, job_store_url
+) -> None:
+    """The issue's requirement: the job history is gone, but every instance is back and can be routed again."""
     store = lost_database
     db = Database(job_store_url)
     files = instance_files(store)
@@ -52,9 +56,10 @@ def test_reindex_brings_every_instance_back_and_the_series_are_routed_again(lost
         check_and_bind(db, store)  # start-up refuses the empty database and deletes nothing
     assert instance_files(store) == files
 
-    report = reindex(db, store, stored_instance_meta)
+    report = reindex(db, store, stored_instance_meta, route=True)
 
     assert (report.files, report.known, report.added, len(report.series), report.unreadable) == (30, 0, 30, 2, [])
+    assert report.routed and report.missing == []
     with db.session() as session:
         rows = {row.path: row for row in session.scalars(select(Instance))}
         assert rows.keys() == files.keys()
@@ -116,3 +121,73 @@ def test_a_database_of_another_data_directory_is_refused(lost_database, tmp_path
         reindex(other, lost_database, stored_instance_meta)
     assert stored_instance_paths(other) == set()
     other.dispose()
+
+
+def test_reindex_by_default_marks_the_series_evaluated_so_nothing_is_delivered_again(
+    lost_database, job_store_url, small_axial_series
+) -> None:
+    """After losing the database, months of old studies must not go through the model and to the TPS again."""
+    store = lost_database
+    db = Database(job_store_url)
+    files = instance_files(store)
+
+    report = reindex(db, store, stored_instance_meta)
+
+    assert (report.added, len(report.series), report.routed) == (30, 2, False)
+    assert stored_instance_paths(db) == set(files)
+    with db.session() as session:
+        assert session.scalars(select(Job)).all() == []  # no job opened
+        for series in session.scalars(select(Series)):
+            assert series.evaluated_at is not None and series.evaluated_at >= series.last_received_at
+        assert sorted(s.instance_count for s in session.scalars(select(Series))) == [10, 20]
+    assert series_awaiting_routing(db, 0) == []
+    assert check_and_bind(db, store) == report.store_id
+
+    # An instance received from now on makes its series a new delivery (and a re-send is a duplicate).
+    assert receive_one(db, store, small_axial_series.files[0]) is StoreOutcome.DUPLICATE
+    assert series_awaiting_routing(db, 0) == []
+    ds = pydicom.dcmread(small_axial_series.files[0])
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".1"
+    ds.save_as(store.root / "new.dcm")
+    assert receive_one(db, store, store.root / "new.dcm") is StoreOutcome.STORED
+    assert len(series_awaiting_routing(db, 0)) == 1
+    with db.session() as session:
+        assert [job.state for job in session.scalars(select(Job))] == [JobState.RECEIVED]
+    db.dispose()
+
+
+def receive_one(db: Database, store: InstanceStore, path: Path) -> StoreOutcome:
+    return store_instance(db, store, stored_instance_meta(path), path.read_bytes())
+
+
+def test_after_restoring_an_older_backup_rows_of_purged_files_are_marked_purged(tmp_path, small_axial_series) -> None:
+    """The reviewer's case: the backup predates a retention purge; reindex marks those rows purged, and a
+    later re-send (the re-planning case) stores the instance again instead of answering a duplicate."""
+    store = InstanceStore(tmp_path / "data")
+    db = Database(f"sqlite:///{tmp_path}/db.sqlite")
+    check_and_bind(db, store)
+    first = small_axial_series.files[0]
+    receive(db, store, [first])
+    db.dispose()
+    shutil.copy(tmp_path / "db.sqlite", tmp_path / "backup.sqlite")  # the nightly backup
+    db = Database(f"sqlite:///{tmp_path}/db.sqlite")
+    with db.session() as session:  # retention, after the backup: file deleted, row marked purged
+        row = session.scalars(select(Instance)).one()
+        store.absolute(row.path).unlink()
+        row.purged_at, path = utcnow(), row.path
+    db.dispose()
+    shutil.copy(tmp_path / "backup.sqlite", tmp_path / "db.sqlite")  # the database lost, the backup restored
+    db = Database(f"sqlite:///{tmp_path}/db.sqlite")
+
+    report = reindex(db, store, stored_instance_meta)
+
+    assert (report.files, report.added, report.missing) == (0, 0, [path])
+    with db.session() as session:
+        assert session.scalars(select(Instance)).one().purged_at is not None
+    assert check_and_bind(db, store) == report.store_id
+    assert reindex(db, store, stored_instance_meta).missing == []  # reported once
+    assert receive_one(db, store, first) is StoreOutcome.STORED
+    assert store.absolute(path).read_bytes() == first.read_bytes()
+    with db.session() as session:
+        assert session.scalars(select(Instance)).one().purged_at is None
+    db.dispose()
