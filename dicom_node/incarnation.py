@@ -64,3 +64,20 @@ class Incarnation:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def live_holders(data_dir: Path) -> list[str]:
+    """The identities written in the slots that a live process on this host holds (`store reindex`
+    refuses to run beside a node). Each slot is tried with a non-blocking shared lock, released at
+    once. Processes on other hosts are not seen (their locks are local to their host)."""
+    folder = Path(data_dir) / "run" / socket.gethostname()
+    holders = []
+    for path in sorted(folder.glob("slot-*")):
+        with open(path, encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holders.append(handle.read().strip() or path.name)
+                continue
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    return holders

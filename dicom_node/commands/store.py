@@ -31,40 +31,63 @@ def stored_instance_meta(path: Path) -> InstanceMeta:
 
 REINDEX_HELP = (
     "Recreate the rows of the instance files the job store does not know (after losing the database, "
-    "or restoring an older backup). Run it with the node stopped. Every series that gets rows is processed "
-    "and delivered again after the quiet period; the job history is not recovered. Nothing is deleted: "
+    "or restoring an older backup), and mark purged the rows whose file is missing. Run it with the node "
+    "stopped (refused while a node or worker on this host uses the data directory). By default the series "
+    "that get rows are marked evaluated: nothing is processed or delivered again, only instances received "
+    "from now on start a new delivery. With --route each such series gets a job and is routed, processed "
+    "and delivered again after the quiet period. The job history is not recovered. Nothing is deleted: "
     "unreadable files are moved to <data_dir>/unindexed/. Exit status 1 when some files could not be indexed."
 )
+_LISTED = 20  # rows without a file listed by path; a purge after the backup may leave thousands
 
 
 @store_app.command("reindex", help=REINDEX_HELP)
 def reindex(
     config: Path | None = ConfigOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be added; change nothing."),
+    route: bool = typer.Option(
+        False, "--route", help="Route the series again (process and deliver them), instead of marking them evaluated."
+    ),
 ) -> None:
     """See REINDEX_HELP (one paragraph, so that the help text wraps)."""
+    from dicom_node.incarnation import live_holders
     from storage.instance_store import InstanceStore
     from storage.reindex import UNINDEXED_DIR
     from storage.reindex import reindex as rebuild
     from storage.store_identity import StoreMismatchError
 
     settings = settings_or_exit(config)
+    running = live_holders(settings.storage.data_dir)
+    if running and not dry_run:
+        raise fail(
+            f"a node or worker is running on this data directory ({escape(', '.join(running))}): "
+            "stop it first (dicom-node store reindex runs with the node stopped); nothing was changed"
+        )
     db = job_store_or_exit(settings)
     store = InstanceStore(settings.storage.data_dir)
     try:
-        report = rebuild(db, store, stored_instance_meta, dry_run=dry_run)
+        report = rebuild(db, store, stored_instance_meta, route=route, dry_run=dry_run)
     except StoreMismatchError as exc:
         raise fail(str(exc)) from None
     finally:
         db.dispose()
     console = Console(soft_wrap=True)
-    verb = "would add" if dry_run else "added"
+    verb, mark = ("would add", "would mark") if dry_run else ("added", "marked")
+    done = (
+        "each gets a job and is routed again after the quiet period"
+        if route
+        else f"{mark} evaluated: not processed or delivered again; --route routes them"
+    )
     console.print(
         f"{report.files} instance files: {report.known} already known, {verb} {report.added} "
-        f"in {len(report.series)} series (each is routed again after the quiet period), "
-        f"{len(report.unreadable)} not indexed",
+        f"in {len(report.series)} series ({done}), {len(report.unreadable)} not indexed, "
+        f"{len(report.missing)} rows without a file {mark} purged",
         highlight=False,
     )
+    for relative in report.missing[:_LISTED]:
+        console.print(f"  file missing, row {mark} purged: {escape(relative)}", highlight=False)
+    if len(report.missing) > _LISTED:
+        console.print(f"  and {len(report.missing) - _LISTED} more rows without a file", highlight=False)
     for relative, reason in report.unreadable:
         where = "left in place (dry run)" if dry_run else f"moved to {UNINDEXED_DIR}/"
         console.print(f"  not indexed, {where}: {escape(relative)}: {escape(reason)}", highlight=False)

@@ -1,4 +1,5 @@
-"""Disaster recovery with `dicom-node store reindex`: the node's database deleted, its rows rebuilt, the series routed again."""
+"""Disaster recovery with `dicom-node store reindex --route`: the node's database deleted, its rows rebuilt, the series
+routed again (without --route they are marked evaluated: tests/storage/test_reindex.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ def test_delete_the_database_then_reindex_and_route_again(start_node, node_env, 
     assert storescu(node.address[1], mr_series).returncode == 0
     (first,) = wait_for(lambda: jobs_by_state(node).get("queued"))
     data_dir = node.store.root
+    running = cli(node_env, "store", "reindex")  # refused beside a running node: its slot is locked
+    assert running.returncode == 2 and "a node or worker is running on this data directory" in running.stderr
+    assert "stop it first" in running.stderr
     node.stop()
     for database_file in data_dir.glob("dicom-node.db*"):
         database_file.unlink()
@@ -27,11 +31,14 @@ def test_delete_the_database_then_reindex_and_route_again(start_node, node_env, 
 
     dry = cli(node_env, "store", "reindex", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert f"would add {len(mr_series)} in 1 series" in dry.stdout
-    done = cli(node_env, "store", "reindex")
+    assert f"would add {len(mr_series)} in 1 series (would mark evaluated: not processed or delivered again" in (
+        dry.stdout
+    )
+    done = cli(node_env, "store", "reindex", "--route")  # the default would mark the series evaluated
     assert done.returncode == 0, done.stderr
     assert f"{len(mr_series)} instance files: 0 already known, added {len(mr_series)} in 1 series" in done.stdout
-    assert "0 not indexed" in done.stdout and "store id" in done.stdout
+    assert "each gets a job and is routed again" in done.stdout
+    assert "0 not indexed, 0 rows without a file marked purged" in done.stdout and "store id" in done.stdout
 
     node = start_node()  # the same data directory: start-up accepts the rebuilt database
     with node.db.session() as session:
@@ -40,5 +47,6 @@ def test_delete_the_database_then_reindex_and_route_again(start_node, node_env, 
     assert again.series_uid == first.series_uid and again.rule_name == first.rule_name
     assert len(list((data_dir / "instances").rglob("*.dcm"))) == len(mr_series)
 
+    node.stop()
     rerun = cli(node_env, "store", "reindex")
     assert rerun.returncode == 0 and f"{len(mr_series)} already known, added 0" in rerun.stdout
