@@ -16,10 +16,16 @@ Decisions:
   re-encoding is the same image, a lossy one is not. Raw bytes that are equal
   need no decoding. Pixel data that cannot be decoded counts as different
   (a conflict is the safe answer: both versions are kept).
-- `material` is the subset of the differences that matters downstream: what
-  the model and the input screening read (pixels, geometry, rescale, the
-  sequence parameters and names screening and routing look at) and the
-  identity the RTSTRUCT and SR carry (patient, study, frame of reference).
+- `material`: every changed element except the few listed in
+  `IMMATERIAL_KEYWORDS`. The rule is inverted on purpose: the model, input
+  screening, routing rules (which may name any attribute) and the outputs read
+  more than any fixed list would name (BodyPartExamined,
+  PositionReferenceIndicator, StationName, InstanceNumber ...), so a change is
+  material unless known not to be. Immaterial are only the elements that
+  record when and by whom this encoding was made or signed (instance creation
+  date, time and creator, coercion time, original-attributes audit trail,
+  digital signatures); private elements, window presets and institution names
+  are material (routing may read them; a second delivery is the safe error).
   A change there makes a replaced series a new delivery.
 - `describe` never shows a patient's data: values are shown only for numbers
   outside the Patient module (geometry, rescale, timings); everything else is
@@ -40,44 +46,10 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import BaseTag
 
-# Pixel data elements: compared by decoded value, never by their encoded bytes.
-PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
+# Pixel data elements (PixelData, FloatPixelData, DoubleFloatPixelData): compared by decoded value.
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 _TRAILING_PADDING = 0xFFFCFFFC
 
-# What the model, its input screening and the routing rules read.
-MODEL_KEYWORDS = frozenset(
-    {
-        *PIXEL_KEYWORDS,
-        "Rows",
-        "Columns",
-        "NumberOfFrames",
-        "SamplesPerPixel",
-        "PhotometricInterpretation",
-        "BitsAllocated",
-        "BitsStored",
-        "HighBit",
-        "PixelRepresentation",
-        "RescaleSlope",
-        "RescaleIntercept",
-        "ImagePositionPatient",
-        "ImageOrientationPatient",
-        "PixelSpacing",
-        "SliceThickness",
-        "SpacingBetweenSlices",
-        "FrameOfReferenceUID",
-        "SOPClassUID",
-        "Modality",
-        "ImageType",
-        "SeriesDescription",
-        "ProtocolName",
-        "EchoTime",
-        "RepetitionTime",
-        "InversionTime",
-        "ScanningSequence",
-        "ContrastBolusAgent",
-    }
-)
 # The identity the RTSTRUCT and SR copy from the series (inference/outputs).
 IDENTITY_KEYWORDS = frozenset(
     {
@@ -100,7 +72,19 @@ IDENTITY_KEYWORDS = frozenset(
         "ReferringPhysicianName",
     }
 )
-MATERIAL_KEYWORDS = MODEL_KEYWORDS | IDENTITY_KEYWORDS
+# The only changes that do not make a replaced series a new delivery (module doc): when and by whom
+# this encoding was made or signed. Nothing downstream reads them; the outputs write their own.
+IMMATERIAL_KEYWORDS = frozenset(
+    {
+        "InstanceCreationDate",
+        "InstanceCreationTime",
+        "InstanceCreatorUID",
+        "InstanceCoercionDateTime",
+        "OriginalAttributesSequence",
+        "DigitalSignaturesSequence",
+        "MACParametersSequence",
+    }
+)
 
 _NUMERIC_VRS = frozenset({"DS", "IS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
 _SHOWN_VALUE_CHARS = 60
@@ -140,10 +124,8 @@ class ContentDiff:
 
     @property
     def material(self) -> list[str]:
-        """The changed elements the model, screening, routing or the outputs use."""
-        if self.unreadable:
-            return self.keywords
-        return [name for name in self.keywords if name in MATERIAL_KEYWORDS]
+        """The changed elements that may matter downstream: all but `IMMATERIAL_KEYWORDS` (module doc)."""
+        return [name for name in self.keywords if name not in IMMATERIAL_KEYWORDS]
 
     def describe(self, limit: int = 12) -> str:
         """A one-line summary without patient data (see module doc)."""

@@ -8,17 +8,19 @@ returns. Policy for a SOP Instance UID that arrives again:
 - other content (a correction: demographics fix, merge, re-reconstruction):
   `CONFLICT`, handled by the conflict policy (`[storage] conflict_policy`):
   `keep-first` keeps the first version in use and the new one under
-  `conflicts/<sop uid>/<sha256>.dcm`; `replace` keeps the old one there (a hard
-  link) and renames the new one over the instance's path in one step, so a
-  reader always finds a whole version; queued jobs of the series it makes a
-  new delivery (below) are cancelled, a running one finishes and is superseded. Nothing is lost either way, the SCP answers
-  success (the data is safely kept), and a `conflict` event on the series'
-  latest job says what changed (no patient data) and what was done (one
-  event, counted up, for a series re-sent with the same correction). When a
-  replacement changes what the model or the outputs use
-  (`content_compare.MATERIAL_KEYWORDS`), an evaluated series becomes a new
-  delivery, as below. `replace` never moves an instance to another study or
-  series: such a re-send is kept as with `keep-first`, and its event says so;
+  `conflicts/<sop uid>/<sha256>.dcm`; `replace` keeps the old one there (a
+  hard link) and renames the new one over the instance's path in one step, so
+  a reader always finds a whole version. Nothing is lost either way, the SCP
+  answers success (the data is safely kept), and a `conflict` event on the
+  series' latest job says what changed (no patient data) and what was done
+  (one event, counted up, for a series re-sent with the same correction). When
+  a replacement changes anything but how and when the file was made
+  (`content_compare.IMMATERIAL_KEYWORDS`), an evaluated series becomes a new
+  delivery, as below; its queued job is cancelled (it must not run on a series
+  being replaced), a running one finishes and is superseded by the new job.
+  `replace` never moves an instance to another study or series (compared with
+  the stored row): such a re-send is kept as with `keep-first`, and its event
+  says so;
 - an instance whose file retention purged (`purged_at` set), or whose file is
   missing (a database backup restored after retention): stored again, the
   row pointed at the new file, and the series counts as a new delivery (a new
@@ -456,7 +458,7 @@ def _replace(
                 series.last_received_at = utcnow()
                 text += "the series is evaluated again as a new delivery after the quiet period"
             else:
-                text += "nothing the model or the outputs use changed, so the series is not evaluated again"
+                text += "only when and by whom the file was made changed, so the series is not evaluated again"
             if latest is not None:
                 _conflict_event(session, latest, uid, text)
     except BaseException:  # the sender gets a failure status; the first version is back

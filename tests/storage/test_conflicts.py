@@ -143,12 +143,27 @@ def test_replace_of_something_nothing_downstream_reads_is_no_new_delivery(stores
     db, store = stores
     send(db, store, BASE)
     complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
-    cosmetic = edited(tmp_path, "cosmetic.dcm", InstitutionName="Renamed Hospital")
-    assert send(db, store, cosmetic, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
-    assert the_instance(db).sha256 == sha256_file(cosmetic)
+    recreated = edited(tmp_path, "recreated.dcm", InstanceCreationTime="101010")
+    assert send(db, store, recreated, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
+    assert the_instance(db).sha256 == sha256_file(recreated)
     assert len(jobs(db)) == 1 and [s.series_id for s in series_awaiting_routing(db, 0)] == []
     ((_, message),) = conflict_events(db)
-    assert "InstitutionName" in message and "not evaluated again" in message
+    assert "InstanceCreationTime" in message and "not evaluated again" in message
+
+
+@pytest.mark.parametrize(("keyword", "value"), [("BodyPartExamined", "PELVIS"), ("PositionReferenceIndicator", "XX")])
+def test_replace_of_an_element_no_fixed_list_named_is_a_new_delivery(
+    stores, tmp_path: Path, keyword: str, value: str
+) -> None:
+    """The reviewer's case: routing may read these; the corrected series is delivered again."""
+    db, store = stores
+    send(db, store, BASE)
+    first = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    assert send(db, store, edited(tmp_path, "c.dcm", **{keyword: value}), ConflictPolicy.REPLACE) is (
+        StoreOutcome.CONFLICT
+    )
+    assert jobs(db) == [(first, JobState.CANCELLED), (first + 1, JobState.RECEIVED)]
+    assert [s.series_id for s in series_awaiting_routing(db, 0)] == [1]
 
 
 def test_replace_never_moves_an_instance_to_another_series(stores, tmp_path: Path) -> None:
