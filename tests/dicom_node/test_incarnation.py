@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from dicom_node.incarnation import Incarnation
+from dicom_node.incarnation import Incarnation, live_holders
 
 
 def test_live_processes_hold_their_own_slots_and_a_released_slot_names_its_holder(tmp_path):
@@ -52,3 +52,19 @@ def test_a_sigkilled_process_frees_its_slot_and_the_next_one_learns_who_it_was(t
         if holder.poll() is None:
             holder.kill()
             holder.wait(10)
+
+
+def test_live_holders_names_the_processes_holding_a_slot_and_takes_none(tmp_path):
+    """What `store reindex` checks before it runs: held slots only; its look frees the slot again."""
+    assert live_holders(tmp_path) == []
+    first, second = Incarnation(tmp_path, "h:1:aa"), Incarnation(tmp_path, "h:2:bb")
+    first.claim()
+    second.claim()
+    assert live_holders(tmp_path) == ["h:1:aa", "h:2:bb"]
+    first.release()
+    assert live_holders(tmp_path) == ["h:2:bb"]  # slot-0 is free, its last holder's name still in it
+    third = Incarnation(tmp_path, "h:3:cc")
+    assert third.claim() == "h:1:aa" and third.slot == first.slot  # the look left the slot claimable
+    second.release()
+    third.release()
+    assert live_holders(tmp_path) == []
