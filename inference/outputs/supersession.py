@@ -17,6 +17,9 @@ The one home of how re-runs are told apart from new results. Decisions:
   Label ends with the revision (``AI GTV r2``, SH keeps 16 characters) while
   the Structure Set Description (ST) says which instance, of when, by which
   job and attempt, it supersedes.
+- The predecessor is read before inference and the new rows are recorded when
+  the run ends; that read-then-write is safe because jobs of one source series
+  never run at once (`storage.jobs.claim_next_job`).
 """
 
 from __future__ import annotations
