@@ -64,6 +64,7 @@ from storage.jobs import (
 )
 from storage.models import EventKind, Instance
 from storage.outputs import WrittenObject, latest_in_series
+from storage.store_identity import database_store_id
 from storage.write_retry import retry_write
 
 if TYPE_CHECKING:
@@ -263,9 +264,14 @@ def run_job(
         out_dir = store.attempt_outputs(job_id, attempt)
         start = time.perf_counter()
         summary = write_offline_outputs(result, out_dir)
-        predecessors = _predecessors(db, output_series_uids(result))
+        installation = installation_id(db)
+        predecessors = _predecessors(db, output_series_uids(result, installation))
         written = write_dicom_outputs(
-            result, out_dir, roi_name_prefix=output_settings.roi_name_prefix, predecessors=predecessors
+            result,
+            out_dir,
+            roi_name_prefix=output_settings.roi_name_prefix,
+            predecessors=predecessors,
+            installation=installation,
         )
         add_event(db, job_id, EventKind.STAGE, "write outputs", duration_s=time.perf_counter() - start)
         for kind, before in predecessors.items():
@@ -302,6 +308,23 @@ def run_job(
         bound.exception("job.error", reason=repr(exc))
         reason = f"internal error: {type(exc).__name__}: {exc}"
         _record_end(partial(retry_after_error, db, job_id, reason, max_attempts, exc, holder=holder), job_id)
+
+
+def installation_id(db: Database) -> str:
+    """The store id of the job store (`storage.store_identity`), which names this installation's output series.
+
+    Raises
+    ------
+    RuntimeError
+        The job store has none yet: `serve` and `worker` record it at start-up.
+    """
+    store_id = database_store_id(db)
+    if not store_id:
+        raise RuntimeError(
+            f"the job store ({db.url_for_humans}) has no store id yet; start the node with"
+            " `dicom-node serve` or `dicom-node worker`, which record it"
+        )
+    return store_id
 
 
 def _predecessors(db: Database, series_uids: Mapping[str, str]) -> dict[str, Predecessor]:

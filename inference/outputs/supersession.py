@@ -3,9 +3,13 @@
 The one home of how re-runs are told apart from new results. Decisions:
 
 - Each output kind (RTSTRUCT, SR, SEG) of one source series and one model
-  (name and version) lives in ONE output series, whose Series Instance UID is
-  derived from those four values (`output_series_uid`, a UUID v5 UID under
-  ``2.25``, `inference.uids`). A retried job, a late delivery of more slices
+  (name and version) lives in ONE output series per installation, whose Series
+  Instance UID is derived from those four values and the installation's store
+  id (`output_series_uid`, a UUID v5 UID under ``2.25``, `inference.uids`;
+  `storage.store_identity`). The store id keeps two nodes that see the same
+  series (a validation node beside production, two departments sharing a
+  PACS) out of each other's series: each revision count and predecessor is
+  only known to the node that wrote it. A retried job, a late delivery of more slices
   or a re-sent series lands in the same series as the first result, with new
   SOP Instance UIDs and the next Instance Number. Another model version is
   another series: its result does not replace the older model's, it is a
@@ -37,19 +41,24 @@ from inference.uids import new_uid
 OUTPUT_KINDS = ("RTSTRUCT", "SR", "SEG")
 
 
-def output_series_uid(source_series_uid: str, model: ModelIdentity, kind: str) -> UID:
-    """The Series Instance UID of `kind` outputs of `model` on `source_series_uid`: the same on every re-run.
+def output_series_uid(source_series_uid: str, model: ModelIdentity, kind: str, installation: str) -> UID:
+    """The Series Instance UID of `kind` outputs of `model` on `source_series_uid` written by the
+    installation whose store id is `installation`: the same on every re-run there, another elsewhere.
 
     Raises
     ------
     ValueError
-        `kind` is not one of `OUTPUT_KINDS` or the source series UID is empty.
+        `kind` is not one of `OUTPUT_KINDS`, or the source series UID or the installation is empty.
     """
     if kind not in OUTPUT_KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
     if not str(source_series_uid):
         raise ValueError("source_series_uid: empty")
-    return new_uid(f"output-series\x00{source_series_uid}\x00{model.name}\x00{model.version}\x00{kind}")
+    if not installation:
+        raise ValueError("installation: empty (the store id of the job store)")
+    return new_uid(
+        f"output-series\x00{installation}\x00{source_series_uid}\x00{model.name}\x00{model.version}\x00{kind}"
+    )
 
 
 @dataclass(frozen=True)

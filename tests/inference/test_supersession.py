@@ -35,19 +35,38 @@ def lesion_labels() -> np.ndarray:
     return labels
 
 
-def test_the_output_series_uid_is_stable_per_source_series_model_and_kind() -> None:
-    uid = output_series_uid("1.2.3.4", MODEL, "SR")
-    assert uid == output_series_uid("1.2.3.4", ModelIdentity("mtsa-net", "1.2.0", False), "SR")
+NODE = "3f0c9b1e5d2a4c7f8e6b1a2d3c4e5f60"  # a store id (`storage.store_identity`)
+
+
+def test_the_output_series_uid_is_stable_per_installation_source_series_model_and_kind() -> None:
+    uid = output_series_uid("1.2.3.4", MODEL, "SR", NODE)
+    assert uid == output_series_uid("1.2.3.4", ModelIdentity("mtsa-net", "1.2.0", False), "SR", NODE)
     assert validate_uid(uid, "output series") == uid
     others = {
-        output_series_uid("1.2.3.5", MODEL, "SR"),
-        output_series_uid("1.2.3.4", ModelIdentity("mtsa-net", "1.3.0", False), "SR"),
-        output_series_uid("1.2.3.4", ModelIdentity("other-net", "1.2.0", False), "SR"),
-        *(output_series_uid("1.2.3.4", MODEL, kind) for kind in OUTPUT_KINDS),
+        output_series_uid("1.2.3.5", MODEL, "SR", NODE),
+        output_series_uid("1.2.3.4", ModelIdentity("mtsa-net", "1.3.0", False), "SR", NODE),
+        output_series_uid("1.2.3.4", ModelIdentity("other-net", "1.2.0", False), "SR", NODE),
+        output_series_uid("1.2.3.4", MODEL, "SR", "another-node-store-id"),  # validation beside production
+        *(output_series_uid("1.2.3.4", MODEL, kind, NODE) for kind in OUTPUT_KINDS),
     }
-    assert len(others) == 3 + len(OUTPUT_KINDS)
+    assert len(others) == 4 + len(OUTPUT_KINDS) and uid in others
     with pytest.raises(ValueError, match="kind"):
-        output_series_uid("1.2.3.4", MODEL, "PDF")
+        output_series_uid("1.2.3.4", MODEL, "PDF", NODE)
+    with pytest.raises(ValueError, match="installation"):
+        output_series_uid("1.2.3.4", MODEL, "SR", "")
+
+
+def test_two_installations_write_the_same_series_into_different_output_series(
+    series, tmp_path: Path, result_on
+) -> None:
+    result = result_on(series, lesion_labels(), model=MODEL)
+    production = write_dicom_outputs(result, tmp_path / "production", installation=NODE)
+    validation = write_dicom_outputs(result, tmp_path / "validation", installation="another-node-store-id")
+    offline = [write_dicom_outputs(result, tmp_path / f"offline-{n}") for n in range(2)]  # `infer --dicom`
+    by_writer = [{o.kind: o.series_instance_uid for o in written} for written in (production, validation, *offline)]
+    for kind in ("RTSTRUCT", "SR"):
+        assert len({series_uids[kind] for series_uids in by_writer}) == 4, kind
+    assert by_writer[0] == {k: v for k, v in output_series_uids(result, NODE).items() if k != "SEG"}
 
 
 def test_the_label_keeps_16_characters_with_the_revision() -> None:
@@ -63,8 +82,8 @@ def test_a_rerun_goes_to_the_same_series_with_new_instances_and_names_what_it_re
     series, tmp_path: Path, result_on, dciodvfy
 ) -> None:
     result = result_on(series, lesion_labels(), model=MODEL)
-    first = write_dicom_outputs(result, tmp_path / "attempt-1", include_seg=True)
-    expected = output_series_uids(result)
+    first = write_dicom_outputs(result, tmp_path / "attempt-1", include_seg=True, installation=NODE)
+    expected = output_series_uids(result, NODE)
     assert {o.kind: o.series_instance_uid for o in first} == expected
     written_at = datetime(2026, 11, 30, 14, 5, 6, tzinfo=UTC)
     predecessors = {
@@ -80,7 +99,9 @@ def test_a_rerun_goes_to_the_same_series_with_new_instances_and_names_what_it_re
         )
         for o in first
     }
-    second = write_dicom_outputs(result, tmp_path / "attempt-2", include_seg=True, predecessors=predecessors)
+    second = write_dicom_outputs(
+        result, tmp_path / "attempt-2", include_seg=True, predecessors=predecessors, installation=NODE
+    )
 
     old = {o.kind: pydicom.dcmread(o.path) for o in first}
     new = {o.kind: pydicom.dcmread(o.path) for o in second}
