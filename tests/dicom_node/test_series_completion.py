@@ -263,3 +263,29 @@ def test_a_correction_resent_on_an_open_association_holds_its_series(start_node,
     clock.set(delivered(node, uid), SHORT_S)
     [second] = watcher.check_once()
     assert second != first and load_job(node.db, second).state == JobState.QUEUED
+
+
+def test_a_correction_that_moves_a_slice_without_changing_the_count_is_assessed_again(
+    start_node, clock, mr_series, tmp_path
+):
+    """The verdict is read again after a `replace`, even when the instance count stays the same."""
+    node = start_node(DICOM_NODE__SERIES__QUIET_PERIOD_S="600", DICOM_NODE__STORAGE__CONFLICT_POLICY="replace")
+    watcher = SeriesWatcher(
+        node.db, node.store, node.watcher.rules, SHORT_S, LONG_S, node.scp.tracker.deliveries, clock=clock
+    )
+    uid = series_uid(mr_series)
+    assert storescu(node.address[1], mr_series[:5] + mr_series[6:11]).returncode == 0  # slice 6 missing: a gap
+    clock.set(delivered(node, uid), 60)
+    assert watcher.check_once() == []  # waiting for the gap
+
+    # The sender corrects its last slice: it was meant to be the missing one (same SOP Instance UID, new position).
+    moved = pydicom.dcmread(mr_series[5])
+    last = pydicom.dcmread(mr_series[10], stop_before_pixels=True)
+    moved.SOPInstanceUID = moved.file_meta.MediaStorageSOPInstanceUID = last.SOPInstanceUID
+    moved.save_as(tmp_path / "moved.dcm", enforce_file_format=True)
+    assert storescu(node.address[1], [tmp_path / "moved.dcm"]).returncode == 0
+    clock.set(delivered(node, uid), SHORT_S)
+    [job_id] = watcher.check_once()
+    job = load_job(node.db, job_id)
+    assert job.state == JobState.QUEUED and job.instance_count == 10
+    assert any(e.message.startswith("completeness: 10 instances") and "no gap" in e.message for e in job.events)
