@@ -63,7 +63,7 @@ from storage.jobs import (
     retry_after_error,
 )
 from storage.models import EventKind, Instance
-from storage.outputs import WrittenObject, latest_in_series
+from storage.outputs import WrittenObject, latest_in_series, output_path
 from storage.store_identity import database_store_id
 from storage.write_retry import retry_write
 
@@ -289,9 +289,12 @@ def run_job(
         outputs = [(o.sop_instance_uid, o.sop_class_uid, o.path) for o in objects]
         summary["outputs"] = outputs
         relative_dir = out_dir.relative_to(store.root).as_posix()
-        if result.hold_reasons:
-            hold_outputs(db, job_id, relative_dir, summary, result.hold_reasons, holder=holder, objects=objects)
-            bound.warning("job.held", reasons=result.hold_reasons, lesions=len(result.lesions))
+        hold_reasons = list(result.hold_reasons)
+        if (withdrawal := _unwithdrawn_rtstruct(db, store, len(result.lesions), predecessors)) is not None:
+            hold_reasons.append(withdrawal)
+        if hold_reasons:
+            hold_outputs(db, job_id, relative_dir, summary, hold_reasons, holder=holder, objects=objects)
+            bound.warning("job.held", reasons=hold_reasons, lesions=len(result.lesions))
             return
         exports = targets.rows(destinations, outputs)
         record_outputs(db, job_id, relative_dir, summary, exports, holder=holder, objects=objects)
@@ -346,6 +349,31 @@ def _predecessors(db: Database, series_uids: Mapping[str, str]) -> dict[str, Pre
         for kind, series_uid in series_uids.items()
         if (prior := latest.get(series_uid)) is not None
     }
+
+
+def _unwithdrawn_rtstruct(
+    db: Database, store: InstanceStore, lesions: int, predecessors: Mapping[str, Predecessor]
+) -> str | None:
+    """`supersession.unwithdrawn_rtstruct`, with the ROI count read from the earlier RTSTRUCT's file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from inference.outputs.supersession import unwithdrawn_rtstruct
+
+    earlier = predecessors.get("RTSTRUCT")
+    if lesions or earlier is None:
+        return None
+    rois = None
+    path = output_path(db, earlier.sop_instance_uid)
+    if path is not None:
+        try:
+            ds = pydicom.dcmread(
+                store.absolute(path), stop_before_pixels=True, specific_tags=["StructureSetROISequence"]
+            )
+            rois = len(ds.get("StructureSetROISequence", []))
+        except (OSError, InvalidDicomError):  # purged by retention: the hold does not need the count
+            rois = None
+    return unwithdrawn_rtstruct(lesions, predecessors, rois)
 
 
 def _record_end(record: Callable[[], object], job_id: int) -> None:

@@ -104,3 +104,9 @@ def attempt_outputs(session: Session, job_id: int, attempt: int) -> list[tuple[s
         .order_by(Output.id)
     ).all()
     return [(sop, cls, path) for sop, cls, path in rows]
+
+
+def output_path(db: Database, sop_instance_uid: str) -> str | None:
+    """The path (relative to the data directory) of a written object, None if no row has it."""
+    with db.session() as session:
+        return session.scalar(select(Output.path).where(Output.sop_instance_uid == sop_instance_uid).limit(1))

@@ -21,6 +21,15 @@ The one home of how re-runs are told apart from new results. Decisions:
   Label ends with the revision (``AI GTV r2``, SH keeps 16 characters) while
   the Structure Set Description (ST) says which instance, of when, by which
   job and attempt, it supersedes.
+- A re-run that finds no lesion writes no RTSTRUCT (a structure set needs an
+  ROI), so nothing would replace the earlier GTVs at a TPS that only takes
+  RTSTRUCTs: they would stay its newest structure set. An RTSTRUCT with a
+  placeholder ROI would put a misleading structure into the plan, so instead
+  such a result is HELD (`unwithdrawn_rtstruct`): a physicist removes the
+  earlier structure set at the TPS, then releases (the SR saying "no lesion"
+  is sent) or cancels. Only when the result it supersedes had an RTSTRUCT
+  (the latest SR and the latest RTSTRUCT come from the same run): after a
+  no-lesion result was held once, later no-lesion re-runs are not held again.
 - The predecessor is read before inference and the new rows are recorded when
   the run ends; that read-then-write is safe because jobs of one source series
   never run at once (`storage.jobs.claim_next_job`).
@@ -28,6 +37,7 @@ The one home of how re-runs are told apart from new results. Decisions:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -95,3 +105,22 @@ class Predecessor:
         """ "Supersedes <SOP Instance UID> of <time UTC> (job N, attempt K)." for descriptions."""
         when = self.written_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         return f"Supersedes {self.sop_instance_uid} of {when} (job {self.job_id}, attempt {self.attempt})."
+
+
+def unwithdrawn_rtstruct(lesions: int, predecessors: Mapping[str, Predecessor], earlier_rois: int | None) -> str | None:
+    """Why a result with no lesion must be held: the result it supersedes sent an RTSTRUCT that nothing withdraws.
+
+    `predecessors`: by kind, as `write_dicom_outputs` takes them; `earlier_rois`: the number of
+    ROIs in the predecessor RTSTRUCT (None when its file can no longer be read). None: no hold.
+    """
+    rtstruct, sr = predecessors.get("RTSTRUCT"), predecessors.get("SR")
+    if lesions or rtstruct is None:
+        return None
+    if sr is not None and (sr.job_id, sr.attempt) != (rtstruct.job_id, rtstruct.attempt):
+        return None  # the result superseded had no lesion either: its hold was the time to decide
+    had = f"{earlier_rois} ROI(s)" if earlier_rois is not None else "an RTSTRUCT"
+    return (
+        f"re-run found no lesion where revision r{rtstruct.revision} had {had}; the earlier RTSTRUCT"
+        f" ({rtstruct.sop_instance_uid}) at the TPS is not withdrawn automatically: remove it there,"
+        " then release (sends the SR reporting no lesion) or cancel"
+    )

@@ -14,7 +14,7 @@ import pytest
 
 from inference.outputs.dicom_outputs import output_series_uids, write_dicom_outputs
 from inference.outputs.notice import structure_set_label
-from inference.outputs.supersession import OUTPUT_KINDS, Predecessor, output_series_uid
+from inference.outputs.supersession import OUTPUT_KINDS, Predecessor, output_series_uid, unwithdrawn_rtstruct
 from inference.result import ModelIdentity
 from storage.instance_store import validate_uid
 from tests.helpers.dciodvfy import ACCEPTED_WARNING
@@ -132,3 +132,19 @@ def test_a_rerun_goes_to_the_same_series_with_new_instances_and_names_what_it_re
         errors, warnings = dciodvfy(output.path)
         assert errors == [], (output.kind, errors)
         assert all(ACCEPTED_WARNING in warning for warning in warnings), (output.kind, warnings)
+
+
+def test_a_result_without_lesions_is_held_only_when_it_supersedes_one_that_sent_an_rtstruct() -> None:
+    def before(kind: str, job_id: int, revision: int) -> Predecessor:
+        when = datetime(2026, 11, 30, tzinfo=UTC)
+        return Predecessor("1.2", f"2.25.{kind == 'SR'}", "1.2.3", f"2.25.9{job_id}", when, job_id, 1, revision)
+
+    with_rtstruct = {"RTSTRUCT": before("RTSTRUCT", 4, 2), "SR": before("SR", 4, 2)}
+    reason = unwithdrawn_rtstruct(0, with_rtstruct, 3)
+    assert reason is not None and reason.startswith("re-run found no lesion where revision r2 had 3 ROI(s);")
+    assert "(2.25.94) at the TPS is not withdrawn automatically" in reason
+    assert "had an RTSTRUCT;" in (unwithdrawn_rtstruct(0, with_rtstruct, None) or "")  # its file purged
+    assert unwithdrawn_rtstruct(2, with_rtstruct, 3) is None  # lesions: the new RTSTRUCT supersedes it
+    assert unwithdrawn_rtstruct(0, {"SR": before("SR", 4, 1)}, None) is None  # never an RTSTRUCT
+    after_held_empty = {"RTSTRUCT": before("RTSTRUCT", 4, 2), "SR": before("SR", 5, 3)}
+    assert unwithdrawn_rtstruct(0, after_held_empty, 3) is None  # decided when that empty result was held
