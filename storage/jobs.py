@@ -59,7 +59,7 @@ from storage.models import (
     Series,
     utcnow,
 )
-from storage.outputs import WrittenObject, add_outputs
+from storage.outputs import WrittenObject, add_outputs, newer_revisions
 
 # Which states may follow which; anything else is a programming error.
 ALLOWED = {
@@ -597,7 +597,8 @@ def release_job(
     The export rows are made from the outputs recorded at hold time
     (`summary["outputs"]`: sop uid, class uid, path), keeping those that
     `wants(destination, sop_class_uid)` accepts (the destinations' `objects`
-    filters; all when None). Returns their number.
+    filters; all when None). Returns their number. A result superseded meanwhile by a later
+    job is still released, with a warning event (`storage.outputs.newer_revisions`).
     """
     with db.session() as session:
         job = get_job(session, job_id)
@@ -613,6 +614,8 @@ def release_job(
             if wants is None or wants(dest, output[1])
         ]
         job.reason = None  # the hold's reason stays in the event history
+        if exports and (warning := newer_revisions(session, job_id, job.attempts)) is not None:
+            event_row(session, job, EventKind.LOG, f"warning: {warning}")
         _queue_exports(session, job, exports, f"released by {user}{_because(note)}; ")
         return len(exports)
 
