@@ -4,7 +4,9 @@ Every transition is one committed row change plus one event row, so the
 physicist's timeline (`dicom-node jobs show`) is exactly what happened.
 Claiming uses `SELECT ... FOR UPDATE SKIP LOCKED` (PostgreSQL; ignored by
 SQLite, where writes are serialised anyway) followed by a conditional
-`UPDATE ... WHERE state = 'queued'`, so two workers never run the same job.
+`UPDATE ... WHERE state = 'queued'`, so two workers never run the same job;
+and never two jobs of one source series at once (`claim_next_job`), so that
+re-runs write their revisions one after the other.
 
 Leases: a claimed job carries `lease_expires_at`, which its worker's heartbeat
 renews (`renew_lease`). A `running` job goes back to the queue only when its
