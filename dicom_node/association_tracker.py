@@ -9,7 +9,8 @@ is logged and never breaks the association.
 
 It also tells the series watcher which series an association is still
 delivering (`SeriesDeliveries`): a series is never taken as complete while an
-association that stored into it is open, and its quiet period counts from
+association that sent instances of it (stored, duplicates, `replace`
+corrections) is open, and its quiet period counts from
 the end of the last one, released or not. This knowledge lives in the
 process that runs the SCP and its watcher (`serve`); other processes see
 only the instances' times.
@@ -51,7 +52,7 @@ class _Followed:
     started: float = field(default_factory=time.monotonic)
     outcome: str = "closed"  # until released or aborted
     counts: AssociationCounts = field(default_factory=AssociationCounts)
-    series: set[str] = field(default_factory=set)  # Series Instance UIDs it stored new instances into
+    series: set[str] = field(default_factory=set)  # Series Instance UIDs it delivered accepted instances into
 
 
 @dataclass(frozen=True)
@@ -152,14 +153,16 @@ class AssociationTracker:
     ) -> None:
         """One C-STORE handled: `outcome` is a StoreOutcome value or the refusal's name.
 
-        `series_uid`: the series a newly stored instance joined (a delivery into it begins)."""
+        `series_uid`: the series the instance belongs to. Every accepted instance (stored, a
+        duplicate, a conflict: a `replace` correction) makes the association a delivery into
+        that series, so the series is not taken as complete while it is open."""
         self.metrics.observe_store(event.assoc.requestor.ae_title, outcome, nbytes, seconds)
         followed = self._open.get(id(event.assoc))
         if followed is not None:
             key = outcome if outcome in ACCEPTED_OUTCOMES else "refused"
             setattr(followed.counts, key, getattr(followed.counts, key) + 1)
             followed.counts.bytes_received += nbytes
-            if outcome == "stored" and series_uid is not None and series_uid not in followed.series:
+            if outcome in ACCEPTED_OUTCOMES and series_uid is not None and series_uid not in followed.series:
                 followed.series.add(series_uid)
                 self.deliveries.opened(series_uid)
 

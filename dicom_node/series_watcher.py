@@ -75,7 +75,8 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class _Assessed:
-    instance_count: int  # the verdicts below are about this many instances
+    instance_count: int  # the verdicts below are about this many instances ...
+    last_received_at: datetime  # ... as they were when the last of them arrived (a `replace` keeps the count)
     outcome: RoutingOutcome
     completeness: Completeness | None  # None: not read (no rule matched, routing failed)
 
@@ -99,7 +100,7 @@ class SeriesWatcher:
         self.deliveries = deliveries
         self.clock = clock
         self.listening_since = clock()
-        self._assessed: dict[int, _Assessed] = {}  # by series id: headers are read once per instance count
+        self._assessed: dict[int, _Assessed] = {}  # by series id: headers are read again when instances arrive
         self._noted: set[tuple[int, int]] = set()  # (series id, instance count) whose wait is in the job's history
 
     def route(self, series_id: int) -> RoutingOutcome:
@@ -211,12 +212,16 @@ class SeriesWatcher:
         log.info("series.incomplete_waiting", series_id=series.series_id, missing=completeness.missing)
 
     def _assess(self, series: AwaitingSeries) -> _Assessed:
-        """Routing and completeness of the series as it is now, read again only when instances were added."""
+        """Routing and completeness of the series as it is now, read again only when instances arrived
+        (new ones, or corrections that replaced some: the count alone would miss those)."""
         cached = self._assessed.get(series.series_id)
-        if cached is not None and cached.instance_count == series.instance_count:
+        if cached is not None and (cached.instance_count, cached.last_received_at) == (
+            series.instance_count,
+            series.last_received_at,
+        ):
             return cached
         outcome = self.route(series.series_id)
         completeness = None if outcome.rule_name is None or outcome.failed else self.completeness(series.series_id)
-        assessed = _Assessed(series.instance_count, outcome, completeness)
+        assessed = _Assessed(series.instance_count, series.last_received_at, outcome, completeness)
         self._assessed[series.series_id] = assessed
         return assessed

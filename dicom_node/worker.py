@@ -63,7 +63,8 @@ from storage.jobs import (
     retry_after_error,
 )
 from storage.models import EventKind, Instance
-from storage.outputs import WrittenObject, latest_in_series
+from storage.outputs import WrittenObject, latest_in_series, output_path
+from storage.store_identity import database_store_id
 from storage.write_retry import retry_write
 
 if TYPE_CHECKING:
@@ -263,9 +264,14 @@ def run_job(
         out_dir = store.attempt_outputs(job_id, attempt)
         start = time.perf_counter()
         summary = write_offline_outputs(result, out_dir)
-        predecessors = _predecessors(db, output_series_uids(result))
+        installation = installation_id(db)
+        predecessors = _predecessors(db, output_series_uids(result, installation))
         written = write_dicom_outputs(
-            result, out_dir, roi_name_prefix=output_settings.roi_name_prefix, predecessors=predecessors
+            result,
+            out_dir,
+            roi_name_prefix=output_settings.roi_name_prefix,
+            predecessors=predecessors,
+            installation=installation,
         )
         add_event(db, job_id, EventKind.STAGE, "write outputs", duration_s=time.perf_counter() - start)
         for kind, before in predecessors.items():
@@ -283,9 +289,12 @@ def run_job(
         outputs = [(o.sop_instance_uid, o.sop_class_uid, o.path) for o in objects]
         summary["outputs"] = outputs
         relative_dir = out_dir.relative_to(store.root).as_posix()
-        if result.hold_reasons:
-            hold_outputs(db, job_id, relative_dir, summary, result.hold_reasons, holder=holder, objects=objects)
-            bound.warning("job.held", reasons=result.hold_reasons, lesions=len(result.lesions))
+        hold_reasons = list(result.hold_reasons)
+        if (withdrawal := _unwithdrawn_rtstruct(db, store, len(result.lesions), predecessors)) is not None:
+            hold_reasons.append(withdrawal)
+        if hold_reasons:
+            hold_outputs(db, job_id, relative_dir, summary, hold_reasons, holder=holder, objects=objects)
+            bound.warning("job.held", reasons=hold_reasons, lesions=len(result.lesions))
             return
         exports = targets.rows(destinations, outputs)
         record_outputs(db, job_id, relative_dir, summary, exports, holder=holder, objects=objects)
@@ -302,6 +311,23 @@ def run_job(
         bound.exception("job.error", reason=repr(exc))
         reason = f"internal error: {type(exc).__name__}: {exc}"
         _record_end(partial(retry_after_error, db, job_id, reason, max_attempts, exc, holder=holder), job_id)
+
+
+def installation_id(db: Database) -> str:
+    """The store id of the job store (`storage.store_identity`), which names this installation's output series.
+
+    Raises
+    ------
+    RuntimeError
+        The job store has none yet: `serve` and `worker` record it at start-up.
+    """
+    store_id = database_store_id(db)
+    if not store_id:
+        raise RuntimeError(
+            f"the job store ({db.url_for_humans}) has no store id yet; start the node with"
+            " `dicom-node serve` or `dicom-node worker`, which record it"
+        )
+    return store_id
 
 
 def _predecessors(db: Database, series_uids: Mapping[str, str]) -> dict[str, Predecessor]:
@@ -323,6 +349,31 @@ def _predecessors(db: Database, series_uids: Mapping[str, str]) -> dict[str, Pre
         for kind, series_uid in series_uids.items()
         if (prior := latest.get(series_uid)) is not None
     }
+
+
+def _unwithdrawn_rtstruct(
+    db: Database, store: InstanceStore, lesions: int, predecessors: Mapping[str, Predecessor]
+) -> str | None:
+    """`supersession.unwithdrawn_rtstruct`, with the ROI count read from the earlier RTSTRUCT's file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from inference.outputs.supersession import unwithdrawn_rtstruct
+
+    earlier = predecessors.get("RTSTRUCT")
+    if lesions or earlier is None:
+        return None
+    rois = None
+    path = output_path(db, earlier.sop_instance_uid)
+    if path is not None:
+        try:
+            ds = pydicom.dcmread(
+                store.absolute(path), stop_before_pixels=True, specific_tags=["StructureSetROISequence"]
+            )
+            rois = len(ds.get("StructureSetROISequence", []))
+        except (OSError, InvalidDicomError):  # purged by retention: the hold does not need the count
+            rois = None
+    return unwithdrawn_rtstruct(lesions, predecessors, rois)
 
 
 def _record_end(record: Callable[[], object], job_id: int) -> None:

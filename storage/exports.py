@@ -48,7 +48,7 @@ from storage.models import (
     JobState,
     utcnow,
 )
-from storage.outputs import attempt_outputs
+from storage.outputs import attempt_outputs, newer_revisions
 
 
 @dataclass(frozen=True)
@@ -315,6 +315,8 @@ def resend(
             raise ValueError(
                 f"job {job_id}: nothing to send to {', '.join(wanted)} (their `objects` filters exclude every output)"
             )
+        if (warning := newer_revisions(session, job_id, attempt)) is not None:
+            event_row(session, job, EventKind.LOG, f"warning: {warning}")
         which = "" if attempt == job.attempts else f" of attempt {attempt} (not the latest, {job.attempts})"
         set_state(session, job, JobState.EXPORTING, f"re-sending {count} object(s){which} to {', '.join(wanted)}")
         return count

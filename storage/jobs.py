@@ -4,7 +4,9 @@ Every transition is one committed row change plus one event row, so the
 physicist's timeline (`dicom-node jobs show`) is exactly what happened.
 Claiming uses `SELECT ... FOR UPDATE SKIP LOCKED` (PostgreSQL; ignored by
 SQLite, where writes are serialised anyway) followed by a conditional
-`UPDATE ... WHERE state = 'queued'`, so two workers never run the same job.
+`UPDATE ... WHERE state = 'queued'`, so two workers never run the same job;
+and never two jobs of one source series at once (`claim_next_job`), so that
+re-runs write their revisions one after the other.
 
 Leases: a claimed job carries `lease_expires_at`, which its worker's heartbeat
 renews (`renew_lease`). A `running` job goes back to the queue only when its
@@ -44,8 +46,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, or_, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import ColumnElement, exists, or_, select, update
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from storage.database import Database
 from storage.models import (
@@ -59,7 +61,7 @@ from storage.models import (
     Series,
     utcnow,
 )
-from storage.outputs import WrittenObject, add_outputs
+from storage.outputs import WrittenObject, add_outputs, newer_revisions
 
 # Which states may follow which; anything else is a programming error.
 ALLOWED = {
@@ -262,43 +264,77 @@ def complete_series(db: Database, series_id: int, outcome: RoutingOutcome) -> in
         return job.id
 
 
+def _no_running_job_of_its_series() -> ColumnElement[bool]:
+    """True for a job whose source series has no other job `running` (the claim's serialisation)."""
+    other = aliased(Job)
+    return ~exists().where(other.series_id == Job.series_id, other.state == JobState.RUNNING, other.id != Job.id)
+
+
+#: Candidates one claim looks at before giving up until the next poll (each lost race excludes one series).
+_CLAIM_TRIES = 5
+
+
 def claim_next_job(db: Database, worker_id: str, lease_s: float = DEFAULT_LEASE_S) -> int | None:
-    """Atomically move the oldest queued job to `running` for this worker, leased for `lease_s`."""
+    """Atomically move the oldest claimable queued job to `running` for this worker, leased for `lease_s`.
+
+    Jobs of one source series run one at a time: a job is not claimed while
+    another job of its series is `running`. A run reads the latest output of its
+    output series before inference (its predecessor, `storage.outputs`) and
+    records its own outputs in the transaction that ends `running`; so, with
+    this rule, the read-then-write of revisions is never interleaved and two
+    runs can never both write r2 naming the same r1. `running` is enough:
+    `exporting`, `held` and `done` are entered in the same transaction that
+    records the outputs rows. The series row is locked (PostgreSQL) before the
+    conditional UPDATE re-checks the rule, so two claimers of two jobs of one
+    series wait for each other and the second sees the first `running`; SQLite
+    serialises the UPDATEs anyway.
+    """
+    lost_series: list[int] = []
     with db.session() as session:
-        candidate = session.scalar(
-            select(Job.id)
-            .where(Job.state == JobState.QUEUED)
-            .order_by(Job.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-        if candidate is None:
-            return None
-        now = utcnow()
-        claimed = session.execute(
-            update(Job)
-            .where(Job.id == candidate, Job.state == JobState.QUEUED)
-            .values(
+        for _ in range(_CLAIM_TRIES):
+            row = session.execute(
+                select(Job.id, Job.series_id)
+                .where(Job.state == JobState.QUEUED, _no_running_job_of_its_series(), Job.series_id.not_in(lost_series))
+                .order_by(Job.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if row is None:
+                return None
+            candidate, series_id = row
+            session.execute(select(Series.id).where(Series.id == series_id).with_for_update())
+            now = utcnow()
+            claimed = session.execute(
+                update(Job)
+                .where(Job.id == candidate, Job.state == JobState.QUEUED, _no_running_job_of_its_series())
+                .values(
+                    state=JobState.RUNNING,
+                    claimed_by=worker_id,
+                    lease_expires_at=now + timedelta(seconds=lease_s),
+                    started_at=now,
+                    updated_at=now,
+                    finished_at=None,
+                    reason=None,
+                    output_dir=None,  # a new attempt never carries the previous attempt's outputs
+                    summary=None,
+                    attempts=Job.attempts + 1,
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
+            if claimed != 1:  # taken meanwhile, or another job of its series started: try another series
+                lost_series.append(series_id)
+                continue
+            job = get_job(session, candidate)
+            session.refresh(job)
+            event_row(
+                session,
+                job,
+                EventKind.STATE,
+                f"running on {worker_id} (attempt {job.attempts})",
                 state=JobState.RUNNING,
-                claimed_by=worker_id,
-                lease_expires_at=now + timedelta(seconds=lease_s),
-                started_at=now,
-                updated_at=now,
-                finished_at=None,
-                reason=None,
-                output_dir=None,  # a new attempt never carries the previous attempt's outputs
-                summary=None,
-                attempts=Job.attempts + 1,
             )
-        ).rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
-        if claimed != 1:
-            return None
-        job = get_job(session, candidate)
-        session.refresh(job)
-        event_row(
-            session, job, EventKind.STATE, f"running on {worker_id} (attempt {job.attempts})", state=JobState.RUNNING
-        )
-        return candidate
+            return candidate
+        return None
 
 
 def add_event(
@@ -563,7 +599,8 @@ def release_job(
     The export rows are made from the outputs recorded at hold time
     (`summary["outputs"]`: sop uid, class uid, path), keeping those that
     `wants(destination, sop_class_uid)` accepts (the destinations' `objects`
-    filters; all when None). Returns their number.
+    filters; all when None). Returns their number. A result superseded meanwhile by a later
+    job is still released, with a warning event (`storage.outputs.newer_revisions`).
     """
     with db.session() as session:
         job = get_job(session, job_id)
@@ -579,6 +616,8 @@ def release_job(
             if wants is None or wants(dest, output[1])
         ]
         job.reason = None  # the hold's reason stays in the event history
+        if exports and (warning := newer_revisions(session, job_id, job.attempts)) is not None:
+            event_row(session, job, EventKind.LOG, f"warning: {warning}")
         _queue_exports(session, job, exports, f"released by {user}{_because(note)}; ")
         return len(exports)
 

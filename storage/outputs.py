@@ -10,6 +10,10 @@ Decisions:
   it is the last version a reader of that series may have seen. Its revision
   is the number of rows of that series so far.
 - Rows are kept when retention purges the files (the history stays).
+- Sending an attempt whose objects were superseded since (`jobs release` of a
+  held job after a later job delivered, `jobs export --attempt N` of an older
+  attempt) puts a lower revision after a higher one at the destination; it
+  is allowed (a person's decision) but warned about (`newer_revisions`).
 """
 
 from __future__ import annotations
@@ -104,3 +108,37 @@ def attempt_outputs(session: Session, job_id: int, attempt: int) -> list[tuple[s
         .order_by(Output.id)
     ).all()
     return [(sop, cls, path) for sop, cls, path in rows]
+
+
+def output_path(db: Database, sop_instance_uid: str) -> str | None:
+    """The path (relative to the data directory) of a written object, None if no row has it."""
+    with db.session() as session:
+        return session.scalar(select(Output.path).where(Output.sop_instance_uid == sop_instance_uid).limit(1))
+
+
+def newer_revisions(session: Session, job_id: int, attempt: int) -> str | None:
+    """A warning when objects of the job's `attempt` were superseded since (a later revision exists in
+    their output series): sending them now puts a lower revision after a higher one. None if current."""
+    mine = session.scalars(select(Output).where(Output.job_id == job_id, Output.attempt == attempt).order_by(Output.id))
+    found = []
+    for row in mine:
+        in_series = select(Output).where(Output.series_uid == row.series_uid)
+        newest = session.scalars(in_series.order_by(Output.id.desc()).limit(1)).one()
+        if newest.id == row.id:
+            continue
+        count = select(func.count()).select_from(Output).where(Output.series_uid == row.series_uid)
+        revision = session.scalar(count.where(Output.id <= row.id))
+        latest = session.scalar(count)
+        found.append(f"{row.kind} r{revision} < r{latest} (job {newest.job_id}, attempt {newest.attempt})")
+    if not found:
+        return None
+    return (
+        f"job {job_id} attempt {attempt} is not the newest result of its output series: {'; '.join(found)};"
+        " the destination receives a lower revision after a higher one (the newer job's result is newer)"
+    )
+
+
+def newer_revisions_of(db: Database, job_id: int, attempt: int) -> str | None:
+    """`newer_revisions` in a session of its own (the CLI prints it)."""
+    with db.session() as session:
+        return newer_revisions(session, job_id, attempt)

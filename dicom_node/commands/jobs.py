@@ -29,6 +29,7 @@ import getpass
 import json
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -38,6 +39,9 @@ from rich.table import Table
 from dicom_node.commands._common import ConfigOption, fail, job_store_or_exit, settings_or_exit
 
 jobs_app = typer.Typer(help="Follow, retry and re-export jobs.", no_args_is_help=True)
+if TYPE_CHECKING:
+    from storage.database import Database
+
 console = Console()
 
 
@@ -322,6 +326,7 @@ def export(
         raise fail(str(exc)) from None
     which = f"attempt {attempt}" if attempt is not None else f"attempt {job.attempts}, the latest"
     console.print(f"job {job_id}: {count} export(s) pending ({which}); the running service sends them")
+    _warn_if_superseded(db, job_id, attempt or job.attempts)
 
 
 UserOption = typer.Option(None, "--user", help="Who decides (recorded in the job's events; default: the OS login).")
@@ -338,16 +343,27 @@ def release(
 ) -> None:
     """Deliver a held job's outputs to its destinations (the running service sends them)."""
     from dicom_node.export_targets import ExportTargets
-    from storage.jobs import InvalidTransition, JobNotFound, release_job
+    from storage.jobs import InvalidTransition, JobNotFound, load_job, release_job
 
     settings = settings_or_exit(config)
+    db = job_store_or_exit(settings)
     try:
-        count = release_job(
-            job_store_or_exit(settings), job_id, _user(user), note, ExportTargets(settings.destinations).wants
-        )
+        count = release_job(db, job_id, _user(user), note, ExportTargets(settings.destinations).wants)
+        attempt = load_job(db, job_id).attempts
     except (JobNotFound, InvalidTransition) as exc:
         raise fail(str(exc)) from None
     console.print(f"job {job_id} released: {count} export(s) pending; the running service sends them")
+    if count:
+        _warn_if_superseded(db, job_id, attempt)
+
+
+def _warn_if_superseded(db: Database, job_id: int, attempt: int) -> None:
+    """Say so on stderr when what was just queued is older than a later result of its output series."""
+    from storage.outputs import newer_revisions_of
+
+    warning = newer_revisions_of(db, job_id, attempt)
+    if warning is not None:
+        Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 @jobs_app.command("cancel")

@@ -18,6 +18,7 @@ from storage.models import EventKind, JobState
 
 if TYPE_CHECKING:
     from dicom_node.service import NodeService
+    from storage.database import Database
 
 
 def available(job) -> list[str]:
@@ -48,10 +49,10 @@ def perform(service: NodeService, job_id: int, action: str, user: User, destinat
             count = resend(
                 db, job_id, destinations or None, outputs, ExportTargets(service.settings.destinations).wants
             )
-            done = f"{count} export(s) pending again"
+            done = f"{count} export(s) pending again" + _superseded(db, job_id)
         elif action == "release":
             count = jobs.release_job(db, job_id, user.name, wants=ExportTargets(service.settings.destinations).wants)
-            done = f"released: {count} export(s) pending"
+            done = f"released: {count} export(s) pending" + (_superseded(db, job_id) if count else "")
         elif action == "cancel":
             jobs.cancel_job(db, job_id, user.name)
             done = "cancelled"
@@ -63,3 +64,11 @@ def perform(service: NodeService, job_id: int, action: str, user: User, destinat
         raise HTTPException(404, str(exc)) from None
     except (jobs.InvalidTransition, ValueError) as exc:
         raise HTTPException(409, str(exc)) from None
+
+
+def _superseded(db: Database, job_id: int) -> str:
+    """ "; warning: ..." when the job's latest attempt was superseded by a later result (see `newer_revisions`)."""
+    from storage.outputs import newer_revisions_of
+
+    warning = newer_revisions_of(db, job_id, jobs.load_job(db, job_id).attempts)
+    return f"; warning: {warning}" if warning else ""

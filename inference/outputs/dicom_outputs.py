@@ -14,9 +14,10 @@ The one call the node's worker and `dicom-node infer --dicom` use. Decisions:
 - The RTSTRUCT is checked against what planning systems are known to reject
   (`tps_compat`) before anything is written; a problem raises `ValueError`.
 - Each kind goes into its stable output series (`supersession.output_series_uid`
-  of the source series and the model), with new SOP Instance UIDs on every run;
-  `predecessors` (the worker finds them in the job store) make a re-run's
-  objects name the ones they replace.
+  of the source series, the model and the installation), with new SOP Instance
+  UIDs on every run; `predecessors` (the worker finds them in the job store)
+  make a re-run's objects name the ones they replace. Without an installation
+  (`dicom-node infer --dicom`, no job store) each run gets new series UIDs.
 - The SEG is opt-in (``include_seg``): SPEC promises RTSTRUCT + SR to the
   destinations, and a TPS that does not accept Segmentation Storage would fail
   the export of the whole job.
@@ -38,6 +39,7 @@ from inference.outputs.sr import build_sr
 from inference.outputs.supersession import OUTPUT_KINDS, Predecessor, output_series_uid
 from inference.outputs.tps_compat import check_tps_compatible
 from inference.result import InferenceResult
+from inference.uids import new_uid
 from storage.instance_store import InvalidUIDError, validate_uid, write_durably
 
 log = structlog.get_logger(__name__)
@@ -54,10 +56,11 @@ class WrittenOutput:
     series_instance_uid: str
 
 
-def output_series_uids(result: InferenceResult) -> dict[str, str]:
-    """The output series of each kind for `result`'s source series and model (the same on every re-run)."""
+def output_series_uids(result: InferenceResult, installation: str) -> dict[str, str]:
+    """The output series of each kind for `result`'s source series and model on the installation
+    with store id `installation` (the same on every re-run there)."""
     source = str(result.series.datasets[0].SeriesInstanceUID)
-    return {kind: output_series_uid(source, result.model, kind) for kind in OUTPUT_KINDS}
+    return {kind: output_series_uid(source, result.model, kind, installation) for kind in OUTPUT_KINDS}
 
 
 def write_dicom_outputs(
@@ -67,6 +70,7 @@ def write_dicom_outputs(
     include_seg: bool = False,
     roi_name_prefix: str = "",
     predecessors: Mapping[str, Predecessor] | None = None,
+    installation: str | None = None,
 ) -> list[WrittenOutput]:
     """Build and write the RTSTRUCT and SEG (when there are lesions) and the SR of `result`.
 
@@ -83,6 +87,10 @@ def write_dicom_outputs(
     predecessors : mapping of str to Predecessor, or None
         By kind, the latest object already written in that kind's output series
         (`output_series_uids`): the new one supersedes it.
+    installation : str or None
+        The store id of the node's job store (`storage.store_identity`): the
+        output series are those of this installation. None (no job store):
+        new series UIDs, and no `predecessors` may be given.
 
     Returns
     -------
@@ -91,8 +99,13 @@ def write_dicom_outputs(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    series = output_series_uids(result)
     before = dict(predecessors or {})
+    if installation is None:
+        if before:
+            raise ValueError("predecessors: need the installation whose output series they belong to")
+        series = {kind: str(new_uid()) for kind in OUTPUT_KINDS}
+    else:
+        series = output_series_uids(result, installation)
     written, related = [], []
     if result.lesions:
         rtstruct = build_rtstruct(

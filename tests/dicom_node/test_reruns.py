@@ -22,11 +22,23 @@ from dicom_node.peers import ReceivingNode, free_port
 from dicom_node.worker import ModelRegistry, run_job
 from inference.model.package import MANIFEST_NAME
 from inference.plausibility import PlausibilityBounds
-from storage.jobs import RoutingOutcome, claim_next_job, complete_series, load_job
+from storage.jobs import (
+    RoutingOutcome,
+    cancel_job,
+    claim_next_job,
+    complete_series,
+    hold_outputs,
+    load_job,
+    record_outputs,
+    retry_job,
+)
 from storage.models import JobState
+from storage.outputs import WrittenObject, newer_revisions_of
 from tests.dicom_node.conftest import EXAMPLE_CONFIG, jobs_by_state, storescu, wait_for
 from tests.helpers.dciodvfy import ACCEPTED_WARNING, dciodvfy_messages
 from tests.helpers.models import make_tiny_package
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +164,94 @@ def test_retry_and_a_later_job_supersede_and_export_sends_only_the_latest_attemp
     finally:
         tps.stop()
         shutil.rmtree(tmp_path / "tps", ignore_errors=True)
+
+
+def package_without_bounds(folder: Path, **tiny: object) -> Path:
+    """A tiny package named like `delivering_model` (its re-runs share its output series), plausibility off."""
+    make_tiny_package(folder, name="rerun-test", **tiny)  # type: ignore[arg-type]
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    bounds = PlausibilityBounds().to_manifest()
+    manifest["plausibility"] = {key: None if key.startswith("max_") else value for key, value in bounds.items()}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+@pytest.mark.slow
+def test_a_rerun_without_lesions_is_held_while_the_earlier_rtstruct_stands(
+    start_node, mr_series, delivering_model, tmp_path
+) -> None:
+    """No RTSTRUCT can say "no lesion": the result is held for a physicist, who withdraws the old one at the TPS."""
+    empty = package_without_bounds(tmp_path / "empty", gtv_bias=-50.0)  # finds nothing
+    node = start_node()  # no workers: this test runs the worker's run_job itself
+    registry = ModelRegistry()
+    assert storescu(node.address[1], mr_series).returncode == 0
+    [job] = wait_for(lambda: jobs_by_state(node).get("queued"))
+
+    def run(job_id: int) -> JobState:
+        assert claim_next_job(node.db, "test:1:aa:worker-0") == job_id
+        run_job(job_id, node.db, node.store, registry, "cpu", "test:1:aa:worker-0", ExportTargets([]), 3)
+        return load_job(node.db, job_id).state
+
+    def later(model: Path) -> int:
+        return complete_series(node.db, job.series_id, RoutingOutcome("brain-mr", str(model), [], "test"))
+
+    cancel_job(node.db, job.id, "test")  # the node's own routing sends to a TPS: these jobs send nowhere
+    first = later(delivering_model)
+    assert run(first) == JobState.DONE  # r1: an RTSTRUCT with lesions
+    rois = len(pydicom.dcmread(next(node.store.root.glob(f"outputs/job-{first}/*/RTSTRUCT_*.dcm"))).ROIContourSequence)
+
+    second = later(empty)
+    assert run(second) == JobState.HELD
+    held = load_job(node.db, second)
+    assert held.reason is not None and held.reason.startswith(
+        f"held: re-run found no lesion where revision r1 had {rois} ROI(s); the earlier RTSTRUCT ("
+    )
+    assert "is not withdrawn automatically" in held.reason
+    assert [o[1] for o in held.summary["outputs"]] == ["1.2.840.10008.5.1.4.1.1.88.34"]  # the SR only
+
+    # Held once: the next re-run that finds nothing supersedes a result without an RTSTRUCT, so it is not held.
+    assert run(later(empty)) == JobState.DONE
+    # A lesion found again, then none: held again, naming the new revision.
+    assert run(later(delivering_model)) == JobState.DONE
+    fourth_empty = later(empty)
+    assert run(fourth_empty) == JobState.HELD
+    assert "where revision r2 had" in (load_job(node.db, fourth_empty).reason or "")
+
+
+@pytest.mark.slow
+def test_sending_a_superseded_result_warns_and_records_it(start_node, node_env, mr_series) -> None:
+    """`jobs release` of a held job overtaken by a later job, and `jobs export --attempt` of an older attempt,
+    send a lower revision after a higher one: allowed, but said on stderr and in the job's events."""
+    node = start_node()
+    assert storescu(node.address[1], mr_series).returncode == 0
+    [held_job] = wait_for(lambda: jobs_by_state(node).get("queued"))
+
+    def attempt_writes(job_id: int) -> tuple[list[WrittenObject], dict]:
+        assert claim_next_job(node.db, "test:1:aa:worker-0") == job_id
+        attempt = load_job(node.db, job_id).attempts
+        objects = [WrittenObject("SR", "2.25.4242", f"2.25.42{job_id}{attempt}", SR_CLASS, f"o/{job_id}/{attempt}")]
+        return objects, {"outputs": [(o.sop_instance_uid, o.sop_class_uid, o.path) for o in objects]}
+
+    objects, summary = attempt_writes(held_job.id)
+    hold_outputs(node.db, held_job.id, "o", summary, ["too many lesions"], objects=objects)  # r1, held
+    later = complete_series(node.db, held_job.series_id, RoutingOutcome("brain-mr", "default", [], "test"))
+    objects, summary = attempt_writes(later)
+    record_outputs(node.db, later, "o", summary, [], objects=objects)  # r2, done (sends nowhere)
+
+    released = cli(node_env, "jobs", "release", str(held_job.id), "--user", "physicist")
+    assert released.returncode == 0, released.stderr
+    warning = f"job {held_job.id} attempt 1 is not the newest result of its output series: SR r1 < r2 (job {later},"
+    assert warning in " ".join(released.stderr.split()) and "lower revision after a higher one" in released.stderr
+    assert any(e.message.startswith(f"warning: {warning}") for e in load_job(node.db, held_job.id).events)
+
+    retry_job(node.db, later)
+    objects, summary = attempt_writes(later)
+    record_outputs(node.db, later, "o", summary, [], objects=objects)  # r3 by attempt 2
+    assert newer_revisions_of(node.db, later, 2) is None  # the newest: sending it warns about nothing
+    older = cli(node_env, "jobs", "export", str(later), "--attempt", "1", "--to", "tps")
+    assert older.returncode == 0, older.stderr
+    assert (
+        f"job {later} attempt 1 is not the newest result of its output series: SR r2 < r3 (job {later}, attempt 2)"
+        in (" ".join(older.stderr.split()))
+    )
+    assert sum(e.message.startswith("warning: ") for e in load_job(node.db, later).events) == 1

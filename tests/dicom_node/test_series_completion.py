@@ -233,3 +233,59 @@ def test_an_aborted_association_needs_a_count_to_be_routed_early(node, watcher, 
     job = load_job(node.db, late_job)
     assert job.series_uid == series_uid(uncounted) and job.state == JobState.QUEUED
     assert any(e.kind == EventKind.LOG and e.message.startswith("completeness: 6 instances") for e in job.events)
+
+
+def test_a_correction_resent_on_an_open_association_holds_its_series(start_node, clock, mr_series, tmp_path):
+    """A `replace` re-send (outcome conflict) is a delivery too: its series waits while the association is open."""
+    node = start_node(DICOM_NODE__SERIES__QUIET_PERIOD_S="600", DICOM_NODE__STORAGE__CONFLICT_POLICY="replace")
+    watcher = SeriesWatcher(
+        node.db, node.store, node.watcher.rules, SHORT_S, LONG_S, node.scp.tracker.deliveries, clock=clock
+    )
+    uid = series_uid(mr_series)
+    assert storescu(node.address[1], mr_series).returncode == 0
+    clock.set(delivered(node, uid), SHORT_S)
+    [first] = watcher.check_once()
+
+    corrected = []
+    for path in mr_series:
+        ds = pydicom.dcmread(path)
+        ds.PatientName = "Corrected^Name"
+        corrected.append(tmp_path / path.name)
+        ds.save_as(corrected[-1], enforce_file_format=True)
+    assoc = send_and_hold(node.address[1], corrected)  # every instance a conflict, replaced
+    try:
+        assert node.scp.tracker.deliveries.state(uid).open_associations == 1
+        last = last_instance(node, uid)
+        clock.set(last, 60)
+        assert watcher.check_once() == []  # long past the short quiet period, but still being delivered
+    finally:
+        assoc.release()
+    clock.set(delivered(node, uid), SHORT_S)
+    [second] = watcher.check_once()
+    assert second != first and load_job(node.db, second).state == JobState.QUEUED
+
+
+def test_a_correction_that_moves_a_slice_without_changing_the_count_is_assessed_again(
+    start_node, clock, mr_series, tmp_path
+):
+    """The verdict is read again after a `replace`, even when the instance count stays the same."""
+    node = start_node(DICOM_NODE__SERIES__QUIET_PERIOD_S="600", DICOM_NODE__STORAGE__CONFLICT_POLICY="replace")
+    watcher = SeriesWatcher(
+        node.db, node.store, node.watcher.rules, SHORT_S, LONG_S, node.scp.tracker.deliveries, clock=clock
+    )
+    uid = series_uid(mr_series)
+    assert storescu(node.address[1], mr_series[:5] + mr_series[6:11]).returncode == 0  # slice 6 missing: a gap
+    clock.set(delivered(node, uid), 60)
+    assert watcher.check_once() == []  # waiting for the gap
+
+    # The sender corrects its last slice: it was meant to be the missing one (same SOP Instance UID, new position).
+    moved = pydicom.dcmread(mr_series[5])
+    last = pydicom.dcmread(mr_series[10], stop_before_pixels=True)
+    moved.SOPInstanceUID = moved.file_meta.MediaStorageSOPInstanceUID = last.SOPInstanceUID
+    moved.save_as(tmp_path / "moved.dcm", enforce_file_format=True)
+    assert storescu(node.address[1], [tmp_path / "moved.dcm"]).returncode == 0
+    clock.set(delivered(node, uid), SHORT_S)
+    [job_id] = watcher.check_once()
+    job = load_job(node.db, job_id)
+    assert job.state == JobState.QUEUED and job.instance_count == 10
+    assert any(e.message.startswith("completeness: 10 instances") and "no gap" in e.message for e in job.events)

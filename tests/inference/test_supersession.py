@@ -14,7 +14,7 @@ import pytest
 
 from inference.outputs.dicom_outputs import output_series_uids, write_dicom_outputs
 from inference.outputs.notice import structure_set_label
-from inference.outputs.supersession import OUTPUT_KINDS, Predecessor, output_series_uid
+from inference.outputs.supersession import OUTPUT_KINDS, Predecessor, output_series_uid, unwithdrawn_rtstruct
 from inference.result import ModelIdentity
 from storage.instance_store import validate_uid
 from tests.helpers.dciodvfy import ACCEPTED_WARNING
@@ -35,19 +35,38 @@ def lesion_labels() -> np.ndarray:
     return labels
 
 
-def test_the_output_series_uid_is_stable_per_source_series_model_and_kind() -> None:
-    uid = output_series_uid("1.2.3.4", MODEL, "SR")
-    assert uid == output_series_uid("1.2.3.4", ModelIdentity("mtsa-net", "1.2.0", False), "SR")
+NODE = "3f0c9b1e5d2a4c7f8e6b1a2d3c4e5f60"  # a store id (`storage.store_identity`)
+
+
+def test_the_output_series_uid_is_stable_per_installation_source_series_model_and_kind() -> None:
+    uid = output_series_uid("1.2.3.4", MODEL, "SR", NODE)
+    assert uid == output_series_uid("1.2.3.4", ModelIdentity("mtsa-net", "1.2.0", False), "SR", NODE)
     assert validate_uid(uid, "output series") == uid
     others = {
-        output_series_uid("1.2.3.5", MODEL, "SR"),
-        output_series_uid("1.2.3.4", ModelIdentity("mtsa-net", "1.3.0", False), "SR"),
-        output_series_uid("1.2.3.4", ModelIdentity("other-net", "1.2.0", False), "SR"),
-        *(output_series_uid("1.2.3.4", MODEL, kind) for kind in OUTPUT_KINDS),
+        output_series_uid("1.2.3.5", MODEL, "SR", NODE),
+        output_series_uid("1.2.3.4", ModelIdentity("mtsa-net", "1.3.0", False), "SR", NODE),
+        output_series_uid("1.2.3.4", ModelIdentity("other-net", "1.2.0", False), "SR", NODE),
+        output_series_uid("1.2.3.4", MODEL, "SR", "another-node-store-id"),  # validation beside production
+        *(output_series_uid("1.2.3.4", MODEL, kind, NODE) for kind in OUTPUT_KINDS),
     }
-    assert len(others) == 3 + len(OUTPUT_KINDS)
+    assert len(others) == 4 + len(OUTPUT_KINDS) and uid in others
     with pytest.raises(ValueError, match="kind"):
-        output_series_uid("1.2.3.4", MODEL, "PDF")
+        output_series_uid("1.2.3.4", MODEL, "PDF", NODE)
+    with pytest.raises(ValueError, match="installation"):
+        output_series_uid("1.2.3.4", MODEL, "SR", "")
+
+
+def test_two_installations_write_the_same_series_into_different_output_series(
+    series, tmp_path: Path, result_on
+) -> None:
+    result = result_on(series, lesion_labels(), model=MODEL)
+    production = write_dicom_outputs(result, tmp_path / "production", installation=NODE)
+    validation = write_dicom_outputs(result, tmp_path / "validation", installation="another-node-store-id")
+    offline = [write_dicom_outputs(result, tmp_path / f"offline-{n}") for n in range(2)]  # `infer --dicom`
+    by_writer = [{o.kind: o.series_instance_uid for o in written} for written in (production, validation, *offline)]
+    for kind in ("RTSTRUCT", "SR"):
+        assert len({series_uids[kind] for series_uids in by_writer}) == 4, kind
+    assert by_writer[0] == {k: v for k, v in output_series_uids(result, NODE).items() if k != "SEG"}
 
 
 def test_the_label_keeps_16_characters_with_the_revision() -> None:
@@ -63,8 +82,8 @@ def test_a_rerun_goes_to_the_same_series_with_new_instances_and_names_what_it_re
     series, tmp_path: Path, result_on, dciodvfy
 ) -> None:
     result = result_on(series, lesion_labels(), model=MODEL)
-    first = write_dicom_outputs(result, tmp_path / "attempt-1", include_seg=True)
-    expected = output_series_uids(result)
+    first = write_dicom_outputs(result, tmp_path / "attempt-1", include_seg=True, installation=NODE)
+    expected = output_series_uids(result, NODE)
     assert {o.kind: o.series_instance_uid for o in first} == expected
     written_at = datetime(2026, 11, 30, 14, 5, 6, tzinfo=UTC)
     predecessors = {
@@ -80,7 +99,9 @@ def test_a_rerun_goes_to_the_same_series_with_new_instances_and_names_what_it_re
         )
         for o in first
     }
-    second = write_dicom_outputs(result, tmp_path / "attempt-2", include_seg=True, predecessors=predecessors)
+    second = write_dicom_outputs(
+        result, tmp_path / "attempt-2", include_seg=True, predecessors=predecessors, installation=NODE
+    )
 
     old = {o.kind: pydicom.dcmread(o.path) for o in first}
     new = {o.kind: pydicom.dcmread(o.path) for o in second}
@@ -111,3 +132,19 @@ def test_a_rerun_goes_to_the_same_series_with_new_instances_and_names_what_it_re
         errors, warnings = dciodvfy(output.path)
         assert errors == [], (output.kind, errors)
         assert all(ACCEPTED_WARNING in warning for warning in warnings), (output.kind, warnings)
+
+
+def test_a_result_without_lesions_is_held_only_when_it_supersedes_one_that_sent_an_rtstruct() -> None:
+    def before(kind: str, job_id: int, revision: int) -> Predecessor:
+        when = datetime(2026, 11, 30, tzinfo=UTC)
+        return Predecessor("1.2", f"2.25.{kind == 'SR'}", "1.2.3", f"2.25.9{job_id}", when, job_id, 1, revision)
+
+    with_rtstruct = {"RTSTRUCT": before("RTSTRUCT", 4, 2), "SR": before("SR", 4, 2)}
+    reason = unwithdrawn_rtstruct(0, with_rtstruct, 3)
+    assert reason is not None and reason.startswith("re-run found no lesion where revision r2 had 3 ROI(s);")
+    assert "(2.25.94) at the TPS is not withdrawn automatically" in reason
+    assert "had an RTSTRUCT;" in (unwithdrawn_rtstruct(0, with_rtstruct, None) or "")  # its file purged
+    assert unwithdrawn_rtstruct(2, with_rtstruct, 3) is None  # lesions: the new RTSTRUCT supersedes it
+    assert unwithdrawn_rtstruct(0, {"SR": before("SR", 4, 1)}, None) is None  # never an RTSTRUCT
+    after_held_empty = {"RTSTRUCT": before("RTSTRUCT", 4, 2), "SR": before("SR", 5, 3)}
+    assert unwithdrawn_rtstruct(0, after_held_empty, 3) is None  # decided when that empty result was held

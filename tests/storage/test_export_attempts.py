@@ -15,7 +15,7 @@ from storage.database import Database, make_engine
 from storage.exports import RetryPolicy, record_attempt, resend
 from storage.jobs import RoutingOutcome, claim_next_job, complete_series, load_job, record_outputs, retry_job
 from storage.models import ExportState, JobState, Series, Study
-from storage.outputs import WrittenObject, latest_in_series
+from storage.outputs import WrittenObject, latest_in_series, newer_revisions_of
 from storage.schema import _config
 
 POLICY = RetryPolicy(initial_s=1, max_interval_s=1, give_up_after_s=3600)
@@ -121,6 +121,25 @@ def test_the_latest_output_of_a_series_is_what_a_rerun_supersedes(db) -> None:
     sr = latest[SERIES["SR"]]
     assert (sr.sop_instance_uid, sr.attempt, sr.job_id, sr.revision) == (second[1].sop_instance_uid, 2, job_id, 2)
     assert sr.study_uid == "1.2.3" and sr.sop_class_uid == SR
+
+
+def test_resending_a_superseded_attempt_records_a_warning_naming_the_newer_revision(db) -> None:
+    job_id = queued_job(db)
+    run_attempt(db, job_id)
+    settle_all(db, job_id, delivered=True)
+    retry_job(db, job_id)
+    run_attempt(db, job_id)
+    settle_all(db, job_id, delivered=True)
+    assert newer_revisions_of(db, job_id, 2) is None
+    resend(db, job_id)  # the newest: no warning
+    settle_all(db, job_id, delivered=True)
+    assert not [e for e in load_job(db, job_id).events if e.message.startswith("warning:")]
+    resend(db, job_id, attempt=1)
+    [warning] = [e.message for e in load_job(db, job_id).events if e.message.startswith("warning:")]
+    assert warning.startswith(
+        f"warning: job {job_id} attempt 1 is not the newest result of its output series: "
+        f"RTSTRUCT r1 < r2 (job {job_id}, attempt 2); SR r1 < r2 (job {job_id}, attempt 2);"
+    )
 
 
 def test_the_upgrade_gives_old_export_rows_the_attempt_of_their_path(tmp_path: Path) -> None:
