@@ -358,7 +358,7 @@ def test_2000_slice_series_is_stored_completely_and_its_job_ends_clearly(
 ):
     """2000 slices of 8x8, sent by four storescu processes at once (as a PACS pushing with
     parallel associations): all 2000 stored, one series, one job, and the job ends done or
-    failed with a readable reason. The quiet period is 5 s here (production default 30 s):
+    failed with a readable reason. The quiet period is 5 s here (the production default, counted from the association's end):
     the tests' 0.5 s is shorter than a pause of a loaded 2-core machine, and a series
     evaluated early gets a second job by design."""
     config = tmp_path / "node.toml"
