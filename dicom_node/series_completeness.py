@@ -57,6 +57,8 @@ COMPLETENESS_KEYWORDS = (
     "NumberOfTemporalPositions",
     "TemporalPositionIdentifier",
     "CardiacNumberOfImages",
+    "Rows",
+    "Columns",
 )
 # A step between slice positions larger than this times the median step is a gap.
 GAP_FACTOR = 1.5
@@ -86,6 +88,7 @@ class SliceHeader:
     instance_number: int | None = None
     position: tuple[float, float, float] | None = None
     orientation: tuple[float, float, float, float, float, float] | None = None
+    matrix: tuple[int | None, int | None] = (None, None)  # Rows, Columns
     images_in_acquisition: int | None = None
     acquisition_number: int | None = None
     temporal_positions: int | None = None
@@ -127,6 +130,7 @@ def read_slice_header(path: Path) -> SliceHeader:
         instance_number=_int(ds, "InstanceNumber"),
         position=_floats(ds, "ImagePositionPatient", 3),  # type: ignore[arg-type]
         orientation=_floats(ds, "ImageOrientationPatient", 6),  # type: ignore[arg-type]
+        matrix=(_int(ds, "Rows"), _int(ds, "Columns")),
         images_in_acquisition=_int(ds, "ImagesInAcquisition"),
         acquisition_number=_int(ds, "AcquisitionNumber"),
         temporal_positions=_int(ds, "NumberOfTemporalPositions"),
@@ -222,7 +226,7 @@ def _cardiac(headers: Sequence[SliceHeader]) -> str | None:
 def _positions(headers: Sequence[SliceHeader]) -> tuple[str | None, str | None]:
     """(gaps inside the extent of the slice positions, evidence); nothing without usable positions."""
     normal = _normal(headers)
-    if normal is None:
+    if normal is None or len({h.matrix for h in headers}) > 1:  # mixed matrices: the engine names that fault
         return None, None
     locations = sorted({_location(h, normal) for h in headers})
     if len(locations) < 3:

@@ -32,9 +32,11 @@ SCP sharing the job store) does not see the associations: the quiet period
 counts from the last instance.
 
 Start-up: a series whose last instance reached a previous run of the process
-counts its quiet period from this run's start (its association's end was
-not seen), so a series whose sender was still sending across a restart is
-not cut in two.
+is treated like one whose association was aborted (the stop or crash cut
+it, and the sender may resume): it is routed before the long period only
+when a count shows it whole, and its quiet periods count from this run's
+start. So a series whose sender was still sending across a restart is not
+cut in two, even when the sender takes a while to resume.
 
 Each series is decided in isolation: a header that cannot be read or routed
 (e.g. a malformed value in an attribute a rule matches on) fails that
@@ -165,8 +167,13 @@ class SeriesWatcher:
                 completeness=described,
             )
         # Nothing seen missing. After an association that ended without A-RELEASE, only a met count routes
-        # it before the long period; with no association seen (another process's SCP), the timing is all there is.
-        clean = delivery is None or delivery.released
+        # it before the long period; so too for a series last fed before this process started (its
+        # association was cut by the stop or crash: the sender may resume). With no association seen
+        # since (another process's SCP), the timing is all there is.
+        if delivery is None:
+            clean = series.last_received_at >= self.listening_since
+        else:
+            clean = delivery.released
         if not (clean or completeness.confirmed or final):
             return None
         return replace(outcome, completeness=described)

@@ -162,3 +162,14 @@ def test_read_slice_header_reads_vendor_counts_only_under_their_private_creator(
     assert philips.vendor_locations == ("Philips NumberOfSlicesMR", 60)
     other = read_slice_header(saved("other.dcm", 0x0021, "NOT GE", 0x4F, "SS", 176))
     assert other.vendor_locations is None
+
+
+def test_two_matrices_under_one_series_uid_are_left_to_the_engine():
+    """Interleaved positions of two acquisitions look like gaps; the engine fails such a series
+    naming the mixed matrices, so completeness gives no gap verdict (and no long wait)."""
+    normal = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    first = [SliceHeader(position=(0.0, 0.0, 4.0 * k), orientation=normal, matrix=(64, 64)) for k in range(6)]
+    second = [SliceHeader(position=(0.0, 0.0, 1.0 + 9.0 * k), orientation=normal, matrix=(96, 96)) for k in range(6)]
+    verdict = assess(first + second)
+    assert not verdict.incomplete, verdict.missing
+    assert assess(first[:2] + first[4:]).incomplete  # one matrix: the same gap is seen

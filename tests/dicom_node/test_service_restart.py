@@ -40,3 +40,23 @@ def test_nothing_is_routed_during_the_first_quiet_period_after_start(start_node,
     assert fresh.check_once() == []
     clock.advance(0.1)
     assert len(fresh.check_once()) == 1
+
+
+def test_a_series_fed_before_the_restart_waits_like_an_aborted_one(start_node, mr_series):
+    """Its association was cut by the stop: the sender may resume, so the short period is not enough
+    (the phantom's headers carry no count that could show it whole)."""
+    node = start_node(DICOM_NODE__SERIES__QUIET_PERIOD_S="600")  # its own watcher never routes here
+    assert storescu(node.address[1], mr_series).returncode == 0
+    with node.db.session() as session:
+        last_received = session.scalars(select(Series.last_received_at)).one()
+    clock = FakeClock(last_received)
+    clock.advance(3600)
+    fresh = SeriesWatcher(
+        node.db, node.store, node.watcher.rules, quiet_period_s=5, partial_quiet_period_s=120, clock=clock
+    )
+    clock.advance(5)
+    assert fresh.check_once() == []  # the short period after the restart is not enough
+    clock.advance(114.9)
+    assert fresh.check_once() == []
+    clock.advance(0.1)
+    assert len(fresh.check_once()) == 1  # the long period, counted from the restart
