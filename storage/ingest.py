@@ -49,7 +49,7 @@ import weakref
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import Connection, Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -189,14 +189,21 @@ _SERIES_STATE = select(_SERIES.c.id, _SERIES.c.evaluated_at, _SERIES.c.last_rece
 _INSERT_INSTANCE = insert(_INSTANCES)
 # Counted in SQL: stores into one series over parallel associations read the
 # row before their write transaction starts; `+= 1` in Python lost updates.
+_NOW = bindparam("now", type_=_SERIES.c.last_received_at.type)
+# Only while the series is still open: an evaluation committed after the state was read (the
+# watcher, between our SELECT and the write lock) leaves the row to the job path (a new delivery).
 _COUNT_INSTANCE = (
     update(_SERIES)
-    .where(_SERIES.c.id == bindparam("series_id"))
-    .values(
-        instance_count=_SERIES.c.instance_count + 1,
-        last_received_at=bindparam("now", type_=_SERIES.c.last_received_at.type),
+    .where(
+        _SERIES.c.id == bindparam("series_id"),
+        or_(_SERIES.c.evaluated_at.is_(None), _SERIES.c.evaluated_at < _NOW),
     )
+    .values(instance_count=_SERIES.c.instance_count + 1, last_received_at=_NOW)
 )
+
+
+class _EvaluatedMeanwhile(Exception):
+    """The series was evaluated between reading its state and writing the row: take the job path."""
 
 
 def _commit_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:
@@ -258,6 +265,8 @@ class GroupCommit:
             if len(batch) > 1:
                 for row in batch:
                     self._run(db, [row])
+            elif isinstance(exc, _EvaluatedMeanwhile):  # nothing was written: the job path stores it
+                batch[0].inserted, batch[0].done = False, True
             else:
                 batch[0].error, batch[0].done = exc, True
             return
@@ -307,7 +316,8 @@ def _insert_into_open_series(connection: Connection, row: _PendingRow) -> bool:
             "received_at": now,
         },
     )
-    connection.execute(_COUNT_INSTANCE, {"series_id": series.id, "now": now})
+    if connection.execute(_COUNT_INSTANCE, {"series_id": series.id, "now": now}).rowcount != 1:
+        raise _EvaluatedMeanwhile(meta.series_uid)  # rolls the batch back; its rows are retried one by one
     return True
 
 

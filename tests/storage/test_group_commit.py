@@ -108,3 +108,39 @@ def test_a_failing_row_fails_alone(job_store_url: str, tmp_path: Path):
         stored = session.scalar(select(func.count()).select_from(Instance))
         assert session.scalar(select(Series.instance_count)) == stored
     db.dispose()
+
+
+def test_an_evaluation_between_reading_the_series_and_writing_the_row_opens_a_new_delivery(
+    job_store_url: str, tmp_path: Path, monkeypatch
+):
+    """The watcher evaluates the series after the fast path read it as open but before its row is
+    written: the row must not be counted into the evaluated delivery (it would never be routed)."""
+    import storage.ingest as ingest
+    from storage.jobs import RoutingOutcome, complete_series
+    from storage.models import Job, JobState, utcnow
+
+    db = Database(job_store_url)
+    store = InstanceStore(tmp_path / "data")
+    assert store_instance(db, store, meta(0), b"first: opens the series and its job") is StoreOutcome.STORED
+    with db.session() as session:
+        series_id = session.scalars(select(Series.id)).one()
+    real_now, raced = ingest.utcnow, []
+
+    def now_then_evaluate():  # the fast path's timestamp, then the watcher commits its evaluation
+        stamp = real_now()
+        if not raced:
+            raced.append(stamp)
+            time.sleep(0.01)
+            complete_series(db, series_id, RoutingOutcome(None, None, [], "no rule matched"))
+        return stamp
+
+    monkeypatch.setattr(ingest, "utcnow", now_then_evaluate)
+    assert store_instance(db, store, meta(1), b"second, during the evaluation") is StoreOutcome.STORED
+    assert raced  # the race was staged
+    with db.session() as session:
+        series = session.get(Series, series_id)
+        assert series.instance_count == 2
+        assert series.evaluated_at < series.last_received_at  # a new delivery the watcher will route
+        states = sorted(j.state.value for j in session.scalars(select(Job)))
+    assert states == sorted([JobState.REJECTED.value, JobState.RECEIVED.value]), states
+    assert utcnow() >= series.last_received_at
