@@ -42,6 +42,10 @@ def check_models(rules: Sequence[RoutingRule], registry: ModelRegistry) -> list[
             package = registry.get(name)
         except ModelPackageError as exc:
             raise StartupCheckFailed(f'rule "{rule_name}" (model = "{name}"): {exc}') from None
+        except (OSError, KeyError, TypeError, AttributeError, ValueError) as exc:  # unreadable files, odd manifest
+            raise StartupCheckFailed(
+                f'rule "{rule_name}" (model = "{name}"): the package cannot be read: {type(exc).__name__}: {exc}'
+            ) from None
         verified.append(package.identity.display)
     return verified
 

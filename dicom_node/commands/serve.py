@@ -29,8 +29,9 @@ def serve(config: Path | None = ConfigOption) -> None:
     except Exception as exc:  # e.g. database URL unreachable, data dir not writable
         raise fail(f"cannot start: {exc}") from None
     try:
+        # A receive-only serve (no local workers) never runs a model: its packages may live on the GPU hosts only.
         devices = [check_device(settings.worker.device, "[worker] device")] if settings.worker.count else []
-        models = check_models(settings.rules, service.registry)
+        models = check_models(settings.rules, service.registry) if settings.worker.count else []
     except StartupCheckFailed as exc:
         service.db.dispose()
         raise fail(f"cannot start: {exc}") from None

@@ -111,3 +111,15 @@ def test_an_unreachable_job_store_is_one_line_with_the_password_masked(tmp_path:
     assert f"cannot reach the job store postgresql+psycopg://dicom_node:***@127.0.0.1:{port}/dicom_node:" in line
     assert "refused" in line.lower()
     assert "s3cr3t-pw" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=IDS)
+def test_a_model_package_with_a_malformed_manifest_is_one_line_not_a_traceback(
+    tmp_path: Path, command: list[str]
+) -> None:
+    folder = make_tiny_package(tmp_path / "odd-model")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest["thresholds"] = [0.5]  # a list where the loader expects a table
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    line = one_line(run(command, config(tmp_path, model=str(folder))))
+    assert f'cannot start: rule "brain-mr" (model = "{folder}")' in line, line
