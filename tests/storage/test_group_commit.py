@@ -29,6 +29,23 @@ def meta(k: int) -> InstanceMeta:
     return InstanceMeta(f"1.2.826.0.1.9.1.{k}", MR, STUDY, SERIES, EXPLICIT_LE, patient_id="GROUP")
 
 
+def separately_locked(count: int, besides: tuple[str, ...] = ()) -> list[int]:
+    """`count` instance numbers k > 0 whose SOP UIDs fall on different stripes of the per-UID lock
+    (str hashes vary per process): two on one stripe would queue one behind the other, not both."""
+    import storage.ingest as ingest
+
+    chosen: list[int] = []
+    stripes = {hash(uid) % len(ingest._LOCKS) for uid in besides}
+    k = 0
+    while len(chosen) < count:
+        k += 1
+        stripe = hash(meta(k).sop_instance_uid) % len(ingest._LOCKS)
+        if stripe not in stripes:
+            stripes.add(stripe)
+            chosen.append(k)
+    return chosen
+
+
 def committed_rows(url: str) -> int:
     """Instance rows another connection sees: only committed ones."""
     engine = create_engine(url)
@@ -48,7 +65,7 @@ def test_concurrent_rows_share_one_transaction_and_none_is_reported_before_it(jo
     outcomes: dict[int, StoreOutcome] = {}
     senders = [
         threading.Thread(target=lambda k=k: outcomes.__setitem__(k, store_instance(db, store, meta(k), b"%d" % k)))
-        for k in range(1, 5)
+        for k in separately_locked(4)
     ]
     with group._commit_lock:  # a commit in progress: the four C-STOREs queue behind it
         for sender in senders:
@@ -63,7 +80,7 @@ def test_concurrent_rows_share_one_transaction_and_none_is_reported_before_it(jo
         assert committed_rows(job_store_url) == 1
     for sender in senders:
         sender.join(60)
-    assert outcomes == {k: StoreOutcome.STORED for k in range(1, 5)}
+    assert outcomes == {k: StoreOutcome.STORED for k in separately_locked(4)}
     assert group.transactions == transactions_before + 1  # the four rows, one commit
     assert committed_rows(job_store_url) == 5
     with db.session() as session:
@@ -88,7 +105,8 @@ def test_a_failing_row_fails_alone(job_store_url: str, tmp_path: Path):
         except Exception as exc:
             results[k] = exc
 
-    senders = [threading.Thread(target=send, args=(k, meta(k))) for k in (1, 2)]
+    one, two = separately_locked(2, besides=(too_long.sop_instance_uid,))
+    senders = [threading.Thread(target=send, args=(k, meta(k))) for k in (one, two)]
     senders.append(threading.Thread(target=send, args=(3, too_long)))
     with group._commit_lock:
         for sender in senders:
@@ -99,9 +117,9 @@ def test_a_failing_row_fails_alone(job_store_url: str, tmp_path: Path):
     for sender in senders:
         sender.join(60)
     if db.engine.dialect.name == "sqlite":  # SQLite does not enforce VARCHAR lengths: all three stored
-        assert results == {1: StoreOutcome.STORED, 2: StoreOutcome.STORED, 3: StoreOutcome.STORED}
+        assert results == {one: StoreOutcome.STORED, two: StoreOutcome.STORED, 3: StoreOutcome.STORED}
     else:
-        assert results[1] is StoreOutcome.STORED and results[2] is StoreOutcome.STORED
+        assert results[one] is StoreOutcome.STORED and results[two] is StoreOutcome.STORED
         assert isinstance(results[3], Exception)
         assert not store.absolute(store.instance_path(STUDY, SERIES, too_long.sop_instance_uid)).exists()
     with db.session() as session:
