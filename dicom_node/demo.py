@@ -12,6 +12,8 @@ TPS*, not from the node's internal mask, so it shows what the TPS imports.
 from __future__ import annotations
 
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,8 +197,10 @@ def run_demo(
 
 
 def _wait_for_ctrl_c() -> None:
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+    """Until SIGINT (Ctrl-C) or SIGTERM. The handlers are installed here, because a process can
+    inherit SIGINT as ignored (started in the background by a shell, or by a test runner's worker)."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(3600):
         pass
