@@ -321,6 +321,21 @@ def _insert_into_open_series(connection: Connection, row: _PendingRow) -> bool:
     return True
 
 
+def instance_row(meta: InstanceMeta, series: Series, relative: str, digest: str, size: int) -> Instance:
+    """The ORM row of one stored instance file (the receive path and `store reindex` both build it here)."""
+    return Instance(
+        sop_instance_uid=meta.sop_instance_uid,
+        sop_class_uid=meta.sop_class_uid,
+        series=series,
+        transfer_syntax_uid=meta.transfer_syntax_uid,
+        path=relative,
+        sha256=digest,
+        size_bytes=size,
+        calling_ae_title=meta.calling_ae_title,
+        source_address=meta.source_address,
+    )
+
+
 def _commit_row_opening_job(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:
     """Insert the first instance row of a series or delivery, with its job; retry once if
     another thread created the study/series."""
@@ -333,19 +348,7 @@ def _commit_row_opening_job(db: Database, meta: InstanceMeta, relative: str, dig
                 ):  # first instance of the series, or of a new delivery after evaluation
                     session.flush()
                     open_job_on_first_instance(session, series, meta.study_uid, meta.patient_id)
-                session.add(
-                    Instance(
-                        sop_instance_uid=meta.sop_instance_uid,
-                        sop_class_uid=meta.sop_class_uid,
-                        series=series,
-                        transfer_syntax_uid=meta.transfer_syntax_uid,
-                        path=relative,
-                        sha256=digest,
-                        size_bytes=size,
-                        calling_ae_title=meta.calling_ae_title,
-                        source_address=meta.source_address,
-                    )
-                )
+                session.add(instance_row(meta, series, relative, digest, size))
                 session.flush()  # the series row exists, so the count below is an UPDATE
                 # Counted in SQL: stores into one series over parallel associations read
                 # the row before their write transaction starts; `+= 1` lost updates.

@@ -42,7 +42,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.database import Database
-from storage.ingest import InstanceMeta, _commit_row, _get_or_create_series, _restore_row
+from storage.ingest import InstanceMeta, _commit_row, _get_or_create_series, _restore_row, instance_row
 from storage.instance_store import InstanceStore, sha256_file
 from storage.models import Instance, Job, JobState, Series, utcnow
 from storage.store_identity import StoreMismatchError, bind, database_store_id, file_store_id
@@ -148,17 +148,7 @@ def _add_row_evaluated(db: Database, meta: InstanceMeta, relative: str, digest: 
             series = _get_or_create_series(session, meta)
             now = utcnow()
             if existing is None:
-                session.add(
-                    Instance(
-                        sop_instance_uid=meta.sop_instance_uid,
-                        sop_class_uid=meta.sop_class_uid,
-                        series=series,
-                        transfer_syntax_uid=meta.transfer_syntax_uid,
-                        path=relative,
-                        sha256=digest,
-                        size_bytes=size,
-                    )
-                )
+                session.add(instance_row(meta, series, relative, digest, size))
                 session.flush()
                 series.instance_count = Series.instance_count + 1
             else:  # purged, its file back
