@@ -223,8 +223,8 @@ def rss_across_series(folder: Path, files: list[Path]) -> dict[str, float]:
 def exporter_vs_storescu(work: Path, series_file: Path, repeats: int) -> dict[str, object]:
     """Seconds to deliver one job's RTSTRUCT + SR: the node's Exporter vs DCMTK storescu (median)."""
     import pydicom
+    from writers import in_memory_series, result_with_lesions  # bench/ is the script's directory
 
-    from bench.writers import in_memory_series, result_with_lesions
     from dicom_node.export_targets import ExportTargets
     from dicom_node.exporter import Exporter
     from dicom_node.settings import Destination, ExportSettings
@@ -290,7 +290,13 @@ def main() -> None:
     parser.add_argument("--matrix", type=int, default=512)
     parser.add_argument("--slices", type=int, default=176)
     parser.add_argument("--rss-instances", type=int, default=1000, help="small instances for the RSS run (0: skip)")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these receivers (node always)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="run only the receivers whose name contains one of these words (the node, and the baseline "
+        "when given, always run)",
+    )
     parser.add_argument("--baseline", type=Path, help="a source tree of the node to compare with (module doc)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
@@ -317,7 +323,12 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, object]:
         print("Orthanc not installed (Debian package 'orthanc'): skipped", file=sys.stderr)
     receivers |= {"bare pynetdicom SCP": bare, "DCMTK storescp": storescp}
     if args.only:
-        receivers = {name: start for name, start in receivers.items() if name == "node" or name in args.only}
+        wanted = [word.lower() for word in args.only]  # a word of the name is enough: --only bare orthanc
+        receivers = {
+            name: start
+            for name, start in receivers.items()
+            if name.startswith("node") or any(word in name.lower() for word in wanted)
+        }
 
     one: dict[str, list[Run]] = {name: [] for name in receivers}
     for repeat in range(args.repeats):

@@ -38,7 +38,9 @@ count it in SQL: `_insert_into_open_series`), and the rows of concurrent
 C-STOREs share one transaction, so one WAL flush (`GroupCommit`); each is
 acknowledged only after that commit. The ORM path with its job bookkeeping
 runs only for the first instance of a series or of a new delivery
-(`_commit_row_opening_job`).
+(`_commit_row_opening_job`). The file's fsyncs run while that row commits
+(`_place_and_commit`): one storage flush round per instance instead of two,
+with what a power cut in between can leave, and how it is repaired, there.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import weakref
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import Connection, Table, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -137,31 +139,75 @@ def store_instance(
         digest = incoming.sha256
         lock = _LOCKS[hash(meta.sop_instance_uid) % len(_LOCKS)]
         with lock:
-            stored: tuple[str, str] | None = None  # (path, sha256) of a stored version with other bytes
-            with db.session() as session:
-                existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
-                purged = existing is not None and existing.purged_at is not None
-                if existing is not None and not purged:
-                    if existing.sha256 != digest:
-                        stored = (existing.path, existing.sha256)
-                    elif store.absolute(existing.path).exists():
-                        return StoreOutcome.DUPLICATE
-                    else:  # its file is gone (an older database backup restored): stored again, as if purged
-                        purged = True
-            if stored is not None:
-                return _resolve_conflict(db, store, meta, incoming, *stored, conflict_policy)
-            store.place(incoming, relative)  # fsync'd before the row: see storage.instance_store
-            try:
-                if purged:
+            with db.engine.connect() as connection:
+                existing = connection.execute(_EXISTING, {"sop_instance_uid": meta.sop_instance_uid}).first()
+            purged = existing is not None and existing.purged_at is not None
+            if existing is not None and not purged:
+                if existing.sha256 != digest:
+                    return _resolve_conflict(db, store, meta, incoming, existing.path, existing.sha256, conflict_policy)
+                if _holds(store, existing.path, existing.size_bytes, digest):
+                    return StoreOutcome.DUPLICATE
+                purged = True  # its file is gone or damaged: stored again, as if purged
+            if purged:
+                store.place(incoming, relative)  # fsync'd before the row (rare path)
+                try:
                     _restore_row(db, meta, relative, digest, incoming.size)
-                else:
-                    _commit_row(db, meta, relative, digest, incoming.size)
-            except BaseException:
-                store.remove(relative)
-                raise
+                except BaseException:
+                    store.remove(relative)
+                    raise
+            else:
+                _place_and_commit(db, store, meta, incoming, relative)
         return StoreOutcome.STORED
     finally:
         incoming.discard()
+
+
+def _holds(store: InstanceStore, relative: str, size: int, digest: str) -> bool:
+    """Whether the stored file is the re-sent instance, byte for byte (a re-send is rare: hashing
+    it is cheap insurance against a file that a power cut left short, see `_place_and_commit`)."""
+    path = store.absolute(relative)
+    try:
+        return path.stat().st_size == size and sha256_file(path) == digest
+    except OSError:
+        return False
+
+
+def _place_and_commit(
+    db: Database, store: InstanceStore, meta: InstanceMeta, incoming: IncomingFile, relative: str
+) -> None:
+    """The file renamed into place and its row committed in one storage flush round (issue #18).
+
+    For an instance of a series that is receiving (the common case), the
+    file's and its directory's fsyncs run while the row commits; success is
+    reported only after all three. A power cut in between can leave a
+    committed row whose file is short or missing, for an instance the sender
+    was never told was stored: its re-send finds the file damaged (`_holds`)
+    and stores it again, and no job runs on it
+    (`dicom_node.worker.verified_series_files`). A failed fsync takes the row
+    back out. The first instance of a series or delivery, which opens a job,
+    keeps the order fsync, then commit (once per series)."""
+    syncing = store.place_syncing(incoming, relative)
+    row = _PendingRow(meta, relative, incoming.sha256, incoming.size)
+    try:
+        grouped = group_commit(db).insert(db, row)
+    except BaseException:
+        store.remove(relative)
+        raise
+    if not grouped:
+        syncing.wait()
+        try:
+            _commit_row_opening_job(db, meta, relative, incoming.sha256, incoming.size)
+        except BaseException:
+            store.remove(relative)
+            raise
+        return
+    try:
+        syncing.wait()
+    except OSError:
+        with db.engine.begin() as connection:  # as if the instance had never arrived
+            series_id = connection.execute(_UNPLACED, {"uid": meta.sop_instance_uid}).scalar_one()
+            connection.execute(_UNCOUNT, {"series_id": series_id})
+        raise
 
 
 def _restore_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:
@@ -187,6 +233,16 @@ _SERIES_STATE = select(_SERIES.c.id, _SERIES.c.evaluated_at, _SERIES.c.last_rece
     _SERIES.c.series_uid == bindparam("series_uid")
 )
 _INSERT_INSTANCE = insert(_INSTANCES)
+_EXISTING = select(_INSTANCES.c.path, _INSTANCES.c.sha256, _INSTANCES.c.size_bytes, _INSTANCES.c.purged_at).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid")
+)
+# A row whose file's fsync failed after the commit (`_place_and_commit`): taken back out.
+_UNPLACED = (
+    delete(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == bindparam("uid")).returning(_INSTANCES.c.series_id)
+)
+_UNCOUNT = (
+    update(_SERIES).where(_SERIES.c.id == bindparam("series_id")).values(instance_count=_SERIES.c.instance_count - 1)
+)
 # Counted in SQL: stores into one series over parallel associations read the
 # row before their write transaction starts; `+= 1` in Python lost updates.
 _NOW = bindparam("now", type_=_SERIES.c.last_received_at.type)

@@ -7,13 +7,15 @@ Decisions:
 - A received instance is written once: it streams into an `IncomingFile` in
   `tmp/` as it arrives (hashed and counted on the way, never held whole in
   memory) and that same file is renamed into place.
-- A received instance whose row is committed afterwards (`InstanceStore.place`)
-  is renamed into place first, then the file and its directory are fsync'd
-  concurrently: one storage flush instead of two in a row. A crash before
-  both fsyncs returned leaves a file without a row, which start-up removes
-  (`remove_unreferenced`); the row, and with it the success status, comes
-  only after both. Files no row will point at (conflicts, outputs) keep
-  the order file fsync, rename, directory fsync (`write_durably`, `keep`).
+- A received instance is renamed into place first, then the file and its
+  directory are fsync'd concurrently, while the caller commits its row
+  (`place_syncing`): one storage flush round for all three instead of two or
+  three in a row. Success is reported only after all of them. A crash in
+  between leaves a file without a row, which start-up removes
+  (`remove_unreferenced`), or a committed row whose file a power cut left
+  short: `storage.ingest` says how that is repaired and never used. Files no
+  row will point at (conflicts, outputs) keep the order file fsync, rename,
+  directory fsync (`write_durably`, `keep`).
 - Nothing from a dataset becomes a path unless it passes `validate_uid`
   (digits and dots, <= 64 characters, no empty or leading-zero components),
   so `..`, separators or over-long values can never escape the data directory.
@@ -27,13 +29,13 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
-# Directory fsyncs that run beside a file's fsync (`IncomingFile.place`); sized for the
-# concurrent associations of one node, each waiting on its own.
-_DIR_SYNCS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dir-fsync")
+# The fsyncs of placed files and their directories (`IncomingFile.place_syncing`): two per
+# C-STORE in flight, sized for the concurrent associations of one node, each waiting on its own.
+_FSYNCS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="fsync")
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -83,6 +85,26 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_close(handle: BinaryIO) -> None:
+    with handle:
+        os.fsync(handle.fileno())
+
+
+class PendingSync:
+    """The fsyncs of a file renamed into place, running; `wait` returns once the file is durable."""
+
+    def __init__(self, target: Path, file: Future[None] | None, directory: Future[None]) -> None:
+        self.target = target
+        self._syncs = [f for f in (file, directory) if f is not None]
+
+    def wait(self) -> None:
+        """Block until both fsyncs finished; on a failure the file is removed and the error raised."""
+        errors = [exc for future in self._syncs if (exc := future.exception()) is not None]
+        if errors:
+            self.target.unlink(missing_ok=True)
+            raise errors[0]
 
 
 class IncomingFile:
@@ -161,24 +183,21 @@ class IncomingFile:
         For a file whose row is committed only after this returns: until then a
         crash leaves at worst an unreferenced file, removed at start-up. On error
         the file is removed from `target` and the error raised."""
+        self.place_syncing(target).wait()
+
+    def place_syncing(self, target: Path) -> PendingSync:
+        """Rename into `target` and start the fsyncs of the file and its directory; `wait()` for them.
+
+        The caller commits the file's row meanwhile, so the row's flush and the
+        file's overlap (module doc), and reports success only after both."""
         self.complete()
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.path, target)
         self.path = target
         handle, self._handle = self._handle, None
-        try:
-            directory = _DIR_SYNCS.submit(_fsync_dir, target.parent)
-            try:
-                if handle is not None:
-                    os.fsync(handle.fileno())
-            finally:
-                directory.result()  # both waited for, whichever failed
-        except BaseException:
-            target.unlink(missing_ok=True)
-            raise
-        finally:
-            if handle is not None:
-                handle.close()
+        if handle is None:  # already fsync'd (`finish`): the directory only
+            return PendingSync(target, None, _FSYNCS.submit(_fsync_dir, target.parent))
+        return PendingSync(target, _FSYNCS.submit(_fsync_close, handle), _FSYNCS.submit(_fsync_dir, target.parent))
 
     def discard(self) -> None:
         """Drop a file that was not moved into place (duplicate, refused, or an aborted transfer)."""
@@ -237,6 +256,10 @@ class InstanceStore:
     def place(self, incoming: IncomingFile, relative: str) -> None:
         """Move a received file to `relative` for a row committed next (`IncomingFile.place`)."""
         incoming.place(self.absolute(relative))
+
+    def place_syncing(self, incoming: IncomingFile, relative: str) -> PendingSync:
+        """Move a received file to `relative`, its fsyncs running while the caller commits its row."""
+        return incoming.place_syncing(self.absolute(relative))
 
     def remove(self, relative: str) -> None:
         self.absolute(relative).unlink(missing_ok=True)

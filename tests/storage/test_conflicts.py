@@ -17,12 +17,13 @@ from storage.database import Database
 from storage.ingest import ConflictPolicy, StoreOutcome, store_instance
 from storage.instance_store import InstanceStore, sha256_file
 from storage.jobs import RoutingOutcome, claim_next_job, complete_series, series_awaiting_routing
-from storage.models import EventKind, Instance, Job, JobEvent, JobState, Study, utcnow
+from storage.models import EventKind, Instance, Job, JobEvent, JobState, Series, Study, utcnow
 from storage.retention import purge_expired
 
 BASE = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
 IMPLICIT = Path(get_testdata_file("MR_small_implicit.dcm"))  # type: ignore[arg-type]
 RLE = Path(get_testdata_file("MR_small_RLE.dcm"))  # type: ignore[arg-type]
+BASE_UID = str(pydicom.dcmread(BASE, stop_before_pixels=True).SOPInstanceUID)
 
 
 def send(db: Database, store: InstanceStore, path: Path, policy=ConflictPolicy.KEEP_FIRST) -> StoreOutcome:
@@ -320,3 +321,45 @@ def test_a_re_send_of_an_instance_whose_file_is_missing_is_stored_again(stores) 
     assert send(db, store, BASE) is StoreOutcome.STORED
     assert path.read_bytes() == BASE.read_bytes() and the_instance(db).purged_at is None
     assert send(db, store, BASE) is StoreOutcome.DUPLICATE
+
+
+@pytest.mark.parametrize("damage", ["short", "same size, other bytes"])
+def test_a_re_send_of_an_instance_whose_file_a_power_cut_damaged_is_stored_again(stores, damage: str) -> None:
+    """The row was committed while its file's fsync ran (issue #18) and the power went: the file is
+    short or holds other bytes. The sender, never told it was stored, re-sends it: stored again,
+    not answered "duplicate" on the strength of the row."""
+    db, store = stores
+    send(db, store, BASE)
+    path = store.absolute(the_instance(db).path)
+    content = path.read_bytes()
+    path.write_bytes(content[:-1000] if damage == "short" else content[:-4] + bytes(b ^ 0xFF for b in content[-4:]))
+    assert send(db, store, BASE) is StoreOutcome.STORED
+    assert path.read_bytes() == content and the_instance(db).sha256 == sha256_file(path)
+    assert send(db, store, BASE) is StoreOutcome.DUPLICATE
+
+
+def test_a_failed_fsync_while_the_row_commits_takes_the_row_back_out(stores, tmp_path, monkeypatch) -> None:
+    """An instance of a series that is receiving: its file's fsync runs while its row commits
+    (issue #18). The fsync fails (EIO): the C-STORE fails, the row is taken back out and the
+    series' count with it, no file is left, and the re-send is stored."""
+    db, store = stores
+    send(db, store, BASE)  # the series' first instance (its job opened): fsync, then commit
+    second = edited(tmp_path, "second.dcm", SOPInstanceUID=BASE_UID + ".2")
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".dcm"):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        send(db, store, second)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    with db.session() as session:
+        assert session.scalars(select(Instance.sop_instance_uid)).all() == [BASE_UID]
+        assert session.scalars(select(Series.instance_count)).one() == 1
+    assert len(list((store.root / "instances").rglob("*.dcm"))) == 1
+    assert send(db, store, second) is StoreOutcome.STORED
+    with db.session() as session:
+        assert session.scalars(select(Series.instance_count)).one() == 2
