@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 from pynetdicom import AE
-from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 from pynetdicom.sop_class import MRImageStorage
 from sqlalchemy import func, select, update
 
 from dicom_node import status_codes
-from dicom_node.scp_transport import file_meta_bytes
+from dicom_node.scp_transport import file_meta_bytes, store_response_command
 from storage.instance_store import InstanceStore, InvalidUIDError, sha256_file
 from storage.models import Instance, Job, JobState, Series, utcnow
 from tests.dicom_node.conftest import storescu
@@ -42,6 +44,29 @@ def test_file_meta_bytes_are_pynetdicoms_encoding(sop_instance_uid, transfer_syn
         create_file_meta(sop_class_uid=MR, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax)
     )
     assert file_meta_bytes(MR, sop_instance_uid, transfer_syntax) == bytes(expected)
+
+
+@pytest.mark.parametrize(
+    ("sop_instance_uid", "message_id", "status"),
+    [("1.2.3.4", 1, 0x0000), ("1.2.3.45", 65535, 0xA700), ("2.25." + "9" * 59, 7, 0xC000)],
+)
+def test_store_response_command_is_pynetdicoms_encoding(sop_instance_uid, message_id, status):
+    """The C-STORE-RSP command set encoded without pydicom (issue #18) is byte for byte pynetdicom's."""
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = message_id
+    response.AffectedSOPClassUID = MR
+    response.AffectedSOPInstanceUID = sop_instance_uid
+    response.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    assert store_response_command(response) == encode(message.command_set, True, True)
+
+
+def test_store_response_command_leaves_an_error_comment_to_pynetdicom():
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo, response.AffectedSOPClassUID = 1, MR
+    response.AffectedSOPInstanceUID, response.Status, response.ErrorComment = "1.2.3", 0xC000, "why"
+    assert store_response_command(response) is None
 
 
 @pytest.mark.parametrize("bad", ["", "1.2.3.", "1.2.x", "../1", "1." + "2" * 70])
