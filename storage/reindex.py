@@ -49,6 +49,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Callable
@@ -220,6 +221,8 @@ def _mark_purged(db: Database, paths: list[str]) -> None:
 #: A file a job's attempt wrote (`InstanceStore.attempt_outputs`; `<KIND>_<SOP Instance UID>.dcm`, as the
 #: writers name them). Only such files count: anything else under outputs/ is not the node's output.
 _OUTPUT_FILE = re.compile(r"outputs/job-([1-9][0-9]*)/attempt-([1-9][0-9]*)/(RTSTRUCT|SEG|SR)_([0-9.]{1,64})\.dcm")
+#: What the worker writes beside the DICOM outputs of an attempt (`inference.pipeline.write_offline_outputs`).
+SUMMARY_FILE = "summary.json"
 #: The order an attempt writes (and exports) its objects in: its rows keep it (`attempt_outputs`).
 _WRITING_ORDER = ("RTSTRUCT", "SEG", "SR")
 _OUTPUT_KEYWORDS = [
@@ -411,11 +414,26 @@ def _restore_job(
         reason=reason,
         attempts=attempts,
         output_dir=store.attempt_outputs(job_id, attempts).relative_to(store.root).as_posix(),
+        summary=_summary(store, job_id, attempts, files),
         created_at=min(f.written_at for f in files),
         finished_at=utcnow(),  # retention counts from the rebuild, not from the lost run
     )
     session.add(job)
     session.add(JobEvent(job=job, kind=EventKind.STATE, state=JobState.DONE, message=reason))
+
+
+def _summary(store: InstanceStore, job_id: int, attempt: int, files: list[OutputFile]) -> dict:
+    """The job's summary as its last attempt recorded it: its `summary.json` (lesions, EGFR, brain volume;
+    left out when unreadable) and the objects it wrote (`jobs show`, the web view's files and overlay)."""
+    try:
+        summary = json.loads((store.attempt_outputs(job_id, attempt) / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    if not isinstance(summary, dict):
+        summary = {}
+    last = sorted((f for f in files if f.attempt == attempt), key=lambda f: f.order)
+    summary["outputs"] = [(f.sop_instance_uid, f.sop_class_uid, f.path) for f in last]
+    return summary
 
 
 def _source_meta(store: InstanceStore, read_meta: Callable[[Path], InstanceMeta], output: OutputFile) -> InstanceMeta:

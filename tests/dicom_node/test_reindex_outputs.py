@@ -105,6 +105,12 @@ def test_a_rerun_after_the_database_was_lost_and_reindexed_continues_the_revisio
         str(first["SR"].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID),
     )
     assert restored.reason is not None and "rebuilt by store reindex" in restored.reason
+    # `jobs show` and the web view find the last attempt's lesions (its summary.json) and files again.
+    assert restored.summary is not None and len(restored.summary["lesions"]) == 3
+    assert [tuple(o) for o in restored.summary["outputs"]] == [
+        (str(ds.SOPInstanceUID), str(ds.SOPClassUID), f"outputs/job-{job_id}/attempt-2/{kind}_{ds.SOPInstanceUID}.dcm")
+        for kind, ds in sorted(second.items())
+    ]
 
     # A later delivery of the series (say, a re-send months later): r3, naming r2, in the same series.
     later = complete_series(db, restored.series_id, rule)
