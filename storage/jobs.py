@@ -36,7 +36,8 @@ decision and always queues once more.
 Held jobs (`hold_outputs`, `release_job`, `cancel_job`): a result the
 plausibility gate stopped is recorded without export rows; a person releases
 it (export rows created, `exporting`) or cancels it. Both record who and why
-in the event history.
+in the event history. A `replace` correction of the series' instances cancels
+a held job (`cancel_superseded`): its result was computed on the earlier version.
 """
 
 from __future__ import annotations
@@ -667,7 +668,7 @@ def _superseded_reason(new_job_id: int) -> str:
 
 def cancel_superseded(session: Session, series_id: int, new_job: Job) -> list[int]:
     """End the series' jobs that `new_job` supersedes (a `replace` correction made the series a new
-    delivery); their ids. Call in the transaction that opens `new_job`.
+    delivery, `new_job`); the ids of those cancelled. Call in the replacement's transaction.
 
     - queued: cancelled, it must not run on a series whose instances are being replaced;
     - held: cancelled, its outputs were computed on the earlier version and must never be released
