@@ -59,7 +59,7 @@ from storage.content_compare import ContentDiff, compare_files
 from storage.database import Database
 from storage.instance_store import IncomingFile, InstanceStore, sha256_file, validate_uid
 from storage.jobs import cancel_superseded, event_row, open_job_on_first_instance
-from storage.models import EventKind, Instance, Job, JobEvent, Series, Study, utcnow
+from storage.models import EventKind, Instance, Job, JobEvent, JobState, Series, Study, utcnow
 
 _LOCKS = [threading.Lock() for _ in range(64)]
 log = structlog.get_logger(__name__)
@@ -524,6 +524,8 @@ def _replace(
                         f"{text}the series is evaluated again as a new delivery: job {new_job.id}",
                     )
                     latest = new_job
+                elif latest is not None and latest.state == JobState.RECEIVED:  # a new delivery is open already
+                    cancel_superseded(session, series.id, latest)  # e.g. a job held before more slices came
                 series.last_received_at = utcnow()
                 text += "the series is evaluated again as a new delivery after the quiet period"
             else:

@@ -36,7 +36,8 @@ decision and always queues once more.
 Held jobs (`hold_outputs`, `release_job`, `cancel_job`): a result the
 plausibility gate stopped is recorded without export rows; a person releases
 it (export rows created, `exporting`) or cancels it. Both record who and why
-in the event history.
+in the event history. A `replace` correction of the series' instances cancels
+a held job (`cancel_superseded`): its result was computed on the earlier version.
 """
 
 from __future__ import annotations
@@ -577,7 +578,8 @@ def hold_outputs(
     holder: tuple[str, int] | None = None,
     objects: Sequence[WrittenObject] = (),
 ) -> None:
-    """Store a job's results without export rows and move it to `held` with the gate's reasons.
+    """Store a job's results without export rows and move it to `held` with the gate's reasons; then
+    to `cancelled` when a `replace` correction superseded this attempt while it ran (`cancel_superseded`).
 
     `holder` and `objects` as for `record_outputs`."""
     reason = "held: " + "; ".join(reasons)
@@ -589,6 +591,9 @@ def hold_outputs(
         job.summary = summary
         add_outputs(session, job, objects)
         set_state(session, job, JobState.HELD, f"{reason} (nothing sent; release or cancel)", reason=reason)
+        if (newer := _superseding_job(session, job)) is not None:  # computed on a version since replaced
+            cancelled = _held_reason(JobState.HELD, _superseded_reason(newer))
+            set_state(session, job, JobState.CANCELLED, cancelled, reason=cancelled)
 
 
 def release_job(
@@ -605,7 +610,8 @@ def release_job(
     with db.session() as session:
         job = get_job(session, job_id)
         if job.state != JobState.HELD:
-            raise InvalidTransition(f"job {job_id} is {job.state.value}; only a held job can be released")
+            why = f" ({job.reason})" if job.state == JobState.CANCELLED and job.reason else ""
+            raise InvalidTransition(f"job {job_id} is {job.state.value}{why}; only a held job can be released")
         if job.purged_at is not None:
             raise InvalidTransition(f"job {job_id}'s outputs were purged by retention; nothing left to release")
         outputs = (job.summary or {}).get("outputs", [])
@@ -651,28 +657,83 @@ def cancel_job(db: Database, job_id: int, user: str, note: str = "") -> None:
         event_row(session, job, EventKind.STATE, job.reason or "cancelled", state=JobState.CANCELLED)
 
 
-def cancel_superseded(session: Session, series_id: int, new_job: Job) -> list[int]:
-    """Cancel the series' queued jobs that `new_job` supersedes (a `replace` correction made the series
-    a new delivery): they must not run on a series whose instances are being replaced. Their ids.
+#: How a running job learns that a `replace` correction superseded it (`cancel_superseded`): an event
+#: starting with this, which `hold_outputs` looks for on the attempt that was running then.
+SUPERSEDED_WHILE_RUNNING = "superseded while running by job"
 
-    The same conditional UPDATE as `cancel_job`: a job a worker claims at this moment runs, and its
-    result is then superseded by `new_job`'s. A running job is left to finish likewise."""
-    reason = f"cancelled: superseded by job {new_job.id} (instances of the series were replaced by corrected versions)"
+
+def _superseded_reason(new_job_id: int) -> str:
+    return f"cancelled: superseded by job {new_job_id} (instances of the series were replaced by corrected versions)"
+
+
+def cancel_superseded(session: Session, series_id: int, new_job: Job) -> list[int]:
+    """End the series' jobs that `new_job` supersedes (a `replace` correction made the series a new
+    delivery, `new_job`); the ids of those cancelled. Call in the replacement's transaction.
+
+    - queued: cancelled, it must not run on a series whose instances are being replaced;
+    - held: cancelled, its outputs were computed on the earlier version and must never be released
+      (`release_job` refuses a cancelled job and says why);
+    - running: cannot be interrupted; an event records the supersession, and if that attempt ends
+      held, `hold_outputs` cancels it the same way (a result it delivers is superseded by `new_job`'s).
+
+    The same conditional UPDATE as `cancel_job`: a queued job a worker claims at this moment runs, and
+    is then treated as running; a held job a person releases at this moment is delivered, and its
+    result superseded by `new_job`'s."""
+    reason = _superseded_reason(new_job.id)
     cancelled = []
-    for job in session.scalars(
-        select(Job).where(Job.series_id == series_id, Job.state == JobState.QUEUED, Job.id != new_job.id)
-    ).all():
-        now = utcnow()
-        changed = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.state == JobState.QUEUED)
-            .values(state=JobState.CANCELLED, updated_at=now, finished_at=now, reason=reason)
-        ).rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
-        if changed == 1:
+    others = select(Job).where(
+        Job.series_id == series_id,
+        Job.state.in_((JobState.QUEUED, JobState.HELD, JobState.RUNNING)),
+        Job.id != new_job.id,
+    )
+    for job in session.scalars(others).all():
+        state = job.state
+        if state != JobState.RUNNING:
+            now = utcnow()
+            changed = session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.state == state)
+                .values(state=JobState.CANCELLED, updated_at=now, finished_at=now, reason=_held_reason(state, reason))
+            ).rowcount  # type: ignore[attr-defined]  # an UPDATE's CursorResult
             session.refresh(job)
-            event_row(session, job, EventKind.STATE, reason, state=JobState.CANCELLED)
-            cancelled.append(job.id)
+            if changed == 1:
+                event_row(session, job, EventKind.STATE, job.reason or reason, state=JobState.CANCELLED)
+                cancelled.append(job.id)
+                continue
+        if job.state == JobState.RUNNING and _superseding_job(session, job) is None:  # once per attempt
+            event_row(
+                session,
+                job,
+                EventKind.LOG,
+                f"{SUPERSEDED_WHILE_RUNNING} {new_job.id} (instances of the series were replaced by corrected"
+                " versions): if this attempt ends held, it is cancelled; its result is never released",
+            )
     return cancelled
+
+
+def _held_reason(state: JobState, reason: str) -> str:
+    """The cancellation reason; for a held job, also why its outputs are never released."""
+    if state != JobState.HELD:
+        return reason
+    return f"{reason}; its held outputs were computed on the earlier version and are never released"
+
+
+def _superseding_job(session: Session, job: Job) -> int | None:
+    """The job that superseded `job`'s current attempt while it ran (`cancel_superseded`), None if none."""
+    marker = session.scalar(
+        select(JobEvent.message)
+        .where(
+            JobEvent.job_id == job.id,
+            JobEvent.kind == EventKind.LOG,
+            JobEvent.message.startswith(SUPERSEDED_WHILE_RUNNING),
+            JobEvent.at >= job.started_at,
+        )
+        .order_by(JobEvent.id.desc())
+        .limit(1)
+    )
+    if marker is None:
+        return None
+    return int(marker[len(SUPERSEDED_WHILE_RUNNING) :].split()[0])
 
 
 def _because(note: str) -> str:

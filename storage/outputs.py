@@ -10,6 +10,8 @@ Decisions:
   it is the last version a reader of that series may have seen. Its revision
   is the number of rows of that series so far.
 - Rows are kept when retention purges the files (the history stays).
+- After the job store was lost, `storage.reindex` rebuilds the rows from the files
+  (`dicom-node store reindex`), so revisions continue where they were.
 - Sending an attempt whose objects were superseded since (`jobs release` of a
   held job after a later job delivered, `jobs export --attempt N` of an older
   attempt) puts a lower revision after a higher one at the destination; it

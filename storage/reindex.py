@@ -3,8 +3,9 @@
 `dicom-node store reindex` runs this with the node stopped, against the
 (new, empty or restored) database the node will use. Decisions:
 
-- Only `instances/<study>/<series>/<sop>.dcm` is read, header only
-  (`stop_before_pixels`); `tmp/`, `conflicts/`, `outputs/` are not rows.
+- Only `instances/<study>/<series>/<sop>.dcm` becomes instance rows, read
+  header only (`stop_before_pixels`); `tmp/`, `conflicts/`, `outputs/` are not
+  instances (`outputs/` gives the rows of table `outputs`, below).
 - A file whose path has a row is left alone, so a second run adds nothing
   (idempotent); a purged row whose file is back is pointed at it again.
 - By default a reindexed series is marked evaluated (`evaluated_at` set, no
@@ -25,6 +26,21 @@
   its path, is moved to `unindexed/` (same relative path) and reported: left
   under `instances/` without a row, start-up would remove it as a
   never-acknowledged leftover.
+- The revision history of the results (table `outputs`, `storage.outputs`) is
+  rebuilt from the files the node wrote, `outputs/job-<id>/attempt-<n>/
+  <KIND>_<SOP Instance UID>.dcm` (RTSTRUCT, SEG, SR; header and name must
+  agree, and the object must name its source series): one row per file, the
+  revisions of each output series in Instance Number order, so that the next
+  re-run continues the numbering and names its predecessor instead of writing
+  r1 again into the same output series. A job whose outputs are on disk but
+  whose row is gone is recreated under its own id (`done`, with a reason saying
+  that its history is lost; retention counts from the rebuild), on its source
+  series (created when its instances are gone too, marked evaluated). Its
+  id is thereby taken: a new job never writes into a folder of an old one.
+  This happens before the instance walk, so that `route`'s new jobs come after
+  them. A job the store still has (a restored backup) gets the rows of its
+  later attempts, and its attempt count is raised to the last one on disk.
+  Other files under `outputs/` are listed, never moved.
 - The store id (`storage.store_identity`) is adopted only after the whole walk,
   so an interrupted reindex leaves start-up refusing (rather than deleting
   the files not yet indexed); run it again. A database that already belongs to
@@ -33,18 +49,25 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select, update
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from storage.database import Database
 from storage.ingest import InstanceMeta, _commit_row, _get_or_create_series, _restore_row, instance_row
-from storage.instance_store import InstanceStore, sha256_file
-from storage.models import Instance, Job, JobState, Series, utcnow
+from storage.instance_store import InstanceStore, sha256_file, validate_uid
+from storage.models import EventKind, Instance, Job, JobEvent, JobState, Output, Series, utcnow
 from storage.store_identity import StoreMismatchError, bind, database_store_id, file_store_id
 
 UNINDEXED_DIR = "unindexed"
@@ -62,6 +85,12 @@ class ReindexReport:
     missing: list[str] = field(default_factory=list)  # rows whose file is missing: marked purged
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why); moved to unindexed/
     store_id: str | None = None
+    output_files: int = 0  # DICOM files under outputs/job-*/attempt-*/
+    outputs_known: int = 0  # already had their `outputs` row
+    outputs_added: int = 0  # `outputs` rows created
+    output_series: set[str] = field(default_factory=set)  # output series that got rows
+    jobs_restored: list[int] = field(default_factory=list)  # job rows recreated for their outputs
+    outputs_skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why); left in place
 
 
 def reindex(
@@ -88,6 +117,8 @@ def reindex(
     with db.session() as session:
         known = set(session.scalars(select(Instance.path).where(Instance.purged_at.is_(None))))
     report = ReindexReport(routed=route)
+    # Outputs first: their jobs get their own ids back before `route` opens new jobs (module doc).
+    outputs = _restore_jobs(db, store, read_meta, _scan_outputs(db, store, report), report, dry_run)
     seen: set[str] = set()
     for path in sorted((store.root / "instances").rglob("*.dcm")):
         report.files += 1
@@ -113,7 +144,10 @@ def reindex(
         report.added += 1
         report.series.add(meta.series_uid)
     report.missing = sorted(p for p in known - seen if not store.absolute(p).exists())
+    report.outputs_added = len(outputs)
+    report.output_series = {o.series_uid for o in outputs}
     if not dry_run:
+        _add_outputs(db, outputs)
         _mark_purged(db, report.missing)
         report.store_id = on_disk or in_db or uuid.uuid4().hex
         bind(db, store, report.store_id)
@@ -179,4 +213,280 @@ def _mark_purged(db: Database, paths: list[str]) -> None:
                 update(Instance)
                 .where(Instance.path.in_(paths[start : start + 500]), Instance.purged_at.is_(None))
                 .values(purged_at=now)
+            )
+
+
+# -- the outputs the node wrote: the revision history of each output series (`storage.outputs`) ----------
+
+#: A file a job's attempt wrote (`InstanceStore.attempt_outputs`; `<KIND>_<SOP Instance UID>.dcm`, as the
+#: writers name them). Only such files count: anything else under outputs/ is not the node's output.
+_OUTPUT_FILE = re.compile(r"outputs/job-([1-9][0-9]*)/attempt-([1-9][0-9]*)/(RTSTRUCT|SEG|SR)_([0-9.]{1,64})\.dcm")
+#: What the worker writes beside the DICOM outputs of an attempt (`inference.pipeline.write_offline_outputs`).
+SUMMARY_FILE = "summary.json"
+#: The order an attempt writes (and exports) its objects in: its rows keep it (`attempt_outputs`).
+_WRITING_ORDER = ("RTSTRUCT", "SEG", "SR")
+_OUTPUT_KEYWORDS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "InstanceNumber",
+    "PatientID",
+    "PatientName",
+    "StudyDate",
+    "AccessionNumber",
+    "ReferencedFrameOfReferenceSequence",  # RTSTRUCT: the contoured series
+    "CurrentRequestedProcedureEvidenceSequence",  # SR: the series it reports on
+    "ReferencedSeriesSequence",  # SEG: the segmented series
+]
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One object a job's attempt wrote, read back from its file: what its `outputs` row holds."""
+
+    path: str  # relative to the data directory
+    job_id: int
+    attempt: int
+    kind: str
+    study_uid: str
+    series_uid: str  # the output series
+    sop_instance_uid: str
+    sop_class_uid: str
+    instance_number: int  # its revision in the output series
+    source_series_uid: str  # the series the job ran on
+    patient_id: str | None
+    patient_name: str | None
+    study_date: str | None
+    accession_number: str | None
+    written_at: datetime
+
+    @property
+    def order(self) -> tuple[int, int, int, int]:
+        """Rows are added in this order: the revisions of each output series in turn, and within an
+        attempt the writing order (the row ids say both)."""
+        return (_WRITING_ORDER.index(self.kind), self.instance_number, self.job_id, self.attempt)
+
+
+def read_output_file(store: InstanceStore, relative: str) -> OutputFile:
+    """The identity of an output file the node wrote. Raises `ValueError` (saying why) for anything else:
+    a name the writers do not make, a header that does not match its name, no source series."""
+    found = _OUTPUT_FILE.fullmatch(relative)
+    if found is None:
+        raise ValueError("not named as the node names its outputs (outputs/job-N/attempt-K/<KIND>_<UID>.dcm)")
+    job_id, attempt, kind, uid = int(found[1]), int(found[2]), found[3], found[4]
+    path = store.absolute(relative)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_OUTPUT_KEYWORDS)
+    except (OSError, InvalidDicomError) as exc:
+        raise ValueError(f"cannot be read: {exc}") from None
+    if ds.get("SOPInstanceUID") != uid or ds.get("Modality") != kind:
+        raise ValueError(f"its header ({ds.get('Modality')}, {ds.get('SOPInstanceUID')}) does not match its name")
+    source = _source_series_uid(ds, kind)
+    values = [ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPClassUID"), source]
+    for value, what in zip(values, ("Study", "Series", "SOP Class", "source Series"), strict=True):
+        validate_uid(str(value or ""), f"{what} UID")
+    number = ds.get("InstanceNumber")
+    if number is None or int(number) < 1:
+        raise ValueError("no Instance Number (the revision in its output series)")
+    name = ds.get("PatientName")
+    return OutputFile(
+        path=relative,
+        job_id=job_id,
+        attempt=attempt,
+        kind=kind,
+        study_uid=str(ds.StudyInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=uid,
+        sop_class_uid=str(ds.SOPClassUID),
+        instance_number=int(number),
+        source_series_uid=str(source),
+        patient_id=ds.get("PatientID") or None,
+        patient_name=str(name) if name else None,
+        study_date=ds.get("StudyDate") or None,
+        accession_number=ds.get("AccessionNumber") or None,
+        # Written atomically and fsync'd once (`write_durably`): the file's time is when the attempt wrote it
+        # (the header's creation time is local time without an offset).
+        written_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
+    )
+
+
+def _source_series_uid(ds: Dataset, kind: str) -> str | None:
+    """The series the object was made from, as each writer references it."""
+    try:
+        if kind == "RTSTRUCT":
+            study = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+            return study.RTReferencedSeriesSequence[0].SeriesInstanceUID
+        if kind == "SR":
+            return ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID
+        return ds.ReferencedSeriesSequence[0].SeriesInstanceUID
+    except (AttributeError, IndexError) as exc:
+        raise ValueError(f"no reference to its source series ({exc})") from None
+
+
+def _scan_outputs(db: Database, store: InstanceStore, report: ReindexReport) -> list[OutputFile]:
+    """The output files whose `outputs` row is missing."""
+    with db.session() as session:
+        known = set(session.scalars(select(Output.sop_instance_uid)))
+    found = []
+    for path in sorted((store.root / "outputs").glob("job-*/attempt-*/*.dcm")):
+        relative = path.relative_to(store.root).as_posix()
+        report.output_files += 1
+        try:
+            output = read_output_file(store, relative)
+        except ValueError as exc:
+            report.outputs_skipped.append((relative, str(exc)))
+            continue
+        if output.sop_instance_uid in known:
+            report.outputs_known += 1
+            continue
+        found.append(output)
+    return found
+
+
+def _restore_jobs(
+    db: Database,
+    store: InstanceStore,
+    read_meta: Callable[[Path], InstanceMeta],
+    outputs: list[OutputFile],
+    report: ReindexReport,
+    dry_run: bool,
+) -> list[OutputFile]:
+    """The job row of each job whose outputs are on disk but not in the job store, under its own id (module
+    doc); the outputs that can be added (those of a job the store knows of another series are not)."""
+    by_job: dict[int, list[OutputFile]] = {}
+    for output in outputs:
+        by_job.setdefault(output.job_id, []).append(output)
+    usable = []
+    for job_id, files in sorted(by_job.items()):
+        sources = sorted({f.source_series_uid for f in files})
+        attempts = max(f.attempt for f in files)
+        with db.session() as session:
+            job = session.get(Job, job_id)
+            if job is not None and sources != [job.series_uid]:
+                why = f"job {job_id} in the job store ran on series {job.series_uid}, this file names another"
+                report.outputs_skipped += [(f.path, why) for f in files]
+                continue
+            if job is None and len(sources) != 1:
+                why = f"the outputs of job {job_id} name {len(sources)} source series"
+                report.outputs_skipped += [(f.path, why) for f in files]
+                continue
+            usable += files
+            if job is None:
+                report.jobs_restored.append(job_id)
+                if not dry_run:
+                    _restore_job(session, store, read_meta, job_id, files)
+            elif job.attempts < attempts and not dry_run:  # a backup older than its last attempts:
+                job.attempts = attempts  # its next attempt must not write into an existing attempt's folder
+    if report.jobs_restored and not dry_run:
+        _after_explicit_ids(db)
+    return sorted(usable, key=lambda o: o.order)
+
+
+def _restore_job(
+    session: Session,
+    store: InstanceStore,
+    read_meta: Callable[[Path], InstanceMeta],
+    job_id: int,
+    files: list[OutputFile],
+) -> None:
+    """A `done` job under `job_id` on the outputs' source series (created when missing, as its instances
+    would create it, and marked evaluated): its history is lost, its revisions are not."""
+    first = files[0]
+    series = _get_or_create_series(session, _source_meta(store, read_meta, first))
+    if series.id is None:  # no row yet: evaluated, so only instances received from now on are a new delivery
+        now = utcnow()
+        series.first_received_at = series.last_received_at = series.evaluated_at = now
+        session.flush()
+    attempts = max(f.attempt for f in files)
+    reason = (
+        f"rebuilt by store reindex from outputs/job-{job_id}/ (the job store was lost): its history, destinations"
+        " and whether its outputs were delivered are not known"
+    )
+    job = Job(
+        id=job_id,
+        series=series,
+        study_uid=first.study_uid,
+        series_uid=first.source_series_uid,
+        patient_id=first.patient_id,
+        state=JobState.DONE,
+        reason=reason,
+        attempts=attempts,
+        output_dir=store.attempt_outputs(job_id, attempts).relative_to(store.root).as_posix(),
+        summary=_summary(store, job_id, attempts, files),
+        created_at=min(f.written_at for f in files),
+        finished_at=utcnow(),  # retention counts from the rebuild, not from the lost run
+    )
+    session.add(job)
+    session.add(JobEvent(job=job, kind=EventKind.STATE, state=JobState.DONE, message=reason))
+
+
+def _summary(store: InstanceStore, job_id: int, attempt: int, files: list[OutputFile]) -> dict:
+    """The job's summary as its last attempt recorded it: its `summary.json` (lesions, EGFR, brain volume;
+    left out when unreadable) and the objects it wrote (`jobs show`, the web view's files and overlay)."""
+    try:
+        summary = json.loads((store.attempt_outputs(job_id, attempt) / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    if not isinstance(summary, dict):
+        summary = {}
+    last = sorted((f for f in files if f.attempt == attempt), key=lambda f: f.order)
+    summary["outputs"] = [(f.sop_instance_uid, f.sop_class_uid, f.path) for f in last]
+    return summary
+
+
+def _source_meta(store: InstanceStore, read_meta: Callable[[Path], InstanceMeta], output: OutputFile) -> InstanceMeta:
+    """What the series row of the output's source series is made from: a stored instance of it when one is
+    on disk (the row it would get from that instance), else the output's own header (the writers copy the
+    patient and study from the source; the series' modality and description are then unknown)."""
+    # The series folder, from validated UIDs (`instance_path`; the SOP Instance UID only completes the call).
+    folder = (
+        store.root / store.instance_path(output.study_uid, output.source_series_uid, output.sop_instance_uid)
+    ).parent
+    for path in sorted(folder.glob("*.dcm")):
+        try:
+            meta = read_meta(path)
+        except Exception:  # the instance walk reports it
+            continue
+        if meta.series_uid == output.source_series_uid:
+            return meta
+    return InstanceMeta(
+        sop_instance_uid=output.sop_instance_uid,  # carried, not stored: only study and series values are used
+        sop_class_uid=output.sop_class_uid,
+        study_uid=output.study_uid,
+        series_uid=output.source_series_uid,
+        transfer_syntax_uid="",
+        patient_id=output.patient_id,
+        patient_name=output.patient_name,
+        study_date=output.study_date,
+        accession_number=output.accession_number,
+    )
+
+
+def _after_explicit_ids(db: Database) -> None:
+    """PostgreSQL's id sequence does not see rows inserted with an id: the next job must come after them
+    (SQLite takes the largest id + 1 anyway)."""
+    if db.engine.dialect.name != "postgresql":
+        return
+    with db.session() as session:
+        session.execute(text("SELECT setval(pg_get_serial_sequence('jobs', 'id'), (SELECT max(id) FROM jobs))"))
+
+
+def _add_outputs(db: Database, outputs: list[OutputFile]) -> None:
+    """The `outputs` rows, in `OutputFile.order` (one transaction: a revision history is added whole)."""
+    with db.session() as session:
+        for output in outputs:
+            session.add(
+                Output(
+                    job_id=output.job_id,
+                    attempt=output.attempt,
+                    kind=output.kind,
+                    study_uid=output.study_uid,
+                    series_uid=output.series_uid,
+                    sop_instance_uid=output.sop_instance_uid,
+                    sop_class_uid=output.sop_class_uid,
+                    path=output.path,
+                    created_at=output.written_at,
+                )
             )

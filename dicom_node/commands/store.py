@@ -35,8 +35,10 @@ REINDEX_HELP = (
     "stopped (refused while a node or worker on this host uses the data directory). By default the series "
     "that get rows are marked evaluated: nothing is processed or delivered again, only instances received "
     "from now on start a new delivery. With --route each such series gets a job and is routed, processed "
-    "and delivered again after the quiet period. The job history is not recovered. Nothing is deleted: "
-    "unreadable files are moved to <data_dir>/unindexed/. Exit status 1 when some files could not be indexed."
+    "and delivered again after the quiet period. The job history is not recovered, but the revisions of the "
+    "results are: the output files under <data_dir>/outputs/ get their rows (and their job a row under its own "
+    "id), so a re-run supersedes the latest of them. Nothing is deleted: unreadable instance files are moved to "
+    "<data_dir>/unindexed/. Exit status 1 when some files could not be indexed."
 )
 _LISTED = 20  # rows without a file listed by path; a purge after the backup may leave thousands
 
@@ -91,9 +93,19 @@ def reindex(
     for relative, reason in report.unreadable:
         where = "left in place (dry run)" if dry_run else f"moved to {UNINDEXED_DIR}/"
         console.print(f"  not indexed, {where}: {escape(relative)}: {escape(reason)}", highlight=False)
+    restored = ", ".join(str(job_id) for job_id in report.jobs_restored) or "none"
+    console.print(
+        f"{report.output_files} output files: {report.outputs_known} already known, {verb} {report.outputs_added} "
+        f"in {len(report.output_series)} output series (the next re-run continues their revisions), "
+        f"jobs {'to recreate' if dry_run else 'recreated'} for them: {restored}, "
+        f"{len(report.outputs_skipped)} not indexed",
+        highlight=False,
+    )
+    for relative, reason in report.outputs_skipped:
+        console.print(f"  output not indexed, left in place: {escape(relative)}: {escape(reason)}", highlight=False)
     if report.store_id is not None:
         console.print(f"job store bound to this data directory (store id {report.store_id})", highlight=False)
-    if report.unreadable:
+    if report.unreadable or report.outputs_skipped:
         raise typer.Exit(1)
 
 

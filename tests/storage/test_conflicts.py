@@ -10,14 +10,23 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import RTStructureSetStorage
 from sqlalchemy import select, text
 
 from dicom_node.store_scp import instance_meta
 from storage.database import Database
 from storage.ingest import ConflictPolicy, StoreOutcome, store_instance
 from storage.instance_store import InstanceStore, sha256_file
-from storage.jobs import RoutingOutcome, claim_next_job, complete_series, series_awaiting_routing
-from storage.models import EventKind, Instance, Job, JobEvent, JobState, Series, Study, utcnow
+from storage.jobs import (
+    InvalidTransition,
+    RoutingOutcome,
+    claim_next_job,
+    complete_series,
+    hold_outputs,
+    release_job,
+    series_awaiting_routing,
+)
+from storage.models import EventKind, Export, Instance, Job, JobEvent, JobState, Series, Study, utcnow
 from storage.retention import purge_expired
 
 BASE = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
@@ -363,3 +372,96 @@ def test_a_failed_fsync_while_the_row_commits_takes_the_row_back_out(stores, tmp
     assert send(db, store, second) is StoreOutcome.STORED
     with db.session() as session:
         assert session.scalars(select(Series.instance_count)).one() == 2
+
+
+def _held(db: Database, job_id: int) -> None:
+    """Claim `job_id` and end its attempt as the plausibility gate does: outputs recorded, nothing sent."""
+    assert claim_next_job(db, "worker-1") == job_id
+    _hold_claimed(db, job_id)
+
+
+def _hold_claimed(db: Database, job_id: int) -> None:
+    rtstruct = (f"2.25.{job_id}1", RTStructureSetStorage, f"outputs/job-{job_id}/attempt-1/rtstruct.dcm")
+    hold_outputs(
+        db, job_id, f"outputs/job-{job_id}/attempt-1", {"outputs": [rtstruct]}, ["30 lesions"], holder=("worker-1", 1)
+    )
+
+
+def _refused_release(db: Database, job_id: int) -> str:
+    with pytest.raises(InvalidTransition) as refused:
+        release_job(db, job_id, "physicist")
+    with db.session() as session:
+        assert session.scalars(select(Export)).all() == []  # nothing is ever sent
+    return str(refused.value)
+
+
+def test_a_held_job_is_cancelled_when_its_series_is_replaced_and_never_released(stores, tmp_path: Path) -> None:
+    """Its outputs were computed on the first version: after a material replacement they are never delivered."""
+    db, store = stores
+    send(db, store, BASE)
+    first = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    _held(db, first)
+
+    send(db, store, edited(tmp_path, "c.dcm", PatientID="NEW"), ConflictPolicy.REPLACE)
+
+    (_, first_state), (second, second_state) = jobs(db)
+    assert (first_state, second_state) == (JobState.CANCELLED, JobState.RECEIVED)
+    expected = (
+        f"cancelled: superseded by job {second} (instances of the series were replaced by corrected versions);"
+        " its held outputs were computed on the earlier version and are never released"
+    )
+    with db.session() as session:
+        assert session.get(Job, first).reason == expected
+        last = session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == first, JobEvent.kind == EventKind.STATE)
+            .order_by(JobEvent.id.desc())
+        ).first()
+        assert last is not None and (last.state, last.message) == (JobState.CANCELLED, expected)
+    assert _refused_release(db, first) == (f"job {first} is cancelled ({expected}); only a held job can be released")
+
+
+def test_a_job_running_when_its_series_is_replaced_is_cancelled_if_it_ends_held(stores, tmp_path: Path) -> None:
+    db, store = stores
+    send(db, store, BASE)
+    first = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    assert claim_next_job(db, "worker-1") == first
+    send(db, store, edited(tmp_path, "c.dcm", PatientID="NEW"), ConflictPolicy.REPLACE)
+    send(db, store, edited(tmp_path, "d.dcm", PatientID="NEWER"), ConflictPolicy.REPLACE)  # recorded once
+
+    _hold_claimed(db, first)  # the attempt that read the first version ends held
+
+    (_, first_state), (second, _) = jobs(db)
+    assert first_state == JobState.CANCELLED
+    with db.session() as session:
+        messages = [e.message for e in session.scalars(select(JobEvent).where(JobEvent.job_id == first))]
+    assert sum(m.startswith(f"superseded while running by job {second} ") for m in messages) == 1
+    assert messages[-2].startswith("held: 30 lesions")  # the gate's reason stays in the history
+    assert f"superseded by job {second}" in _refused_release(db, first)
+
+
+def test_a_held_job_is_cancelled_by_a_replacement_after_more_slices_opened_a_new_delivery(
+    stores, tmp_path: Path
+) -> None:
+    db, store = stores
+    send(db, store, BASE)
+    first = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    _held(db, first)
+    assert send(db, store, edited(tmp_path, "late.dcm", SOPInstanceUID="1.2.3.4.5.6")) is StoreOutcome.STORED
+    (_, _), (second, second_state) = jobs(db)
+    assert second_state == JobState.RECEIVED
+
+    send(db, store, edited(tmp_path, "c.dcm", PatientID="NEW"), ConflictPolicy.REPLACE)
+
+    assert jobs(db) == [(first, JobState.CANCELLED), (second, JobState.RECEIVED)]
+    assert f"superseded by job {second}" in _refused_release(db, first)
+
+
+def test_a_held_job_of_a_series_replaced_only_in_how_the_file_was_made_stays_held(stores, tmp_path: Path) -> None:
+    db, store = stores
+    send(db, store, BASE)
+    first = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    _held(db, first)
+    send(db, store, edited(tmp_path, "c.dcm", InstanceCreationTime="235959"), ConflictPolicy.REPLACE)
+    assert jobs(db) == [(first, JobState.HELD)]
+    assert release_job(db, first, "physicist") == 1
