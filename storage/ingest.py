@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import structlog
 from sqlalchemy import Connection, Table, bindparam, delete, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from storage.content_compare import ContentDiff, compare_files
@@ -190,6 +190,9 @@ def _place_and_commit(
     row = _PendingRow(meta, relative, incoming.sha256, incoming.size)
     try:
         grouped = group_commit(db).insert(db, row)
+    except CommitOutcomeUnknown:
+        syncing.wait()  # the row may be committed: its file stays, durable
+        raise
     except BaseException:
         store.remove(relative)
         raise
@@ -258,6 +261,11 @@ _COUNT_INSTANCE = (
 )
 
 
+class CommitOutcomeUnknown(Exception):
+    """The row's transaction failed and whether it committed cannot be read now: its file stays
+    (a file without a row is removed at start-up; a row without its file would be worse)."""
+
+
 class _EvaluatedMeanwhile(Exception):
     """The series was evaluated between reading its state and writing the row: take the job path."""
 
@@ -289,8 +297,12 @@ class GroupCommit:
     lock (no busy-wait on the database's write lock); the first of them commits
     the next batch. A row is reported (and its C-STORE acknowledged) only after
     the transaction that holds it committed. A thread alone commits its own row
-    without a hand-off. A failing batch is retried row by row, so an error is
-    reported to the C-STORE it belongs to.
+    without a hand-off. A batch that fails for one row's sake (a constraint,
+    a value the database refuses, its series evaluated meanwhile) is retried
+    row by row, so the error goes to the C-STORE it belongs to; one that fails
+    for the database's sake (locked past the busy timeout, connection lost) is
+    not: every row fails at once rather than each waiting out the timeout
+    again, except those found committed after all (`_settle_failed`).
     """
 
     def __init__(self) -> None:
@@ -317,23 +329,53 @@ class GroupCommit:
         try:
             with db.engine.begin() as connection:
                 inserted = [_insert_into_open_series(connection, row) for row in batch]
-        except Exception as exc:
-            if len(batch) > 1:
+        except (IntegrityError, DataError, _EvaluatedMeanwhile) as exc:  # one row's fault, nothing written
+            if len(batch) > 1:  # the others are not to fail for it: each alone
                 for row in batch:
                     self._run(db, [row])
-            elif isinstance(exc, _EvaluatedMeanwhile):  # nothing was written: the job path stores it
+            elif isinstance(exc, _EvaluatedMeanwhile):  # the job path stores it
                 batch[0].inserted, batch[0].done = False, True
             else:
                 batch[0].error, batch[0].done = exc, True
             return
+        except Exception as exc:  # the database's fault (locked, connection lost): not retried row by row
+            self._settle_failed(db, batch, exc)
+            return
         except BaseException as exc:  # interrupted: no row of this batch is reported committed
             for row in batch:
-                row.error, row.done = RuntimeError(f"commit interrupted: {exc!r}"), True
+                row.error, row.done = CommitOutcomeUnknown(f"commit interrupted: {exc!r}"), True
             raise
         self.transactions += 1
         self.rows += sum(inserted)
         for row, ok in zip(batch, inserted, strict=True):
             row.inserted, row.done = ok, True
+
+    @staticmethod
+    def _settle_failed(db: Database, batch: list[_PendingRow], exc: Exception) -> None:
+        """After a failed transaction, which rows are in the store anyway: a COMMIT whose answer
+        was lost (the connection dropped) may have happened. Those are reported inserted (they
+        are); the others fail with `exc`, or with `CommitOutcomeUnknown` when that cannot be read."""
+        try:
+            with db.engine.connect() as connection:
+                stored = {
+                    (uid, sha)
+                    for uid, sha in connection.execute(
+                        select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256).where(
+                            _INSTANCES.c.sop_instance_uid.in_([row.meta.sop_instance_uid for row in batch])
+                        )
+                    )
+                }
+        except Exception as unreadable:
+            for row in batch:
+                row.error = CommitOutcomeUnknown(f"{exc}; whether the row was committed is unknown: {unreadable}")
+                row.done = True
+            return
+        for row in batch:
+            if (row.meta.sop_instance_uid, row.digest) in stored:
+                row.inserted = True
+            else:
+                row.error = exc
+            row.done = True
 
 
 _GROUPS: weakref.WeakKeyDictionary[Database, GroupCommit] = weakref.WeakKeyDictionary()

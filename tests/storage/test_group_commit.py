@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.exc import OperationalError
 
 from storage.database import Database
 from storage.ingest import InstanceMeta, StoreOutcome, group_commit, store_instance
@@ -162,3 +163,118 @@ def test_an_evaluation_between_reading_the_series_and_writing_the_row_opens_a_ne
         states = sorted(j.state.value for j in session.scalars(select(Job)))
     assert states == sorted([JobState.REJECTED.value, JobState.RECEIVED.value]), states
     assert utcnow() >= series.last_received_at
+
+
+def _send_queued(db: Database, store: InstanceStore, numbers: list[int]) -> dict[int, object]:
+    """C-STOREs of `numbers` queued behind a held commit, then let go as one batch: their outcomes."""
+    group = group_commit(db)
+    results: dict[int, object] = {}
+
+    def send(k: int) -> None:
+        try:
+            results[k] = store_instance(db, store, meta(k), b"%d" % k)
+        except Exception as exc:
+            results[k] = exc
+
+    senders = [threading.Thread(target=send, args=(k,)) for k in numbers]
+    with group._commit_lock:
+        for sender in senders:
+            sender.start()
+        deadline = time.monotonic() + 60
+        while len(group._queue) < len(numbers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(group._queue) == len(numbers)
+    for sender in senders:
+        sender.join(60)
+    return results
+
+
+def test_a_database_error_fails_the_batch_once_not_row_by_row(job_store_url: str, tmp_path: Path, monkeypatch):
+    """A database locked past its busy timeout (or gone) is not one row's fault: the batch's
+    C-STOREs all fail after one attempt, instead of each retrying alone and waiting the timeout
+    out again (a 16-row batch stalled every sender for 16 busy timeouts)."""
+    import storage.ingest as ingest
+
+    db = Database(job_store_url)
+    store = InstanceStore(tmp_path / "data")
+    assert store_instance(db, store, meta(0), b"first") is StoreOutcome.STORED
+    attempts: list[int] = []
+
+    def locked(connection, row):
+        attempts.append(1)
+        raise OperationalError("INSERT INTO instances", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(ingest, "_insert_into_open_series", locked)
+    numbers = separately_locked(3)
+    results = _send_queued(db, store, numbers)
+    assert len(attempts) == 1
+    assert all(isinstance(results[k], OperationalError) for k in numbers), results
+    assert committed_rows(job_store_url) == 1
+    assert len(list((store.root / "instances").rglob("*.dcm"))) == 1  # the failed C-STOREs left no file
+    db.dispose()
+
+
+def test_a_commit_whose_answer_was_lost_is_found_committed(job_store_url: str, tmp_path: Path, monkeypatch):
+    """The COMMIT reached the database but its answer was lost (the connection dropped): the
+    rows are in the store, so they are reported stored, not failed (their files are kept)."""
+    db = Database(job_store_url)
+    store = InstanceStore(tmp_path / "data")
+    assert store_instance(db, store, meta(0), b"first") is StoreOutcome.STORED
+    dialect = db.engine.dialect
+    real_commit = dialect.do_commit
+    lost: list[int] = []
+
+    def commit_then_drop(dbapi_connection):
+        real_commit(dbapi_connection)
+        if not lost:
+            lost.append(1)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(dialect, "do_commit", commit_then_drop)
+    numbers = separately_locked(3)
+    results = _send_queued(db, store, numbers)
+    assert lost == [1]
+    assert results == {k: StoreOutcome.STORED for k in numbers}
+    assert committed_rows(job_store_url) == 4
+    with db.session() as session:
+        paths = session.scalars(select(Instance.path)).all()
+        assert session.scalar(select(Series.instance_count)) == 4
+    assert all(store.absolute(path).is_file() for path in paths)
+    db.dispose()
+
+
+def test_a_commit_whose_outcome_cannot_be_read_keeps_the_files(job_store_url: str, tmp_path: Path, monkeypatch):
+    """The COMMIT failed and the database cannot be asked whether it happened: the C-STOREs fail
+    (never acknowledged) but their files stay, since their rows may exist; a file without a row
+    is removed at start-up, a row without its file would be a lost instance."""
+    import storage.ingest as ingest
+
+    db = Database(job_store_url)
+    store = InstanceStore(tmp_path / "data")
+    assert store_instance(db, store, meta(0), b"first") is StoreOutcome.STORED
+    dialect = db.engine.dialect
+    real_commit = dialect.do_commit
+
+    dropped: list[int] = []
+
+    def commit_then_drop(dbapi_connection):
+        real_commit(dbapi_connection)
+        dropped.append(1)
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    real_connect = db.engine.connect
+
+    def connect_until_dropped():
+        if dropped:  # the database is gone now: nobody can ask it
+            raise OperationalError("connect", {}, Exception("could not connect to server"))
+        return real_connect()
+
+    monkeypatch.setattr(dialect, "do_commit", commit_then_drop)
+    monkeypatch.setattr(db.engine, "connect", connect_until_dropped)
+    numbers = separately_locked(2)
+    results = _send_queued(db, store, numbers)
+    monkeypatch.undo()
+    assert all(isinstance(results[k], ingest.CommitOutcomeUnknown) for k in numbers), results
+    for k in numbers:
+        assert store.absolute(store.instance_path(STUDY, SERIES, meta(k).sop_instance_uid)).is_file()
+    db.dispose()
