@@ -72,6 +72,20 @@ def test_stdlib_loggers_share_the_pipeline_and_libraries_stay_at_warning() -> No
     assert record["event"] == "association A1 rejected" and record["logger"] == "pynetdicom.assoc"
 
 
+def test_pynetdicoms_per_message_log_handlers_are_not_bound() -> None:
+    """Their INFO/DEBUG lines are dropped (pynetdicom stays at WARNING): formatting every PDU
+    and DIMSE message for nothing cost CPU on each C-STORE (issue #18)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    configure_logging(LoggingSettings(format="json", level="DEBUG"), stream=io.StringIO())
+    ae = AE()
+    ae.add_requested_context(Verification)
+    association = ae.associate("127.0.0.1", 9, ae_title="NOBODY")  # refused: the handlers were bound anyway
+    assert association.get_handlers(evt.EVT_DIMSE_RECV) == []
+    assert association.get_handlers(evt.EVT_PDU_SENT) == []
+
+
 def test_exceptions_are_rendered_in_json() -> None:
     stream = io.StringIO()
     configure_logging(LoggingSettings(format="json"), stream=stream)
