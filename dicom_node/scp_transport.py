@@ -113,9 +113,11 @@ def store_response_command(primitive: C_STORE) -> bytes | None:
     Why: pynetdicom builds a pydicom data set and encodes it twice (for the
     group length) for every response, about 1 ms of the association thread's
     time per instance. None (pynetdicom encodes it) for anything but a plain
-    response: an error comment, an offending element, a non-ASCII UID."""
+    response: an error comment, an offending element, an absent or non-ASCII UID."""
     if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
         return None
+    if not primitive.AffectedSOPClassUID or not primitive.AffectedSOPInstanceUID:
+        return None  # pynetdicom leaves an absent UID out (a request without it)
     try:
         body = b"".join(
             (

@@ -93,6 +93,7 @@ class NodeService:
         s = self.settings
         removed = self.store.remove_partials()
         orphans = self.store.remove_unreferenced(stored_instance_paths(self.db))
+        self.store.sync_all()
         self._incarnation, resumed = take_over_at_start(self.db, s.storage.data_dir, s.worker.max_attempts)
         log.info(
             "service.starting",

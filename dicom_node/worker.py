@@ -202,31 +202,50 @@ def series_files(db: Database, store: InstanceStore, series_id: int) -> list[Pat
 def verified_series_files(db: Database, store: InstanceStore, series_id: int) -> list[Path]:
     """`series_files`, each checked against the size and sha256 recorded when it was received.
 
-    Why: a power cut can leave a received file short behind its committed row
-    (`storage.ingest._place_and_commit`), and disks fail; a job must never run
-    on other bytes than were received. Hashing costs about 0.3 s for a
-    176-slice 512x512 series. Missing files raise `FileNotFoundError` (retried:
-    an unmounted data directory), damaged ones `DamagedInstanceFiles`."""
+    Why: a power cut can leave a received file short or missing behind its
+    committed row (`storage.ingest._place_and_commit`), and disks fail; a job
+    must never run on other bytes than were received. Hashing costs about
+    0.3 s for a 176-slice 512x512 series. All files missing raises
+    `FileNotFoundError` (retried: the data directory not mounted?); some
+    missing or differing raises `DamagedInstanceFiles`. A mismatch is checked
+    again after `RECHECK_S`, against the rows read again: a `replace`
+    correction renames its file a moment before it commits its row."""
     rows = _instance_rows(db, series_id)
     files = [store.absolute(row.path) for row in rows]
-    missing = [f for f in files if not f.is_file()]
-    if not files or missing:  # an internal error (shared storage away?), retried: never the series' fault
+    if not files or not any(f.is_file() for f in files):
         raise FileNotFoundError(
-            f"{len(missing) if files else 'all'} of the series' instance files are not on disk"
+            f"{'the' if not files else 'all'} of the series' instance files are not on disk"
             f" under {store.root} (purged, or the data directory is not mounted?)"
         )
-    damaged = [
-        row.sop_instance_uid
-        for row, path in zip(rows, files, strict=True)
-        if path.stat().st_size != row.size_bytes or sha256_file(path) != row.sha256
-    ]
-    if damaged:
+    if not _differing(store, rows):
+        return files
+    time.sleep(RECHECK_S)
+    rows = _instance_rows(db, series_id)
+    differing = _differing(store, rows)
+    if differing:
         raise DamagedInstanceFiles(
-            f"{len(damaged)} of the series' {len(files)} instance files differ from what was received"
-            f" (first: {damaged[0]}; a power cut during their receipt, or a damaged disk);"
-            " re-send the series from its source, which stores them again and opens a new job"
+            f"{len(differing)} of the series' {len(rows)} instance files are missing or differ from what was"
+            f" received (first: {differing[0]}; a power cut during their receipt, or a damaged disk);"
+            " re-send the series from its source: those instances are stored again and the series runs again"
         )
-    return files
+    return [store.absolute(row.path) for row in rows]
+
+
+RECHECK_S = 1.0
+
+
+def _differing(store: InstanceStore, rows: Sequence[Row[str, str, int, str]]) -> list[str]:
+    """SOP Instance UIDs whose file is missing or not the size and sha256 of its row."""
+    differing = []
+    for row in rows:
+        path = store.absolute(row.path)
+        try:
+            if path.stat().st_size == row.size_bytes and sha256_file(path) == row.sha256:
+                continue
+        except OSError:
+            pass
+        differing.append(row.sop_instance_uid)
+    return differing
 
 
 def screening_names(rules: Sequence[RoutingRule]) -> dict[str, NamePatterns]:

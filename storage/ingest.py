@@ -143,12 +143,14 @@ def store_instance(
                 existing = connection.execute(_EXISTING, {"sop_instance_uid": meta.sop_instance_uid}).first()
             purged = existing is not None and existing.purged_at is not None
             if existing is not None and not purged:
-                if existing.sha256 != digest:
-                    return _resolve_conflict(db, store, meta, incoming, existing.path, existing.sha256, conflict_policy)
-                if _holds(store, existing.path, existing.size_bytes, digest):
+                intact = _holds(store, existing.path, existing.size_bytes, existing.sha256)
+                if intact and existing.sha256 == digest:
+                    store.sync(existing.path)  # a crashed process may have committed it before its fsync
                     return StoreOutcome.DUPLICATE
-                purged = True  # its file is gone or damaged: stored again, as if purged
-            if purged:
+                if intact or existing.path != relative:
+                    return _resolve_conflict(db, store, meta, incoming, existing.path, existing.sha256, conflict_policy)
+                # Its file is gone or damaged (a power cut, a restored backup): no intact version to keep.
+            if existing is not None:
                 store.place(incoming, relative)  # fsync'd before the row (rare path)
                 try:
                     _restore_row(db, meta, relative, digest, incoming.size)
@@ -163,7 +165,7 @@ def store_instance(
 
 
 def _holds(store: InstanceStore, relative: str, size: int, digest: str) -> bool:
-    """Whether the stored file is the re-sent instance, byte for byte (a re-send is rare: hashing
+    """Whether the stored file has the size and sha256 its row recorded (a re-send is rare: hashing
     it is cheap insurance against a file that a power cut left short, see `_place_and_commit`)."""
     path = store.absolute(relative)
     try:
@@ -190,11 +192,11 @@ def _place_and_commit(
     row = _PendingRow(meta, relative, incoming.sha256, incoming.size)
     try:
         grouped = group_commit(db).insert(db, row)
-    except CommitOutcomeUnknown:
-        syncing.wait()  # the row may be committed: its file stays, durable
-        raise
     except BaseException:
-        store.remove(relative)
+        if isinstance(row.error, CommitOutcomeUnknown):  # the row may be committed: its file stays, durable
+            syncing.wait()
+        else:
+            store.remove(relative)
         raise
     if not grouped:
         syncing.wait()
@@ -205,16 +207,28 @@ def _place_and_commit(
             raise
         return
     try:
-        syncing.wait()
-    except OSError:
-        with db.engine.begin() as connection:  # as if the instance had never arrived
-            series_id = connection.execute(_UNPLACED, {"uid": meta.sop_instance_uid}).scalar_one()
-            connection.execute(_UNCOUNT, {"series_id": series_id})
+        syncing.wait(remove_on_failure=False)
+    except OSError as failed:
+        try:
+            with db.engine.begin() as connection:  # the row out first (as if it had never arrived), then the file
+                series_id = connection.execute(_SERIES_OF, {"uid": meta.sop_instance_uid}).scalar_one()
+                connection.execute(_UNPLACED, {"uid": meta.sop_instance_uid})
+                connection.execute(_UNCOUNT, {"series_id": series_id})
+        except Exception as exc:  # the row stays: its file too (the worker's check finds it if it is bad)
+            raise OSError(failed.errno, f"{failed.strerror}; and its row could not be taken back: {exc}") from failed
+        store.remove(relative)
         raise
 
 
+# While the series' latest job is in one of these, a repaired file joins its work: no new delivery.
+_IN_PROGRESS = (JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING, JobState.EXPORTING, JobState.HELD)
+
+
 def _restore_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:
-    """Point a purged instance's row at its re-sent file; the series becomes a new delivery."""
+    """Point the row of a purged instance, or of one whose file is gone or damaged, at its re-sent
+    file. An evaluated series becomes a new delivery (the re-planning case months after retention;
+    a job that failed on the damaged file), unless its latest job is still in progress: that job
+    checks the files before it runs, and finds the repaired one (no second delivery of one series)."""
     with db.session() as session:
         instance = session.scalars(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)).one()
         instance.path, instance.sha256, instance.size_bytes = relative, digest, size
@@ -225,7 +239,11 @@ def _restore_row(db: Database, meta: InstanceMeta, relative: str, digest: str, s
         )
         instance.calling_ae_title, instance.source_address = meta.calling_ae_title, meta.source_address
         series = instance.series
-        if series.evaluated_at is not None and series.evaluated_at >= series.last_received_at:
+        latest = _latest_job(session, series.id)
+        evaluated = series.evaluated_at is not None and series.evaluated_at >= series.last_received_at
+        if evaluated and latest is not None and latest.state in _IN_PROGRESS:
+            return  # the series stays evaluated: its job in progress reads the repaired file
+        if evaluated:
             open_job_on_first_instance(session, series, meta.study_uid, meta.patient_id)
         series.last_received_at = utcnow()
 
@@ -240,9 +258,8 @@ _EXISTING = select(_INSTANCES.c.path, _INSTANCES.c.sha256, _INSTANCES.c.size_byt
     _INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid")
 )
 # A row whose file's fsync failed after the commit (`_place_and_commit`): taken back out.
-_UNPLACED = (
-    delete(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == bindparam("uid")).returning(_INSTANCES.c.series_id)
-)
+_SERIES_OF = select(_INSTANCES.c.series_id).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
+_UNPLACED = delete(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == bindparam("uid"))
 _UNCOUNT = (
     update(_SERIES).where(_SERIES.c.id == bindparam("series_id")).values(instance_count=_SERIES.c.instance_count - 1)
 )
@@ -370,9 +387,14 @@ class GroupCommit:
                 row.error = CommitOutcomeUnknown(f"{exc}; whether the row was committed is unknown: {unreadable}")
                 row.done = True
             return
+        # A dropped connection (not "locked", not a refusal) may belong to a COMMIT still being made
+        # durable (PostgreSQL waiting on its WAL or a replica): a row not seen yet may still appear.
+        lost = bool(getattr(exc, "connection_invalidated", False))
         for row in batch:
             if (row.meta.sop_instance_uid, row.digest) in stored:
                 row.inserted = True
+            elif lost:
+                row.error = CommitOutcomeUnknown(f"{exc}; the row was not found committed, but may still be")
             else:
                 row.error = exc
             row.done = True
@@ -482,6 +504,7 @@ def _resolve_conflict(
     if diff.same_content and policy is ConflictPolicy.REPLACE:
         diff = _interrupted_replacement(store, meta.sop_instance_uid, stored_path, stored_sha, incoming) or diff
     if diff.same_content:
+        store.sync(stored_path)  # as for a byte-identical re-send (`store_instance`)
         return StoreOutcome.DUPLICATE
     uid, digest = meta.sop_instance_uid, incoming.sha256
     moved = _placement_changes(db, meta)

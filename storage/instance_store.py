@@ -99,11 +99,13 @@ class PendingSync:
         self.target = target
         self._syncs = [f for f in (file, directory) if f is not None]
 
-    def wait(self) -> None:
-        """Block until both fsyncs finished; on a failure the file is removed and the error raised."""
+    def wait(self, remove_on_failure: bool = True) -> None:
+        """Block until both fsyncs finished; on a failure the error is raised, and the file removed
+        unless the caller must first take back a row that names it (`remove_on_failure=False`)."""
         errors = [exc for future in self._syncs if (exc := future.exception()) is not None]
         if errors:
-            self.target.unlink(missing_ok=True)
+            if remove_on_failure:
+                self.target.unlink(missing_ok=True)
             raise errors[0]
 
 
@@ -260,6 +262,20 @@ class InstanceStore:
     def place_syncing(self, incoming: IncomingFile, relative: str) -> PendingSync:
         """Move a received file to `relative`, its fsyncs running while the caller commits its row."""
         return incoming.place_syncing(self.absolute(relative))
+
+    def sync(self, relative: str) -> None:
+        """fsync a stored file and its directory: one a crashed process may have left unflushed
+        behind its committed row is made durable before a re-send of it is answered."""
+        path = self.absolute(relative)
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+        _fsync_dir(path.parent)
+
+    def sync_all(self) -> None:
+        """Flush every file system's dirty data (`sync`), at start-up: the files of rows a crashed
+        process committed while their fsyncs ran (`storage.ingest._place_and_commit`) are still
+        only in the page cache after a process crash (not a power cut); now they are durable."""
+        os.sync()
 
     def remove(self, relative: str) -> None:
         self.absolute(relative).unlink(missing_ok=True)

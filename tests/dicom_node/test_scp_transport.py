@@ -62,10 +62,20 @@ def test_store_response_command_is_pynetdicoms_encoding(sop_instance_uid, messag
     assert store_response_command(response) == encode(message.command_set, True, True)
 
 
-def test_store_response_command_leaves_an_error_comment_to_pynetdicom():
+@pytest.mark.parametrize(
+    ("sop_class_uid", "sop_instance_uid", "error_comment"),
+    [(MR, "1.2.3", "why"), (None, "1.2.3", None), (MR, None, None)],
+)
+def test_store_response_command_leaves_other_responses_to_pynetdicom(sop_class_uid, sop_instance_uid, error_comment):
+    """An error comment, or a UID the request lacked (pynetdicom leaves it out): pynetdicom encodes it."""
     response = C_STORE()
-    response.MessageIDBeingRespondedTo, response.AffectedSOPClassUID = 1, MR
-    response.AffectedSOPInstanceUID, response.Status, response.ErrorComment = "1.2.3", 0xC000, "why"
+    response.MessageIDBeingRespondedTo, response.Status = 1, 0xC000
+    if sop_class_uid is not None:
+        response.AffectedSOPClassUID = sop_class_uid
+    if sop_instance_uid is not None:
+        response.AffectedSOPInstanceUID = sop_instance_uid
+    if error_comment is not None:
+        response.ErrorComment = error_comment
     assert store_response_command(response) is None
 
 

@@ -7,6 +7,7 @@ next restart; `storage.write_retry` now retries that write.
 from __future__ import annotations
 
 import pydicom
+import pytest
 from sqlalchemy.exc import OperationalError
 
 import dicom_node.worker
@@ -46,9 +47,10 @@ def test_job_failure_is_recorded_after_the_store_was_busy(unstarted_node, mr_ser
     assert job.state == JobState.FAILED and "no-such-model" in job.reason, job.reason
 
 
-def test_a_job_never_runs_on_an_instance_file_that_differs_from_what_was_received(unstarted_node, mr_series):
-    """A file damaged behind its row (a power cut while its fsync ran, a failing disk): the job
-    fails naming the instance and what to do, and is not retried (retrying cannot help)."""
+@pytest.mark.parametrize("damage", ["short", "missing"])
+def test_a_job_never_runs_on_an_instance_file_that_differs_from_what_was_received(unstarted_node, mr_series, damage):
+    """A file damaged or lost behind its row (a power cut while its fsync ran, a failing disk): the
+    job fails naming the instance and what to do, and is not retried (retrying cannot help)."""
     node = unstarted_node
     for path in mr_series:
         ds = pydicom.dcmread(path)
@@ -58,7 +60,10 @@ def test_a_job_never_runs_on_an_instance_file_that_differs_from_what_was_receive
     damaged = pydicom.dcmread(mr_series[2], stop_before_pixels=True).SOPInstanceUID
     stored = next(node.store.root.rglob(f"{damaged}.dcm"))
     content = stored.read_bytes()
-    stored.write_bytes(content[: len(content) // 2])  # what a power cut leaves of a file whose fsync did not finish
+    if damage == "short":  # what a power cut leaves of a file whose fsync did not finish
+        stored.write_bytes(content[: len(content) // 2])
+    else:  # or of one whose rename did not reach the disk
+        stored.unlink()
     job_id = complete_series(node.db, 1, RoutingOutcome("r", "default", [], "test"))
     assert claim_next_job(node.db, "test") == job_id
 
@@ -66,5 +71,7 @@ def test_a_job_never_runs_on_an_instance_file_that_differs_from_what_was_receive
 
     job = load_job(node.db, job_id)
     assert job.state == JobState.FAILED, (job.state, job.reason)
-    assert f"1 of the series' {len(mr_series)} instance files differ from what was received" in job.reason
+    assert f"1 of the series' {len(mr_series)} instance files are missing or differ from what was received" in (
+        job.reason
+    )
     assert damaged in job.reason and "re-send the series" in job.reason

@@ -22,6 +22,7 @@ from storage.jobs import (
     RoutingOutcome,
     claim_next_job,
     complete_series,
+    fail_job,
     hold_outputs,
     release_job,
     series_awaiting_routing,
@@ -465,3 +466,59 @@ def test_a_held_job_of_a_series_replaced_only_in_how_the_file_was_made_stays_hel
     send(db, store, edited(tmp_path, "c.dcm", InstanceCreationTime="235959"), ConflictPolicy.REPLACE)
     assert jobs(db) == [(first, JobState.HELD)]
     assert release_job(db, first, "physicist") == 1
+
+
+def test_a_duplicate_re_send_is_answered_only_once_the_stored_file_is_durable(stores, monkeypatch) -> None:
+    """A process that crashed after committing a row but before its file's fsync returned left the
+    file in the page cache only; the sender re-sends: its "duplicate" (Success) comes only after the
+    stored file and its directory are fsync'd, also for the same content in another transfer syntax."""
+    db, store = stores
+    send(db, store, BASE)
+    stored = store.absolute(the_instance(db).path)
+    real_fsync = os.fsync
+    synced: list[str] = []
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    for resent in (BASE, IMPLICIT):
+        synced.clear()
+        assert send(db, store, resent) is StoreOutcome.DUPLICATE
+        assert str(stored) in synced and str(stored.parent) in synced
+
+
+@pytest.mark.parametrize("damage", ["short", "missing"])
+def test_a_damaged_file_is_repaired_by_a_re_send_in_another_transfer_syntax(stores, damage: str) -> None:
+    """No intact first version to keep: the re-send in another transfer syntax (the PACS forwarding
+    instead of the modality) becomes the instance, not a "conflict" kept aside."""
+    db, store = stores
+    send(db, store, BASE)
+    stored = store.absolute(the_instance(db).path)
+    if damage == "short":
+        stored.write_bytes(stored.read_bytes()[:-1000])
+    else:
+        stored.unlink()
+    assert send(db, store, IMPLICIT) is StoreOutcome.STORED
+    assert stored.read_bytes() == IMPLICIT.read_bytes() and the_instance(db).sha256 == sha256_file(IMPLICIT)
+    assert conflict_events(db) == [] and not (store.root / "conflicts").exists()
+    assert send(db, store, BASE) is StoreOutcome.DUPLICATE
+
+
+@pytest.mark.parametrize("latest", [JobState.QUEUED, JobState.FAILED])
+def test_a_repaired_file_opens_a_new_delivery_only_when_the_series_job_has_ended(stores, latest) -> None:
+    """The repair of a file a power cut damaged: a queued job reads the repaired file (checked
+    before it runs), so no second delivery of the series; a job that failed on the damage has
+    ended, so the series runs again as a new job."""
+    db, store = stores
+    send(db, store, BASE)
+    job = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    if latest is JobState.FAILED:
+        assert claim_next_job(db, "worker-1") == job
+        fail_job(db, job, "1 of the series' 1 instance files are missing or differ from what was received")
+    stored = store.absolute(the_instance(db).path)
+    stored.write_bytes(stored.read_bytes()[:-1000])
+    assert send(db, store, BASE) is StoreOutcome.STORED
+    expected = [(job, latest)] if latest is JobState.QUEUED else [(job, latest), (job + 1, JobState.RECEIVED)]
+    assert jobs(db) == expected
