@@ -10,15 +10,27 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
+import pydicom
 import pytest
 from alembic import command
-from sqlalchemy import func, select, text
+from pydicom.data import get_testdata_file
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 import storage.ingest as ingest
+from dicom_node.store_scp import instance_meta
 from storage.database import Database, make_engine
-from storage.ingest import InstanceMeta, _commit_row_opening_job, _restore_row
+from storage.ingest import (
+    ConflictPolicy,
+    InstanceMeta,
+    StoreOutcome,
+    _commit_row_opening_job,
+    _restore_row,
+    store_instance,
+)
+from storage.instance_store import InstanceStore
 from storage.jobs import RoutingOutcome, complete_series, load_job
 from storage.models import EventKind, Instance, Job, JobState, Series, Study, utcnow
 from storage.schema import _config, current_revision, head_revision, upgrade
@@ -223,3 +235,54 @@ def test_upgrade_from_0004_settles_duplicate_received_jobs(job_store_url: str) -
         series = session.get(Series, 2)
         session.add(Job(series=series, study_uid="1.2.3", series_uid="1.2.3.2", state=JobState.RECEIVED))
     db.dispose()
+
+
+def test_a_replacement_and_a_new_instance_opening_the_delivery_at_once_open_one_job(
+    job_store_url: str, tmp_path: Path, monkeypatch
+) -> None:
+    """`_replace` (a correction of an evaluated series, conflict policy `replace`) races the first
+    new instance of the series: one new job, and the routed one is cancelled as superseded."""
+    db, store = Database(job_store_url), InstanceStore(tmp_path / "data")
+    base = Path(str(get_testdata_file("MR_small.dcm")))
+    send(db, store, base, ConflictPolicy.REPLACE)
+    with db.session() as session:
+        series_id = session.scalars(select(Series.id)).one()
+    routed = complete_series(db, series_id, RoutingOutcome("brain-mr", "default", [], "test"))
+    corrected = pydicom.dcmread(base)
+    corrected.PatientName = "Corrected^Name"
+    corrected.save_as(tmp_path / "corrected.dcm")
+    another = pydicom.dcmread(base)
+    another.SOPInstanceUID = another.SOPInstanceUID + ".2"
+    another.save_as(tmp_path / "another.dcm")
+    met = interleaved(monkeypatch)
+    outcomes: list[StoreOutcome] = []
+    errors = run_both(
+        lambda: outcomes.append(send(db, store, tmp_path / "corrected.dcm", ConflictPolicy.REPLACE)),
+        lambda: outcomes.append(send(db, store, tmp_path / "another.dcm", ConflictPolicy.REPLACE)),
+    )
+    assert errors == [] and len(met) == 2
+    assert sorted(o.value for o in outcomes) == ["conflict", "stored"]
+    assert len(received_jobs(db, series_id)) == 1
+    assert load_job(db, routed).state == JobState.CANCELLED  # it ran on the first version
+    with db.session() as session:
+        assert session.get(Series, series_id).instance_count == 2
+        assert session.scalars(select(Study.patient_name)).one() == "Corrected^Name"
+    db.dispose()
+
+
+def send(db: Database, store: InstanceStore, path: Path, policy: ConflictPolicy) -> StoreOutcome:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    meta = instance_meta(ds, ds.file_meta.TransferSyntaxUID, "PACS", "127.0.0.1")
+    return store_instance(db, store, meta, path.read_bytes(), policy)
+
+
+def test_the_migrations_make_the_index_the_models_declare(job_store_url: str) -> None:
+    engine = make_engine(job_store_url)
+    with engine.begin() as connection:
+        command.upgrade(_config(connection), "head")
+    [index] = [i for i in inspect(engine).get_indexes("jobs") if i["name"] == "uq_jobs_received_series"]
+    engine.dispose()
+    where = next(str(v) for k, v in index["dialect_options"].items() if k.endswith("_where"))
+    assert (index["column_names"], bool(index["unique"]), "'RECEIVED'" in where) == (["series_id"], True, True)
+    [declared] = [i for i in Job.__table__.indexes if i.name == "uq_jobs_received_series"]
+    assert declared.unique and [c.name for c in declared.columns] == ["series_id"]
