@@ -228,24 +228,39 @@ def _restore_row(db: Database, meta: InstanceMeta, relative: str, digest: str, s
     """Point the row of a purged instance, or of one whose file is gone or damaged, at its re-sent
     file. An evaluated series becomes a new delivery (the re-planning case months after retention;
     a job that failed on the damaged file), unless its latest job is still in progress: that job
-    checks the files before it runs, and finds the repaired one (no second delivery of one series)."""
-    with db.session() as session:
-        instance = session.scalars(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)).one()
-        instance.path, instance.sha256, instance.size_bytes = relative, digest, size
-        instance.transfer_syntax_uid, instance.purged_at, instance.received_at = (
-            meta.transfer_syntax_uid,
-            None,
-            utcnow(),
-        )
-        instance.calling_ae_title, instance.source_address = meta.calling_ae_title, meta.source_address
-        series = instance.series
-        latest = _latest_job(session, series.id)
-        evaluated = series.evaluated_at is not None and series.evaluated_at >= series.last_received_at
-        if evaluated and latest is not None and latest.state in _IN_PROGRESS:
-            return  # the series stays evaluated: its job in progress reads the repaired file
-        if evaluated:
-            open_job_on_first_instance(session, series, meta.study_uid, meta.patient_id)
-        series.last_received_at = utcnow()
+    checks the files before it runs, and finds the repaired one (no second delivery of one series).
+
+    Retried once when another instance opened the delivery's job meanwhile (the one
+    `received` job per series, `models.Job`): the retry joins that job. The job is inserted
+    before the series row is updated, the order `_commit_row_opening_job` writes in, so that
+    on PostgreSQL the two wait for each other instead of deadlocking."""
+    for attempt in range(2):
+        try:
+            with db.session() as session:
+                instance = session.scalars(
+                    select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid)
+                ).one()
+                series = instance.series
+                latest = _latest_job(session, series.id)
+                evaluated = series.evaluated_at is not None and series.evaluated_at >= series.last_received_at
+                # A job in progress reads the repaired file: the series stays evaluated, no new delivery.
+                joins_job = evaluated and latest is not None and latest.state in _IN_PROGRESS
+                if evaluated and not joins_job:
+                    open_job_on_first_instance(session, series, meta.study_uid, meta.patient_id)
+                    session.flush()
+                instance.path, instance.sha256, instance.size_bytes = relative, digest, size
+                instance.transfer_syntax_uid, instance.purged_at, instance.received_at = (
+                    meta.transfer_syntax_uid,
+                    None,
+                    utcnow(),
+                )
+                instance.calling_ae_title, instance.source_address = meta.calling_ae_title, meta.source_address
+                if not joins_job:
+                    series.last_received_at = utcnow()
+            return
+        except IntegrityError:
+            if attempt == 1:
+                raise
 
 
 _SERIES: Table = Series.__table__  # type: ignore[assignment]  # declarative tables are Tables
@@ -458,7 +473,12 @@ def instance_row(meta: InstanceMeta, series: Series, relative: str, digest: str,
 
 def _commit_row_opening_job(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:
     """Insert the first instance row of a series or delivery, with its job; retry once if
-    another thread created the study/series."""
+    another thread created the study/series or opened the delivery's job meanwhile.
+
+    Two first instances stored at once both find no job and insert one; the schema allows one
+    `received` job per series (`models.Job`), so the second insert fails. The retry reads the
+    series again: no longer evaluated (the first one's row moved `last_received_at`), so its
+    instance joins that delivery and no second job is opened."""
     for attempt in range(2):
         try:
             with db.session() as session:
@@ -551,52 +571,63 @@ def _replace(
         store.keep_copy(stored_path, previous)
     try:
         store.keep(incoming, stored_path)  # readers see the old version or the new one, never no file
-        with db.session() as session:
-            instance = session.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).one()
-            instance.sha256, instance.size_bytes, instance.transfer_syntax_uid = (
-                incoming.sha256,
-                incoming.size,
-                meta.transfer_syntax_uid,
-            )
-            instance.sop_class_uid, instance.received_at = meta.sop_class_uid, utcnow()
-            instance.calling_ae_title, instance.source_address = meta.calling_ae_title, meta.source_address
-            series = instance.series
-            latest = _latest_job(session, series.id)  # before a new delivery's job exists
-            if _STUDY_KEYWORDS.intersection(diff.keywords):
-                study = series.study
-                study.patient_id, study.patient_name = meta.patient_id, meta.patient_name
-                study.study_date, study.accession_number = meta.study_date, meta.accession_number
-            if _SERIES_KEYWORDS.intersection(diff.keywords):
-                series.modality, series.series_description = meta.modality, meta.series_description
-            material = diff.material
-            text = f"{diff.describe()}; replace: the new version is the instance now, "
-            text += (
-                "the previous one is kept under conflicts/<SOP Instance UID>/; " if had_file else "its file was lost; "
-            )
-            if material:
-                evaluated = series.evaluated_at is not None and series.evaluated_at >= series.last_received_at
-                if evaluated and latest is not None:  # this job's outputs used the first version
-                    new_job = open_job_on_first_instance(session, series, meta.study_uid, meta.patient_id)
-                    session.flush()
-                    cancelled = cancel_superseded(session, series.id, new_job)
-                    if cancelled:
-                        log.info("store.superseded_jobs_cancelled", jobs=cancelled, new_job=new_job.id)
-                    event_row(
-                        session,
-                        latest,
-                        EventKind.CONFLICT,
-                        f"instance {uid} re-sent with other content: "
-                        f"{text}the series is evaluated again as a new delivery: job {new_job.id}",
+        # Once more when another instance opened the delivery's job meanwhile (one `received`
+        # job per series, `models.Job`): the retry finds it open and joins it.
+        for attempt in range(2):
+            try:
+                with db.session() as session:
+                    instance = session.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).one()
+                    instance.sha256, instance.size_bytes, instance.transfer_syntax_uid = (
+                        incoming.sha256,
+                        incoming.size,
+                        meta.transfer_syntax_uid,
                     )
-                    latest = new_job
-                elif latest is not None and latest.state == JobState.RECEIVED:  # a new delivery is open already
-                    cancel_superseded(session, series.id, latest)  # e.g. a job held before more slices came
-                series.last_received_at = utcnow()
-                text += "the series is evaluated again as a new delivery after the quiet period"
-            else:
-                text += "only when and by whom the file was made changed, so the series is not evaluated again"
-            if latest is not None:
-                _conflict_event(session, latest, uid, text)
+                    instance.sop_class_uid, instance.received_at = meta.sop_class_uid, utcnow()
+                    instance.calling_ae_title, instance.source_address = meta.calling_ae_title, meta.source_address
+                    series = instance.series
+                    latest = _latest_job(session, series.id)  # before a new delivery's job exists
+                    if _STUDY_KEYWORDS.intersection(diff.keywords):
+                        study = series.study
+                        study.patient_id, study.patient_name = meta.patient_id, meta.patient_name
+                        study.study_date, study.accession_number = meta.study_date, meta.accession_number
+                    material = diff.material
+                    text = f"{diff.describe()}; replace: the new version is the instance now, "
+                    text += (
+                        "the previous one is kept under conflicts/<SOP Instance UID>/; "
+                        if had_file
+                        else "its file was lost; "
+                    )
+                    if material:
+                        evaluated = series.evaluated_at is not None and series.evaluated_at >= series.last_received_at
+                        if evaluated and latest is not None:  # this job's outputs used the first version
+                            new_job = open_job_on_first_instance(session, series, meta.study_uid, meta.patient_id)
+                            session.flush()
+                            cancelled = cancel_superseded(session, series.id, new_job)
+                            if cancelled:
+                                log.info("store.superseded_jobs_cancelled", jobs=cancelled, new_job=new_job.id)
+                            event_row(
+                                session,
+                                latest,
+                                EventKind.CONFLICT,
+                                f"instance {uid} re-sent with other content: "
+                                f"{text}the series is evaluated again as a new delivery: job {new_job.id}",
+                            )
+                            latest = new_job
+                        elif latest is not None and latest.state == JobState.RECEIVED:  # a new delivery is open already
+                            cancel_superseded(session, series.id, latest)  # e.g. a job held before more slices came
+                        series.last_received_at = utcnow()
+                        text += "the series is evaluated again as a new delivery after the quiet period"
+                    else:
+                        text += "only when and by whom the file was made changed, so the series is not evaluated again"
+                    # The series row is written after the job is inserted (the order of `_commit_row_opening_job`).
+                    if _SERIES_KEYWORDS.intersection(diff.keywords):
+                        series.modality, series.series_description = meta.modality, meta.series_description
+                    if latest is not None:
+                        _conflict_event(session, latest, uid, text)
+                break
+            except IntegrityError:
+                if attempt == 1:
+                    raise
     except BaseException:  # the sender gets a failure status; the first version is back
         if had_file:
             store.keep_copy(previous, stored_path)

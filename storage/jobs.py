@@ -136,7 +136,11 @@ def get_job(session: Session, job_id: int) -> Job:
 
 
 def open_job_on_first_instance(session: Session, series: Series, study_uid: str, patient_id: str | None) -> Job:
-    """The `received` job of a series, created when its first new instance arrives."""
+    """The `received` job of a series, created when its first new instance arrives.
+
+    Look, then insert: two first instances stored at once can both insert. The schema keeps one
+    `received` job per series (`models.Job`), so the later flush raises `IntegrityError`; the
+    callers (`storage.ingest`) retry their transaction, which then finds this job and joins it."""
     job = session.scalar(select(Job).where(Job.series_id == series.id, Job.state == JobState.RECEIVED))
     if job is None:
         job = Job(

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -195,6 +196,20 @@ class Job(Base):
     )
     exports: Mapped[list[Export]] = relationship(
         back_populates="job", order_by="Export.id", cascade="all, delete-orphan"
+    )
+
+    # At most one `received` job per series (the open delivery): two first instances of a new
+    # delivery over parallel associations both look for it and may both insert one; the second
+    # insert fails here and its retry joins the first (`storage.ingest._commit_row_opening_job`).
+    # The enum is stored by name. Migration 0005 adds it.
+    __table_args__ = (
+        Index(
+            "uq_jobs_received_series",
+            "series_id",
+            unique=True,
+            sqlite_where=text("state = 'RECEIVED'"),
+            postgresql_where=text("state = 'RECEIVED'"),
+        ),
     )
 
 

@@ -22,7 +22,8 @@
   retention after it) is marked purged (`purged_at`) and reported, so that a
   later re-send of the instance is stored again instead of answered as a
   duplicate.
-- Nothing is deleted. A file that cannot be read, or whose UIDs do not match
+- Nothing is deleted. A file that cannot be read, is cut short (`incomplete`:
+  a power cut before its data was flushed), or whose UIDs do not match
   its path, is moved to `unindexed/` (same relative path) and reported: left
   under `instances/` without a row, start-up would remove it as a
   never-acknowledged leftover.
@@ -52,12 +53,14 @@ from __future__ import annotations
 import json
 import re
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select, text, update
@@ -128,11 +131,14 @@ def reindex(
             report.known += 1
             continue
         try:
+            cut = incomplete(path)
+            if cut is not None:
+                raise ValueError(f"incomplete file (cut short, e.g. by a power cut): {cut}")
             meta = read_meta(path)
             expected = store.instance_path(meta.study_uid, meta.series_uid, meta.sop_instance_uid)
             if expected != relative:
                 raise ValueError(f"its UIDs place it at {expected}")
-        except Exception as exc:  # unreadable header, missing or invalid UIDs
+        except Exception as exc:  # incomplete or unreadable file, missing or invalid UIDs
             report.unreadable.append((relative, f"{exc.__class__.__name__}: {exc}"))
             if not dry_run:
                 store.move(relative, f"{UNINDEXED_DIR}/{relative}")
@@ -152,6 +158,61 @@ def reindex(
         report.store_id = on_disk or in_db or uuid.uuid4().hex
         bind(db, store, report.store_id)
     return report
+
+
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_DATA = 0x7FE00010
+
+
+def incomplete(path: Path) -> str | None:
+    """Why the instance file is cut short, or None when every value it declares is whole.
+
+    Why: a file renamed into place whose data a power cut did not flush can be short, and
+    pydicom reads such a file without an error (native Pixel Data cut short reads silently; an
+    encapsulated one only warns), so reindex would record a damaged instance as good. Read with
+    `defer_size` (values are not loaded, only their positions): every top-level element's value
+    must end within the file, and the last one at its end (else a cut element header follows);
+    pydicom's end-of-file warning for an undefined-length value (encapsulated Pixel Data, no
+    delimiter) counts as cut; native Pixel Data must hold Rows x Columns x Samples per Pixel x
+    Bits Allocated / 8 x Number of Frames bytes; an image without Pixel Data (a file cut at an
+    element boundary before it) is cut. A file cut only in its trailing padding, or in the last
+    four bytes of an encapsulated Pixel Data's delimiter, has every value and is not refused.
+    Raises what pydicom raises for a file it cannot read at all. Catching warnings changes
+    process-wide state: call it from one thread (reindex runs alone)."""
+    size = path.stat().st_size
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(path, defer_size=1024)
+    for warning in caught:
+        if "End of file" in str(warning.message):
+            return str(warning.message)
+    tags = sorted(ds.keys())
+    if not tags:
+        return "no data set elements after the file meta information"
+    pixel_length = None
+    for tag in tags:
+        element = ds.get_item(tag, keep_deferred=True)
+        tell, length = getattr(element, "value_tell", None), getattr(element, "length", None)
+        if tell is None or length is None or length == _UNDEFINED_LENGTH:
+            continue  # an undefined-length value: read to its delimiter, or warned about above
+        name = f"{element.tag} {keyword_for_tag(tag)}".rstrip()
+        if tell + length > size:
+            return f"element {name} needs {tell + length} bytes, the file has {size}"
+        if tag == tags[-1] and tell + length < size:
+            return f"{size - tell - length} bytes after the last whole element {name} (a cut element header)"
+        if tag == _PIXEL_DATA:
+            pixel_length = length
+    sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    image = sop_class is not None and pydicom.uid.UID(str(sop_class)).name.endswith("Image Storage")
+    if _PIXEL_DATA not in ds and (image or "Rows" in ds):
+        return "no Pixel Data"
+    if pixel_length is not None and "Rows" in ds and "Columns" in ds and "BitsAllocated" in ds:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        bits = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * frames * int(ds.BitsAllocated)
+        expected = (bits + 7) // 8
+        if pixel_length < expected:
+            return f"Pixel Data has {pixel_length} bytes, its rows, columns and frames need {expected}"
+    return None
 
 
 def _add_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> bool:

@@ -37,8 +37,9 @@ REINDEX_HELP = (
     "from now on start a new delivery. With --route each such series gets a job and is routed, processed "
     "and delivered again after the quiet period. The job history is not recovered, but the revisions of the "
     "results are: the output files under <data_dir>/outputs/ get their rows (and their job a row under its own "
-    "id), so a re-run supersedes the latest of them. Nothing is deleted: unreadable instance files are moved to "
-    "<data_dir>/unindexed/. Exit status 1 when some files could not be indexed."
+    "id), so a re-run supersedes the latest of them. Nothing is deleted: unreadable instance files, and those cut "
+    "short (e.g. by a power cut), are moved to <data_dir>/unindexed/. Exit status 1 when some files could not be "
+    "indexed."
 )
 _LISTED = 20  # rows without a file listed by path; a purge after the backup may leave thousands
 

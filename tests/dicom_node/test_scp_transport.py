@@ -159,3 +159,41 @@ def test_instances_after_evaluation_open_a_new_job(start_node, mr_series):
         jobs = session.scalar(select(func.count()).select_from(Job))
     assert series.instance_count == 8
     assert jobs == 2
+
+
+def test_an_evaluated_series_re_sent_over_two_associations_at_once_opens_one_job(start_node, mr_series, monkeypatch):
+    """Both associations' first instance of the new delivery look for its job before either opens one
+    (staged: each waits after its look for the other's), and still one job is opened (schema revision 0005)."""
+    import storage.ingest as ingest
+
+    node = start_node()
+    port = node.address[1]
+    assert storescu(port, mr_series[:4]).returncode == 0
+    with node.db.session() as session:
+        session.execute(update(Series).values(evaluated_at=utcnow()))  # what the watcher does,
+        session.execute(update(Job).values(state=JobState.REJECTED))  # with a rule that matched nothing
+    barrier, met, first = threading.Barrier(2, timeout=20), [], threading.local()
+    real = ingest.open_job_on_first_instance
+
+    def looking_together(*args):
+        job = real(*args)
+        if not getattr(first, "done", False):
+            first.done = True
+            barrier.wait()
+            met.append(threading.current_thread().name)
+        return job
+
+    monkeypatch.setattr(ingest, "open_job_on_first_instance", looking_together)
+    statuses: list[int] = []
+    threads = [threading.Thread(target=_send, args=(port, mr_series[4 + k :: 2], statuses)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert statuses == [status_codes.SUCCESS] * (len(mr_series) - 4)
+    assert len(met) == 2  # the two first instances raced
+    with node.db.session() as session:
+        series = session.scalars(select(Series)).one()
+        states = sorted(j.state.value for j in session.scalars(select(Job)))
+    assert series.instance_count == len(mr_series)
+    assert states == ["received", "rejected"]

@@ -191,3 +191,25 @@ def test_after_restoring_an_older_backup_rows_of_purged_files_are_marked_purged(
     with db.session() as session:
         assert session.scalars(select(Instance)).one().purged_at is None
     db.dispose()
+
+
+def test_an_instance_file_cut_short_is_not_indexed_and_is_reported(lost_database, job_store_url) -> None:
+    """A file a power cut left short (its Pixel Data cut) reads without an error, but gets no row: it is
+    moved aside with the reason, like an unreadable one (the CLI exits 1 for it)."""
+    store = lost_database
+    db = Database(job_store_url)
+    short = sorted(instance_files(store).values())[3]
+    whole = short.read_bytes()
+    short.write_bytes(whole[: len(whole) - 1000])
+    pydicom.dcmread(short)  # pydicom takes it as it is
+
+    report = reindex(db, store, stored_instance_meta)
+
+    relative = short.relative_to(store.root).as_posix()
+    assert (report.files, report.added) == (30, 29)
+    assert [path for path, _ in report.unreadable] == [relative]
+    assert "incomplete file" in report.unreadable[0][1] and "(7FE0,0010) PixelData" in report.unreadable[0][1]
+    assert relative not in stored_instance_paths(db)
+    aside = store.root / "unindexed" / relative
+    assert not short.exists() and aside.read_bytes() == whole[: len(whole) - 1000]
+    db.dispose()
