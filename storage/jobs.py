@@ -709,8 +709,9 @@ def cancel_superseded(session: Session, series_id: int, new_job: Job) -> list[in
                 session,
                 job,
                 EventKind.LOG,
-                f"{SUPERSEDED_WHILE_RUNNING} {new_job.id} (instances of the series were replaced by corrected"
-                " versions): if this attempt ends held, it is cancelled; its result is never released",
+                f"{SUPERSEDED_WHILE_RUNNING} {new_job.id} (attempt {job.attempts}; instances of the series were"
+                " replaced by corrected versions): if this attempt ends held, it is cancelled; its result is never"
+                " released",
             )
     return cancelled
 
@@ -723,21 +724,24 @@ def _held_reason(state: JobState, reason: str) -> str:
 
 
 def _superseding_job(session: Session, job: Job) -> int | None:
-    """The job that superseded `job`'s current attempt while it ran (`cancel_superseded`), None if none."""
-    marker = session.scalar(
+    """The job that superseded `job`'s current attempt while it ran (`cancel_superseded`), None if none.
+
+    Matched by the attempt number in the marker, not by time: the marker is stamped on the
+    receiving host and `started_at` on the worker's, whose clocks may differ."""
+    markers = session.scalars(
         select(JobEvent.message)
         .where(
             JobEvent.job_id == job.id,
             JobEvent.kind == EventKind.LOG,
             JobEvent.message.startswith(SUPERSEDED_WHILE_RUNNING),
-            JobEvent.at >= job.started_at,
         )
         .order_by(JobEvent.id.desc())
-        .limit(1)
     )
-    if marker is None:
-        return None
-    return int(marker[len(SUPERSEDED_WHILE_RUNNING) :].split()[0])
+    for marker in markers:
+        words = marker[len(SUPERSEDED_WHILE_RUNNING) :].replace("(", " ").replace(";", " ").split()
+        if words[1:3] == ["attempt", str(job.attempts)]:
+            return int(words[0])
+    return None
 
 
 def _because(note: str) -> str:

@@ -440,7 +440,7 @@ def _restore_jobs(
                     _restore_job(session, store, read_meta, job_id, files)
             elif job.attempts < attempts and not dry_run:  # a backup older than its last attempts:
                 job.attempts = attempts  # its next attempt must not write into an existing attempt's folder
-    if report.jobs_restored and not dry_run:
+    if not dry_run:  # also when an interrupted earlier run already restored the jobs
         _after_explicit_ids(db)
     return sorted(usable, key=lambda o: o.order)
 
@@ -531,7 +531,12 @@ def _after_explicit_ids(db: Database) -> None:
     if db.engine.dialect.name != "postgresql":
         return
     with db.session() as session:
-        session.execute(text("SELECT setval(pg_get_serial_sequence('jobs', 'id'), (SELECT max(id) FROM jobs))"))
+        sequence = session.scalar(text("SELECT pg_get_serial_sequence('jobs', 'id')"))
+        last, called = session.execute(text(f"SELECT last_value, is_called FROM {sequence}")).one()
+        handed_out = last if called else last - 1  # a fresh sequence hands out `last_value` next
+        highest = session.scalar(text("SELECT max(id) FROM jobs")) or 0
+        if highest > handed_out:  # never backwards: ids already handed out stay used
+            session.execute(text("SELECT setval(:sequence, :value)"), {"sequence": sequence, "value": highest})
 
 
 def _add_outputs(db: Database, outputs: list[OutputFile]) -> None:

@@ -441,6 +441,22 @@ def test_a_job_running_when_its_series_is_replaced_is_cancelled_if_it_ends_held(
     assert f"superseded by job {second}" in _refused_release(db, first)
 
 
+def test_the_superseded_while_running_marker_holds_across_clock_skew(stores, tmp_path: Path) -> None:
+    """The marker is stamped on the receiving host, the attempt's start on the worker's: a worker
+    clock ahead of the receiver's must not make the held attempt releasable (matched by attempt)."""
+    db, store = stores
+    send(db, store, BASE)
+    first = complete_series(db, 1, RoutingOutcome("r", "default", ["tps"], "test"))
+    assert claim_next_job(db, "worker-1") == first
+    send(db, store, edited(tmp_path, "c.dcm", PatientID="NEW"), ConflictPolicy.REPLACE)
+    with db.session() as session:  # the worker's clock five minutes ahead of the receiving host's
+        session.get(Job, first).started_at = utcnow() + timedelta(minutes=5)
+
+    _hold_claimed(db, first)
+
+    assert jobs(db)[0] == (first, JobState.CANCELLED)
+
+
 def test_a_held_job_is_cancelled_by_a_replacement_after_more_slices_opened_a_new_delivery(
     stores, tmp_path: Path
 ) -> None:

@@ -213,3 +213,33 @@ def test_an_instance_file_cut_short_is_not_indexed_and_is_reported(lost_database
     aside = store.root / "unindexed" / relative
     assert not short.exists() and aside.read_bytes() == whole[: len(whole) - 1000]
     db.dispose()
+
+
+@pytest.mark.parametrize("sequence_state", ["fresh", "behind"])
+def test_the_job_id_sequence_is_moved_past_jobs_restored_under_their_own_ids(
+    job_store_url, sequence_state, tmp_path
+) -> None:
+    """Reindex recreates jobs under their ids; PostgreSQL's sequence does not see them. A re-run
+    after an interrupted reindex restores none, yet must still move the sequence past them, or
+    every new job (and every first C-STORE of a new series) collides with a restored id."""
+    DONE = JobState.DONE
+    db = Database(job_store_url)
+    with db.session() as session:
+        study = Study(study_uid="1.2.826.0.1.77")
+        series = Series(series_uid="1.2.826.0.1.77.1", study=study)
+        session.add_all([study, series])
+        session.flush()
+        if sequence_state == "behind":  # a job made normally, then one restored with a higher id
+            session.add(Job(series_id=series.id, study_uid=study.study_uid, series_uid=series.series_uid, state=DONE))
+        session.add(Job(id=7, series_id=series.id, study_uid=study.study_uid, series_uid=series.series_uid, state=DONE))
+    store = InstanceStore(tmp_path / "data")
+    check_and_bind(db, store)
+    reindex(db, store, stored_instance_meta)  # the re-run after one interrupted once it had restored job 7
+    reindex(db, store, stored_instance_meta)  # and again: never moves the sequence backwards
+    with db.session() as session:
+        series_id = session.scalars(select(Series.id)).one()
+        new = Job(series_id=series_id, study_uid="1.2.826.0.1.77", series_uid="1.2.826.0.1.77.1", state=DONE)
+        session.add(new)
+        session.flush()
+        assert new.id == 8
+    db.dispose()
