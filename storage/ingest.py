@@ -147,9 +147,12 @@ def store_instance(
                 if intact and existing.sha256 == digest:
                     store.sync(existing.path)  # a crashed process may have committed it before its fsync
                     return StoreOutcome.DUPLICATE
-                if intact or existing.path != relative:
+                if existing.sha256 != digest and (
+                    intact or existing.path != relative or conflict_policy is ConflictPolicy.REPLACE
+                ):  # other content: a correction (`replace` also completes an interrupted one)
                     return _resolve_conflict(db, store, meta, incoming, existing.path, existing.sha256, conflict_policy)
-                # Its file is gone or damaged (a power cut, a restored backup): no intact version to keep.
+                # Its file is gone or damaged (a power cut, a restored backup) and this is the same
+                # instance, or under keep-first there is no intact first version to keep: stored again.
             if existing is not None:
                 store.place(incoming, relative)  # fsync'd before the row (rare path)
                 try:
