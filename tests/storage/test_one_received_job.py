@@ -253,7 +253,11 @@ def test_a_replacement_and_a_new_instance_opening_the_delivery_at_once_open_one_
     corrected.PatientName = "Corrected^Name"
     corrected.save_as(tmp_path / "corrected.dcm")
     another = pydicom.dcmread(base)
-    another.SOPInstanceUID = another.SOPInstanceUID + ".2"
+    stripe = hash(str(another.SOPInstanceUID)) % len(ingest._LOCKS)
+    suffix = 2  # a SOP UID on another stripe of the per-UID lock (str hashes vary per process): on the
+    while hash(f"{another.SOPInstanceUID}.{suffix}") % len(ingest._LOCKS) == stripe:  # same one, the two
+        suffix += 1  # would queue one behind the other, and the staged race would wait out its barrier
+    another.SOPInstanceUID = f"{another.SOPInstanceUID}.{suffix}"
     another.save_as(tmp_path / "another.dcm")
     met = interleaved(monkeypatch)
     outcomes: list[StoreOutcome] = []
