@@ -202,7 +202,7 @@ def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, 
 def test_demo_command_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "dicom_node.cli", "demo", "--out", str(out), "--matrix", "128", "--slices", "32"],
+        [sys.executable, "-m", "dicom_node.cli", "demo", "--out", str(out), "--matrix", "96", "--slices", "20"],
         capture_output=True,
         text=True,
         timeout=600,
