@@ -132,8 +132,44 @@ def firing_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+# Test files that run for minutes, longest first (slow tier, `--durations`, on 2 cores). They are
+# handed to the xdist workers before every other file: under `--dist loadfile` a file runs whole on
+# one worker, and one of minutes started when the other worker has little left is the run's tail.
+# xdist's own order (files by number of tests, most first) put these one- and few-test files last.
+LONG_RUNNING_FILES = (
+    "tests/reliability/test_crash_safety.py",
+    "tests/e2e/test_end_to_end.py",
+    "tests/reliability/test_worker_processes.py",
+    "tests/inference/test_training.py",
+    "tests/inference/test_demo_model.py",
+    "tests/dicom_node/test_reruns.py",
+    "tests/reliability/test_bad_input.py",
+    "tests/inference/test_pipeline.py",
+    "tests/dicom_node/http/test_demo_dashboard.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Files go to the xdist workers in the order `pytest_collection_modifyitems` leaves them."""
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's `--loadscope-reorder`, on by default
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The fast tier (`-m "not slow"`) leaves out whole folders that start real services and peers."""
+    """The fast tier (`-m "not slow"`) leaves out whole folders that start real services and peers.
+
+    Items are ordered by file: `LONG_RUNNING_FILES` first, longest first, then the other files by
+    number of tests, most first (xdist's own order), each file's tests in their own order.
+    """
     for item in items:
         if {"e2e", "reliability"} & set(item.path.parts):
             item.add_marker(pytest.mark.slow)
+    root = config.rootpath
+    by_file: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_file.setdefault(
+            item.path.relative_to(root).as_posix() if item.path.is_relative_to(root) else str(item.path), []
+        ).append(item)
+    long_rank = {name: rank for rank, name in enumerate(LONG_RUNNING_FILES)}
+    order = sorted(by_file, key=lambda name: (long_rank.get(name, len(long_rank)), -len(by_file[name])))
+    items[:] = [item for name in order for item in by_file[name]]

@@ -13,12 +13,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pydicom
 import pytest
 
 from dicom_node.peers import ReceivingNode, free_port, send_series
+from storage.exports import due_exports
 from storage.jobs import claim_next_job, list_jobs, load_job
 from storage.models import JobState
 from tests.dicom_node.conftest import EXAMPLE_CONFIG, wait_for
@@ -69,7 +69,8 @@ def test_held_result_reaches_no_tps_until_released_and_cancel_ends_another(
     assert job.summary["plausibility"]["held"] is True
     count = len(job.summary["lesions"])
     assert job.exports == [] and load_job(node.db, second.id).exports == []
-    time.sleep(3)  # several exporter rounds: still nothing may leave the node
+    # An exporter round now (not a wait for the scheduled ones): nothing of the held jobs is due.
+    assert node.exporter.run_once() == 0 and due_exports(node.db) == []
     assert tps.received() == []
 
     shown = cli(node_env, "jobs", "show", str(first.id))
@@ -95,7 +96,7 @@ def test_held_result_reaches_no_tps_until_released_and_cancel_ends_another(
     again = cli(node_env, "jobs", "release", str(second.id))
     assert again.returncode == 2 and "only a held job can be released" in again.stderr
     assert "Traceback" not in again.stderr
-    time.sleep(2)
+    assert job.exports == [] and node.exporter.run_once() == 0 and due_exports(node.db) == []
     assert len(tps.received()) == 2  # the cancelled job sent nothing
 
 

@@ -7,7 +7,6 @@ and a SIGKILL during inference followed by a restart completes the job once.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from storage.jobs import list_jobs, load_job
 from storage.models import EventKind, JobState
 from tests.dicom_node.conftest import require_tool, start_storescp, storescu, wait_for
 from tests.helpers.dciodvfy import dciodvfy_messages
+from tests.helpers.node_processes import NodeProcess
 
 EXPECTED_STAGES = {"load", "preprocess", "model", "postprocess", "write outputs"}
 
@@ -146,15 +146,6 @@ def test_corrupt_series_fails_with_reason_and_next_study_completes(start_node, t
     assert len(received_by_modality(tps_folder).get("RTSTRUCT", [])) == 1
 
 
-def serve_process(config: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
-        env={**os.environ, **env},
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-
-
 def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, tps, tmp_path, study):
     tps_port, tps_folder = tps
     port = free_port()
@@ -171,7 +162,7 @@ def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, 
     files = study(3404, "E2EKILL", matrix=128, slices=40)
 
     log = tmp_path / "serve.log"
-    process = serve_process(config, env, log)
+    process = NodeProcess(["serve", "--config", str(config)], log, {**os.environ, **env})
     try:
         wait_for(
             lambda: (
@@ -185,18 +176,16 @@ def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, 
         assert storescu(port, files).returncode == 0
         wait_for(lambda: any(j.state == JobState.RUNNING for j in list_jobs(db)), timeout=120, interval=0.05)
         time.sleep(0.5)  # inside the pipeline (model loading / preprocessing)
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
+        process.kill()
         (job,) = list_jobs(db)
         assert job.state == JobState.RUNNING  # killed mid-run: nothing got further
 
-        process = serve_process(config, env, log)
+        process.start()  # the restart, on the same data dir
         done = wait_for(
             lambda: (j := list_jobs(db)[0]).state in (JobState.DONE, JobState.FAILED) and j, timeout=300, interval=0.5
         )
     finally:
-        process.terminate()
-        process.wait(30)
+        process.stop()
     job = load_job(db, done.id)
     assert job.state == JobState.DONE, job.reason
     assert job.attempts == 2
@@ -213,7 +202,7 @@ def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, 
 def test_demo_command_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(
-        [sys.executable, "-m", "dicom_node.cli", "demo", "--out", str(out), "--matrix", "128", "--slices", "32"],
+        [sys.executable, "-m", "dicom_node.cli", "demo", "--out", str(out), "--matrix", "96", "--slices", "20"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -1,7 +1,8 @@
 """`dicom-node serve` and `dicom-node worker` processes as an operator starts them, sharing one data
 dir and one job store (SQLite or PostgreSQL), with a DCMTK storescp (or pynetdicom) as the TPS.
 
-Used by tests/reliability/test_worker_processes.py (issues #16, #19) and bench/workers.py.
+Used by tests/reliability/test_worker_processes.py (issues #16, #19), test_crash_safety.py,
+test_receive_memory.py, tests/e2e and bench/workers.py: the one place a test starts a node process.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from inference.model.package import MANIFEST_NAME
 from inference.plausibility import PlausibilityBounds
 from storage.database import Database, application_name
 from storage.jobs import load_job
-from storage.models import Job, JobState
+from storage.models import DELIVERED_EXPORT_STATES, SETTLED_STATES, UNSETTLED_EXPORT_STATES, Export, Job, JobState
 from tests.dicom_node.conftest import wait_for
 from tests.helpers.models import make_tiny_package
 
@@ -90,16 +91,41 @@ def make_contouring_model(folder: Path) -> Path:
     return folder
 
 
-class NodeProcess:
-    """One `dicom-node` command in its own process (session), its output in a log file."""
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any `DICOM_NODE*` setting (the config file decides), plus `extra`."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE")} | extra
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str]) -> None:
-        self.log = log
+
+class NodeProcess:
+    """One `dicom-node` command in its own process (session), its output appended to a log file.
+
+    Started at construction unless `start=False`; `start` again after `kill` or `stop` runs the same
+    command anew (a restart on the same port and data dir)."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str], *, start: bool = True) -> None:
+        self.args, self.log, self.env = args, log, env
+        self._popen: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        assert not self.alive(), "already running"
         executable = Path(sys.executable).parent / "dicom-node"
-        with open(log, "ab") as out:
-            self.popen = subprocess.Popen(
-                [str(executable), *args], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        with open(self.log, "ab") as out:
+            self._popen = subprocess.Popen(
+                [str(executable), *self.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
             )
+        self.starts += 1
+
+    @property
+    def popen(self) -> subprocess.Popen[bytes]:
+        assert self._popen is not None, "never started"
+        return self._popen
 
     @property
     def pid(self) -> int:
@@ -116,7 +142,7 @@ class NodeProcess:
         return None
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        return self._popen is not None and self._popen.poll() is None
 
     def terminate(self) -> None:
         """Ask it to stop (resumed first if paused); `stop` waits for it."""
@@ -125,6 +151,7 @@ class NodeProcess:
             self.popen.send_signal(signal.SIGTERM)
 
     def stop(self) -> int:
+        """SIGTERM, then its exit status (SIGKILLed if it has not stopped within 60 s)."""
         if self.alive():
             self.terminate()
             try:
@@ -132,6 +159,12 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
         return self.popen.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: nothing of it runs any more) and reap it."""
+        if self.alive():
+            self.popen.kill()
+        self.popen.wait(10)
 
 
 class Cluster:
@@ -148,8 +181,7 @@ class Cluster:
                 port=self.port, data_dir=self.data_dir, database_url=database_url, lease_s=lease_s, tps_port=tps_port
             )
         )
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE")}
-        self.env |= {"DICOM_NODE_MODEL": str(model), "OMP_NUM_THREADS": "1"}
+        self.env = clean_env(DICOM_NODE_MODEL=str(model), OMP_NUM_THREADS="1")
         self.tps = ReceivingNode(tmp_path / "tps", tps_port)
         self.processes: list[NodeProcess] = []
         self.db = Database(database_url)  # creates the schema before any node process starts
@@ -225,6 +257,31 @@ class Cluster:
             return jobs if len(jobs) >= count and not any(j.state in unfinished for j in jobs) else None
 
         return [load_job(self.db, j.id) for j in wait_for(settled, timeout=timeout, interval=0.3)]
+
+    def exports(self) -> list[Export]:
+        with self.db.session() as session:
+            return list(session.scalars(select(Export).order_by(Export.id)))
+
+    def wait_exports_settled(self, timeout: float = 60) -> list[Export]:
+        """Wait until nothing is left to send, then return every export row.
+
+        Settled: no job unfinished (none can still write outputs), no export row pending or
+        committing (the exporter has nothing left to send), and the TPS holds one object per
+        delivered row. A job runs again only after a claim, which a `done` job never gets, so
+        once this holds no further output of these jobs can reach the TPS: the count the TPS
+        holds is final, not a snapshot taken before a late duplicate arrives.
+        """
+
+        def settled() -> list[Export] | None:
+            if any(job.state not in SETTLED_STATES for job in self.jobs()):
+                return None
+            exports = self.exports()
+            if any(export.state in UNSETTLED_EXPORT_STATES for export in exports):
+                return None
+            delivered = sum(export.state in DELIVERED_EXPORT_STATES for export in exports)
+            return exports if len(self.tps.received()) >= delivered else None
+
+        return wait_for(settled, timeout=timeout, interval=0.1)
 
     def freeze(self, process: NodeProcess) -> None:
         """SIGSTOP `process` at a moment it holds no transaction open; resume it with SIGCONT.

@@ -321,13 +321,14 @@ def test_phantom_lesion_counts_are_drawn_from_the_range(monkeypatch) -> None:
         return real(seed, style=style, **{**SMALL_PHANTOM, "n_lesions": n_lesions or 1})
 
     monkeypatch.setattr(trainer, "generate_phantom", small_phantom)
-    cases = trainer.phantom_cases(8, 40, size=64, free_slice_ratio=0.5, lesions=(2, 3), progress=False)
-    assert len(cases) == 8 and set(asked) == {2, 3}
+    # Seed 40's first four draws are 3, 3, 2, 2: both ends of the range, from as few phantoms as that takes.
+    cases = trainer.phantom_cases(4, 40, size=64, free_slice_ratio=0.5, lesions=(2, 3), progress=False)
+    assert len(cases) == 4 and asked == [3, 3, 2, 2]
     asked.clear()
     trainer.phantom_cases(2, 40, size=64, free_slice_ratio=0.5, progress=False)
     assert asked == [None, None]  # the generator's own count
     trainer.phantom_cases(1, 40, size=64, free_slice_ratio=0.5, style="randomised", progress=False)
-    assert styles == ["classic"] * 10 + ["randomised"]
+    assert styles == ["classic"] * 6 + ["randomised"]
     with pytest.raises(ValueError, match="lowest <= highest"):
         trainer.phantom_cases(2, 40, size=64, free_slice_ratio=0.5, lesions=(3, 2), progress=False)
 

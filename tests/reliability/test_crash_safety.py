@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -35,6 +32,7 @@ from storage.database import Database
 from storage.instance_store import sha256_file
 from storage.models import TERMINAL_STATES, EventKind, Export, ExportState, Instance, Job, JobEvent, JobState
 from tests.dicom_node.conftest import start_storescp
+from tests.helpers.node_processes import NodeProcess, clean_env
 from tests.reliability.conftest import (
     SUCCESS,
     audit_store,
@@ -85,36 +83,12 @@ level = "INFO"
 """
 
 
-class Node:
-    """`dicom-node serve` in its own process; killed with SIGKILL, restarted on the same port."""
-
-    def __init__(self, config: Path, port: int, log: Path, env: dict[str, str]):
-        self.config, self.port, self.log, self.env = config, port, log, env
-        self.process: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> float:
-        begin = time.monotonic()
-        executable = Path(sys.executable).parent / "dicom-node"
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [str(executable), "serve", "--config", str(self.config)],
-                stdout=log,
-                stderr=log,
-                env=self.env,
-                start_new_session=True,
-            )
-        self.starts += 1
-        wait_for(lambda: self.process.poll() is None and echo_ok(self.port), timeout=60, interval=0.1)
-        return time.monotonic() - begin
-
-    def kill(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
+def start_serving(node: NodeProcess, port: int) -> float:
+    """(Re)start `dicom-node serve`; the seconds until it answers a C-ECHO on `port`."""
+    begin = time.monotonic()
+    node.start()
+    wait_for(lambda: node.alive() and echo_ok(port), timeout=60, interval=0.1)
+    return time.monotonic() - begin
 
 
 class Sender(threading.Thread):
@@ -237,8 +211,7 @@ def test_sigkill_while_storing_running_and_exporting_loses_nothing(phantom_facto
     config = tmp_path / "node.toml"
     config.write_text(CONFIG.format(port=port, data_dir=data_dir) + tps_rules(tps_port))
     db_url = f"sqlite:///{data_dir}/dicom-node.db"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE")}
-    env |= {"DICOM_NODE_MODEL": str(tiny_model), "OMP_NUM_THREADS": "1"}
+    env = clean_env(DICOM_NODE_MODEL=str(tiny_model), OMP_NUM_THREADS="1")
     series = [
         [
             phantom_factory(9000 + 50 * s + k, f"CRASH{s}{k:02d}", slices=8 + k % 3, matrix=32)
@@ -250,7 +223,7 @@ def test_sigkill_while_storing_running_and_exporting_loses_nothing(phantom_facto
 
     tps_folder = tmp_path / "tps"
     tps = start_storescp(tps_port, tps_folder)
-    node = Node(config, port, tmp_path / "node.log", env)
+    node = NodeProcess(["serve", "--config", str(config)], tmp_path / "node.log", env, start=False)
     node_up, stop, no_more = threading.Event(), threading.Event(), threading.Event()
     senders = [
         Sender("dcmtk", series[0], port, node_up, stop, no_more, pause_s=3.5),
@@ -260,7 +233,7 @@ def test_sigkill_while_storing_running_and_exporting_loses_nothing(phantom_facto
     orphans_seen = 0
     restart_s: list[float] = []
     try:
-        restart_s.append(node.start())
+        restart_s.append(start_serving(node, port))
         node_up.set()
         began = time.monotonic()
         for sender in senders:
@@ -325,7 +298,7 @@ def test_sigkill_while_storing_running_and_exporting_loses_nothing(phantom_facto
                     "sender_settle_s": settle_s,
                 }
             )
-            restart_s.append(node.start())
+            restart_s.append(start_serving(node, port))
             assert not list((data_dir / "tmp").glob("*.partial")), "partial files survived the restart"
             node_up.set()
 
@@ -350,9 +323,8 @@ def test_sigkill_while_storing_running_and_exporting_loses_nothing(phantom_facto
     finally:
         stop.set()
         node_up.set()
-        if node.process is not None and node.process.poll() is None:
-            node.process.kill()
-            node.process.wait(10)
+        if node.alive():
+            node.kill()
         tps.terminate()
         tps.wait(10)
 

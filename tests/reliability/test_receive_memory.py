@@ -4,10 +4,7 @@ The node runs as its own process (`dicom-node serve`) so its peak RSS (VmHWM) is
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicom_node.peers import free_port
+from tests.helpers.node_processes import NodeProcess, clean_env
 from tests.reliability.conftest import echo_ok, require_tool, wait_for
 
 MiB = 1024 * 1024
@@ -52,24 +50,16 @@ def test_receiving_200_mib_raises_peak_rss_by_at_most_50_mib(tmp_path):
     port = free_port()
     config = tmp_path / "node.toml"
     config.write_text("")  # built-in defaults, overridden below
-    env = {
-        **os.environ,
-        "DICOM_NODE__NODE__PORT": str(port),
-        "DICOM_NODE__STORAGE__DATA_DIR": str(tmp_path / "var"),
-        "DICOM_NODE__NODE__MIN_FREE_DISK_MB": "1",
-        "DICOM_NODE__WORKER__COUNT": "0",
-        "DICOM_NODE__LOGGING__FORMAT": "json",
-    }
-    env.pop("DICOM_NODE_CONFIG", None)
-    log = open(tmp_path / "node.log", "wb")  # noqa: SIM115 - closed below
-    node = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dicom-node"), "serve", "--config", str(config)],
-        stdout=log,
-        stderr=log,
-        env=env,
+    env = clean_env(
+        DICOM_NODE__NODE__PORT=str(port),
+        DICOM_NODE__STORAGE__DATA_DIR=str(tmp_path / "var"),
+        DICOM_NODE__NODE__MIN_FREE_DISK_MB="1",
+        DICOM_NODE__WORKER__COUNT="0",
+        DICOM_NODE__LOGGING__FORMAT="json",
     )
+    node = NodeProcess(["serve", "--config", str(config)], tmp_path / "node.log", env)
     try:
-        wait_for(lambda: node.poll() is None and echo_ok(port), timeout=60)
+        wait_for(lambda: node.alive() and echo_ok(port), timeout=60)
         assert storescu(port, small).returncode == 0  # warm: every code path of a store has run once
         before = peak_rss_mib(node.pid)
         result = storescu(port, big)
@@ -84,6 +74,4 @@ def test_receiving_200_mib_raises_peak_rss_by_at_most_50_mib(tmp_path):
         assert stored.stat().st_size >= 200 * MiB
         assert not list((tmp_path / "var" / "tmp").iterdir())
     finally:
-        node.send_signal(signal.SIGTERM)
-        node.wait(60)
-        log.close()
+        node.stop()

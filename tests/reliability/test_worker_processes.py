@@ -94,8 +94,7 @@ def test_a_second_worker_started_during_a_job_does_not_run_it_again(cluster, pha
         socket.gethostname(),
         None,
     )
-    wait_for(lambda: sum(nodes.received().values()) >= 2)
-    time.sleep(2)  # exporter rounds pass: a second run's outputs would arrive now
+    assert len(nodes.wait_exports_settled()) == 2  # one RTSTRUCT and one SR row: the job's outputs, once
     assert nodes.received() == ONE_SET
 
 
@@ -117,8 +116,7 @@ def test_restarting_serve_does_not_steal_a_job_a_worker_process_is_running(clust
 
     done = nodes.wait_done()
     assert done.attempts == 1 and done.claimed_by == job.claimed_by
-    wait_for(lambda: sum(nodes.received().values()) >= 2)
-    time.sleep(2)  # exporter rounds pass: a second run's outputs would arrive now
+    assert len(nodes.wait_exports_settled()) == 2  # one RTSTRUCT and one SR row: the job's outputs, once
     assert nodes.received() == ONE_SET
 
 
@@ -145,8 +143,7 @@ def test_after_sigkill_the_other_worker_completes_the_job_once_the_lease_expires
     requeued_at = next(e.at for e in done.events if e.kind == EventKind.STATE and "re-queued" in e.message)
     assert requeued_at >= at_kill.lease_expires_at, "re-queued while the lease was still valid"
     assert all("/attempt-2/" in e.path for e in done.exports)
-    wait_for(lambda: sum(nodes.received().values()) >= 2)
-    time.sleep(2)  # exporter rounds pass: a second run's outputs would arrive now
+    assert len(nodes.wait_exports_settled()) == 2  # one RTSTRUCT and one SR row: the job's outputs, once
     assert nodes.received() == ONE_SET
     print(f"\nLEASE: lease_s={lease_s}: job done {time.monotonic() - killed_at:.1f} s after the SIGKILL")
 
@@ -185,8 +182,7 @@ def test_twenty_series_two_workers_each_job_runs_exactly_once(cluster, phantom_f
         assert len(by_worker) == 2 and {holder_pid(j) for j in jobs} == {workers[0].pid}, by_worker
 
     expected = {j.series_uid for j in jobs}
-    wait_for(lambda: sum(nodes.received().values()) >= 2 * SERIES, timeout=60)
-    time.sleep(2)  # exporter rounds pass: a second run's outputs would arrive now
+    assert len(nodes.wait_exports_settled(timeout=60)) == 2 * SERIES
     assert nodes.received_by_series(expected) == {uid: ONE_SET for uid in expected}
     delivered = {e.sop_instance_uid for j in jobs for e in j.exports}
     received = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in nodes.tps.received()]
