@@ -14,6 +14,7 @@ import os
 import threading
 from pathlib import Path
 
+import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RSP
@@ -185,7 +186,16 @@ def test_an_evaluated_series_re_sent_over_two_associations_at_once_opens_one_job
 
     monkeypatch.setattr(ingest, "open_job_on_first_instance", looking_together)
     statuses: list[int] = []
-    threads = [threading.Thread(target=_send, args=(port, mr_series[4 + k :: 2], statuses)) for k in range(2)]
+    # Each association's first instance on its own stripe of the per-UID lock (str hashes vary per
+    # process): on one, the second would wait for the first, which waits at the barrier for it.
+    rest = list(mr_series[4:])
+    stripe = {
+        p: hash(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)) % len(ingest._LOCKS) for p in rest
+    }
+    second = next(p for p in rest[1:] if stripe[p] != stripe[rest[0]])
+    rest.remove(second)
+    batches = [[rest[0], *rest[2::2]], [second, *rest[1::2]]]
+    threads = [threading.Thread(target=_send, args=(port, batch, statuses)) for batch in batches]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -157,12 +157,20 @@ def test_database_full_after_the_file_was_written_removes_the_file(start_node, n
     def full(*args, **kwargs):
         raise OperationalError("INSERT INTO instances ...", {}, Exception("database or disk is full"))
 
-    monkeypatch.setattr(storage.ingest, "_commit_row", full)
+    # Both commit paths: a series' first instance (with its job) and the grouped rows of a series receiving.
+    monkeypatch.setattr(storage.ingest, "_commit_row_opening_job", full)
+    monkeypatch.setattr(storage.ingest, "_insert_into_open_series", full)
     statuses = pynetdicom_statuses(port, files[:2])
     assert set(statuses.values()) == {status_codes.OUT_OF_RESOURCES}
     failed = node_log("store.failed")
     assert len(failed) == 2 and "database or disk is full" in failed[0]["reason"]
     assert not list((node.store.root / "instances").rglob("*.dcm"))
+    assert_nothing_partial(node)
+    monkeypatch.undo()
+    assert set(pynetdicom_statuses(port, files[:1]).values()) == {SUCCESS}  # the series is receiving now
+    monkeypatch.setattr(storage.ingest, "_insert_into_open_series", full)
+    assert set(pynetdicom_statuses(port, files[1:3]).values()) == {status_codes.OUT_OF_RESOURCES}
+    assert len(list((node.store.root / "instances").rglob("*.dcm"))) == 1
     assert_nothing_partial(node)
 
     monkeypatch.undo()
