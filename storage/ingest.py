@@ -62,6 +62,9 @@ from storage.jobs import cancel_superseded, event_row, open_job_on_first_instanc
 from storage.models import EventKind, Instance, Job, JobEvent, JobState, Series, Study, utcnow
 
 _LOCKS = [threading.Lock() for _ in range(64)]
+# Tries of a write that opens a study, series or job when another transaction may commit the same
+# first (each IntegrityError means one did, so the conflicts are bounded: study, series, job).
+_ATTEMPTS = 3
 log = structlog.get_logger(__name__)
 
 
@@ -237,7 +240,7 @@ def _restore_row(db: Database, meta: InstanceMeta, relative: str, digest: str, s
     `received` job per series, `models.Job`): the retry joins that job. The job is inserted
     before the series row is updated, the order `_commit_row_opening_job` writes in, so that
     on PostgreSQL the two wait for each other instead of deadlocking."""
-    for attempt in range(2):
+    for attempt in range(_ATTEMPTS):
         try:
             with db.session() as session:
                 instance = session.scalars(
@@ -262,7 +265,7 @@ def _restore_row(db: Database, meta: InstanceMeta, relative: str, digest: str, s
                     series.last_received_at = utcnow()
             return
         except IntegrityError:
-            if attempt == 1:
+            if attempt == _ATTEMPTS - 1:
                 raise
 
 
@@ -482,7 +485,7 @@ def _commit_row_opening_job(db: Database, meta: InstanceMeta, relative: str, dig
     `received` job per series (`models.Job`), so the second insert fails. The retry reads the
     series again: no longer evaluated (the first one's row moved `last_received_at`), so its
     instance joins that delivery and no second job is opened."""
-    for attempt in range(2):
+    for attempt in range(_ATTEMPTS):
         try:
             with db.session() as session:
                 series = _get_or_create_series(session, meta)
@@ -499,7 +502,7 @@ def _commit_row_opening_job(db: Database, meta: InstanceMeta, relative: str, dig
                 series.last_received_at = utcnow()
             return
         except IntegrityError:
-            if attempt == 1:
+            if attempt == _ATTEMPTS - 1:
                 raise
 
 
@@ -576,7 +579,7 @@ def _replace(
         store.keep(incoming, stored_path)  # readers see the old version or the new one, never no file
         # Once more when another instance opened the delivery's job meanwhile (one `received`
         # job per series, `models.Job`): the retry finds it open and joins it.
-        for attempt in range(2):
+        for attempt in range(_ATTEMPTS):
             try:
                 with db.session() as session:
                     instance = session.scalars(select(Instance).where(Instance.sop_instance_uid == uid)).one()
@@ -629,7 +632,7 @@ def _replace(
                         _conflict_event(session, latest, uid, text)
                 break
             except IntegrityError:
-                if attempt == 1:
+                if attempt == _ATTEMPTS - 1:
                     raise
     except BaseException:  # the sender gets a failure status; the first version is back
         if had_file:

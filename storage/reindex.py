@@ -176,7 +176,9 @@ def incomplete(path: Path) -> str | None:
     delimiter) counts as cut; native Pixel Data must hold Rows x Columns x Samples per Pixel x
     Bits Allocated / 8 x Number of Frames bytes; an image without Pixel Data (a file cut at an
     element boundary before it) is cut. A file cut only in its trailing padding, or in the last
-    four bytes of an encapsulated Pixel Data's delimiter, has every value and is not refused.
+    four bytes of an encapsulated Pixel Data's delimiter, has every value and is not refused;
+    neither is a file whose elements are out of tag order, a deflated one (its positions are in
+    the inflated stream), nor one whose image size cannot be computed (a malformed value).
     Raises what pydicom raises for a file it cannot read at all. Catching warnings changes
     process-wide state: call it from one thread (reindex runs alone)."""
     size = path.stat().st_size
@@ -189,8 +191,13 @@ def incomplete(path: Path) -> str | None:
     tags = sorted(ds.keys())
     if not tags:
         return "no data set elements after the file meta information"
-    pixel_length = None
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and pydicom.uid.UID(str(syntax)).is_deflated:
+        return None  # positions are in the inflated stream, not the file: nothing to compare here
+    pixel_length, end, last = None, 0, ""
     for tag in tags:
+        if tag == _PADDING:  # trailing padding holds no value: cut there, the instance is whole
+            continue
         element = ds.get_item(tag, keep_deferred=True)
         tell, length = getattr(element, "value_tell", None), getattr(element, "length", None)
         if tell is None or length is None or length == _UNDEFINED_LENGTH:
@@ -198,21 +205,42 @@ def incomplete(path: Path) -> str | None:
         name = f"{element.tag} {keyword_for_tag(tag)}".rstrip()
         if tell + length > size:
             return f"element {name} needs {tell + length} bytes, the file has {size}"
-        if tag == tags[-1] and tell + length < size:
-            return f"{size - tell - length} bytes after the last whole element {name} (a cut element header)"
+        if tell + length > end:  # elements may be out of tag order: the one that ends last counts
+            end, last = tell + length, name
         if tag == _PIXEL_DATA:
             pixel_length = length
+    if _PADDING not in ds and 0 < size - end < _LONGEST_ELEMENT_HEADER:
+        return f"{size - end} bytes after the last whole element {last} (a cut element header)"
     sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
     image = sop_class is not None and pydicom.uid.UID(str(sop_class)).name.endswith("Image Storage")
     if _PIXEL_DATA not in ds and (image or "Rows" in ds):
         return "no Pixel Data"
-    if pixel_length is not None and "Rows" in ds and "Columns" in ds and "BitsAllocated" in ds:
-        frames = int(ds.get("NumberOfFrames") or 1)
-        bits = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * frames * int(ds.BitsAllocated)
-        expected = (bits + 7) // 8
-        if pixel_length < expected:
+    encapsulated = syntax is not None and pydicom.uid.UID(str(syntax)).is_encapsulated
+    if pixel_length is not None and not encapsulated:
+        expected = _native_pixel_bytes(ds)
+        if expected is not None and pixel_length < expected:
             return f"Pixel Data has {pixel_length} bytes, its rows, columns and frames need {expected}"
     return None
+
+
+# An element header is 8 or 12 bytes: fewer bytes after the last whole value than the longest
+# header are one the cut went through (more would have been read as an element and checked).
+_LONGEST_ELEMENT_HEADER = 12
+_PADDING = 0xFFFCFFFC  # Data Set Trailing Padding
+
+
+def _native_pixel_bytes(ds: pydicom.Dataset) -> int | None:
+    """The bytes native Pixel Data needs, or None where that cannot be judged (a malformed
+    value, an unusual layout): a file is never refused on a guess."""
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        if str(ds.get("PhotometricInterpretation", "")).endswith("_422"):
+            samples = 2  # two luminance samples share one pair of chroma samples
+        bits = int(ds.Rows) * int(ds.Columns) * samples * frames * int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (bits + 7) // 8
 
 
 def _add_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> bool:

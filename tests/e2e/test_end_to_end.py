@@ -6,7 +6,6 @@ and a SIGKILL during inference followed by a restart completes the job once.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from storage.jobs import list_jobs, load_job
 from storage.models import EventKind, JobState
 from tests.dicom_node.conftest import require_tool, start_storescp, storescu, wait_for
 from tests.helpers.dciodvfy import dciodvfy_messages
-from tests.helpers.node_processes import NodeProcess
+from tests.helpers.node_processes import NodeProcess, clean_env
 
 EXPECTED_STAGES = {"load", "preprocess", "model", "postprocess", "write outputs"}
 
@@ -162,7 +161,7 @@ def test_sigkill_during_inference_then_restart_completes_the_job_once(node_env, 
     files = study(3404, "E2EKILL", matrix=128, slices=40)
 
     log = tmp_path / "serve.log"
-    process = NodeProcess(["serve", "--config", str(config)], log, {**os.environ, **env})
+    process = NodeProcess(["serve", "--config", str(config)], log, clean_env(**env))
     try:
         wait_for(
             lambda: (

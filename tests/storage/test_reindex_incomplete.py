@@ -89,3 +89,36 @@ def test_native_pixel_data_shorter_than_its_rows_and_columns_is_refused(tmp_path
     path = tmp_path / "short-pixels.dcm"
     ds.save_as(path)
     assert "Pixel Data has 4096 bytes" in str(incomplete(path))
+
+
+def test_whole_files_a_reviewer_found_refused_are_not(tmp_path) -> None:
+    """Out-of-order elements, a malformed Number of Frames, YBR_FULL_422, a deflated file, a file
+    cut inside its trailing padding: each has every value, so reindex must not set it aside."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from storage.reindex import incomplete
+
+    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    raw = bytearray(open(get_testdata_file("MR_small.dcm"), "rb").read())  # noqa: SIM115
+    late = tmp_path / "late_private.dcm"  # (0009,0010) LO appended after Pixel Data
+    late.write_bytes(bytes(raw) + b"\x09\x00\x10\x00LO\x04\x00ACME")
+    frames = tmp_path / "frames.dcm"
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    mr[0x00280008] = RawDataElement(Tag(0x00280008), "IS", 2, b"1A", 0, False, True)  # as a faulty writer would
+    mr.save_as(frames)
+    padded = tmp_path / "padded.dcm"
+    whole = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    whole.DataSetTrailingPadding = b"\0" * 64
+    whole.save_as(padded)
+    padded.write_bytes(padded.read_bytes()[:-6])  # cut inside the padding
+    for path in [
+        late,
+        frames,
+        padded,
+        Path(get_testdata_file("SC_ybr_full_422_uncompressed.dcm")),
+        Path(get_testdata_file("image_dfl.dcm")),
+    ]:
+        assert incomplete(path) is None, (path.name, incomplete(path))
