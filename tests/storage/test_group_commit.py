@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 
 from storage.database import Database
 from storage.ingest import InstanceMeta, StoreOutcome, group_commit, store_instance
@@ -98,17 +98,17 @@ def test_a_failing_row_fails_alone(job_store_url: str, tmp_path: Path):
     assert store_instance(db, store, meta(0), b"first") is StoreOutcome.STORED
     group = group_commit(db)
     too_long = InstanceMeta("1.2.826.0.1.9.1.99", MR, STUDY, SERIES, EXPLICIT_LE, calling_ae_title="X" * 400)
-    results: dict[int, object] = {}
+    results: dict[str, object] = {}  # keyed by sender, not by instance number (one may be 3)
 
-    def send(k: int, instance: InstanceMeta) -> None:
+    def send(name: str, k: int, instance: InstanceMeta) -> None:
         try:
-            results[k] = store_instance(db, store, instance, b"%d" % k)
+            results[name] = store_instance(db, store, instance, b"%d" % k)
         except Exception as exc:
-            results[k] = exc
+            results[name] = exc
 
     one, two = separately_locked(2, besides=(too_long.sop_instance_uid,))
-    senders = [threading.Thread(target=send, args=(k, meta(k))) for k in (one, two)]
-    senders.append(threading.Thread(target=send, args=(3, too_long)))
+    senders = [threading.Thread(target=send, args=(name, k, meta(k))) for name, k in (("one", one), ("two", two))]
+    senders.append(threading.Thread(target=send, args=("too long", 3, too_long)))
     with group._commit_lock:
         for sender in senders:
             sender.start()
@@ -118,10 +118,10 @@ def test_a_failing_row_fails_alone(job_store_url: str, tmp_path: Path):
     for sender in senders:
         sender.join(60)
     if db.engine.dialect.name == "sqlite":  # SQLite does not enforce VARCHAR lengths: all three stored
-        assert results == {one: StoreOutcome.STORED, two: StoreOutcome.STORED, 3: StoreOutcome.STORED}
+        assert results == {"one": StoreOutcome.STORED, "two": StoreOutcome.STORED, "too long": StoreOutcome.STORED}
     else:
-        assert results[one] is StoreOutcome.STORED and results[two] is StoreOutcome.STORED
-        assert isinstance(results[3], Exception)
+        assert results["one"] is StoreOutcome.STORED and results["two"] is StoreOutcome.STORED, results
+        assert isinstance(results["too long"], DataError), results
         assert not store.absolute(store.instance_path(STUDY, SERIES, too_long.sop_instance_uid)).exists()
     with db.session() as session:
         stored = session.scalar(select(func.count()).select_from(Instance))
