@@ -28,7 +28,9 @@ pynetdicom's `AssociationServer` is kept; these subclasses close its gaps
   on its socket instead (`WakingDUL`), and the association thread waits on
   the message queue (`SpoolingDIMSE.get_msg`): each wakes when its input
   arrives. The file meta of a received instance is encoded directly
-  (`file_meta_bytes`).
+  (`file_meta_bytes`), and so is a plain C-STORE-RSP, which the association's
+  thread writes on the socket itself (`SpoolingDIMSE._send_directly`) instead
+  of queuing it for the network thread's next round.
 """
 
 from __future__ import annotations
@@ -203,9 +205,33 @@ class SpoolingDIMSE(DIMSEServiceProvider):
         if command is None or (self.maximum_pdu_size and len(command) + 6 > self.maximum_pdu_size):
             super().send_msg(primitive, context_id)
             return
+        value = b"\x03" + command  # the command's last (only) fragment
+        if self._send_directly(context_id, value):
+            return
         pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # last fragment of a command
+        pdata.presentation_data_value_list.append((context_id, value))
         self.dul.send_pdu(pdata)
+
+    def _send_directly(self, context_id: int, value: bytes) -> bool:
+        """Write the P-DATA-TF with `value` on the socket from this (the association's) thread.
+
+        Why: queued to the DUL, a response waits for its reactor's next round
+        (up to 1 ms, half of it on average) while the sender waits for the
+        response. Only while data transfer is plainly under way: state Sta6,
+        nothing queued before it (order kept), no TLS (one SSL object must not
+        be written by one thread while another reads it). Otherwise, or if the
+        socket fails, False: pynetdicom's queue sends it (and notices the
+        closed connection)."""
+        sock = self.dul.socket
+        if (
+            not isinstance(sock, GuardedSocket)
+            or isinstance(sock.socket, ssl.SSLSocket)
+            or self.dul.state_machine.current_state != "Sta6"
+            or not self.dul.to_provider_queue.empty()
+        ):
+            return False
+        item = struct.pack(">LB", len(value) + 1, context_id) + value
+        return sock.send_now(struct.pack(">BxL", P_DATA_TF, len(item)) + item)
 
     def get_msg(self, block: bool = False) -> Any:
         """The next complete message; the association reactor's poll (`block=False`) waits up
@@ -317,8 +343,30 @@ class GuardedSocket(AssociationSocket):
         self.limits = limits
         client_socket.settimeout(limits.network_timeout_s)  # a half-sent PDU cannot block the reader forever
         self._expect_body: int | None = None  # the PDU type whose body is read next
+        self._send_lock = threading.Lock()  # the DUL's sends and `send_now` (another thread) never interleave
         self._segment_started: float | None = None
         self._segment_bytes = 0
+
+    def send(self, bytestream: bytes) -> None:
+        """pynetdicom's send (the DUL's thread), serialised with `send_now`."""
+        with self._send_lock:
+            super().send(bytestream)
+
+    def send_now(self, pdu: bytes) -> bool:
+        """Send one encoded PDU from the calling thread. False when there is no open socket (nothing
+        sent: the caller queues it to pynetdicom); True once sent, or once the socket failed on it
+        (part of it may be out, so it must not be sent again: the connection is closing)."""
+        with self._send_lock:
+            transport = self.socket
+            if transport is None or transport.fileno() == -1:
+                return False
+            try:
+                transport.sendall(pdu)
+            except OSError as exc:
+                log.warning("association.send_failed", reason=str(exc), address=self._address)
+                self.event_queue.put("Evt17")  # as pynetdicom's send: the transport closed
+                return True  # part of it may be out: the queue must not send it again
+            return True
 
     def recv(self, nr_bytes: int) -> bytearray:
         """pynetdicom reads a 6-byte PDU header, then the body; a short result means "closed" to it."""

@@ -4,6 +4,8 @@
 - `IncomingFile.place` (rename, then file and directory fsync'd together):
   the file is complete under its name, nothing is left in `tmp/`, and a
   failure removes it from its target;
+- a plain C-STORE-RSP is written on the socket by the association's thread
+  (not queued to the DUL reactor), as the same PDU pynetdicom would send;
 - the fast insert path keeps the per-series count exact over parallel
   associations, and a series re-sent after evaluation opens a new job.
 """
@@ -16,15 +18,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import MRImageStorage
 from sqlalchemy import func, select, update
 
 from dicom_node import status_codes
-from dicom_node.scp_transport import file_meta_bytes, store_response_command
+from dicom_node.scp_transport import GuardedSocket, file_meta_bytes, store_response_command
 from storage.instance_store import InstanceStore, InvalidUIDError, sha256_file
 from storage.models import Instance, Job, JobState, Series, utcnow
 from tests.dicom_node.conftest import storescu
@@ -111,6 +114,56 @@ def test_place_that_fails_leaves_nothing_under_the_target(tmp_path):
     incoming.discard()
     assert list(store.tmp_dir.iterdir()) == []
     assert blocker.read_text().startswith("a file")
+
+
+def test_a_store_response_is_written_directly_as_the_pdu_pynetdicom_would_send(start_node, mr_series, monkeypatch):
+    """Each C-STORE-RSP reaches a pynetdicom SCU as one P-DATA-TF, byte for byte what pynetdicom's
+    DUL would have sent, written by the association's thread (`GuardedSocket.send_now`)."""
+    direct: list[bytes] = []
+    real_send_now = GuardedSocket.send_now
+
+    def spied(self: GuardedSocket, pdu: bytes) -> bool:
+        direct.append(pdu)
+        return real_send_now(self, pdu)
+
+    monkeypatch.setattr(GuardedSocket, "send_now", spied)
+    node = start_node()
+    received: list[bytes] = []
+    message_ids: list[int] = []
+    ae = AE(ae_title="DIRECT")
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate(
+        "127.0.0.1",
+        node.address[1],
+        ae_title="DICOMNODE",
+        evt_handlers=[
+            (evt.EVT_DATA_RECV, lambda event: received.append(bytes(event.data))),
+            (evt.EVT_DIMSE_SENT, lambda event: message_ids.append(int(event.message.command_set.MessageID))),
+        ],
+    )
+    assert assoc.is_established
+    try:
+        requests = [pydicom.dcmread(path) for path in mr_series[:3]]
+        statuses = [assoc.send_c_store(ds).Status for ds in requests]
+        context_id = assoc.accepted_contexts[0].context_id
+    finally:
+        assoc.release()
+    assert statuses == [0x0000] * 3
+    responses = [pdu for pdu in received if pdu[0] == 0x04]  # the P-DATA-TFs (not the A-RELEASE-RP)
+    expected = []
+    for message_id, ds in zip(message_ids, requests, strict=True):
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = message_id
+        response.AffectedSOPClassUID, response.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        response.Status = 0x0000
+        message = C_STORE_RSP()
+        message.primitive_to_message(response)
+        [primitive] = message.encode_msg(context_id, 16382)
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        expected.append(pdu.encode())
+    assert responses == expected
+    assert direct == expected
 
 
 def _send(port: int, files: list[Path], statuses: list[int]) -> None:
