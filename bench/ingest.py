@@ -16,10 +16,16 @@ Receivers:
 - DCMTK storescp: writes files, not durable.
 
 - node at a baseline (`--baseline DIR`, a source tree such as
-  `git archive d8709be | tar -x -C /tmp/base`): the same command with that
-  tree first on PYTHONPATH, so "node / node before" is measured in one run.
+  `git archive 4cda199 | tar -x -C /tmp/base`, the node when issue #18 was
+  filed): the same command with that tree first on PYTHONPATH, so "node /
+  node before" is measured in one run.
+
+After each run the receiver's folder must hold a DICOM file of every instance sent.
+Orthanc gets `TCP_NODELAY=1` too: its network layer is DCMTK's.
 
 Also measured (each against its reference in the same run):
+- the floor: the durable steps alone (write with sha256, fsyncs, one SQLite
+  commit; `durable_floor`) plus `storescp`'s time per instance;
 - memory: the node's resident memory (VmRSS) sampled while one association
   stores a `--rss-instances` series of small images, by quarter of the send;
 - sending: the node's `Exporter` delivering a job's RTSTRUCT + SR to DCMTK
@@ -128,9 +134,10 @@ def node(folder: Path, source: Path = REPO) -> Receiver:
         "DICOM_NODE__SERIES__QUIET_PERIOD_S": "3600",
         "DICOM_NODE__LOGGING__FORMAT": "json",
         "DICOM_NODE__LOGGING__LEVEL": "WARNING",
-        "DICOM_NODE__HTTP__ENABLED": "false",
         "PYTHONPATH": str(source),
     }
+    if (source / "dicom_node" / "http").is_dir():  # a baseline from before the HTTP view has no such section
+        env["DICOM_NODE__HTTP__ENABLED"] = "false"
     return process_receiver([sys.executable, "-m", "dicom_node.cli", "serve"], port, "DICOMNODE", env)
 
 
@@ -155,7 +162,7 @@ def orthanc(folder: Path) -> Receiver:
     }  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "orthanc.json").write_text(json.dumps(config))
-    return process_receiver(["Orthanc", str(folder / "orthanc.json")], port, "ORTHANC")
+    return process_receiver(["Orthanc", str(folder / "orthanc.json")], port, "ORTHANC", DCMTK_ENV)  # DCMTK inside
 
 
 def send(port: int, called: str, files: list[Path], *options: str) -> None:
@@ -176,7 +183,10 @@ class Run:
 
 
 def timed_run(start: Callable[[Path], Receiver], folder: Path, batches: list[list[Path]]) -> Run:
-    """Start a receiver, send `batches` at once (one storescu each), stop it."""
+    """Start a receiver, send `batches` at once (one storescu each), stop it.
+
+    Raises if the receiver did not keep a file of every instance (storescu's exit status
+    covers refusals, not a receiver that answers Success and keeps nothing)."""
     folder.mkdir(parents=True)
     receiver = start(folder)
     try:
@@ -186,10 +196,69 @@ def timed_run(start: Callable[[Path], Receiver], folder: Path, batches: list[lis
             list(pool.map(lambda files: send(receiver.port, receiver.ae, files), batches))
         elapsed = time.perf_counter() - began
         run = Run(elapsed, receiver.cpu_s() - cpu, receiver.peak_rss_kb())
+        receiver.stop()
+        sent = [f for files in batches for f in files]
+        smallest = min(f.stat().st_size for f in sent)
+        kept = sum(1 for f in folder.rglob("*") if f.is_file() and f.stat().st_size >= smallest // 2 and is_dicom(f))
+        if kept != len(sent):
+            raise RuntimeError(f"{folder.name}: {kept} instance files kept of {len(sent)} sent")
     finally:
         receiver.stop()
         shutil.rmtree(folder, ignore_errors=True)
     return run
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file: "DICM" after the 128-byte preamble."""
+    with path.open("rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
+def durable_floor(work: Path, instance: Path, count: int = 200) -> dict[str, float]:
+    """Milliseconds per instance of the durable steps alone, in sequence, without any DICOM:
+    write the bytes in 128 KiB pieces while hashing them (sha256), fsync the file, rename it
+    and fsync its directory, commit one row in SQLite (WAL, synchronous=FULL). With the
+    storescp time per instance (network and DCMTK's own handling) this is what no durable
+    receiver on this machine can go below; the node runs the fsyncs while the row commits."""
+    import hashlib
+    import sqlite3
+
+    data = instance.read_bytes()
+    (work / "tmp").mkdir(parents=True)
+    (work / "kept").mkdir()
+    db = sqlite3.connect(work / "floor.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE instance (uid TEXT PRIMARY KEY, path TEXT, sha256 TEXT, size INTEGER)")
+    directory = os.open(work / "kept", os.O_RDONLY)
+    steps: dict[str, list[float]] = {"write and sha256": [], "fsync file": [], "rename, fsync dir": [], "commit": []}
+    try:
+        for k in range(count):
+            t0 = time.perf_counter()
+            digest = hashlib.sha256()
+            with open(work / "tmp" / str(k), "wb") as out:
+                for offset in range(0, len(data), 128 * 1024):
+                    piece = data[offset : offset + 128 * 1024]
+                    out.write(piece)
+                    digest.update(piece)
+                out.flush()
+                t1 = time.perf_counter()
+                os.fsync(out.fileno())
+            t2 = time.perf_counter()
+            os.rename(work / "tmp" / str(k), work / "kept" / str(k))
+            os.fsync(directory)
+            t3 = time.perf_counter()
+            db.execute("BEGIN")
+            db.execute("INSERT INTO instance VALUES (?, ?, ?, ?)", (str(k), f"kept/{k}", digest.hexdigest(), len(data)))
+            db.execute("COMMIT")
+            t4 = time.perf_counter()
+            for name, seconds in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                steps[name].append(seconds * 1000)
+    finally:
+        os.close(directory)
+        db.close()
+    median = {name: round(statistics.median(values), 3) for name, values in steps.items()}
+    return {**median, "sum": round(sum(median.values()), 3)}
 
 
 def rss_across_series(folder: Path, files: list[Path]) -> dict[str, float]:
@@ -357,6 +426,19 @@ def run_all(args: argparse.Namespace, work: Path) -> dict[str, object]:
             f"vs {k}": round(many["node"].seconds / v.seconds, 2) for k, v in many.items() if k != "node"
         }
         report["peak_rss_mb_concurrent"] = {k: round((v.peak_rss_kb or 0) / 1024, 1) for k, v in many.items()}
+    if "DCMTK storescp" in median:
+        per_instance = {k: v * 1000 / len(series[0]) for k, v in median.items()}
+        floor = durable_floor(work / "floor", series[0][0])
+        lowest = per_instance["DCMTK storescp"] + floor["sum"]
+        report["ms_per_instance"] = {k: round(v, 2) for k, v in per_instance.items()}
+        report["durable_steps_ms_per_instance"] = floor
+        report["node_vs_floor"] = {
+            "floor ms (storescp + durable steps in sequence)": round(lowest, 2),
+            "node / floor": round(per_instance["node"] / lowest, 2),
+            "half of node before / floor": (
+                round(per_instance["node before"] / 2 / lowest, 2) if "node before" in per_instance else None
+            ),
+        }
     if args.rss_instances:
         small = generate_phantom(3, orientation="axial", matrix=64, slices=args.rss_instances)
         files = write_phantom_series(small, work / "small", patient_id="RSS")
