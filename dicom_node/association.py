@@ -21,6 +21,7 @@ aborts it): that is a configuration mismatch, not an unreachable peer.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,28 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pynetdicom is imported where it is used: `dicom-node --help` stays fast
     from pynetdicom import AE
     from pynetdicom.association import Association
+
+
+def no_delay(sock: socket.socket) -> None:
+    """Turn Nagle's algorithm off on an association's TCP socket, as DCMTK does by default.
+
+    Why: pynetdicom leaves it on. DICOM writes a PDU whole and then waits for the
+    peer's answer; with Nagle on, a PDU written right after another (a C-STORE's
+    data set after its command) is held until the peer ACKs the first, and the
+    peer delays that ACK (up to 40 ms on Linux). Measured: the exporter sent a
+    job's RTSTRUCT + SR in 0.113 s with Nagle and 0.034 s without (DCMTK
+    `storescu`: 0.027 s). A socket that refuses the option is left as it is."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not TCP (e.g. a test's socketpair), or already closed
+        pass
+
+
+def _no_delay_on_connect(event: Any) -> None:
+    """EVT_CONN_OPEN of an SCU association: fires after the TCP connect, before the A-ASSOCIATE-RQ."""
+    transport = event.assoc.dul.socket
+    if transport is not None and transport.socket is not None:
+        no_delay(transport.socket)
 
 
 def scu_ae(ae_title: str, timeout_s: float) -> AE:
@@ -93,7 +116,12 @@ def request_association(
         port,
         ae_title=ae_title,
         tls_args=(ssl_context, host) if ssl_context is not None else None,
-        evt_handlers=[(evt.EVT_PDU_RECV, on_pdu), (evt.EVT_ACCEPTED, on_accepted), *(evt_handlers or [])],
+        evt_handlers=[
+            (evt.EVT_CONN_OPEN, _no_delay_on_connect),
+            (evt.EVT_PDU_RECV, on_pdu),
+            (evt.EVT_ACCEPTED, on_accepted),
+            *(evt_handlers or []),
+        ],
     )
     if rejections:
         return AssociationRequest(assoc, *rejections[0])

@@ -30,7 +30,8 @@ pynetdicom's `AssociationServer` is kept; these subclasses close its gaps
   arrives. The file meta of a received instance is encoded directly
   (`file_meta_bytes`), and so is a plain C-STORE-RSP, which the association's
   thread writes on the socket itself (`SpoolingDIMSE._send_directly`) instead
-  of queuing it for the network thread's next round.
+  of queuing it for the network thread's next round. Nagle's algorithm is
+  off on the connection (`no_delay`), as on the node's SCU associations.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicom_node.association import no_delay
 from dicom_node.logging_setup import get_logger
 from storage.instance_store import IncomingFile, InvalidUIDError, validate_uid
 
@@ -342,6 +344,7 @@ class GuardedSocket(AssociationSocket):
         super().__init__(assoc, client_socket=client_socket)
         self.limits = limits
         client_socket.settimeout(limits.network_timeout_s)  # a half-sent PDU cannot block the reader forever
+        no_delay(client_socket)  # a response is never held for the peer's delayed ACK
         self._expect_body: int | None = None  # the PDU type whose body is read next
         self._send_lock = threading.Lock()  # the DUL's sends and `send_now` (another thread) never interleave
         self._segment_started: float | None = None

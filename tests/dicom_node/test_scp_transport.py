@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from pynetdicom.sop_class import MRImageStorage
 from sqlalchemy import func, select, update
 
 from dicom_node import status_codes
+from dicom_node.association import request_association, scu_ae
 from dicom_node.scp_transport import GuardedSocket, file_meta_bytes, store_response_command
 from storage.instance_store import InstanceStore, InvalidUIDError, sha256_file
 from storage.models import Instance, Job, JobState, Series, utcnow
@@ -164,6 +166,33 @@ def test_a_store_response_is_written_directly_as_the_pdu_pynetdicom_would_send(s
         expected.append(pdu.encode())
     assert responses == expected
     assert direct == expected
+
+
+def test_both_ends_of_a_node_association_turn_nagle_off(start_node, mr_series, monkeypatch):
+    """TCP_NODELAY on the node's accepted socket and on its SCU socket (`request_association`):
+    with Nagle on, a C-STORE's data set written after its command waited for the peer's
+    delayed ACK (the exporter took 0.113 s instead of 0.034 s for RTSTRUCT + SR)."""
+    accepted: list[GuardedSocket] = []
+    real_init = GuardedSocket.__init__
+
+    def recording(self: GuardedSocket, *args, **kwargs) -> None:
+        real_init(self, *args, **kwargs)
+        accepted.append(self)
+
+    monkeypatch.setattr(GuardedSocket, "__init__", recording)
+    node = start_node()
+    ae = scu_ae("NAGLE", 10)
+    ae.add_requested_context(MRImageStorage)
+    request = request_association(ae, "127.0.0.1", node.address[1], ae_title="DICOMNODE")
+    assert request.assoc.is_established
+    try:
+        assert request.assoc.send_c_store(mr_series[0]).Status == 0x0000
+        sockets = {"SCU": request.assoc.dul.socket.socket, "SCP": accepted[0].socket}
+        nodelay = {end: sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for end, sock in sockets.items()}
+    finally:
+        request.assoc.release()
+    assert len(accepted) == 1
+    assert nodelay["SCU"] and nodelay["SCP"], nodelay
 
 
 def _send(port: int, files: list[Path], statuses: list[int]) -> None:
