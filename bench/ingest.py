@@ -52,7 +52,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicom_node.logging_setup import configure_logging
 from dicom_node.peers import find_dcmtk, free_port, wait_listening
+from dicom_node.settings import LoggingSettings
 from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -368,6 +370,7 @@ def main() -> None:
     )
     parser.add_argument("--baseline", type=Path, help="a source tree of the node to compare with (module doc)")
     args = parser.parse_args()
+    configure_logging(LoggingSettings(format="json", level="WARNING"))  # stdout is the report alone
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     try:
         print(json.dumps(run_all(args, work), indent=2))

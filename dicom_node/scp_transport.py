@@ -31,7 +31,8 @@ pynetdicom's `AssociationServer` is kept; these subclasses close its gaps
   (`file_meta_bytes`), and so is a plain C-STORE-RSP, which the association's
   thread writes on the socket itself (`SpoolingDIMSE._send_directly`) instead
   of queuing it for the network thread's next round. Nagle's algorithm is
-  off on the connection (`no_delay`), as on the node's SCU associations.
+  off on the connection (`no_delay`), as on the node's SCU associations
+  (pynetdicom leaves it on; a tuned PACS turns it off).
 """
 
 from __future__ import annotations
