@@ -1,7 +1,8 @@
 """The Store SCP: C-ECHO and C-STORE, association policy, nothing acknowledged is lost.
 
 Handlers are thin: check free space, read the header elements the job store
-needs from the file the data set streamed into (`dicom_node.scp_transport`),
+needs (`dicom_node.instance_header`) from the file the data set streamed into
+(`dicom_node.scp_transport`),
 call `storage.ingest.store_instance` (that file fsync'd, renamed into place and
 its row committed before it returns), map what went wrong to a named status.
 The encoded data set is stored exactly as received (no decode/re-encode), so
@@ -25,7 +26,6 @@ import errno
 import threading
 import time
 
-import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.sop_class import Verification
@@ -33,6 +33,7 @@ from pynetdicom.utils import make_target
 
 from dicom_node import status_codes
 from dicom_node.association_tracker import AssociationTracker
+from dicom_node.instance_header import read_header
 from dicom_node.logging_setup import get_logger
 from dicom_node.metrics import NodeMetrics
 from dicom_node.negotiation import accepted_transfer_syntaxes
@@ -45,22 +46,6 @@ from storage.ingest import ConflictPolicy, InstanceMeta, StoreOutcome, store_ins
 from storage.instance_store import IncomingFile, InstanceStore, InvalidUIDError
 
 log = get_logger(__name__)
-
-
-# The header elements the job store keeps: parsing stops after them (they all precede Pixel Data).
-HEADER_KEYWORDS = (
-    "SpecificCharacterSet",
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyDate",
-    "AccessionNumber",
-    "Modality",
-    "SeriesDescription",
-    "PatientName",
-    "PatientID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-)
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -173,7 +158,7 @@ class StoreSCP:
             log.error("store.failed", reason=f"storage error: {exc}", disk_full=exc.errno == errno.ENOSPC)
             return status_codes.OUT_OF_RESOURCES
         try:
-            ds = pydicom.dcmread(incoming.path, stop_before_pixels=True, specific_tags=list(HEADER_KEYWORDS))
+            ds = read_header(incoming.path)
             meta = instance_meta(ds, event.context.transfer_syntax, calling_ae, event.assoc.requestor.address)
         except InvalidUIDError as exc:
             log.warning("store.rejected", reason=str(exc), calling_ae=calling_ae)

@@ -19,11 +19,10 @@ store_app = typer.Typer(help="The instance store: rebuild the job store's rows f
 
 def stored_instance_meta(path: Path) -> InstanceMeta:
     """A stored file's header as the Store SCP reads it on arrival (its own transfer syntax, no sender)."""
-    import pydicom
+    from dicom_node.instance_header import read_header
+    from dicom_node.store_scp import instance_meta
 
-    from dicom_node.store_scp import HEADER_KEYWORDS, instance_meta
-
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_KEYWORDS))
+    ds = read_header(path)
     if "TransferSyntaxUID" not in ds.file_meta:
         raise ValueError("no file meta information (Transfer Syntax UID)")
     return instance_meta(ds, str(ds.file_meta.TransferSyntaxUID), None)
