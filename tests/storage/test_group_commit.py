@@ -278,3 +278,45 @@ def test_a_commit_whose_outcome_cannot_be_read_keeps_the_files(job_store_url: st
     for k in numbers:
         assert store.absolute(store.instance_path(STUDY, SERIES, meta(k).sop_instance_uid)).is_file()
     db.dispose()
+
+
+def test_a_postgresql_connection_ended_by_the_server_leaves_the_outcome_unknown(
+    postgres_server, tmp_path: Path, monkeypatch
+):
+    """The server ends the committing connection mid-transaction (`pg_terminate_backend`: what a
+    restart or a failover does). SQLAlchemy marks that error `connection_invalidated`, and a
+    COMMIT sent on a dropped connection may still become durable, so the rows not found
+    committed are not failed outright: the C-STOREs fail with `CommitOutcomeUnknown` (never
+    acknowledged) and their files stay (start-up removes those no row names)."""
+    import storage.ingest as ingest
+
+    url = postgres_server.create_database(f"t{time.monotonic_ns()}")
+    db = Database(url)
+    store = InstanceStore(tmp_path / "data")
+    assert store_instance(db, store, meta(0), b"first") is StoreOutcome.STORED
+    real_insert = ingest._insert_into_open_series
+    ended: list[int] = []
+    admin = create_engine(url)
+
+    def insert_then_end_the_connection(connection, row):
+        inserted = real_insert(connection, row)
+        if not ended:
+            pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            with admin.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            ended.append(pid)
+        return inserted
+
+    monkeypatch.setattr(ingest, "_insert_into_open_series", insert_then_end_the_connection)
+    numbers = separately_locked(2)
+    try:
+        results = _send_queued(db, store, numbers)
+    finally:
+        admin.dispose()
+    monkeypatch.undo()
+    assert len(ended) == 1
+    assert all(isinstance(results[k], ingest.CommitOutcomeUnknown) for k in numbers), results
+    assert committed_rows(url) == 1  # the ended transaction wrote nothing
+    for k in numbers:
+        assert store.absolute(store.instance_path(STUDY, SERIES, meta(k).sop_instance_uid)).is_file()
+    db.dispose()
