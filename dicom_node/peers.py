@@ -20,7 +20,7 @@ from typing import Any
 
 import pydicom
 
-from dicom_node.association import scu_ae
+from dicom_node.association import request_association, scu_ae
 
 
 def find_dcmtk(name: str) -> str | None:
@@ -124,9 +124,10 @@ def send_series(
 
     ae = scu_ae(calling_ae, 30)
     ae.add_requested_context(MRImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    request = request_association(ae, "127.0.0.1", port, ae_title=called_ae)  # Nagle off, as the node's own
+    assoc = request.assoc
     if not assoc.is_established:
-        raise RuntimeError("the node refused the association")
+        raise RuntimeError(f"the node refused the association: {request.rejection or 'no reason given'}")
     try:
         for path in files:
             status = assoc.send_c_store(pydicom.dcmread(path))

@@ -235,3 +235,17 @@ def test_instance_store_rejects_escaping_paths(tmp_path):
         store.instance_path("1.2", "..", "1.2.3")
     with pytest.raises(ValueError):
         store.absolute("../outside")
+
+
+def test_the_demo_sender_without_dcmtk_stores_through_pynetdicom(start_node, mr_series, monkeypatch):
+    """`peers.send_series` falls back to one pynetdicom association where DCMTK is not installed
+    (the demo on a machine without it): every file arrives, counted as sent."""
+    import dicom_node.peers as peers
+
+    monkeypatch.setattr(peers, "find_dcmtk", lambda name: None)
+    node = start_node()
+    counted: list[int] = []
+    assert peers.send_series(mr_series[:3], node.address[1], on_sent=counted.append) == "pynetdicom"
+    assert counted == [1, 1, 1]
+    with node.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 3
