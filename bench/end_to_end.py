@@ -6,9 +6,11 @@ TPS and timestamps each arrival. The series-completion wait (quiet period
 and check interval) is part of the latency and is reported separately, with
 the job's stage breakdown from its events. Without `--quiet-period` and
 `--check-interval` the `[series]` defaults apply (what a department gets out
-of the box).
+of the box). `--settle S` waits S seconds between the node's start and the
+send, as a node in service has been running before a study arrives (its
+worker warms its model up meanwhile); by default the series is sent at once.
 
-    .venv/bin/python bench/end_to_end.py [--quiet-period S] [--check-interval S] [--matrix 512 --slices 176]
+    .venv/bin/python bench/end_to_end.py [--quiet-period S] [--check-interval S] [--settle S] [--matrix 512 --slices 176]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=176)
     parser.add_argument("--quiet-period", type=float, default=None, help="default: the [series] default")
     parser.add_argument("--check-interval", type=float, default=None, help="default: the [series] default")
+    parser.add_argument("--settle", type=float, default=0.0, help="seconds between the node's start and the send")
     args = parser.parse_args()
     configure_logging(LoggingSettings(format="json", level="ERROR"))
     work = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
@@ -66,6 +69,7 @@ def main() -> None:
     service = NodeService(settings)
     _, port = service.start()
     try:
+        time.sleep(args.settle)
         send_start = time.perf_counter()
         subprocess.run(
             [find_dcmtk("storescu"), "-aec", "DICOMNODE", "127.0.0.1", str(port), *map(str, files)],

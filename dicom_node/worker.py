@@ -24,7 +24,10 @@ Decisions:
   replaces on this host (`dicom_node.incarnation`), and otherwise only jobs
   whose lease has expired.
 - `ModelRegistry` loads and verifies each package once per process and builds
-  its network once per device, so jobs after the first reuse it.
+  its network once per device, so jobs after the first reuse it. A worker
+  builds the networks of the models its rules name, and runs each once on an
+  empty slice, before it takes its first job (`InferenceWorker.warm_up`): the
+  first patient's job after a start does not pay for torch's first calls.
 """
 
 from __future__ import annotations
@@ -462,8 +465,38 @@ class InferenceWorker(threading.Thread):
         self.stop_event = stop
         self.targets = targets
         self.names = screening_names(rules)
+        self.models = sorted({rule.model for rule in rules}) or ["default"]
+
+    def warm_up(self) -> None:
+        """Build the network of each model the rules name on this worker's device and run it once.
+
+        Why: otherwise a worker's first job pays for the build and torch's first calls (about
+        3 s of its model stage on a 2-core CPU host, bench/README.md "Workers"), on a patient's
+        series. A failure is logged and left to the first job that needs the model, which
+        reports it as it would have."""
+        import numpy as np
+
+        import inference.outputs.dicom_outputs  # noqa: F401 - the writers' imports (highdicom): their first cost
+        from inference.model.predictor import predict_slices
+
+        for name in self.models:
+            if self.stop_event.is_set():
+                return
+            start = time.perf_counter()
+            try:
+                package, network = self.registry.network(name, self.device)
+                size = int(package.input.get("size", package.config.input_size))
+                device = next(network.parameters()).device
+                predict_slices(network, np.zeros((1, size, size), np.float32), device=device, batch_size=1)
+            except Exception as exc:
+                log.warning("worker.warm_up_failed", worker=self.worker_id, model=name, reason=str(exc))
+                continue
+            log.info(
+                "worker.warmed_up", worker=self.worker_id, model=name, seconds=round(time.perf_counter() - start, 2)
+            )
 
     def run(self) -> None:
+        self.warm_up()
         lease_s = self.settings.lease_s
         while not self.stop_event.is_set():
             try:
