@@ -9,8 +9,9 @@ the job's stage breakdown from its events. Without `--quiet-period` and
 of the box). `--settle S` waits S seconds between the node's start and the
 send, as a node in service has been running before a study arrives (its
 worker warms its model up meanwhile); by default the series is sent at once.
+`--no-warm-up` replaces the worker's warm-up with nothing, to measure what it saves.
 
-    .venv/bin/python bench/end_to_end.py [--quiet-period S] [--check-interval S] [--settle S] [--matrix 512 --slices 176]
+    .venv/bin/python bench/end_to_end.py [--quiet-period S] [--check-interval S] [--settle S] [--no-warm-up]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dicom_node.logging_setup import configure_logging
 from dicom_node.peers import find_dcmtk, free_port
 from dicom_node.service import NodeService
 from dicom_node.settings import Destination, LoggingSettings, RoutingRule, Settings
+from dicom_node.worker import InferenceWorker
 from inference.synthetic.phantoms import generate_phantom, write_phantom_series
 from storage.jobs import list_jobs, load_job
 from storage.models import EventKind, JobState, utcnow
@@ -40,7 +42,10 @@ def main() -> None:
     parser.add_argument("--quiet-period", type=float, default=None, help="default: the [series] default")
     parser.add_argument("--check-interval", type=float, default=None, help="default: the [series] default")
     parser.add_argument("--settle", type=float, default=0.0, help="seconds between the node's start and the send")
+    parser.add_argument("--no-warm-up", action="store_true", help="the worker takes its first job cold")
     args = parser.parse_args()
+    if args.no_warm_up:
+        InferenceWorker.warm_up = lambda self: None  # type: ignore[method-assign]
     configure_logging(LoggingSettings(format="json", level="ERROR"))
     work = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
     files = write_phantom_series(

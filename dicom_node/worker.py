@@ -465,29 +465,31 @@ class InferenceWorker(threading.Thread):
         self.stop_event = stop
         self.targets = targets
         self.names = screening_names(rules)
-        self.models = sorted({rule.model for rule in rules}) or ["default"]
+        self.models = sorted({rule.model for rule in rules})  # no rule, no job: nothing to warm up
 
     def warm_up(self) -> None:
-        """Build the network of each model the rules name on this worker's device and run it once.
+        """Build the network of each model the rules name on this worker's device and run it once
+        on a batch of empty slices, as a job would.
 
-        Why: otherwise a worker's first job pays for the build and torch's first calls (about
-        3 s of its model stage on a 2-core CPU host, bench/README.md "Workers"), on a patient's
-        series. A failure is logged and left to the first job that needs the model, which
-        reports it as it would have."""
-        import numpy as np
-
-        import inference.outputs.dicom_outputs  # noqa: F401 - the writers' imports (highdicom): their first cost
-        from inference.model.predictor import predict_slices
-
+        Why: otherwise a worker's first job pays for the build, torch's first calls and the
+        writers' imports: 5.1 s of the first job's 29 s on a 2-core CPU host (bench/README.md,
+        "First job after a start"), on a patient's series. A failure is logged and left to the
+        first job that needs the model, which reports it as it would have."""
         for name in self.models:
             if self.stop_event.is_set():
                 return
             start = time.perf_counter()
             try:
+                import numpy as np
+
+                import inference.outputs.dicom_outputs  # noqa: F401 - the writers' imports (highdicom)
+                from inference.model.predictor import predict_slices
+
                 package, network = self.registry.network(name, self.device)
                 size = int(package.input.get("size", package.config.input_size))
+                batch = self.settings.batch_size
                 device = next(network.parameters()).device
-                predict_slices(network, np.zeros((1, size, size), np.float32), device=device, batch_size=1)
+                predict_slices(network, np.zeros((batch, size, size), np.float32), device=device, batch_size=batch)
             except Exception as exc:
                 log.warning("worker.warm_up_failed", worker=self.worker_id, model=name, reason=str(exc))
                 continue

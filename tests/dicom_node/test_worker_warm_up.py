@@ -20,7 +20,7 @@ def _worker(node, registry: ModelRegistry, model: str) -> InferenceWorker:
 
 def test_a_worker_builds_and_runs_its_rules_model_before_its_first_job(unstarted_node, firing_model, monkeypatch):
     """The network the first job asks for is already built, and torch's first calls are paid:
-    the warm-up ran the real network once on an empty slice of the package's input size."""
+    the warm-up ran the real network once on a batch of empty slices of the package's input size."""
     built: list[str] = []
     ran: list[tuple[int, ...]] = []
     real_build, real_predict = ModelPackage.build_model, predictor.predict_slices
@@ -37,27 +37,52 @@ def test_a_worker_builds_and_runs_its_rules_model_before_its_first_job(unstarted
     monkeypatch.setattr(predictor, "predict_slices", predict)
     registry = ModelRegistry()
     _worker(unstarted_node, registry, str(firing_model)).warm_up()
-    assert len(built) == 1 and ran == [(1, 64, 64)]
+    assert len(built) == 1 and ran == [(WorkerSettings().batch_size, 64, 64)]
     registry.network(str(firing_model), "cpu")  # what the first job asks for
     assert len(built) == 1
 
 
 def test_a_failed_warm_up_leaves_the_worker_running(unstarted_node, firing_model, monkeypatch):
-    """A model that cannot be built at start-up is logged; the worker goes on (a job needing it
-    then fails with the reason, as before), it is not a dead thread."""
+    """A model that cannot be built at start-up is logged; the worker goes on to poll for jobs
+    (one needing that model then fails with the reason, as before) instead of dying."""
+    import dicom_node.worker
+
+    tried, polling = threading.Event(), threading.Event()
 
     def broken(self, device="cpu"):
+        tried.set()
         raise RuntimeError("CUDA out of memory (simulated)")
 
+    def no_job(*args, **kwargs):
+        polling.set()
+        return None
+
     monkeypatch.setattr(ModelPackage, "build_model", broken)
+    monkeypatch.setattr(dicom_node.worker, "claim_next_job", no_job)
     stop = threading.Event()
     worker = _worker(unstarted_node, ModelRegistry(), str(firing_model))
     worker.stop_event = stop
     worker.start()
     try:
-        worker.join(timeout=2)  # warm-up done, now polling for jobs
+        assert tried.wait(30), "run() did not warm up"
+        assert polling.wait(30), "the worker did not go on to poll for jobs"
         assert worker.is_alive()
     finally:
         stop.set()
         worker.join(timeout=30)
     assert not worker.is_alive()
+
+
+def test_a_worker_without_rules_builds_nothing(unstarted_node, monkeypatch):
+    """No rule, no job: the default package is not loaded or built for nothing."""
+
+    def build(self, device="cpu"):
+        raise AssertionError("built a network no job can use")
+
+    monkeypatch.setattr(ModelPackage, "build_model", build)
+    worker = InferenceWorker(
+        "warm-test", "cpu", unstarted_node.db, unstarted_node.store, WorkerSettings(), ModelRegistry(),
+        threading.Event(), ExportTargets([]), [],
+    )  # fmt: skip
+    worker.warm_up()
+    assert worker.models == []
