@@ -34,10 +34,11 @@ if TYPE_CHECKING:  # pynetdicom is imported where it is used: `dicom-node --help
 def no_delay(sock: socket.socket) -> None:
     """Turn Nagle's algorithm off on an association's TCP socket (DCMTK: `TCP_NODELAY=1`).
 
-    Why: pynetdicom leaves it on, and so does current DCMTK unless told. DICOM writes a PDU whole and then waits for the
-    peer's answer; with Nagle on, a PDU written right after another (a C-STORE's
-    data set after its command) is held until the peer ACKs the first, and the
-    peer delays that ACK (up to 40 ms on Linux). Measured (bench/ingest.py): the
+    Why: pynetdicom leaves it on, and so does current DCMTK unless told. DICOM
+    writes a PDU whole and then waits for the peer's answer; with Nagle on, a
+    PDU written right after another (a C-STORE's data set after its command) is
+    held until the peer ACKs the first, and the peer delays that ACK (up to
+    40 ms on Linux). Measured (bench/ingest.py): the
     exporter sent a job's RTSTRUCT + SR in 0.113 s with Nagle and 0.026-0.036 s
     without (DCMTK `storescu`: 0.027 s). A socket that refuses the option is left as it is."""
     try:

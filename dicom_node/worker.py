@@ -25,8 +25,8 @@ Decisions:
   whose lease has expired.
 - `ModelRegistry` loads and verifies each package once per process and builds
   its network once per device, so jobs after the first reuse it. A worker
-  builds the networks of the models its rules name, and runs each once on an
-  empty slice, before it takes its first job (`InferenceWorker.warm_up`): the
+  builds the networks of the models its rules name, and runs each once on a
+  batch of empty slices, before it takes its first job (`InferenceWorker.warm_up`): the
   first patient's job after a start does not pay for torch's first calls.
 """
 
@@ -486,8 +486,7 @@ class InferenceWorker(threading.Thread):
                 from inference.model.predictor import predict_slices
 
                 package, network = self.registry.network(name, self.device)
-                size = int(package.input.get("size", package.config.input_size))
-                batch = self.settings.batch_size
+                batch, size = self.settings.batch_size, package.input_size
                 device = next(network.parameters()).device
                 predict_slices(network, np.zeros((batch, size, size), np.float32), device=device, batch_size=batch)
             except Exception as exc:

@@ -90,7 +90,7 @@ def run_series(
     from inference.model.predictor import predict_slices, select_device
 
     timings: dict[str, float] = {}
-    size = int(package.input.get("size", package.config.input_size))
+    size = package.input_size
     with _timed(timings, "screen"):
         screening = screen_series(files, package.accepts, model_size=size, names=names)
     with _timed(timings, "load"):

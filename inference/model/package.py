@@ -118,6 +118,11 @@ class ModelPackage:
         return float(self.thresholds.get("min_lesion_volume_mm3", DEFAULT_THRESHOLDS["min_lesion_volume_mm3"]))
 
     @property
+    def input_size(self) -> int:
+        """Side of the square slices the network takes (manifest `input.size`, else its config's)."""
+        return int(self.input.get("size", self.config.input_size))
+
+    @property
     def weights_path(self) -> Path:
         return self.path / self.weights_file
 
