@@ -33,8 +33,9 @@ duplicate or a failure discards it. Success means the file is fsync'd under
 its name and its row committed.
 
 Speed (issue #18): the common case, one more instance of a series already
-receiving, is SQLAlchemy Core (read the series' state, insert the instance,
-count it in SQL: `_insert_into_open_series`), and the rows of concurrent
+receiving, is two statements compiled once (count the instance into its series
+if that is still open, returning its id; insert the instance:
+`_insert_into_open_series`, `storage.database.DriverStatement`), and the rows of concurrent
 C-STOREs share one transaction, so one WAL flush (`GroupCommit`); each is
 acknowledged only after that commit. The ORM path with its job bookkeeping
 runs only for the first instance of a series or of a new delivery
@@ -46,17 +47,19 @@ with what a power cut in between can leave, and how it is repaired, there.
 from __future__ import annotations
 
 import enum
+import functools
 import threading
 import weakref
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import Connection, Table, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Connection, Integer, Table, and_, bindparam, delete, insert, literal_column, or_, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from storage.content_compare import ContentDiff, compare_files
-from storage.database import Database
+from storage.database import Database, DriverStatement
 from storage.instance_store import IncomingFile, InstanceStore, sha256_file, validate_uid
 from storage.jobs import cancel_superseded, event_row, open_job_on_first_instance
 from storage.models import EventKind, Instance, Job, JobEvent, JobState, Series, Study, utcnow
@@ -271,10 +274,6 @@ def _restore_row(db: Database, meta: InstanceMeta, relative: str, digest: str, s
 
 _SERIES: Table = Series.__table__  # type: ignore[assignment]  # declarative tables are Tables
 _INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
-_SERIES_STATE = select(_SERIES.c.id, _SERIES.c.evaluated_at, _SERIES.c.last_received_at).where(
-    _SERIES.c.series_uid == bindparam("series_uid")
-)
-_INSERT_INSTANCE = insert(_INSTANCES)
 _EXISTING = select(_INSTANCES.c.path, _INSTANCES.c.sha256, _INSTANCES.c.size_bytes, _INSTANCES.c.purged_at).where(
     _INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid")
 )
@@ -284,28 +283,53 @@ _UNPLACED = delete(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == bindparam(
 _UNCOUNT = (
     update(_SERIES).where(_SERIES.c.id == bindparam("series_id")).values(instance_count=_SERIES.c.instance_count - 1)
 )
-# Counted in SQL: stores into one series over parallel associations read the
-# row before their write transaction starts; `+= 1` in Python lost updates.
+# The common case, once per instance (`_insert_into_open_series`), as two statements run as
+# `DriverStatement`s. Counted in SQL: stores into one series over parallel associations
+# would lose updates with `+= 1` in Python. Only while the series is open (never evaluated,
+# or evaluated before its last instance, and before `now`), decided in the UPDATE itself, so
+# an evaluation committed by the watcher meanwhile cannot be missed: then no row matches and
+# the instance takes the job path (a new delivery).
 _NOW = bindparam("now", type_=_SERIES.c.last_received_at.type)
-# Only while the series is still open: an evaluation committed after the state was read (the
-# watcher, between our SELECT and the write lock) leaves the row to the job path (a new delivery).
-_COUNT_INSTANCE = (
+_COUNT_INTO_OPEN_SERIES = (
     update(_SERIES)
     .where(
-        _SERIES.c.id == bindparam("series_id"),
-        or_(_SERIES.c.evaluated_at.is_(None), _SERIES.c.evaluated_at < _NOW),
+        _SERIES.c.series_uid == bindparam("series_uid"),
+        or_(
+            _SERIES.c.evaluated_at.is_(None),
+            and_(_SERIES.c.evaluated_at < _SERIES.c.last_received_at, _SERIES.c.evaluated_at < _NOW),
+        ),
     )
-    .values(instance_count=_SERIES.c.instance_count + 1, last_received_at=_NOW)
+    .values(instance_count=_SERIES.c.instance_count + literal_column("1", Integer), last_received_at=_NOW)
+    .returning(_SERIES.c.id)
 )
+_INSTANCE_COLUMNS = (
+    "sop_instance_uid",
+    "sop_class_uid",
+    "series_id",
+    "transfer_syntax_uid",
+    "path",
+    "sha256",
+    "size_bytes",
+    "calling_ae_title",
+    "source_address",
+    "received_at",
+)
+_INSERT_INSTANCE = (
+    insert(_INSTANCES)
+    .values({name: bindparam(name, type_=_INSTANCES.c[name].type) for name in _INSTANCE_COLUMNS})
+    .inline()  # no implicit RETURNING of the new id: nothing reads it
+)
+
+
+@functools.lru_cache(maxsize=8)
+def _open_series_statements(dialect: Dialect) -> tuple[DriverStatement, DriverStatement]:
+    """The count and the insert of `_insert_into_open_series`, compiled for `dialect` once."""
+    return DriverStatement(_COUNT_INTO_OPEN_SERIES, dialect), DriverStatement(_INSERT_INSTANCE, dialect)
 
 
 class CommitOutcomeUnknown(Exception):
     """The row's transaction failed and whether it committed cannot be read now: its file stays
     (a file without a row is removed at start-up; a row without its file would be worse)."""
-
-
-class _EvaluatedMeanwhile(Exception):
-    """The series was evaluated between reading its state and writing the row: take the job path."""
 
 
 def _commit_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size: int) -> None:
@@ -335,8 +359,9 @@ class GroupCommit:
     lock (no busy-wait on the database's write lock); the first of them commits
     the next batch. A row is reported (and its C-STORE acknowledged) only after
     the transaction that holds it committed. A thread alone commits its own row
-    without a hand-off. A batch that fails for one row's sake (a constraint,
-    a value the database refuses, its series evaluated meanwhile) is retried
+    without a hand-off. A row whose series is no longer open writes nothing
+    and goes to the job path; the batch's others commit. A batch that fails
+    for one row's sake (a constraint, a value the database refuses) is retried
     row by row, so the error goes to the C-STORE it belongs to; one that fails
     for the database's sake (locked past the busy timeout, connection lost) is
     not: every row fails at once rather than each waiting out the timeout
@@ -367,12 +392,10 @@ class GroupCommit:
         try:
             with db.engine.begin() as connection:
                 inserted = [_insert_into_open_series(connection, row) for row in batch]
-        except (IntegrityError, DataError, _EvaluatedMeanwhile) as exc:  # one row's fault, nothing written
+        except (IntegrityError, DataError) as exc:  # one row's fault, nothing written
             if len(batch) > 1:  # the others are not to fail for it: each alone
                 for row in batch:
                     self._run(db, [row])
-            elif isinstance(exc, _EvaluatedMeanwhile):  # the job path stores it
-                batch[0].inserted, batch[0].done = False, True
             else:
                 batch[0].error, batch[0].done = exc, True
             return
@@ -438,16 +461,17 @@ def _insert_into_open_series(connection: Connection, row: _PendingRow) -> bool:
     """The instance row and its series' count, in the caller's transaction. False (nothing
     written) when the series is new or was evaluated since its last instance (a new delivery)."""
     meta = row.meta
-    series = connection.execute(_SERIES_STATE, {"series_uid": meta.series_uid}).first()
-    if series is None or (series.evaluated_at is not None and series.evaluated_at >= series.last_received_at):
-        return False
+    count, insert_instance = _open_series_statements(connection.dialect)
     now = utcnow()
-    connection.execute(
-        _INSERT_INSTANCE,
+    series_id = count.execute(connection, {"series_uid": meta.series_uid, "now": now}).scalar()
+    if series_id is None:
+        return False
+    insert_instance.execute(
+        connection,
         {
             "sop_instance_uid": meta.sop_instance_uid,
             "sop_class_uid": meta.sop_class_uid,
-            "series_id": series.id,
+            "series_id": series_id,
             "transfer_syntax_uid": meta.transfer_syntax_uid,
             "path": row.relative,
             "sha256": row.digest,
@@ -457,8 +481,6 @@ def _insert_into_open_series(connection: Connection, row: _PendingRow) -> bool:
             "received_at": now,
         },
     )
-    if connection.execute(_COUNT_INSTANCE, {"series_id": series.id, "now": now}).rowcount != 1:
-        raise _EvaluatedMeanwhile(meta.series_uid)  # rolls the batch back; its rows are retried one by one
     return True
 
 

@@ -189,6 +189,60 @@ def _send_queued(db: Database, store: InstanceStore, numbers: list[int]) -> dict
     return results
 
 
+def test_a_row_of_an_evaluated_series_takes_the_job_path_and_its_batch_commits_without_it(
+    job_store_url: str, tmp_path: Path
+):
+    """One batch, two series: one still receiving, one evaluated since its last instance. The
+    first's row commits in the batch's transaction; the second's writes nothing there and opens
+    a new delivery through the job path (nothing rolled back, nothing counted twice)."""
+    from storage.jobs import RoutingOutcome, complete_series
+    from storage.models import Job, JobState
+
+    db = Database(job_store_url)
+    store = InstanceStore(tmp_path / "data")
+    other_series = f"{SERIES}.2"
+
+    def other(k: int) -> InstanceMeta:
+        return InstanceMeta(f"{other_series}.{k}", MR, STUDY, other_series, EXPLICIT_LE, patient_id="GROUP")
+
+    assert store_instance(db, store, meta(0), b"opens the receiving series") is StoreOutcome.STORED
+    assert store_instance(db, store, other(0), b"opens the other series") is StoreOutcome.STORED
+    with db.session() as session:
+        evaluated_id = session.scalars(select(Series.id).where(Series.series_uid == other_series)).one()
+    complete_series(db, evaluated_id, RoutingOutcome(None, None, [], "no rule matched"))
+    group = group_commit(db)
+    transactions_before = group.transactions
+    receiving_k, evaluated_k = separately_locked(2)
+    results: dict[str, object] = {}
+    senders = [
+        threading.Thread(
+            target=lambda: results.__setitem__("receiving", store_instance(db, store, meta(receiving_k), b"r"))
+        ),
+        threading.Thread(
+            target=lambda: results.__setitem__("evaluated", store_instance(db, store, other(evaluated_k), b"e"))
+        ),
+    ]
+    with group._commit_lock:
+        for sender in senders:
+            sender.start()
+        deadline = time.monotonic() + 60
+        while len(group._queue) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(group._queue) == 2  # one batch
+    for sender in senders:
+        sender.join(60)
+    assert results == {"receiving": StoreOutcome.STORED, "evaluated": StoreOutcome.STORED}
+    assert group.transactions == transactions_before + 1 and committed_rows(job_store_url) == 4
+    with db.session() as session:
+        receiving = session.scalars(select(Series).where(Series.series_uid == SERIES)).one()
+        evaluated = session.get(Series, evaluated_id)
+        assert (receiving.instance_count, evaluated.instance_count) == (2, 2)
+        assert evaluated.evaluated_at < evaluated.last_received_at  # a new delivery the watcher will route
+        states = sorted(j.state.value for j in session.scalars(select(Job).where(Job.series_id == evaluated_id)))
+    assert states == sorted([JobState.REJECTED.value, JobState.RECEIVED.value]), states
+    db.dispose()
+
+
 def test_a_database_error_fails_the_batch_once_not_row_by_row(job_store_url: str, tmp_path: Path, monkeypatch):
     """A database locked past its busy timeout (or gone) is not one row's fault: the batch's
     C-STOREs all fail after one attempt, instead of each retrying alone and waiting the timeout
