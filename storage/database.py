@@ -101,14 +101,21 @@ class DriverStatement:
     of Python per call (cache key, compiled-cache lookup, parameter setup), and
     the receive runs its statements once per instance. The SQL is still
     SQLAlchemy's, for the connection's dialect and paramstyle, values still
-    pass the column types' bind processors, and errors still come back as
-    SQLAlchemy's exceptions (a lost connection invalidated). Only named
-    parameters are filled in: a constant must be rendered in the SQL
-    (`literal_column`), not bound.
+    pass the column types' bind processors, and database errors still come
+    back as SQLAlchemy's exceptions (a lost connection invalidated). Every
+    parameter is a named `bindparam` filled in from `values`: a statement with
+    a bound constant (write `literal_column("1")`, not `+ 1`) or an expanding
+    parameter is refused here, not at its first use. Unlike Core, a result
+    is not buffered: read a RETURNING statement's rows before the commit.
     """
 
     def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
         compiled = cast(SQLCompiler, statement.compile(dialect=dialect))  # a DML or SELECT statement's
+        unfilled = [
+            name for name, bind in compiled.binds.items() if not bind.required or bind.expanding or bind.literal_execute
+        ]
+        if unfilled or compiled.escaped_bind_names:
+            raise ValueError(f"not a statement of named parameters only: {unfilled or compiled.escaped_bind_names}")
         self.sql = compiled.string
         self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
         self._processors: dict[str, Callable[[Any], Any]] = {}
@@ -118,7 +125,8 @@ class DriverStatement:
                 self._processors[name] = processor
 
     def execute(self, connection: Connection, values: Mapping[str, Any]) -> CursorResult[Any]:
-        """Run with `values` by parameter name (a name the SQL needs and `values` lacks: KeyError)."""
+        """Run with `values` by parameter name (one the SQL needs is missing: KeyError for a
+        positional paramstyle, the driver's error as SQLAlchemy's for a named one)."""
         processed = {
             name: processor(value) if (processor := self._processors.get(name)) else value
             for name, value in values.items()

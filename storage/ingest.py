@@ -34,7 +34,7 @@ its name and its row committed.
 
 Speed (issue #18): the common case, one more instance of a series already
 receiving, is two statements compiled once (count the instance into its series
-if that is still open, returning its id; insert the instance:
+if that is still open; insert the instance:
 `_insert_into_open_series`, `storage.database.DriverStatement`), and the rows of concurrent
 C-STOREs share one transaction, so one WAL flush (`GroupCommit`); each is
 acknowledged only after that commit. The ORM path with its job bookkeeping
@@ -283,29 +283,31 @@ _UNPLACED = delete(_INSTANCES).where(_INSTANCES.c.sop_instance_uid == bindparam(
 _UNCOUNT = (
     update(_SERIES).where(_SERIES.c.id == bindparam("series_id")).values(instance_count=_SERIES.c.instance_count - 1)
 )
-# The common case, once per instance (`_insert_into_open_series`), as two statements run as
-# `DriverStatement`s. Counted in SQL: stores into one series over parallel associations
-# would lose updates with `+= 1` in Python. Only while the series is open (never evaluated,
-# or evaluated before its last instance, and before `now`), decided in the UPDATE itself, so
-# an evaluation committed by the watcher meanwhile cannot be missed: then no row matches and
-# the instance takes the job path (a new delivery).
+# The common case, once per instance (`_insert_into_open_series`): two statements, run as
+# `DriverStatement`s, and no RETURNING (any SQLite 3, any backend). Counted in SQL: stores
+# into one series over parallel associations would lose updates with `+= 1` in Python. Only
+# while the series is open, decided in the UPDATE itself, so an evaluation the watcher
+# committed meanwhile cannot be missed (no row matches: the instance takes the job path, a
+# new delivery). Open: never evaluated, or evaluated before its last instance and before
+# `now`; the second half matters when clocks disagree (another host's clock ahead, or ours
+# stepped back): counting would set `last_received_at` to a `now` at or before the
+# evaluation and close the delivery with this instance in it, never routed.
 _NOW = bindparam("now", type_=_SERIES.c.last_received_at.type)
+_SERIES_UID = bindparam("series_uid", type_=_SERIES.c.series_uid.type)
 _COUNT_INTO_OPEN_SERIES = (
     update(_SERIES)
     .where(
-        _SERIES.c.series_uid == bindparam("series_uid"),
+        _SERIES.c.series_uid == _SERIES_UID,
         or_(
             _SERIES.c.evaluated_at.is_(None),
             and_(_SERIES.c.evaluated_at < _SERIES.c.last_received_at, _SERIES.c.evaluated_at < _NOW),
         ),
     )
     .values(instance_count=_SERIES.c.instance_count + literal_column("1", Integer), last_received_at=_NOW)
-    .returning(_SERIES.c.id)
 )
 _INSTANCE_COLUMNS = (
     "sop_instance_uid",
     "sop_class_uid",
-    "series_id",
     "transfer_syntax_uid",
     "path",
     "sha256",
@@ -316,14 +318,18 @@ _INSTANCE_COLUMNS = (
 )
 _INSERT_INSTANCE = (
     insert(_INSTANCES)
-    .values({name: bindparam(name, type_=_INSTANCES.c[name].type) for name in _INSTANCE_COLUMNS})
+    .values(
+        {name: bindparam(name, type_=_INSTANCES.c[name].type) for name in _INSTANCE_COLUMNS}
+        | {"series_id": select(_SERIES.c.id).where(_SERIES.c.series_uid == _SERIES_UID).scalar_subquery()}
+    )
     .inline()  # no implicit RETURNING of the new id: nothing reads it
 )
 
 
 @functools.lru_cache(maxsize=8)
 def _open_series_statements(dialect: Dialect) -> tuple[DriverStatement, DriverStatement]:
-    """The count and the insert of `_insert_into_open_series`, compiled for `dialect` once."""
+    """The count and the insert of `_insert_into_open_series`, compiled for `dialect` once
+    (a dialect belongs to one engine; a few job stores in one process at most)."""
     return DriverStatement(_COUNT_INTO_OPEN_SERIES, dialect), DriverStatement(_INSERT_INSTANCE, dialect)
 
 
@@ -463,15 +469,14 @@ def _insert_into_open_series(connection: Connection, row: _PendingRow) -> bool:
     meta = row.meta
     count, insert_instance = _open_series_statements(connection.dialect)
     now = utcnow()
-    series_id = count.execute(connection, {"series_uid": meta.series_uid, "now": now}).scalar()
-    if series_id is None:
+    if count.execute(connection, {"series_uid": meta.series_uid, "now": now}).rowcount != 1:
         return False
     insert_instance.execute(
         connection,
         {
             "sop_instance_uid": meta.sop_instance_uid,
             "sop_class_uid": meta.sop_class_uid,
-            "series_id": series_id,
+            "series_uid": meta.series_uid,
             "transfer_syntax_uid": meta.transfer_syntax_uid,
             "path": row.relative,
             "sha256": row.digest,

@@ -129,11 +129,12 @@ def test_a_failing_row_fails_alone(job_store_url: str, tmp_path: Path):
     db.dispose()
 
 
-def test_an_evaluation_between_reading_the_series_and_writing_the_row_opens_a_new_delivery(
+def test_an_evaluation_after_the_fast_path_took_its_time_opens_a_new_delivery(
     job_store_url: str, tmp_path: Path, monkeypatch
 ):
-    """The watcher evaluates the series after the fast path read it as open but before its row is
-    written: the row must not be counted into the evaluated delivery (it would never be routed)."""
+    """The watcher commits its evaluation after the fast path took the instance's timestamp but
+    before its row is written: the row must not be counted into the evaluated delivery (it would
+    never be routed)."""
     import storage.ingest as ingest
     from storage.jobs import RoutingOutcome, complete_series
     from storage.models import Job, JobState, utcnow
@@ -189,12 +190,14 @@ def _send_queued(db: Database, store: InstanceStore, numbers: list[int]) -> dict
     return results
 
 
-def test_a_row_of_an_evaluated_series_takes_the_job_path_and_its_batch_commits_without_it(
-    job_store_url: str, tmp_path: Path
+def test_a_row_whose_series_is_evaluated_meanwhile_leaves_its_batch_and_the_batch_commits(
+    job_store_url: str, tmp_path: Path, monkeypatch
 ):
-    """One batch, two series: one still receiving, one evaluated since its last instance. The
-    first's row commits in the batch's transaction; the second's writes nothing there and opens
-    a new delivery through the job path (nothing rolled back, nothing counted twice)."""
+    """One batch, two series. The watcher evaluates one of them while the batch runs, before that
+    row is written: that row writes nothing and opens a new delivery through the job path; the
+    other row commits in the batch's one attempt (no rollback, no row-by-row retry)."""
+    import storage.ingest as ingest
+    from storage.ingest import GroupCommit
     from storage.jobs import RoutingOutcome, complete_series
     from storage.models import Job, JobState
 
@@ -209,30 +212,48 @@ def test_a_row_of_an_evaluated_series_takes_the_job_path_and_its_batch_commits_w
     assert store_instance(db, store, other(0), b"opens the other series") is StoreOutcome.STORED
     with db.session() as session:
         evaluated_id = session.scalars(select(Series.id).where(Series.series_uid == other_series)).one()
-    complete_series(db, evaluated_id, RoutingOutcome(None, None, [], "no rule matched"))
+    real_now, raced = ingest.utcnow, []
+
+    def now_then_evaluate():  # the first row's timestamp, then the watcher commits its evaluation
+        stamp = real_now()
+        if not raced:
+            raced.append(stamp)
+            complete_series(db, evaluated_id, RoutingOutcome(None, None, [], "no rule matched"))
+        return stamp
+
+    attempts: list[int] = []
+    real_run = GroupCommit._run
+
+    def counted_run(self, database, batch):
+        attempts.append(len(batch))
+        return real_run(self, database, batch)
+
+    monkeypatch.setattr(GroupCommit, "_run", counted_run)
     group = group_commit(db)
-    transactions_before = group.transactions
-    receiving_k, evaluated_k = separately_locked(2)
+    evaluated_k, receiving_k = separately_locked(2)
     results: dict[str, object] = {}
-    senders = [
-        threading.Thread(
-            target=lambda: results.__setitem__("receiving", store_instance(db, store, meta(receiving_k), b"r"))
-        ),
-        threading.Thread(
-            target=lambda: results.__setitem__("evaluated", store_instance(db, store, other(evaluated_k), b"e"))
-        ),
-    ]
-    with group._commit_lock:
-        for sender in senders:
-            sender.start()
+    first = threading.Thread(
+        target=lambda: results.__setitem__("evaluated", store_instance(db, store, other(evaluated_k), b"e"))
+    )
+    second = threading.Thread(
+        target=lambda: results.__setitem__("receiving", store_instance(db, store, meta(receiving_k), b"r"))
+    )
+    with group._commit_lock:  # both queue behind it, in this order: one batch
+        first.start()
         deadline = time.monotonic() + 60
+        while len(group._queue) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second.start()
         while len(group._queue) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(group._queue) == 2  # one batch
-    for sender in senders:
-        sender.join(60)
-    assert results == {"receiving": StoreOutcome.STORED, "evaluated": StoreOutcome.STORED}
-    assert group.transactions == transactions_before + 1 and committed_rows(job_store_url) == 4
+        assert len(group._queue) == 2
+        monkeypatch.setattr(ingest, "utcnow", now_then_evaluate)
+    first.join(60)
+    second.join(60)
+    assert raced  # the evaluation came between the batch's start and the row's write
+    assert results == {"evaluated": StoreOutcome.STORED, "receiving": StoreOutcome.STORED}
+    assert attempts == [2], attempts  # the batch ran once: nothing rolled back and retried row by row
+    assert committed_rows(job_store_url) == 4
     with db.session() as session:
         receiving = session.scalars(select(Series).where(Series.series_uid == SERIES)).one()
         evaluated = session.get(Series, evaluated_id)
@@ -240,6 +261,29 @@ def test_a_row_of_an_evaluated_series_takes_the_job_path_and_its_batch_commits_w
         assert evaluated.evaluated_at < evaluated.last_received_at  # a new delivery the watcher will route
         states = sorted(j.state.value for j in session.scalars(select(Job).where(Job.series_id == evaluated_id)))
     assert states == sorted([JobState.REJECTED.value, JobState.RECEIVED.value]), states
+    db.dispose()
+
+
+def test_the_fast_path_does_not_count_into_a_series_evaluated_after_its_now(job_store_url: str, tmp_path: Path):
+    """Another host whose clock is ahead evaluated the series and then received into it, both in
+    our future: counting here would set `last_received_at` to our `now`, before the evaluation,
+    and close the delivery with this instance in it. The job path takes it instead."""
+    from datetime import timedelta
+
+    from storage.models import utcnow
+
+    db = Database(job_store_url)
+    store = InstanceStore(tmp_path / "data")
+    assert store_instance(db, store, meta(0), b"opens the series") is StoreOutcome.STORED
+    with db.session() as session:
+        series = session.scalars(select(Series)).one()
+        series.evaluated_at = utcnow() + timedelta(hours=1)
+        series.last_received_at = utcnow() + timedelta(hours=2)
+    group = group_commit(db)
+    rows = group.rows
+    assert store_instance(db, store, meta(1), b"the next instance") is StoreOutcome.STORED
+    assert group.rows == rows  # not counted by the fast path
+    assert committed_rows(job_store_url) == 2
     db.dispose()
 
 
