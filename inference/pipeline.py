@@ -31,6 +31,9 @@ Decisions:
   (pixels above threshold x model pixel area, mm2), counting only pixels of
   lesions that survived the minimum volume: a speck that is not reported as a
   lesion does not vote, and no reported lesion means "not assessable".
+- A model output that is not finite (NaN or infinity, from pixel values the
+  model cannot read) fails the job at once (`InferenceError`): a retry would
+  compute the same.
 - After post-processing the plausibility gate (`inference.plausibility`, bounds
   from the manifest's `plausibility`) fills `hold_reasons`; the caller decides
   what a held result means (the worker holds the job, `infer` exits with 3).
@@ -50,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import SimpleITK as sitk
 
+from inference.errors import InferenceError
 from inference.imaging import preprocess
 from inference.imaging.brain_mask import brain_mask
 from inference.imaging.postprocess import aggregate_egfr, extract_lesions
@@ -116,6 +120,11 @@ def run_series(
         else:
             torch_device = next(model.parameters()).device
         gtv_prob, mutant_prob = predict_slices(model, model_input.slices, device=torch_device, batch_size=batch_size)
+    if not (np.isfinite(gtv_prob).all() and np.isfinite(mutant_prob).all()):  # the same on a retry: fail now
+        raise InferenceError(
+            "the model's output is not finite (NaN or infinity) on this series: no result can be "
+            "derived from it; the series' pixel values are likely outside anything the model can read"
+        )
     with _timed(timings, "postprocess"):
         threshold, min_volume = package.gtv_threshold, package.min_lesion_volume_mm3
         probability = preprocess.to_source_grid(gtv_prob, model_input, series.image)

@@ -28,6 +28,14 @@ defaults, and why:
   the head is small. Until the pipeline measures the brain, the head foreground
   (brain, skull and scalp, about twice the brain) is the denominator, which makes
   this check about twice as lenient; the reason names which was used.
+- `max_lesion_diameter_mm` = 80. The largest brain metastases are 4-6 cm
+  across; a "lesion" longer than 8 cm spans a hemisphere and is something else
+  (an outside test delivered two of 140 mm from an abdominal series).
+- `max_brain_volume_cm3` = 2500. An adult intracranial volume is 1.1-1.9 L;
+  a "brain" of more than 2.5 L means the brain mask did not find a brain: a
+  body region other than the head, an inverted or otherwise unreadable image,
+  or a PixelSpacing too large. There is no lower bound: a slab covering part of
+  the brain, or a child's, is legitimately small.
 - `max_uncertain_fraction` = 0.5 with `uncertain_band` = 0.1: of the voxels whose
   probability reaches the threshold minus the band (the candidates), at most
   half may lie within the band around the threshold. A trained model is decisive
@@ -58,11 +66,20 @@ class PlausibilityBounds:
     max_lesions: int | None = 30
     max_total_volume_cm3: float | None = 100.0
     max_brain_fraction: float | None = 0.10
+    max_lesion_diameter_mm: float | None = 80.0
+    max_brain_volume_cm3: float | None = 2500.0
     max_uncertain_fraction: float | None = 0.5
     uncertain_band: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("max_lesions", "max_total_volume_cm3", "max_brain_fraction", "max_uncertain_fraction"):
+        for name in (
+            "max_lesions",
+            "max_total_volume_cm3",
+            "max_brain_fraction",
+            "max_lesion_diameter_mm",
+            "max_brain_volume_cm3",
+            "max_uncertain_fraction",
+        ):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"plausibility.{name}: must be a positive number or null, got {value!r}")
@@ -130,6 +147,14 @@ def check_plausibility(
     total = sum(lesion.volume_cm3 for lesion in result.lesions)
     if bounds.max_total_volume_cm3 is not None and total > bounds.max_total_volume_cm3:
         reasons.append(f"total GTV {total:.1f} cm3, limit {bounds.max_total_volume_cm3:g} cm3")
+    longest = max((lesion.max_diameter_mm for lesion in result.lesions), default=0.0)
+    if bounds.max_lesion_diameter_mm is not None and longest > bounds.max_lesion_diameter_mm:
+        reasons.append(f"a lesion {longest:.0f} mm across, limit {bounds.max_lesion_diameter_mm:g} mm")
+    if bounds.max_brain_volume_cm3 is not None and brain_volume_cm3 and brain_volume_cm3 > bounds.max_brain_volume_cm3:
+        reasons.append(
+            f"brain volume {brain_volume_cm3:.0f} cm3, limit {bounds.max_brain_volume_cm3:g} cm3: "
+            "the brain mask did not find a brain (another body region, an inverted image, a wrong PixelSpacing?)"
+        )
     reference, what = (brain_volume_cm3, "brain") if brain_volume_cm3 else (result.head_volume_cm3, "head")
     if bounds.max_brain_fraction is not None and reference and total > bounds.max_brain_fraction * reference:
         reasons.append(

@@ -11,7 +11,9 @@ attributes and values it is based on, for the physicist reading the job log.
 Two kinds of refusal:
 
 - `SeriesError`: the headers are defective (not DICOM, mixed PatientID,
-  StudyInstanceUID, FrameOfReferenceUID or SeriesInstanceUID in one series,
+  StudyInstanceUID, FrameOfReferenceUID, SeriesInstanceUID or
+  PhotometricInterpretation in one series, no FrameOfReferenceUID, a
+  multi-frame or non-greyscale image,
   missing or non-finite ImagePositionPatient, ImageOrientationPatient,
   PixelSpacing or SliceThickness, and the loader's own check of one
   orientation, matrix and pixel spacing). The job fails.
@@ -78,7 +80,7 @@ from pydicom.errors import InvalidDicomError
 
 from inference.errors import SeriesError, SeriesRefused
 from inference.imaging.preprocess import NEAR_AXIAL_DEGREES
-from inference.imaging.volume_loader import SliceHeader, check_consistent
+from inference.imaging.volume_loader import SliceHeader, check_consistent, check_greyscale, check_single_frame
 from inference.model.accepts import ModelAccepts
 
 MAX_T1_ECHO_TIME_MS = 30.0
@@ -90,7 +92,14 @@ MODEL_GRID_Z_SPACING_MM = (1.0, 2.0)  # as preprocess.model_grid
 SOURCE_COPIES, MODEL_GRID_COPIES = 6, 3
 NAME_ATTRIBUTES = ("SeriesDescription", "ProtocolName")
 _GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
-_SAME_IN_SERIES = ("SeriesInstanceUID", "PatientID", "StudyInstanceUID", "FrameOfReferenceUID", "Modality")
+_SAME_IN_SERIES = (
+    "SeriesInstanceUID",
+    "PatientID",
+    "StudyInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "PhotometricInterpretation",
+)
 _NEGATED_AGENT = re.compile(r"^\s*(none|no|nil|n/?a|-+|0|without)?\s*$", re.IGNORECASE)
 
 _B, _E = r"(?<![a-z0-9])", r"(?![a-z0-9])"  # word edges where "_", "-", "+", " " separate
@@ -190,6 +199,9 @@ def screen_series(
             f"Modality {_shown(modality)}: the model accepts {', '.join(accepts.modality)} only "
             f"(SeriesDescription {_shown(_text(first, 'SeriesDescription'))})"
         )
+    for header in headers:  # before the slice count: a multi-frame object is not "one slice"
+        check_single_frame(header.path, header.ds)
+        check_greyscale(header.path, header.ds)
     geometry = _geometry(headers)
     evidence = "contrast not checked (the model accepts any)"
     if accepts.contrast == "T1-CE":
@@ -205,7 +217,15 @@ def screen_series(
 
 
 def _check_one_series(headers: list[_Header]) -> None:
-    """One patient, study, frame of reference, series and modality; patient IDs are never shown."""
+    """One patient, study, frame of reference, series, modality and photometric interpretation;
+    patient IDs are never shown. The frame of reference must be named: the RTSTRUCT's contours
+    are defined in it, and a TPS matches them to the images by it."""
+    unnamed = [h.path.name for h in headers if not _text(h.ds, "FrameOfReferenceUID")]
+    if unnamed:
+        raise SeriesError(
+            f"no FrameOfReferenceUID in {len(unnamed)} of {len(headers)} files (e.g. {unnamed[0]}): "
+            "contours cannot be tied to the images' frame of reference"
+        )
     for keyword in _SAME_IN_SERIES:
         values = Counter(_text(h.ds, keyword) for h in headers)
         if len(values) < 2:

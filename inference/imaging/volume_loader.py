@@ -32,6 +32,12 @@ Decisions:
 - Pixel values are decoded with pydicom (with the pylibjpeg plugins for JPEG,
   JPEG-LS, JPEG 2000 and RLE) and RescaleSlope/RescaleIntercept are applied per
   slice (they may differ between slices), giving float32.
+- Greyscale only: PhotometricInterpretation MONOCHROME2, or MONOCHROME1 (the
+  two the MR Image IOD allows); anything else (PALETTE COLOR, RGB, missing) is
+  refused, and so is a series that mixes them. A MONOCHROME1 volume (high values
+  shown dark) is inverted within its own range (max + min - value) after the
+  rescale, so the model sees bright as bright, as in the MONOCHROME2 data it was
+  trained on; without it a valid series gave an inverted brain and "no lesions".
 - Multi-frame images (Enhanced MR and any NumberOfFrames > 1) are refused: the
   outputs reference one image per contoured slice (RTSTRUCT Contour Image
   Sequence), which the writers do for single-frame instances only; the reason
@@ -57,6 +63,7 @@ from inference.errors import SeriesError
 from inference.result import LoadedSeries
 
 MIN_SLICES = 8
+GREYSCALE = ("MONOCHROME2", "MONOCHROME1")
 ORIENTATION_TOLERANCE = 1e-4
 PIXEL_SPACING_TOLERANCE_MM = 1e-4
 POSITION_TOLERANCE_MM = 0.1
@@ -102,20 +109,36 @@ def _no_pixel_data(path: Path, ds: pydicom.Dataset) -> SeriesError:
     return SeriesError(f"{path.name}: no pixel data (SOP Class {uid or 'missing'}: not an image, or a truncated file)")
 
 
-def _as_slice(path: Path, ds: pydicom.Dataset) -> SliceHeader:
-    """Check one instance is a single-frame greyscale image with geometry."""
+def check_single_frame(path: Path, ds: pydicom.Dataset) -> None:
+    """Refuse a multi-frame image (module doc); the screening calls it on headers too."""
     if int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds:
         raise SeriesError(
             f"{path.name}: multi-frame image ({_sop_class_name(ds)}, {ds.get('NumberOfFrames', '?')} frames) "
             "is not supported; send the classic single-frame MR series instead"
         )
+
+
+def check_greyscale(path: Path, ds: pydicom.Dataset) -> None:
+    """Refuse an image that is not one greyscale sample per pixel (module doc); the screening calls it too."""
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise SeriesError(f"{path.name}: colour image (SamplesPerPixel {ds.SamplesPerPixel}); greyscale MR needed")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    if photometric not in GREYSCALE:
+        raise SeriesError(
+            f"{path.name}: PhotometricInterpretation {photometric or '(missing)'}; an MR image is greyscale "
+            f"({' or '.join(GREYSCALE)})"
+        )
+
+
+def _as_slice(path: Path, ds: pydicom.Dataset) -> SliceHeader:
+    """Check one instance is a single-frame greyscale image with geometry."""
+    check_single_frame(path, ds)
     if "PixelData" not in ds:
         raise _no_pixel_data(path, ds)
     missing = [tag for tag in _GEOMETRY_TAGS if ds.get(tag) in (None, "")]
     if missing:
         raise SeriesError(f"{path.name}: not a usable image, missing geometry: {', '.join(missing)}")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise SeriesError(f"{path.name}: colour image (SamplesPerPixel {ds.SamplesPerPixel}); greyscale MR needed")
+    check_greyscale(path, ds)
     try:
         position = np.array([float(v) for v in ds.ImagePositionPatient])
         orientation = np.array([float(v) for v in ds.ImageOrientationPatient])
@@ -269,7 +292,13 @@ def load_series(files: Sequence[Path]) -> LoadedSeries:
             "(a localizer or a single slice cannot give lesion volumes)"
         )
     slice_spacing = _slice_spacing(slices, normal)
+    photometric = Counter(str(s.ds.PhotometricInterpretation).strip() for s in slices)
+    if len(photometric) > 1:
+        listed = ", ".join(f"{value} ({n} files)" for value, n in photometric.most_common())
+        raise SeriesError(f"mixed PhotometricInterpretation in one series: {listed}")
     volume = np.stack([_pixels(s) for s in slices])
+    if "MONOCHROME1" in photometric:  # high values shown dark: inverted within its range (module doc)
+        volume = (volume.max() + volume.min() - volume).astype(np.float32)
     image = sitk.GetImageFromArray(volume)
     row_spacing, col_spacing = slices[0].pixel_spacing
     image.SetSpacing((float(col_spacing), float(row_spacing), slice_spacing))

@@ -18,7 +18,7 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
-from inference.errors import SeriesError, SeriesRefused
+from inference.errors import InferenceError, SeriesError, SeriesRefused
 from inference.imaging import preprocess
 from inference.imaging.postprocess import extract_lesions
 from inference.imaging.screening import NamePatterns
@@ -183,6 +183,18 @@ def test_detections_outside_the_brain_are_never_reported(phantom_series, tiny_pa
     everywhere = sitk.Cast(result.probability_map >= 0, sitk.sitkUInt8)
     _, unmasked = extract_lesions(result.probability_map, brain_mask=everywhere, threshold=0.5, min_volume_mm3=20.0)
     assert len(unmasked) > len(result.lesions)  # the rims were there to be found
+
+
+def test_a_model_output_that_is_not_finite_fails_without_a_retry(small_axial_series, tiny_package, monkeypatch):
+    """NaN from the model (pixel values it cannot read) is the same on every retry: an
+    `InferenceError` the worker records as failed, not an internal error retried 3 times."""
+
+    def nan(model, slices, **kwargs):
+        return np.full(slices.shape, np.nan, np.float32), np.full(len(slices), np.nan, np.float32)
+
+    monkeypatch.setattr("inference.model.predictor.predict_slices", nan)
+    with pytest.raises(InferenceError, match=r"the model's output is not finite \(NaN or infinity\)"):
+        run_series(small_axial_series.files, tiny_package, device="cpu")
 
 
 def test_series_errors_propagate(small_axial_series, tiny_package):

@@ -47,8 +47,8 @@ def test_total_volume_and_share_of_the_brain(series, result_on):
     labels = np.zeros(GEOMETRY["shape"], np.uint16)
     labels[2:8, 10:40, 10:44] = 1  # 6120 voxels = 122.4 cm3
     result = result_on(series, labels)
-    reasons = check_plausibility(result, PlausibilityBounds(max_brain_fraction=None), threshold=0.5)
-    assert reasons == ["total GTV 122.4 cm3, limit 100 cm3"]
+    bounds = PlausibilityBounds(max_brain_fraction=None, max_lesion_diameter_mm=None)  # the volume alone
+    assert check_plausibility(result, bounds, threshold=0.5) == ["total GTV 122.4 cm3, limit 100 cm3"]
 
     small = np.zeros(GEOMETRY["shape"], np.uint16)
     small[4, 10:20, 10:20] = 1  # 2.0 cm3
@@ -138,3 +138,23 @@ def test_infer_writes_a_held_result_and_exits_3(small_axial_series, firing_model
     # written for a look, nothing hidden: the mask, the summary and the DICOM outputs
     assert (out / "mask.nii.gz").is_file()
     assert len(list(out.glob("RTSTRUCT_*.dcm"))) == 1 and len(list(out.glob("SR_*.dcm"))) == 1
+
+
+def test_a_lesion_longer_than_any_metastasis_is_a_reason(series, result_on):
+    """An abdominal series went through as two brain "lesions" 140 mm across; 80 mm is the limit."""
+    labels = np.zeros(GEOMETRY["shape"], np.uint16)
+    labels[5, 20, 10:50] = 1  # 40 voxels of 2 mm in a row: 78 mm between the outer voxel centres
+    assert check_plausibility(result_on(series, labels), PlausibilityBounds(), threshold=0.5) == []
+    labels[5, 20, 10:52] = 1
+    (reason,) = check_plausibility(result_on(series, labels), PlausibilityBounds(), threshold=0.5)
+    assert reason.startswith("a lesion ") and reason.endswith(" mm across, limit 80 mm")
+
+
+def test_a_brain_larger_than_any_brain_is_a_reason(series, result_on):
+    """The brain mask of an abdomen, or of an inverted image, measured 4-6 L: no brain at all."""
+    result = result_on(series, np.zeros(GEOMETRY["shape"], np.uint16))
+    assert check_plausibility(result, PlausibilityBounds(), threshold=0.5, brain_volume_cm3=1900.0) == []
+    (reason,) = check_plausibility(result, PlausibilityBounds(), threshold=0.5, brain_volume_cm3=3954.0)
+    assert reason.startswith("brain volume 3954 cm3, limit 2500 cm3: the brain mask did not find a brain")
+    none = PlausibilityBounds(max_brain_volume_cm3=None)
+    assert check_plausibility(result, none, threshold=0.5, brain_volume_cm3=3954.0) == []

@@ -268,3 +268,30 @@ def test_grid_estimate_bounds_the_grid_the_pipeline_builds(phantom_series):
         assert not aligned
         real = grid.GetSize()
         assert estimated[:2] == real[:2] and real[2] <= estimated[2] <= 2 * real[2], (estimated, real)
+
+
+def test_a_series_without_a_frame_of_reference_fails_before_the_model_runs(series, edited_series):
+    """The RTSTRUCT's contours are defined in the images' frame of reference: without one the
+    job used to run the model three times and fail in the writer with an internal error."""
+    files = edited_series(series, FrameOfReferenceUID=None)
+    with pytest.raises(SeriesError, match=r"no FrameOfReferenceUID in 20 of 20 files"):
+        screen_series(files)
+
+
+def test_a_multi_frame_object_is_named_as_such_not_as_one_slice(series, edited_series):
+    files = edited_series(series, indices=[0], NumberOfFrames="60")[:1]
+    with pytest.raises(SeriesError, match=r"multi-frame image .* send the classic single-frame MR series"):
+        screen_series(files)
+
+
+@pytest.mark.parametrize("value", ["PALETTE COLOR", "RGB", None])
+def test_an_image_that_is_not_greyscale_fails(series, edited_series, value):
+    files = edited_series(series, PhotometricInterpretation=value)
+    with pytest.raises(SeriesError, match=r"PhotometricInterpretation .*an MR image is greyscale"):
+        screen_series(files)
+
+
+def test_mixed_photometric_interpretation_fails(series, edited_series):
+    files = edited_series(series, indices=range(10, 20), PhotometricInterpretation="MONOCHROME1")
+    with pytest.raises(SeriesError, match=r"mixed PhotometricInterpretation in one series"):
+        screen_series(files)

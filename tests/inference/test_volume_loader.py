@@ -244,3 +244,26 @@ def test_multi_frame_is_refused_with_a_reason(small_axial_series, copy_series):
     edit(files[0], NumberOfFrames=2, SOPClassUID="1.2.840.10008.5.1.4.1.1.4.1")
     text = reason(files)
     assert "multi-frame image (Enhanced MR Image Storage, 2 frames) is not supported" in text
+
+
+def test_a_monochrome1_series_is_inverted_to_what_monochrome2_shows(small_axial_series, copy_series):
+    """MONOCHROME1 shows high values dark. Stored as max - value it displays exactly like the
+    original; loaded as is, the model saw an inverted head and delivered "no lesions"."""
+    files = copy_series(small_axial_series.files)
+    original = sitk.GetArrayFromImage(load_series(small_axial_series.files).image)
+    top = int(original.max())
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = (top - ds.pixel_array.astype(np.int32)).astype(ds.pixel_array.dtype).tobytes()
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(path, enforce_file_format=False)
+    loaded = sitk.GetArrayFromImage(load_series(files).image)
+    np.testing.assert_allclose(loaded - loaded.min(), original - original.min())
+
+
+def test_an_image_that_is_not_greyscale_is_refused(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    edit(files[2], PhotometricInterpretation="PALETTE COLOR")
+    assert reason(files) == (
+        f"{files[2].name}: PhotometricInterpretation PALETTE COLOR; an MR image is greyscale (MONOCHROME2 or MONOCHROME1)"
+    )
