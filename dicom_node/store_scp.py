@@ -4,7 +4,9 @@ Handlers are thin: check free space, read the header elements the job store
 needs (`dicom_node.instance_header`) from the file the data set streamed into
 (`dicom_node.scp_transport`),
 call `storage.ingest.store_instance` (that file fsync'd, renamed into place and
-its row committed before it returns), map what went wrong to a named status.
+its row committed before it returns), map what went wrong to a named status
+(an instance whose UIDs or PatientID contradict the stored study and series:
+0xC000, `storage.ingest.IdentityConflict`).
 The encoded data set is stored exactly as received (no decode/re-encode), so
 compressed transfer syntaxes are kept bit-for-bit and decoded only at
 inference time.
@@ -42,7 +44,7 @@ from dicom_node.settings import NodeSettings
 from dicom_node.storage_commitment import CommitmentReceiver, accept_reports
 from dicom_node.tls import server_ssl_context
 from storage.database import Database
-from storage.ingest import ConflictPolicy, InstanceMeta, StoreOutcome, store_instance
+from storage.ingest import ConflictPolicy, IdentityConflict, InstanceMeta, StoreOutcome, store_instance
 from storage.instance_store import IncomingFile, InstanceStore, InvalidUIDError
 
 log = get_logger(__name__)
@@ -184,6 +186,9 @@ class StoreSCP:
             outcome = store_instance(self.db, self.store, meta, incoming, self.conflict_policy)
         except InvalidUIDError as exc:
             bound.warning("store.rejected", reason=str(exc))
+            return status_codes.CANNOT_UNDERSTAND
+        except IdentityConflict as exc:  # a sender's UID error: kept out of the stored series (storage.ingest)
+            bound.warning("store.rejected", reason=str(exc), identity_conflict=True)
             return status_codes.CANNOT_UNDERSTAND
         except OSError as exc:
             bound.error("store.failed", reason=f"storage error: {exc}", disk_full=exc.errno == errno.ENOSPC)

@@ -27,6 +27,22 @@ returns. Policy for a SOP Instance UID that arrives again:
   job after the quiet period): the re-planning case months later.
 Concurrent stores of the same SOP Instance UID are serialised by a striped lock.
 
+Identity (a sender's UID error must not break another patient's series): a
+series belongs to one study, and a study to one patient. An instance whose
+SeriesInstanceUID is stored under another StudyInstanceUID, or whose PatientID
+differs from the one recorded for its study (the StudyInstanceUID is stored
+with another PatientID), is refused: `IdentityConflict`, which the SCP answers
+with 0xC000 (`store.rejected` says which UIDs disagree; PatientIDs are never
+written, only "PatientID differs"). Nothing of it is kept (its file is removed,
+no row), and the stored series, its rows and its jobs are untouched. PatientIDs
+compare as the SCP reads them (`store_scp.instance_meta`: absent or empty is
+None, so None and "" are the same, and neither equals a value). The fast path
+below counts an instance into its series only when that series' study has the
+instance's StudyInstanceUID and PatientID (in the same UPDATE, no query more);
+any other instance takes the job path, which checks and refuses
+(`_get_or_create_series`). A re-sent SOP Instance UID (above) is the conflict
+policy's: it never moves an instance to another study or series.
+
 The instance arrives as an `IncomingFile` the SCP streamed to `tmp/` (already
 hashed), or as bytes (tests, tools). It is moved into place, never copied; a
 duplicate or a failure discards it. Success means the file is fsync'd under
@@ -34,13 +50,13 @@ its name and its row committed.
 
 Speed (issue #18): the common case, one more instance of a series already
 receiving, is two statements compiled once (count the instance into its series
-if that is still open; insert the instance:
-`_insert_into_open_series`, `storage.database.DriverStatement`), and the rows of concurrent
+if that is still open and of the instance's study and patient; insert the
+instance: `_insert_into_open_series`, `storage.database.DriverStatement`), and the rows of concurrent
 C-STOREs share one transaction, so one WAL flush (`GroupCommit`); each is
 acknowledged only after that commit. The ORM path with its job bookkeeping
-runs only for the first instance of a series or of a new delivery
-(`_commit_row_opening_job`). The file's fsyncs run while that row commits
-(`_place_and_commit`): one storage flush round per instance instead of two,
+runs only for the first instance of a series or of a new delivery, and for
+an instance refused for its identity (`_commit_row_opening_job`). The file's
+fsyncs run while that row commits (`_place_and_commit`): one storage flush round per instance instead of two,
 with what a power cut in between can leave, and how it is repaired, there.
 """
 
@@ -103,12 +119,33 @@ class InstanceMeta:
     source_address: str | None = None
 
 
-def _get_or_create_series(session, meta: InstanceMeta) -> Series:
+class IdentityConflict(ValueError):
+    """The instance's UIDs or PatientID contradict what is stored (module doc): refused, nothing kept."""
+
+
+def _patient(patient_id: str | None) -> str | None:
+    """A PatientID as compared: absent and empty are the same (`store_scp.instance_meta` reads both as None)."""
+    return patient_id or None
+
+
+def _get_or_create_series(session: Session, meta: InstanceMeta) -> Series:
+    """The instance's series row, created with its study when new; `IdentityConflict` when the series is
+    stored under another study, or its study with another PatientID (a sender's UID error: module doc)."""
     series = session.scalar(select(Series).where(Series.series_uid == meta.series_uid))
     if series is not None:
+        stored = series.study
+        if stored.study_uid != meta.study_uid:
+            raise IdentityConflict(
+                f"SeriesInstanceUID {meta.series_uid} is already stored in StudyInstanceUID {stored.study_uid}, "
+                f"this instance names StudyInstanceUID {meta.study_uid}: not stored (one series, one study; "
+                "the sender re-used a SeriesInstanceUID?)"
+            )
+        _check_patient(stored, meta)
         return series
     study = session.scalar(select(Study).where(Study.study_uid == meta.study_uid))
-    if study is None:
+    if study is not None:
+        _check_patient(study, meta)
+    else:
         study = Study(
             study_uid=meta.study_uid,
             patient_id=meta.patient_id,
@@ -125,6 +162,16 @@ def _get_or_create_series(session, meta: InstanceMeta) -> Series:
     )
     session.add(series)
     return series
+
+
+def _check_patient(study: Study, meta: InstanceMeta) -> None:
+    """`IdentityConflict` unless the instance's PatientID is its stored study's (no PatientID in the text: PHI)."""
+    if _patient(study.patient_id) != _patient(meta.patient_id):
+        raise IdentityConflict(
+            f"PatientID differs: StudyInstanceUID {meta.study_uid} is already stored for another PatientID than "
+            f"this instance's (SeriesInstanceUID {meta.series_uid}): not stored (one study, one patient; "
+            "the sender re-used a StudyInstanceUID?)"
+        )
 
 
 def store_instance(
@@ -274,6 +321,7 @@ def _restore_row(db: Database, meta: InstanceMeta, relative: str, digest: str, s
 
 _SERIES: Table = Series.__table__  # type: ignore[assignment]  # declarative tables are Tables
 _INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+_STUDIES: Table = Study.__table__  # type: ignore[assignment]
 _EXISTING = select(_INSTANCES.c.path, _INSTANCES.c.sha256, _INSTANCES.c.size_bytes, _INSTANCES.c.purged_at).where(
     _INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid")
 )
@@ -292,12 +340,21 @@ _UNCOUNT = (
 # `now`; the second half matters when clocks disagree (another host's clock ahead, or ours
 # stepped back): counting would set `last_received_at` to a `now` at or before the
 # evaluation and close the delivery with this instance in it, never routed.
+# Only into a series of the instance's study and patient (the module doc's identity rule): any
+# other instance matches no row and takes the job path, which refuses it (`_get_or_create_series`).
+# A subquery on the studies' unique StudyInstanceUID, no statement more; NULL-safe for PatientID.
 _NOW = bindparam("now", type_=_SERIES.c.last_received_at.type)
 _SERIES_UID = bindparam("series_uid", type_=_SERIES.c.series_uid.type)
+_STUDY_UID = bindparam("study_uid", type_=_STUDIES.c.study_uid.type)
+_PATIENT_ID = bindparam("patient_id", type_=_STUDIES.c.patient_id.type)
 _COUNT_INTO_OPEN_SERIES = (
     update(_SERIES)
     .where(
         _SERIES.c.series_uid == _SERIES_UID,
+        _SERIES.c.study_id
+        == select(_STUDIES.c.id)
+        .where(_STUDIES.c.study_uid == _STUDY_UID, _STUDIES.c.patient_id.is_not_distinct_from(_PATIENT_ID))
+        .scalar_subquery(),
         or_(
             _SERIES.c.evaluated_at.is_(None),
             and_(_SERIES.c.evaluated_at < _SERIES.c.last_received_at, _SERIES.c.evaluated_at < _NOW),
@@ -465,11 +522,13 @@ def group_commit(db: Database) -> GroupCommit:
 
 def _insert_into_open_series(connection: Connection, row: _PendingRow) -> bool:
     """The instance row and its series' count, in the caller's transaction. False (nothing
-    written) when the series is new or was evaluated since its last instance (a new delivery)."""
+    written) when the series is new, was evaluated since its last instance (a new delivery), or
+    belongs to another study or patient (refused on the job path: module doc)."""
     meta = row.meta
     count, insert_instance = _open_series_statements(connection.dialect)
     now = utcnow()
-    if count.execute(connection, {"series_uid": meta.series_uid, "now": now}).rowcount != 1:
+    series = {"series_uid": meta.series_uid, "study_uid": meta.study_uid, "patient_id": _patient(meta.patient_id)}
+    if count.execute(connection, series | {"now": now}).rowcount != 1:
         return False
     insert_instance.execute(
         connection,

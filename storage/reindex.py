@@ -24,7 +24,11 @@
   duplicate.
 - Nothing is deleted. A file that cannot be read, is cut short (`incomplete`:
   a power cut before its data was flushed), or whose UIDs do not match
-  its path, is moved to `unindexed/` (same relative path) and reported: left
+  its path, or whose series or study UID is indexed already for another study
+  or patient (`storage.ingest.IdentityConflict`: the receive refuses it; files
+  are indexed in the order they were written, so the first received keeps its
+  series; the dry run cannot see this), is moved to `unindexed/` (same relative path) and
+  reported: left
   under `instances/` without a row, start-up would remove it as a
   never-acknowledged leftover.
 - The revision history of the results (table `outputs`, `storage.outputs`) is
@@ -68,7 +72,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage.database import Database
-from storage.ingest import InstanceMeta, _commit_row, _get_or_create_series, _restore_row, instance_row
+from storage.ingest import (
+    IdentityConflict,
+    InstanceMeta,
+    _commit_row,
+    _get_or_create_series,
+    _restore_row,
+    instance_row,
+)
 from storage.instance_store import InstanceStore, sha256_file, validate_uid
 from storage.models import EventKind, Instance, Job, JobEvent, JobState, Output, Series, utcnow
 from storage.store_identity import StoreMismatchError, bind, database_store_id, file_store_id
@@ -123,7 +134,9 @@ def reindex(
     # Outputs first: their jobs get their own ids back before `route` opens new jobs (module doc).
     outputs = _restore_jobs(db, store, read_meta, _scan_outputs(db, store, report), report, dry_run)
     seen: set[str] = set()
-    for path in sorted((store.root / "instances").rglob("*.dcm")):
+    # In the order received (file times): where two studies claim one series, the first keeps it, as the
+    # receive decided (`IdentityConflict`); the later one is moved aside.
+    for path in sorted((store.root / "instances").rglob("*.dcm"), key=lambda p: (p.stat().st_mtime_ns, p)):
         report.files += 1
         relative = path.relative_to(store.root).as_posix()
         seen.add(relative)
@@ -144,7 +157,13 @@ def reindex(
                 store.move(relative, f"{UNINDEXED_DIR}/{relative}")
             continue
         add = _add_row if route else _add_row_evaluated
-        if not dry_run and not add(db, meta, relative, sha256_file(path), path.stat().st_size):
+        try:
+            added = dry_run or add(db, meta, relative, sha256_file(path), path.stat().st_size)
+        except IdentityConflict as exc:  # a series or study UID another patient's files hold (ingest)
+            report.unreadable.append((relative, f"{exc.__class__.__name__}: {exc}"))
+            store.move(relative, f"{UNINDEXED_DIR}/{relative}")
+            continue
+        if not added:
             report.known += 1  # indexed meanwhile (a second reindex, or a node using this database)
             continue
         report.added += 1
@@ -461,11 +480,15 @@ def _restore_jobs(
                 why = f"the outputs of job {job_id} name {len(sources)} source series"
                 report.outputs_skipped += [(f.path, why) for f in files]
                 continue
+            if job is None and not dry_run:
+                try:  # raised before the job adds anything to the session
+                    _restore_job(session, store, read_meta, job_id, files)
+                except IdentityConflict as exc:
+                    report.outputs_skipped += [(f.path, str(exc)) for f in files]
+                    continue
             usable += files
             if job is None:
                 report.jobs_restored.append(job_id)
-                if not dry_run:
-                    _restore_job(session, store, read_meta, job_id, files)
             elif job.attempts < attempts and not dry_run:  # a backup older than its last attempts:
                 job.attempts = attempts  # its next attempt must not write into an existing attempt's folder
     if not dry_run:  # also when an interrupted earlier run already restored the jobs

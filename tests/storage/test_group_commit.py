@@ -97,7 +97,9 @@ def test_a_failing_row_fails_alone(job_store_url: str, tmp_path: Path):
     store = InstanceStore(tmp_path / "data")
     assert store_instance(db, store, meta(0), b"first") is StoreOutcome.STORED
     group = group_commit(db)
-    too_long = InstanceMeta("1.2.826.0.1.9.1.99", MR, STUDY, SERIES, EXPLICIT_LE, calling_ae_title="X" * 400)
+    too_long = InstanceMeta(
+        "1.2.826.0.1.9.1.99", MR, STUDY, SERIES, EXPLICIT_LE, patient_id="GROUP", calling_ae_title="X" * 400
+    )
     results: dict[str, object] = {}  # keyed by sender, not by instance number (one may be 3)
 
     def send(name: str, k: int, instance: InstanceMeta) -> None:

@@ -243,3 +243,29 @@ def test_the_job_id_sequence_is_moved_past_jobs_restored_under_their_own_ids(
         session.flush()
         assert new.id == 8
     db.dispose()
+
+
+def test_a_file_whose_series_uid_another_study_holds_is_moved_aside(lost_database, tmp_path) -> None:
+    """On disk from before the receive refused it (`IdentityConflict`): an instance reusing a stored
+    SeriesInstanceUID in another study. Reindex keeps the first series whole and reports the other,
+    instead of merging it into another patient's series or stopping half way."""
+    store = lost_database
+    series_dir = next((store.root / "instances").glob("*/*"))
+    a_file = next(series_dir.glob("*.dcm"))
+    ds = pydicom.dcmread(a_file)
+    ds.StudyInstanceUID, ds.SOPInstanceUID, ds.PatientID = "1.2.826.0.1.99", "1.2.826.0.1.99.1.1", "OTHER"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    intruder = store.root / store.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    intruder.parent.mkdir(parents=True)
+    ds.save_as(intruder, enforce_file_format=True)
+    db = Database(f"sqlite:///{tmp_path}/new.db")
+    report = reindex(db, store, stored_instance_meta)
+    relative = intruder.relative_to(store.root).as_posix()
+    assert report.added == 30 and dict(report.unreadable).keys() == {relative}
+    assert "IdentityConflict: SeriesInstanceUID" in dict(report.unreadable)[relative]
+    assert not intruder.exists() and (store.root / "unindexed" / relative).exists()
+    with db.session() as session:
+        assert sorted(session.scalars(select(Study.study_uid))) == sorted(
+            {pydicom.dcmread(p).StudyInstanceUID for p in (store.root / "instances").rglob("*.dcm")}
+        )
+    db.dispose()
