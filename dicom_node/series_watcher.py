@@ -19,15 +19,19 @@ things, checked every `[series] check_interval_s` (APScheduler):
 When the long period is over, a series is decided whatever it looks like: an
 incomplete one that a rule matches **fails** with the reason ("incomplete
 series: 150 of 176 images (ImagesInAcquisition 176), InstanceNumber 151-176
-missing"), so no partial RTSTRUCT reaches a planning system unseen; the job
+missing"), so no partial RTSTRUCT reaches a planning system unseen. So does
+one that looks whole but whose last association was aborted, closed without
+A-RELEASE or is still open and silent, unless a count shows it whole
+("interrupted delivery: ..."): a transfer cut after slice 30 of 48 leaves
+evenly spaced positions, and the missing slices may hold a metastasis. The job
 keeps its rule, so `dicom-node jobs retry` runs it as it is when a physicist
 decides so. If the rest arrives later, the series is a new delivery and gets
 a new job. A series no rule matches is rejected after the short period
 without its completeness being read: nothing will run on it.
 
-Limit: a series without a count whose *trailing* slices are missing has
-evenly spaced positions and looks whole; it is routed after the short
-period. Likewise, a process that does not run the SCP (or another host's
+Limit: a series without a count whose *trailing* slices are missing, sent
+over an association that was released normally, has evenly spaced positions
+and looks whole; it is routed after the short period. Likewise, a process that does not run the SCP (or another host's
 SCP sharing the job store) does not see the associations: the quiet period
 counts from the last instance.
 
@@ -176,6 +180,20 @@ class SeriesWatcher:
             clean = delivery.released
         if not (clean or completeness.confirmed or final):
             return None
+        if delivery is not None and not delivery.released and not completeness.confirmed:  # final: a cut delivery
+            if delivery.open_associations:
+                how = "is still open and sent nothing more"
+            else:
+                how = "was aborted" if delivery.ended_outcome == "aborted" else "closed without A-RELEASE"
+            return replace(
+                outcome,
+                failed=True,
+                reason=f"interrupted delivery: the association that sent it {how}, with {series.instance_count} "
+                "instance(s) received, and no count (ImagesInAcquisition, positions) shows the series whole: its "
+                f"last slices may be missing; waited {self.partial_quiet_period_s:g} s for the rest "
+                "(`dicom-node jobs retry` runs it as it is)",
+                completeness=described,
+            )
         return replace(outcome, completeness=described)
 
     def check_once(self) -> list[int]:

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from dicom_node.series_watcher import SeriesWatcher
 from storage.jobs import list_jobs, load_job, retry_job
-from storage.models import EventKind, Job, JobState, Series
+from storage.models import Job, JobState, Series
 from tests.dicom_node.conftest import storescu, wait_for
 from tests.helpers.clock import FakeClock
 
@@ -204,7 +204,12 @@ def test_an_open_association_holds_its_series_until_the_long_period(node, watche
         assoc.release()
 
 
-def test_an_aborted_association_needs_a_count_to_be_routed_early(node, watcher, clock, mr_series, tmp_path):
+def test_an_aborted_association_needs_a_count_to_be_routed_and_fails_without_one(
+    node, watcher, clock, mr_series, tmp_path
+):
+    """A transfer cut short leaves evenly spaced positions: without a count nothing shows the series
+    whole, and an outside tester's series cut after slice 30 of 48 was delivered without the
+    metastasis in the slices that never came. It fails with the reason; `jobs retry` runs it."""
     uncounted, counted = mr_series[:6], with_count(mr_series[6:], tmp_path / "other", 6)
     # Two series: the second one's headers make it a series of its own with a count of 6.
     other = []
@@ -231,8 +236,9 @@ def test_an_aborted_association_needs_a_count_to_be_routed_early(node, watcher, 
     clock.set(last, LONG_S)
     [late_job] = watcher.check_once()
     job = load_job(node.db, late_job)
-    assert job.series_uid == series_uid(uncounted) and job.state == JobState.QUEUED
-    assert any(e.kind == EventKind.LOG and e.message.startswith("completeness: 6 instances") for e in job.events)
+    assert job.series_uid == series_uid(uncounted) and job.state == JobState.FAILED
+    assert job.reason.startswith("failed: interrupted delivery: the association that sent it ")
+    assert "with 6 instance(s) received" in job.reason and "`dicom-node jobs retry` runs it as it is" in job.reason
 
 
 def test_a_correction_resent_on_an_open_association_holds_its_series(start_node, clock, mr_series, tmp_path):
