@@ -18,9 +18,8 @@ returns. Policy for a SOP Instance UID that arrives again:
   (`content_compare.IMMATERIAL_KEYWORDS`), an evaluated series becomes a new
   delivery, as below; its queued job is cancelled (it must not run on a series
   being replaced), a running one finishes and is superseded by the new job.
-  `replace` never moves an instance to another study or series (compared with
-  the stored row): such a re-send is kept as with `keep-first`, and its event
-  says so;
+  A re-send naming another study or series (compared with the stored row) is
+  no correction but a re-used UID: refused, see Identity below;
 - an instance whose file retention purged (`purged_at` set), or whose file is
   missing (a database backup restored after retention): stored again, the
   row pointed at the new file, and the series counts as a new delivery (a new
@@ -40,8 +39,11 @@ None, so None and "" are the same, and neither equals a value). The fast path
 below counts an instance into its series only when that series' study has the
 instance's StudyInstanceUID and PatientID (in the same UPDATE, no query more);
 any other instance takes the job path, which checks and refuses
-(`_get_or_create_series`). A re-sent SOP Instance UID (above) is the conflict
-policy's: it never moves an instance to another study or series.
+(`_get_or_create_series`). A SOP Instance UID stored already, re-sent with
+other content naming another series or study, is refused the same way
+(`_resolve_conflict`): a correction never moves an instance, and a sender's
+re-used UIDs (another patient's series) must not vanish as "conflicts" of
+the stored series.
 
 The instance arrives as an `IncomingFile` the SCP streamed to `tmp/` (already
 hashed), or as bytes (tests, tools). It is moved into place, never copied; a
@@ -610,7 +612,15 @@ def _resolve_conflict(
 ) -> StoreOutcome:
     """Other bytes for a stored SOP Instance UID: the same content (DUPLICATE) or a conflict under `policy`.
 
-    Runs under the instance's lock; the content is compared outside any transaction."""
+    Runs under the instance's lock; the content is compared outside any transaction. A re-send naming
+    another series or study is no correction: `IdentityConflict`, nothing kept (module doc)."""
+    moved = _placement_changes(db, meta)
+    if moved:
+        raise IdentityConflict(
+            f"SOP Instance UID {meta.sop_instance_uid} is already stored in another {_moved_what(moved)}; this "
+            f"instance names SeriesInstanceUID {meta.series_uid} (StudyInstanceUID {meta.study_uid}): not stored "
+            "(a SOP Instance UID names one instance; the sender re-used it?)"
+        )
     incoming.finish()
     diff = compare_files(store.absolute(stored_path), incoming.path)
     if diff.same_content and policy is ConflictPolicy.REPLACE:
@@ -619,8 +629,7 @@ def _resolve_conflict(
         store.sync(stored_path)  # as for a byte-identical re-send (`store_instance`)
         return StoreOutcome.DUPLICATE
     uid, digest = meta.sop_instance_uid, incoming.sha256
-    moved = _placement_changes(db, meta)
-    if policy is ConflictPolicy.REPLACE and not moved:
+    if policy is ConflictPolicy.REPLACE:
         _replace(db, store, meta, incoming, stored_path, stored_sha, diff)
         return StoreOutcome.CONFLICT
     kept = f"conflicts/{uid}/{digest}.dcm"
@@ -628,8 +637,6 @@ def _resolve_conflict(
     store.keep(incoming, kept)
     if not already_kept:
         action = "the first version stays in use, the new one is kept under conflicts/<SOP Instance UID>/"
-        if policy is ConflictPolicy.REPLACE:
-            action = f"not replaced, because it would move the instance to another {_moved_what(moved)}; " + action
         with db.session() as session:
             series_id = session.scalar(select(Instance.series_id).where(Instance.sop_instance_uid == uid))
             latest = _latest_job(session, series_id) if series_id is not None else None

@@ -15,7 +15,7 @@ from sqlalchemy import select, text
 
 from dicom_node.store_scp import instance_meta
 from storage.database import Database
-from storage.ingest import ConflictPolicy, StoreOutcome, store_instance
+from storage.ingest import ConflictPolicy, IdentityConflict, StoreOutcome, store_instance
 from storage.instance_store import InstanceStore, sha256_file
 from storage.jobs import (
     InvalidTransition,
@@ -177,16 +177,19 @@ def test_replace_of_an_element_no_fixed_list_named_is_a_new_delivery(
     assert [s.series_id for s in series_awaiting_routing(db, 0)] == [1]
 
 
-def test_replace_never_moves_an_instance_to_another_series(stores, tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", list(ConflictPolicy))
+def test_a_re_send_naming_another_series_is_refused_not_kept_as_a_conflict(stores, tmp_path: Path, policy) -> None:
+    """A SOP Instance UID names one instance: a re-send naming another series is a re-used UID (an
+    outside tester's other patient's series vanished, acknowledged, into this series' conflicts)."""
     db, store = stores
     send(db, store, BASE)
     moved = edited(tmp_path, "moved.dcm", SeriesInstanceUID="1.2.826.0.1.3680043.8.498.1")
-    assert send(db, store, moved, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
+    with pytest.raises(IdentityConflict, match=r"is already stored in another series; this instance names"):
+        send(db, store, moved, policy)
     row = the_instance(db)
-    assert row.sha256 == sha256_file(BASE)
-    assert (store.conflicts(row.sop_instance_uid) / f"{sha256_file(moved)}.dcm").exists()
-    ((_, message),) = conflict_events(db)
-    assert "not replaced, because it would move the instance to another series" in message
+    assert row.sha256 == sha256_file(BASE) and store.absolute(row.path).exists()
+    assert not store.conflicts(row.sop_instance_uid).exists() and conflict_events(db) == []
+    assert not list(store.tmp_dir.iterdir())  # nothing of it kept
 
 
 def test_conflicting_versions_are_purged_with_the_series(stores, tmp_path: Path) -> None:
@@ -218,8 +221,11 @@ def test_replace_when_the_stored_file_was_lost_stores_the_new_version(stores, tm
     assert not store.conflicts(row.sop_instance_uid).exists()
 
 
-def test_replace_never_moves_an_instance_even_when_its_stored_file_cannot_be_read(stores, tmp_path: Path) -> None:
-    """The reviewer's case: the stored file lost, the re-send names another study and series (and patient)."""
+def test_a_re_send_naming_another_study_is_refused_even_when_the_stored_file_cannot_be_read(
+    stores, tmp_path: Path
+) -> None:
+    """The reviewer's case: the stored file lost, the re-send names another study and series (and patient).
+    The guard reads the stored row, not the file."""
     db, store = stores
     send(db, store, BASE)
     stored_path = the_instance(db).path
@@ -227,15 +233,15 @@ def test_replace_never_moves_an_instance_even_when_its_stored_file_cannot_be_rea
     other = edited(
         tmp_path, "other.dcm", StudyInstanceUID="1.2.3.999", SeriesInstanceUID="1.2.3.999.1", PatientID="OTHER"
     )
-    assert send(db, store, other, ConflictPolicy.REPLACE) is StoreOutcome.CONFLICT
+    with pytest.raises(IdentityConflict, match=r"already stored in another study"):
+        send(db, store, other, ConflictPolicy.REPLACE)
     row = the_instance(db)
     assert (row.path, row.sha256) == (stored_path, sha256_file(BASE))
     assert not store.absolute(stored_path).exists()  # nothing of the other study under this study's path
-    assert (store.conflicts(row.sop_instance_uid) / f"{sha256_file(other)}.dcm").exists()
+    assert not store.conflicts(row.sop_instance_uid).exists()
     with db.session() as session:
         assert session.scalars(select(Study)).one().patient_id == pydicom.dcmread(BASE).PatientID
-    ((_, message),) = conflict_events(db)
-    assert "not replaced, because it would move the instance to another study" in message
+    assert conflict_events(db) == []
 
 
 def test_replace_updates_the_sop_class_of_the_row(stores, tmp_path: Path) -> None:
