@@ -48,6 +48,7 @@ Decisions:
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -257,9 +258,25 @@ def _pixels(s: SliceHeader) -> np.ndarray:
         raise SeriesError(f"{s.path.name}: pixel data in {name} cannot be decoded: {err}") from err
     if array.shape != (rows, cols):
         raise SeriesError(f"{s.path.name}: decoded pixel data has shape {array.shape}, expected ({rows}, {cols})")
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope, intercept = _rescale(s, "RescaleSlope", 1.0), _rescale(s, "RescaleIntercept", 0.0)
+    if slope == 0:
+        raise SeriesError(f"{s.path.name}: RescaleSlope 0 maps every pixel to one value; no image left")
     return (array.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+
+
+def _rescale(s: SliceHeader, keyword: str, default: float) -> float:
+    """RescaleSlope or RescaleIntercept (absent or empty: `default`); a value that is not a finite
+    number is refused (NaN made the brain mask find "no brain", a misleading reason)."""
+    value = s.ds.get(keyword)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as err:
+        raise SeriesError(f"{s.path.name}: {keyword} {value!r} is not a number") from err
+    if not math.isfinite(number):
+        raise SeriesError(f"{s.path.name}: non-finite {keyword} {number} (NaN or infinity)")
+    return number
 
 
 def _header(ds: pydicom.Dataset) -> pydicom.Dataset:

@@ -267,3 +267,14 @@ def test_an_image_that_is_not_greyscale_is_refused(small_axial_series, copy_seri
     assert reason(files) == (
         f"{files[2].name}: PhotometricInterpretation PALETTE COLOR; an MR image is greyscale (MONOCHROME2 or MONOCHROME1)"
     )
+
+
+@pytest.mark.parametrize(
+    ("slope", "why"),
+    [("0", "RescaleSlope 0 maps every pixel to one value"), ("NaN", "non-finite RescaleSlope nan")],
+)
+def test_a_rescale_slope_of_zero_or_nan_is_refused(small_axial_series, copy_series, slope, why):
+    """Slope 0 used to be read as 1 (silently another image), NaN ended as "no brain found"."""
+    files = copy_series(small_axial_series.files)
+    edit(files[4], RescaleSlope=slope)
+    assert reason(files) == f"{files[4].name}: {why}" + ("; no image left" if slope == "0" else " (NaN or infinity)")
