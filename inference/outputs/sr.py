@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from copy import deepcopy
 from datetime import datetime
 
 import highdicom as hd
@@ -120,7 +121,7 @@ def build_sr(
     )
     report[0].ContentSequence.append(_statement_container(result.model))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=result.series.datasets,
+        evidence=readable_evidence(result.series.datasets),
         content=report,
         series_instance_uid=series_instance_uid or new_uid(),
         series_number=series_number,
@@ -141,6 +142,44 @@ def build_sr(
     if related:
         sr.PertinentOtherEvidenceSequence = DicomSequence([_evidence(study_uid, related)])
     return sr
+
+
+# The Patient and General Study Modules' Type 2 attributes highdicom copies from the evidence.
+_TYPE_2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def readable_evidence(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Copies of the source headers highdicom builds the report from.
+
+    Why: highdicom accepts only the standard's defined terms of Specific
+    Character Set, one by one, so a valid ISO 2022 value such as
+    `['', 'ISO 2022 IR 87']` (or a sender's unknown term) failed every attempt
+    of the job, and it reads the patient attributes by name, so a source
+    without PatientID failed too. The copies carry the text decoded with the
+    source's own character set (pydicom; an unknown term falls back to its
+    default with a warning) and declared UTF-8, which the report is written in
+    anyway, and the Type 2 patient and study attributes, empty where the source
+    left them out (Type 2: present, may be empty)."""
+    copies = []
+    for ds in datasets:
+        copy = deepcopy(ds)
+        copy.decode()
+        copy.SpecificCharacterSet = "ISO_IR 192"
+        for keyword in _TYPE_2_COPIED:
+            if keyword not in copy:
+                setattr(copy, keyword, "")
+        copies.append(copy)
+    return copies
 
 
 def _imaging_measurements(sr: Dataset) -> Dataset:

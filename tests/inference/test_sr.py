@@ -13,6 +13,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 
 from inference.outputs import codes
@@ -208,3 +209,28 @@ def test_egfr_call_codes_round_trip() -> None:
         assert codes.egfr_call_from_code(codes.egfr_call_code(call).value) == call
     with pytest.raises(ValueError, match="value"):
         codes.egfr_call_from_code("EGFR-XX")
+
+
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [(["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"), ("ISO_IR 192", "Müller^Jörg")],
+    ids=["iso2022-japanese", "utf8"],
+)
+def test_any_source_character_set_and_a_missing_patient_id_still_build(
+    series, tmp_path: Path, result_on, dciodvfy, charset, name
+) -> None:
+    """An outside tester's valid ISO 2022 series (and one without PatientID) failed every attempt in
+    highdicom, which accepts only single defined terms and reads PatientID by name."""
+    headers = []
+    for number, ds in enumerate(series.datasets):  # as the node reads them: from files, text still encoded
+        ds.SpecificCharacterSet, ds.PatientName = charset, name
+        del ds.PatientID
+        ds.save_as(tmp_path / f"{number}.dcm", enforce_file_format=True)
+        headers.append(pydicom.dcmread(tmp_path / f"{number}.dcm"))
+    series.datasets[:] = headers
+    sr = write_and_read(build_sr(result_on(series, two_lesions((6, 40, 50)))), tmp_path / "sr.dcm")
+    assert (sr.SpecificCharacterSet, sr.PatientName, sr.PatientID) == ("ISO_IR 192", name, "")
+    assert "PatientID" not in series.datasets[0]  # the source headers are not changed
+    errors, warnings = dciodvfy(tmp_path / "sr.dcm")
+    empty_id = "Missing attribute or value that would be needed to build DICOMDIR - Patient ID"
+    assert errors == [] and all(ACCEPTED_WARNING in w or empty_id in w for w in warnings), warnings
