@@ -10,7 +10,8 @@ attributes and values it is based on, for the physicist reading the job log.
 
 Two kinds of refusal:
 
-- `SeriesError`: the headers are defective (not DICOM, mixed PatientID,
+- `SeriesError`: the headers are defective (not DICOM, no PatientID or an
+  identity that is not valid DICOM text (`_check_identity`), mixed PatientID,
   StudyInstanceUID, FrameOfReferenceUID, SeriesInstanceUID or
   PhotometricInterpretation in one series, no FrameOfReferenceUID, a
   multi-frame or non-greyscale image,
@@ -192,6 +193,7 @@ def screen_series(
         raise SeriesError("no files in the series")
     headers = read_headers(files)
     _check_one_series(headers)
+    _check_identity(headers[0])
     first = headers[0].ds
     modality = _text(first, "Modality")
     if modality not in accepts.modality:
@@ -240,6 +242,40 @@ def _check_one_series(headers: list[_Header]) -> None:
         if keyword == "SeriesInstanceUID":  # worded as the loader words it
             raise SeriesError(f"files from {len(values)} series (one series per job): {listed}")
         raise SeriesError(f"mixed {keyword} in one series: {len(values)} different values: {listed}")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_LO_CHARS = 64  # PatientID (LO), and each component group of PatientName (PN): PS3.5 6.2
+
+
+def _check_identity(header: _Header) -> None:
+    """The patient's identity the outputs will carry must be readable DICOM text; values never shown.
+
+    Why: the RTSTRUCT and SR copy PatientName and PatientID, and the planning
+    system matches them to its patient. An outside tester's series delivered
+    outputs with a name altered by undecodable bytes (U+FFFD), control
+    characters, a 5,000-character name, or no PatientID at all."""
+    ds, name = header.ds, header.path.name
+    patient_id = _text(ds, "PatientID")
+    if not patient_id:
+        raise SeriesError(f"{name}: no PatientID: the outputs could not be matched to the patient")
+    try:
+        patient_name = str(ds.get("PatientName", "") or "")
+    except Exception as err:  # noqa: BLE001 - undecodable values raise many kinds
+        raise SeriesError(f"{name}: PatientName cannot be decoded ({type(err).__name__})") from err
+    for keyword, value, groups in (
+        ("PatientID", patient_id, [patient_id]),
+        ("PatientName", patient_name, patient_name.split("=")),
+    ):
+        if "\ufffd" in value:
+            raise SeriesError(
+                f"{name}: {keyword} holds bytes that are not text in the declared SpecificCharacterSet "
+                f"({_text(ds, 'SpecificCharacterSet') or 'default'}): the outputs would carry an altered identity"
+            )
+        if _CONTROL.search(value):
+            raise SeriesError(f"{name}: {keyword} contains control characters: not DICOM text")
+        if any(len(group) > MAX_LO_CHARS for group in groups):
+            raise SeriesError(f"{name}: {keyword} is longer than DICOM allows ({MAX_LO_CHARS} characters)")
 
 
 # --- post-contrast T1 --------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from the headers alone, each reason naming the DICOM attributes it rests on."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -295,3 +296,25 @@ def test_mixed_photometric_interpretation_fails(series, edited_series):
     files = edited_series(series, indices=range(10, 20), PhotometricInterpretation="MONOCHROME1")
     with pytest.raises(SeriesError, match=r"mixed PhotometricInterpretation in one series"):
         screen_series(files)
+
+
+@pytest.mark.parametrize(
+    ("changes", "why"),
+    [
+        ({"PatientID": None}, "no PatientID: the outputs could not be matched to the patient"),
+        ({"PatientID": ""}, "no PatientID"),
+        ({"PatientID": "X" * 65}, "PatientID is longer than DICOM allows (64 characters)"),
+        ({"PatientName": "Doe^John\x1b\x00"}, "PatientName contains control characters"),
+        (
+            {"SpecificCharacterSet": "ISO_IR 192", "PatientName": b"M\xfcller^J\xf6rg"},
+            "PatientName holds bytes that are not text in the declared SpecificCharacterSet (ISO_IR 192)",
+        ),
+    ],
+    ids=["absent-id", "empty-id", "long-id", "control-characters", "latin1-bytes-declared-utf8"],
+)
+def test_an_identity_the_outputs_cannot_carry_faithfully_fails(series, edited_series, changes, why):
+    """The RTSTRUCT and SR copy the patient's identity for the TPS to match: an outside tester's
+    series delivered altered, invalid or empty identities."""
+    with pytest.raises(SeriesError, match=re.escape(why)) as failed:
+        screen_series(edited_series(series, **changes))
+    assert "Doe" not in str(failed.value) and "ller" not in str(failed.value)  # identities are never shown
