@@ -20,10 +20,14 @@ When the long period is over, a series is decided whatever it looks like: an
 incomplete one that a rule matches **fails** with the reason ("incomplete
 series: 150 of 176 images (ImagesInAcquisition 176), InstanceNumber 151-176
 missing"), so no partial RTSTRUCT reaches a planning system unseen. So does
-one that looks whole but whose last association was aborted, closed without
-A-RELEASE or is still open and silent, unless a count shows it whole
+one that looks whole but whose last association was aborted or closed
+without A-RELEASE, or whose last instance reached a previous run of the
+process (a stop or crash cut it), unless a count shows it whole
 ("interrupted delivery: ..."): a transfer cut after slice 30 of 48 leaves
-evenly spaced positions, and the missing slices may hold a metastasis. The job
+evenly spaced positions, and the missing slices may hold a metastasis. An
+association still open then is not taken as cut (a silent one is aborted by
+the node after `[node] network_timeout_s`, shorter than the long period by
+default; one still sending other series has moved on). The job
 keeps its rule, so `dicom-node jobs retry` runs it as it is when a physicist
 decides so. If the rest arrives later, the series is a new delivery and gets
 a new job. A series no rule matches is rejected after the short period
@@ -38,8 +42,8 @@ counts from the last instance.
 Start-up: a series whose last instance reached a previous run of the process
 is treated like one whose association was aborted (the stop or crash cut
 it, and the sender may resume): it is routed before the long period only
-when a count shows it whole, and its quiet periods count from this run's
-start. So a series whose sender was still sending across a restart is not
+when a count shows it whole, fails after it otherwise, and its quiet periods
+count from this run's start. So a series whose sender was still sending across a restart is not
 cut in two, even when the sender takes a while to resume.
 
 Each series is decided in isolation: a header that cannot be read or routed
@@ -59,7 +63,7 @@ from datetime import datetime, timedelta
 
 import pydicom
 
-from dicom_node.association_tracker import SeriesDeliveries
+from dicom_node.association_tracker import SeriesDeliveries, SeriesDelivery
 from dicom_node.logging_setup import get_logger
 from dicom_node.routing import CompiledRule, route_series
 from dicom_node.series_completeness import Completeness, assess, read_slice_header
@@ -180,28 +184,35 @@ class SeriesWatcher:
             clean = delivery.released
         if not (clean or completeness.confirmed or final):
             return None
-        if delivery is not None and not delivery.released and not completeness.confirmed:  # final: a cut delivery
-            if delivery.open_associations:
-                how = "is still open and sent nothing more"
-            else:
-                how = "was aborted" if delivery.ended_outcome == "aborted" else "closed without A-RELEASE"
+        cut = self._cut(series, delivery) if not (clean or completeness.confirmed) else None
+        if cut is not None:  # final, and the only evidence says the transfer was cut: fail, never route as whole
             return replace(
                 outcome,
                 failed=True,
-                reason=f"interrupted delivery: the association that sent it {how}, with {series.instance_count} "
-                "instance(s) received, and no count (ImagesInAcquisition, positions) shows the series whole: its "
-                f"last slices may be missing; waited {self.partial_quiet_period_s:g} s for the rest "
-                "(`dicom-node jobs retry` runs it as it is)",
+                reason=f"interrupted delivery: {cut}, with {series.instance_count} instance(s) received, and no "
+                "count (ImagesInAcquisition, positions) shows the series whole: its last slices may be missing; "
+                f"waited {self.partial_quiet_period_s:g} s for the rest (`dicom-node jobs retry` runs it as it is)",
                 completeness=described,
             )
         return replace(outcome, completeness=described)
+
+    def _cut(self, series: AwaitingSeries, delivery: SeriesDelivery | None) -> str | None:
+        """How the series' transfer was cut, if it was (module doc), else None. An association still open
+        at the end of the long period is not taken as cut: one that is silent is aborted by the node after
+        `network_timeout_s` (shorter than the long period by default), one still sending other series is
+        not a cut one."""
+        if delivery is None:  # no association seen by this process: cut by a stop or crash, or another SCP's
+            return "the node stopped while receiving it" if series.last_received_at < self.listening_since else None
+        if delivery.open_associations:
+            return None
+        return f"the association that sent it {'was aborted' if delivery.ended_outcome == 'aborted' else 'closed without A-RELEASE'}"
 
     def check_once(self) -> list[int]:
         """Route every series that became complete; returns the job ids created or updated."""
         now = self.clock()
         job_ids: list[int] = []
-        if self.deliveries is not None:
-            self.deliveries.prune(ended_before=now - timedelta(seconds=self.partial_quiet_period_s))
+        if self.deliveries is not None:  # a delivery must outlive its series' long period, when it is decided
+            self.deliveries.prune(ended_before=now - timedelta(seconds=2 * self.partial_quiet_period_s))
         for series in series_awaiting_routing(self.db, self.quiet_period_s, self.clock):
             try:
                 outcome = self.decide(series, now)

@@ -60,8 +60,7 @@ _CONFLICT_REASONS = {
     ConflictPolicy.KEEP_FIRST: "same SOP Instance UID with other content; first version kept, "
     "new one saved under conflicts/ (what changed: the job's conflict event)",
     ConflictPolicy.REPLACE: "same SOP Instance UID with other content; the new version replaces the first, "
-    "which is saved under conflicts/, unless it moves the instance to another series "
-    "(what changed and what was done: the job's conflict event)",
+    "which is saved under conflicts/ (what changed and what was done: the job's conflict event)",
 }
 
 # Outcome label of a refused C-STORE, by the status it answered.

@@ -31,7 +31,9 @@ defaults, and why:
 - `max_lesion_diameter_mm` = 80. The largest brain metastases are 4-6 cm
   across; a "lesion" longer than 8 cm spans a hemisphere and is something else
   (an outside test delivered two of 140 mm from an abdominal series).
-- `max_brain_volume_cm3` = 2500. An adult intracranial volume is 1.1-1.9 L;
+- `max_brain_volume_cm3` = 2500. An adult intracranial volume is 1.1-1.9 L,
+  and the measured mask adds a few millimetres around it (it is regrown and
+  closed on ~2 mm blocks; the phantoms' MNI brain measures about 1.9 L);
   a "brain" of more than 2.5 L means the brain mask did not find a brain: a
   body region other than the head, an inverted or otherwise unreadable image,
   or a PixelSpacing too large. There is no lower bound: a slab covering part of

@@ -35,7 +35,11 @@ with 0xC000 (`store.rejected` says which UIDs disagree; PatientIDs are never
 written, only "PatientID differs"). Nothing of it is kept (its file is removed,
 no row), and the stored series, its rows and its jobs are untouched. PatientIDs
 compare as the SCP reads them (`store_scp.instance_meta`: absent or empty is
-None, so None and "" are the same, and neither equals a value). The fast path
+None, so None and "" are the same, and neither equals a value). Known cost:
+a patient reconciliation (the registration corrected mid-exam, so a later
+series of the study carries the corrected PatientID) is refused the same way;
+the study row holds one PatientID, and a per-series identity needs a schema
+change. The fast path
 below counts an instance into its series only when that series' study has the
 instance's StudyInstanceUID and PatientID (in the same UPDATE, no query more);
 any other instance takes the job path, which checks and refuses
@@ -291,7 +295,9 @@ def _restore_row(db: Database, meta: InstanceMeta, relative: str, digest: str, s
     Retried once when another instance opened the delivery's job meanwhile (the one
     `received` job per series, `models.Job`): the retry joins that job. The job is inserted
     before the series row is updated, the order `_commit_row_opening_job` writes in, so that
-    on PostgreSQL the two wait for each other instead of deadlocking."""
+    on PostgreSQL the two wait for each other instead of deadlocking. A re-send naming another series
+    or study is refused (`refuse_moving`), as for a stored one."""
+    refuse_moving(db, meta)
     for attempt in range(_ATTEMPTS):
         try:
             with db.session() as session:
@@ -614,13 +620,7 @@ def _resolve_conflict(
 
     Runs under the instance's lock; the content is compared outside any transaction. A re-send naming
     another series or study is no correction: `IdentityConflict`, nothing kept (module doc)."""
-    moved = _placement_changes(db, meta)
-    if moved:
-        raise IdentityConflict(
-            f"SOP Instance UID {meta.sop_instance_uid} is already stored in another {_moved_what(moved)}; this "
-            f"instance names SeriesInstanceUID {meta.series_uid} (StudyInstanceUID {meta.study_uid}): not stored "
-            "(a SOP Instance UID names one instance; the sender re-used it?)"
-        )
+    refuse_moving(db, meta)
     incoming.finish()
     diff = compare_files(store.absolute(stored_path), incoming.path)
     if diff.same_content and policy is ConflictPolicy.REPLACE:
@@ -755,6 +755,18 @@ def _interrupted_replacement(
         return None
     diff = compare_files(previous, incoming.path)
     return None if diff.same_content else diff
+
+
+def refuse_moving(db: Database, meta: InstanceMeta) -> None:
+    """`IdentityConflict` when the SOP Instance UID's row (stored, purged or with its file lost) belongs
+    to another series or study than `meta` names: a re-used UID, never a correction (module doc)."""
+    moved = _placement_changes(db, meta)
+    if moved:
+        raise IdentityConflict(
+            f"SOP Instance UID {meta.sop_instance_uid} is already stored in another {_moved_what(moved)}; this "
+            f"instance names SeriesInstanceUID {meta.series_uid} (StudyInstanceUID {meta.study_uid}): not stored "
+            "(a SOP Instance UID names one instance; the sender re-used it?)"
+        )
 
 
 def _placement_changes(db: Database, meta: InstanceMeta) -> list[str]:

@@ -26,8 +26,9 @@
   a power cut before its data was flushed), or whose UIDs do not match
   its path, or whose series or study UID is indexed already for another study
   or patient (`storage.ingest.IdentityConflict`: the receive refuses it; files
-  are indexed in the order they were written, so the first received keeps its
-  series; the dry run cannot see this), is moved to `unindexed/` (same relative path) and
+  are indexed in the order of their modification times, so the first received
+  keeps its series, provided a restore kept the times (`cp -p`, `rsync -t`);
+  the dry run cannot see this), is moved to `unindexed/` (same relative path) and
   reported: left
   under `instances/` without a row, start-up would remove it as a
   never-acknowledged leftover.
@@ -79,6 +80,7 @@ from storage.ingest import (
     _get_or_create_series,
     _restore_row,
     instance_row,
+    refuse_moving,
 )
 from storage.instance_store import InstanceStore, sha256_file, validate_uid
 from storage.models import EventKind, Instance, Job, JobEvent, JobState, Output, Series, utcnow
@@ -287,6 +289,8 @@ def _add_row_evaluated(db: Database, meta: InstanceMeta, relative: str, digest: 
             existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
             if existing is not None and existing.purged_at is None:
                 return False
+            if existing is not None:  # purged: its file back, unless another series' file claims its UID
+                refuse_moving(db, meta)
             series = _get_or_create_series(session, meta)
             now = utcnow()
             if existing is None:

@@ -193,7 +193,8 @@ def screen_series(
         raise SeriesError("no files in the series")
     headers = read_headers(files)
     _check_one_series(headers)
-    _check_identity(headers[0])
+    for header in headers:  # the outputs copy the identity of whichever file sorts first
+        _check_identity(header)
     first = headers[0].ds
     modality = _text(first, "Modality")
     if modality not in accepts.modality:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from dicom_node.series_watcher import SeriesWatcher
-from storage.models import Series
+from storage.jobs import load_job
+from storage.models import JobState, Series
 from tests.dicom_node.conftest import storescu
 from tests.helpers.clock import FakeClock
 
@@ -42,9 +43,10 @@ def test_nothing_is_routed_during_the_first_quiet_period_after_start(start_node,
     assert len(fresh.check_once()) == 1
 
 
-def test_a_series_fed_before_the_restart_waits_like_an_aborted_one(start_node, mr_series):
+def test_a_series_fed_before_the_restart_waits_and_fails_like_an_aborted_one(start_node, mr_series):
     """Its association was cut by the stop: the sender may resume, so the short period is not enough
-    (the phantom's headers carry no count that could show it whole)."""
+    (the phantom's headers carry no count that could show it whole); if nothing came by the end of the
+    long period, the cut is all the node knows: the job fails with the reason (`jobs retry` runs it)."""
     node = start_node(DICOM_NODE__SERIES__QUIET_PERIOD_S="600")  # its own watcher never routes here
     assert storescu(node.address[1], mr_series).returncode == 0
     with node.db.session() as session:
@@ -59,4 +61,6 @@ def test_a_series_fed_before_the_restart_waits_like_an_aborted_one(start_node, m
     clock.advance(114.9)
     assert fresh.check_once() == []
     clock.advance(0.1)
-    assert len(fresh.check_once()) == 1  # the long period, counted from the restart
+    [job_id] = fresh.check_once()  # the long period, counted from the restart
+    job = load_job(node.db, job_id)
+    assert job.state == JobState.FAILED and "interrupted delivery: the node stopped while receiving it" in job.reason

@@ -119,7 +119,7 @@ def test_reused_series_uid_in_another_study_is_refused_on_the_job_path(stored_a)
 @pytest.mark.parametrize("evaluated", [False, True], ids=["receiving", "evaluated"])
 def test_same_study_with_another_patient_id_is_refused(stored_a, evaluated: bool):
     """Into A's series (either path) or as a new series of A's study: another PatientID is refused; PatientIDs
-    are not in the reason (PHI)."""
+    are not in the reason (PHI). (A patient reconciliation is refused too: a known cost, module doc.)"""
     db, store = stored_a
     if evaluated:
         evaluate(db)
@@ -129,6 +129,18 @@ def test_same_study_with_another_patient_id_is_refused(stored_a, evaluated: bool
         meta(13, series=f"{SERIES_A}.2", patient="PAT-B"),  # a new series of A's study
     ):
         assert "PAT-" not in assert_refused(db, store, instance, "PatientID differs")
+
+
+def test_a_purged_instance_re_sent_in_another_series_is_refused(stored_a):
+    """Retention purged A's file: a re-send of its SOP Instance UID naming another study and series is a
+    re-used UID too, not A's file coming back (review: it was stored under B's path, A's row kept)."""
+    db, store = stored_a
+    with db.session() as session:
+        session.execute(
+            Instance.__table__.update().where(Instance.sop_instance_uid == f"{SERIES_A}.0").values(purged_at=func.now())
+        )
+    other = InstanceMeta(f"{SERIES_A}.0", MR, STUDY_B, f"{STUDY_B}.1", EXPLICIT_LE, patient_id="PAT-B")
+    assert "another study" in assert_refused(db, store, other, "is already stored in another")
 
 
 def test_a_study_without_patient_id_takes_no_patient_id_and_an_empty_one(job_store_url: str, tmp_path: Path):
