@@ -103,10 +103,13 @@ class SeriesDeliveries:
             if was is not None and was.open_associations == 0:
                 del self._by_series[series_uid]
 
-    def prune(self, ended_before: datetime) -> None:
-        """Drop series whose deliveries all ended before `ended_before` (they no longer matter)."""
+    def prune(self, ended_before: datetime, keep: set[str] | frozenset[str] = frozenset()) -> None:
+        """Drop series whose deliveries all ended before `ended_before` (they no longer matter), except
+        those in `keep` (series still to be decided: how their delivery ended decides them)."""
         with self._lock:
             for uid, was in list(self._by_series.items()):
+                if uid in keep:
+                    continue
                 if was.open_associations == 0 and (was.ended_at is None or was.ended_at < ended_before):
                     del self._by_series[uid]
 

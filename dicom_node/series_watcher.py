@@ -24,10 +24,11 @@ one that looks whole but whose last association was aborted or closed
 without A-RELEASE, or whose last instance reached a previous run of the
 process (a stop or crash cut it), unless a count shows it whole
 ("interrupted delivery: ..."): a transfer cut after slice 30 of 48 leaves
-evenly spaced positions, and the missing slices may hold a metastasis. An
-association still open then is not taken as cut (a silent one is aborted by
-the node after `[node] network_timeout_s`, shorter than the long period by
-default; one still sending other series has moved on). The job
+evenly spaced positions, and the missing slices may hold a metastasis. A
+series whose association is still open waits, past the long period too,
+until `[node] network_timeout_s` after its last instance: a silent association
+is aborted by then (and its series fails as cut), so one still open has sent
+since (other series) and has moved on: the series is routed. The job
 keeps its rule, so `dicom-node jobs retry` runs it as it is when a physicist
 decides so. If the rest arrives later, the series is a new delivery and gets
 a new job. A series no rule matches is rejected after the short period
@@ -101,6 +102,7 @@ class SeriesWatcher:
         partial_quiet_period_s: float | None = None,
         deliveries: SeriesDeliveries | None = None,
         clock: Callable[[], datetime] = utcnow,
+        idle_abort_s: float = 0.0,
     ) -> None:
         self.db = db
         self.store = store
@@ -109,7 +111,10 @@ class SeriesWatcher:
         self.partial_quiet_period_s = max(quiet_period_s, partial_quiet_period_s or quiet_period_s)
         self.deliveries = deliveries
         self.clock = clock
-        self.listening_since = clock()
+        # After this long without a PDU the node aborts an association (`[node] network_timeout_s`): one
+        # still open so long after the series' last instance has sent since, so it is not a cut one.
+        self.idle_abort_s = idle_abort_s
+        self.listening_since = clock()  # moved to when the SCP listens by the service
         self._assessed: dict[int, _Assessed] = {}  # by series id: headers are read again when instances arrive
         self._noted: set[tuple[int, int]] = set()  # (series id, instance count) whose wait is in the job's history
 
@@ -156,8 +161,9 @@ class SeriesWatcher:
         final = (now - max(series.last_received_at, self.listening_since)).total_seconds() >= (
             self.partial_quiet_period_s
         )
-        if delivery is not None and delivery.open_associations > 0 and not final:
-            return None
+        since_last = (now - max(series.last_received_at, self.listening_since)).total_seconds()
+        if delivery is not None and delivery.open_associations > 0 and (not final or since_last <= self.idle_abort_s):
+            return None  # still open: sending, or silent until the node aborts it (`_cut`)
         assessed = self._assess(series)
         outcome, completeness = assessed.outcome, assessed.completeness
         if completeness is None:  # no rule, or routing failed: nothing will run on it
@@ -198,12 +204,13 @@ class SeriesWatcher:
 
     def _cut(self, series: AwaitingSeries, delivery: SeriesDelivery | None) -> str | None:
         """How the series' transfer was cut, if it was (module doc), else None. An association still open
-        at the end of the long period is not taken as cut: one that is silent is aborted by the node after
-        `network_timeout_s` (shorter than the long period by default), one still sending other series is
-        not a cut one."""
+        `idle_abort_s` after the series' last instance is not taken as cut: a silent one is aborted by the
+        node by then, so one still open has sent since (other series): it has moved on."""
         if delivery is None:  # no association seen by this process: cut by a stop or crash, or another SCP's
-            return "the node stopped while receiving it" if series.last_received_at < self.listening_since else None
-        if delivery.open_associations:
+            if series.last_received_at < self.listening_since:
+                return "the node stopped before routing it (a transfer under way then was cut)"
+            return None
+        if delivery.open_associations:  # open past `idle_abort_s`: it sent since, so it has moved on
             return None
         return f"the association that sent it {'was aborted' if delivery.ended_outcome == 'aborted' else 'closed without A-RELEASE'}"
 
@@ -211,9 +218,13 @@ class SeriesWatcher:
         """Route every series that became complete; returns the job ids created or updated."""
         now = self.clock()
         job_ids: list[int] = []
-        if self.deliveries is not None:  # a delivery must outlive its series' long period, when it is decided
-            self.deliveries.prune(ended_before=now - timedelta(seconds=2 * self.partial_quiet_period_s))
-        for series in series_awaiting_routing(self.db, self.quiet_period_s, self.clock):
+        awaiting = series_awaiting_routing(self.db, self.quiet_period_s, self.clock)
+        if self.deliveries is not None:  # never the delivery of a series still to decide: it says how it ended
+            self.deliveries.prune(
+                ended_before=now - timedelta(seconds=self.partial_quiet_period_s),
+                keep={series.series_uid for series in awaiting},
+            )
+        for series in awaiting:
             try:
                 outcome = self.decide(series, now)
                 if outcome is None:

@@ -72,6 +72,7 @@ class NodeService:
             s.series.quiet_period_s,
             s.series.partial_quiet_period_s,
             self.scp.tracker.deliveries,
+            idle_abort_s=s.node.network_timeout_s,
         )
         self.exporter = Exporter(self.db, self.store, s.destinations, s.export, s.node.ae_title, s.node.dimse_timeout_s)
         self.exporter.on_attempt = self.metrics.observe_export
@@ -104,6 +105,7 @@ class NodeService:
         )
         try:  # the DICOM port before any worker runs: a port in use must not kill (and count) a claimed job
             self.address = self.scp.start()
+            self.watcher.listening_since = self.watcher.clock()  # a sender cut by the stop may resume from now
         except BaseException:
             self.stop()
             raise

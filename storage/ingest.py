@@ -213,6 +213,7 @@ def store_instance(
                 # Its file is gone or damaged (a power cut, a restored backup) and this is the same
                 # instance, or under keep-first there is no intact first version to keep: stored again.
             if existing is not None:
+                refuse_moving(db, meta)  # before anything is written (`_restore_row` checks again)
                 store.place(incoming, relative)  # fsync'd before the row (rare path)
                 try:
                     _restore_row(db, meta, relative, digest, incoming.size)

@@ -295,3 +295,33 @@ def test_a_correction_that_moves_a_slice_without_changing_the_count_is_assessed_
     job = load_job(node.db, job_id)
     assert job.state == JobState.QUEUED and job.instance_count == 10
     assert any(e.message.startswith("completeness: 10 instances") and "no gap" in e.message for e in job.events)
+
+
+def test_an_open_silent_association_is_aborted_and_its_uncounted_series_fails(
+    node, watcher, clock, mr_series, tmp_path
+):
+    """The node aborts an association silent for `network_timeout_s`; its series, cut, fails. The watcher
+    waits for that abort past the long period while the association is open (`idle_abort_s`)."""
+    watcher.idle_abort_s = LONG_S + 30
+    assoc = send_and_hold(node.address[1], mr_series[:6])
+    try:
+        last = last_instance(node, series_uid(mr_series[:6]))
+        clock.set(last, LONG_S + 1)
+        assert watcher.check_once() == []  # still open, not yet past `idle_abort_s`: it may be sending
+    finally:
+        assoc.abort()  # what the node's idle timer does to a silent association
+    delivered(node, series_uid(mr_series[:6]))
+    clock.set(last, LONG_S + 31)
+    [job_id] = watcher.check_once()
+    job = load_job(node.db, job_id)
+    assert job.state == JobState.FAILED and job.reason.startswith("failed: interrupted delivery")
+
+
+def test_a_cut_delivery_is_still_known_when_the_watcher_comes_late(node, watcher, clock, mr_series):
+    """The delivery of a series still to decide is never pruned: checked long after its long period (the
+    database was down, say), the aborted series still fails instead of looking clean."""
+    send_and_hold(node.address[1], mr_series[:6]).abort()
+    ended = delivered(node, series_uid(mr_series[:6]))
+    clock.set(ended, 3 * LONG_S)
+    [job_id] = watcher.check_once()
+    assert load_job(node.db, job_id).state == JobState.FAILED

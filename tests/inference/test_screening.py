@@ -318,3 +318,10 @@ def test_an_identity_the_outputs_cannot_carry_faithfully_fails(series, edited_se
     with pytest.raises(SeriesError, match=re.escape(why)) as failed:
         screen_series(edited_series(series, **changes))
     assert "Doe" not in str(failed.value) and "ller" not in str(failed.value)  # identities are never shown
+
+
+def test_the_identity_of_every_file_is_checked_not_only_the_first(series, edited_series):
+    """The outputs copy the identity of whichever file sorts first in space, not in the folder."""
+    files = edited_series(series, indices=[5], PatientName="Doe^John\x1b\x00")
+    with pytest.raises(SeriesError, match="PatientName contains control characters"):
+        screen_series(files)
