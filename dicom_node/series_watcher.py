@@ -21,8 +21,7 @@ incomplete one that a rule matches **fails** with the reason ("incomplete
 series: 150 of 176 images (ImagesInAcquisition 176), InstanceNumber 151-176
 missing"), so no partial RTSTRUCT reaches a planning system unseen. So does
 one that looks whole but whose last association was aborted or closed
-without A-RELEASE, or whose last instance reached a previous run of the
-process (a stop or crash cut it), unless a count shows it whole
+without A-RELEASE, unless a count shows it whole
 ("interrupted delivery: ..."): a transfer cut after slice 30 of 48 leaves
 evenly spaced positions, and the missing slices may hold a metastasis. A
 series whose association is still open waits, past the long period too,
@@ -43,8 +42,11 @@ counts from the last instance.
 Start-up: a series whose last instance reached a previous run of the process
 is treated like one whose association was aborted (the stop or crash cut
 it, and the sender may resume): it is routed before the long period only
-when a count shows it whole, fails after it otherwise, and its quiet periods
-count from this run's start. So a series whose sender was still sending across a restart is not
+when a count shows it whole, and its quiet periods count from when this
+run's SCP listens. After the long period it is routed, not failed: this
+process cannot tell a transfer the stop cut from one that ended before it,
+and failing every series received just before a planned restart would be
+wrong far more often (limit, as for another host's SCP). So a series whose sender was still sending across a restart is not
 cut in two, even when the sender takes a while to resume.
 
 Each series is decided in isolation: a header that cannot be read or routed
@@ -206,10 +208,8 @@ class SeriesWatcher:
         """How the series' transfer was cut, if it was (module doc), else None. An association still open
         `idle_abort_s` after the series' last instance is not taken as cut: a silent one is aborted by the
         node by then, so one still open has sent since (other series): it has moved on."""
-        if delivery is None:  # no association seen by this process: cut by a stop or crash, or another SCP's
-            if series.last_received_at < self.listening_since:
-                return "the node stopped before routing it (a transfer under way then was cut)"
-            return None
+        if delivery is None:  # no association seen by this process (before a restart, or another host's SCP):
+            return None  # a series received whole before a stop must not fail for it, so the timing decides
         if delivery.open_associations:  # open past `idle_abort_s`: it sent since, so it has moved on
             return None
         return f"the association that sent it {'was aborted' if delivery.ended_outcome == 'aborted' else 'closed without A-RELEASE'}"
