@@ -79,6 +79,7 @@ from scipy import ndimage
 from skimage.measure import find_contours
 
 from inference.outputs.notice import full_statement, short_label, structure_set_label
+from inference.outputs.patient_study import TYPE2_COPIED, TYPE3_COPIED
 from inference.outputs.supersession import Predecessor
 from inference.result import InferenceResult, Lesion
 from inference.uids import new_uid
@@ -89,28 +90,6 @@ _MIN_AREA_PX2 = 1e-6
 #: Format guard on ROIs per structure set; the plausibility gate holds far fewer.
 MAX_ROIS = 1000
 _GOLDEN_RATIO_CONJUGATE = 0.618033988749895
-
-# Patient (C.7.1.1), General Study (C.7.2.1) and Patient Study (C.7.2.2)
-# attributes: Type 2 ones are written empty when the source lacks them.
-_TYPE2_COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-_TYPE3_COPIED = (
-    "IssuerOfPatientID",
-    "OtherPatientIDsSequence",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-    "StudyDescription",
-)
 
 
 class RTROIInterpretedType(str, enum.Enum):
@@ -531,10 +510,10 @@ def _base_dataset(
 
 def _copy_patient_and_study(source: Dataset, target: Dataset) -> None:
     """Copy Patient / General Study attributes, decoded, for re-encoding as UTF-8."""
-    for keyword in _TYPE2_COPIED:
+    for keyword in TYPE2_COPIED:
         value = getattr(source, keyword, "")
         setattr(target, keyword, _decoded(value))
-    for keyword in _TYPE3_COPIED:
+    for keyword in TYPE3_COPIED:
         if keyword in source:
             setattr(target, keyword, _decoded(getattr(source, keyword)))
     target.StudyInstanceUID = source.StudyInstanceUID

@@ -53,6 +53,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from inference.outputs import codes
 from inference.outputs.codes import PrivateCode
 from inference.outputs.notice import full_statement, short_label
+from inference.outputs.patient_study import TYPE2_COPIED
 from inference.outputs.supersession import Predecessor
 from inference.result import EgfrCall, EgfrPrediction, InferenceResult, Lesion, ModelIdentity
 from inference.uids import new_uid
@@ -144,20 +145,6 @@ def build_sr(
     return sr
 
 
-# The Patient and General Study Modules' Type 2 attributes highdicom copies from the evidence.
-_TYPE_2_COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-
-
 def readable_evidence(datasets: Sequence[Dataset]) -> list[Dataset]:
     """Copies of the source headers highdicom builds the report from.
 
@@ -175,7 +162,7 @@ def readable_evidence(datasets: Sequence[Dataset]) -> list[Dataset]:
         copy = deepcopy(ds)
         copy.decode()
         copy.SpecificCharacterSet = "ISO_IR 192"
-        for keyword in _TYPE_2_COPIED:
+        for keyword in TYPE2_COPIED:
             if keyword not in copy:
                 setattr(copy, keyword, "")
         copies.append(copy)
