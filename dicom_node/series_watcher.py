@@ -160,10 +160,8 @@ class SeriesWatcher:
         quiet_s = (now - quiet_since).total_seconds()
         if quiet_s < self.quiet_period_s:
             return None
-        final = (now - max(series.last_received_at, self.listening_since)).total_seconds() >= (
-            self.partial_quiet_period_s
-        )
         since_last = (now - max(series.last_received_at, self.listening_since)).total_seconds()
+        final = since_last >= self.partial_quiet_period_s
         if delivery is not None and delivery.open_associations > 0 and (not final or since_last <= self.idle_abort_s):
             return None  # still open: sending, or silent until the node aborts it (`_cut`)
         assessed = self._assess(series)

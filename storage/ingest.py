@@ -213,7 +213,7 @@ def store_instance(
                 # Its file is gone or damaged (a power cut, a restored backup) and this is the same
                 # instance, or under keep-first there is no intact first version to keep: stored again.
             if existing is not None:
-                refuse_moving(db, meta)  # before anything is written (`_restore_row` checks again)
+                refuse_moving(db, meta)  # before anything is written
                 store.place(incoming, relative)  # fsync'd before the row (rare path)
                 try:
                     _restore_row(db, meta, relative, digest, incoming.size)
@@ -296,9 +296,8 @@ def _restore_row(db: Database, meta: InstanceMeta, relative: str, digest: str, s
     Retried once when another instance opened the delivery's job meanwhile (the one
     `received` job per series, `models.Job`): the retry joins that job. The job is inserted
     before the series row is updated, the order `_commit_row_opening_job` writes in, so that
-    on PostgreSQL the two wait for each other instead of deadlocking. A re-send naming another series
-    or study is refused (`refuse_moving`), as for a stored one."""
-    refuse_moving(db, meta)
+    on PostgreSQL the two wait for each other instead of deadlocking. The caller has refused a
+    re-send naming another series or study (`refuse_moving`) before writing anything."""
     for attempt in range(_ATTEMPTS):
         try:
             with db.session() as session:

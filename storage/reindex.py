@@ -273,6 +273,7 @@ def _add_row(db: Database, meta: InstanceMeta, relative: str, digest: str, size:
             return False
     try:
         if purged:
+            refuse_moving(db, meta)  # its file back, unless another series' file claims its UID
             _restore_row(db, meta, relative, digest, size)
         else:
             _commit_row(db, meta, relative, digest, size)
