@@ -30,8 +30,54 @@ def find_dcmtk(name: str) -> str | None:
     return shutil.which(name, path=search)
 
 
+_PORT_BLOCKS = 32  # processes picking ports at once (test workers, the demo, a benchmark) each walk their own block
+_FALLBACK_EPHEMERAL_LOW = 32768
+_next_in_block = 0  # where this process's walk through its block goes on
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to outgoing connections and to bind(port 0)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _FALLBACK_EPHEMERAL_LOW
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+    """A TCP port free on 127.0.0.1 now, that nothing else is likely to take before the caller binds it.
+
+    Why not bind(port 0): the kernel takes that port from the ephemeral range, which every
+    outgoing connection of every process (an SCU's, a database client's) also draws from, so
+    another process can take it between this call and the caller's bind ("Address already in
+    use"). Instead the port comes from below the ephemeral range, in a block of its own for this
+    process (by PID), walked round so a port comes back only after the rest of the block, and
+    only once a bind without SO_REUSEADDR succeeds (so not while a connection on it is in TIME_WAIT).
+    """
+    global _next_in_block
+    high = _ephemeral_low()
+    low = max(1024, high - 12_000)
+    block = (high - low) // _PORT_BLOCKS
+    if block < 16:
+        return _kernel_port()
+    start = low + (os.getpid() % _PORT_BLOCKS) * block
+    for _ in range(block):
+        port = start + _next_in_block
+        _next_in_block = (_next_in_block + 1) % block
+        if _bindable(port):
+            return port
+    return _kernel_port()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _kernel_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

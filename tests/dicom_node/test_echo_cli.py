@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dicom_node.cli import app
+from dicom_node.peers import free_port
 
 
 def dcmtk_storescp() -> str:
@@ -26,12 +27,6 @@ def dcmtk_storescp() -> str:
         if "dcmtk" in version.stdout.lower():
             return candidate
     pytest.skip("DCMTK storescp not installed (Debian package dcmtk; CI installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_listening(port: int, process: subprocess.Popen, timeout: float = 10) -> None:
