@@ -6,7 +6,8 @@ needs (`dicom_node.instance_header`) from the file the data set streamed into
 call `storage.ingest.store_instance` (that file fsync'd, renamed into place and
 its row committed before it returns), map what went wrong to a named status
 (an instance whose UIDs or PatientID contradict the stored study and series:
-0xC000, `storage.ingest.IdentityConflict`).
+0xC000, `storage.ingest.IdentityConflict`), with an Error Comment that tells
+the sender's operator why in a few words (the details, with UIDs, are logged).
 The encoded data set is stored exactly as received (no decode/re-encode), so
 compressed transfer syntaxes are kept bit-for-bit and decoded only at
 inference time.
@@ -25,6 +26,7 @@ metrics); each instance keeps its source address.
 from __future__ import annotations
 
 import errno
+import re
 import threading
 import time
 
@@ -70,6 +72,17 @@ REFUSAL_NAMES = {
     status_codes.DATASET_DOES_NOT_MATCH_SOP_CLASS: "sop_class_mismatch",
     status_codes.PROCESSING_FAILURE: "processing_failure",
 }
+
+
+_LO_MAX = 64
+_NOT_LO = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def error_comment(text: str) -> str:
+    """`text` as an Error Comment (0000,0902) can carry it: LO, at most 64 characters, no backslash
+    or control character (a peer's bad UID is quoted in it)."""
+    text = _NOT_LO.sub("?", text)
+    return text if len(text) <= _LO_MAX else text[: _LO_MAX - 3] + "..."
 
 
 def instance_meta(
@@ -119,14 +132,26 @@ class StoreSCP:
     def handle_echo(self, event: evt.Event) -> int:
         return status_codes.SUCCESS
 
-    def handle_store(self, event: evt.Event) -> int:
-        """`_receive`, timed and counted (per association and in the metrics) by its outcome."""
+    def handle_store(self, event: evt.Event) -> int | Dataset:
+        """`_receive`, timed and counted (per association and in the metrics) by its outcome; a refusal
+        carries its Error Comment."""
         start = time.perf_counter()
         self._outcome.value, self._outcome.nbytes, self._outcome.series_uid = None, 0, None
+        self._outcome.comment = None
         status = self._receive(event)
         outcome = self._outcome.value or REFUSAL_NAMES.get(status, f"status_{status:04x}")
         seconds = time.perf_counter() - start
         self.tracker.stored(event, outcome, self._outcome.nbytes, seconds, self._outcome.series_uid)
+        if status == status_codes.SUCCESS or self._outcome.comment is None:
+            return status
+        response = Dataset()
+        response.Status = status
+        response.ErrorComment = error_comment(self._outcome.comment)
+        return response
+
+    def _refuse(self, status: int, comment: str) -> int:
+        """`status`, with `comment` for the sender (see `handle_store`)."""
+        self._outcome.comment = comment
         return status
 
     def _receive(self, event: evt.Event) -> int:
@@ -136,7 +161,7 @@ class StoreSCP:
         incoming = dimse.take(event.request.MessageID) if isinstance(dimse, SpoolingDIMSE) else None
         if incoming is None:
             log.error("store.failed", reason="the data set was not received into a file", calling_ae=calling_ae)
-            return status_codes.OUT_OF_RESOURCES
+            return self._refuse(status_codes.OUT_OF_RESOURCES, "data set not received into storage; retry later")
         try:
             free = self.store.free_bytes()
             if free < self.settings.min_free_disk_mb * 1024 * 1024:
@@ -146,7 +171,7 @@ class StoreSCP:
                     threshold_mb=self.settings.min_free_disk_mb,
                     calling_ae=calling_ae,
                 )
-                return status_codes.OUT_OF_RESOURCES
+                return self._refuse(status_codes.OUT_OF_RESOURCES, "node storage below its free-space limit")
             self._outcome.nbytes = incoming.size
             return self._store(event, incoming, calling_ae)
         finally:
@@ -157,16 +182,16 @@ class StoreSCP:
             incoming.complete()  # readable for the header; fsync'd when placed (storage.ingest)
         except OSError as exc:
             log.error("store.failed", reason=f"storage error: {exc}", disk_full=exc.errno == errno.ENOSPC)
-            return status_codes.OUT_OF_RESOURCES
+            return self._refuse(status_codes.OUT_OF_RESOURCES, "node storage error; retry later")
         try:
             ds = read_header(incoming.path)
             meta = instance_meta(ds, event.context.transfer_syntax, calling_ae, event.assoc.requestor.address)
         except InvalidUIDError as exc:
             log.warning("store.rejected", reason=str(exc), calling_ae=calling_ae)
-            return status_codes.CANNOT_UNDERSTAND
+            return self._refuse(status_codes.CANNOT_UNDERSTAND, str(exc))
         except Exception as exc:  # undecodable header from a peer: refuse, keep serving
             log.warning("store.rejected", reason=f"unreadable data set: {exc}", calling_ae=calling_ae)
-            return status_codes.CANNOT_UNDERSTAND
+            return self._refuse(status_codes.CANNOT_UNDERSTAND, "data set header unreadable")
         bound = log.bind(
             sop_instance_uid=meta.sop_instance_uid,
             series_uid=meta.series_uid,
@@ -180,21 +205,23 @@ class StoreSCP:
                 f"({meta.sop_class_uid}) differs from the request's "
                 f"({event.request.AffectedSOPClassUID})",
             )
-            return status_codes.DATASET_DOES_NOT_MATCH_SOP_CLASS
+            return self._refuse(
+                status_codes.DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the C-STORE request's"
+            )
         try:
             outcome = store_instance(self.db, self.store, meta, incoming, self.conflict_policy)
         except InvalidUIDError as exc:
             bound.warning("store.rejected", reason=str(exc))
-            return status_codes.CANNOT_UNDERSTAND
+            return self._refuse(status_codes.CANNOT_UNDERSTAND, str(exc))
         except IdentityConflict as exc:  # a sender's UID error: kept out of the stored series (storage.ingest)
             bound.warning("store.rejected", reason=str(exc), identity_conflict=True)
-            return status_codes.CANNOT_UNDERSTAND
+            return self._refuse(status_codes.CANNOT_UNDERSTAND, exc.summary)
         except OSError as exc:
             bound.error("store.failed", reason=f"storage error: {exc}", disk_full=exc.errno == errno.ENOSPC)
-            return status_codes.OUT_OF_RESOURCES
+            return self._refuse(status_codes.OUT_OF_RESOURCES, "node storage error; retry later")
         except Exception as exc:  # database down or similar: refuse, never acknowledge
             bound.error("store.failed", reason=f"job store error: {exc}")
-            return status_codes.OUT_OF_RESOURCES
+            return self._refuse(status_codes.OUT_OF_RESOURCES, "node job store unavailable; retry later")
         self._outcome.value, self._outcome.series_uid = outcome.value, meta.series_uid
         if outcome is StoreOutcome.CONFLICT:  # still Success: both versions are safely kept
             bound.warning(

@@ -126,7 +126,15 @@ class InstanceMeta:
 
 
 class IdentityConflict(ValueError):
-    """The instance's UIDs or PatientID contradict what is stored (module doc): refused, nothing kept."""
+    """The instance's UIDs or PatientID contradict what is stored (module doc): refused, nothing kept.
+
+    `summary`: the kind of conflict in a few words, for the sender (the C-STORE's Error Comment);
+    the message, with the UIDs, is for the node's log.
+    """
+
+    def __init__(self, message: str, summary: str) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 def _patient(patient_id: str | None) -> str | None:
@@ -144,7 +152,8 @@ def _get_or_create_series(session: Session, meta: InstanceMeta) -> Series:
             raise IdentityConflict(
                 f"SeriesInstanceUID {meta.series_uid} is already stored in StudyInstanceUID {stored.study_uid}, "
                 f"this instance names StudyInstanceUID {meta.study_uid}: not stored (one series, one study; "
-                "the sender re-used a SeriesInstanceUID?)"
+                "the sender re-used a SeriesInstanceUID?)",
+                "SeriesInstanceUID already stored in another study",
             )
         _check_patient(stored, meta)
         return series
@@ -176,7 +185,8 @@ def _check_patient(study: Study, meta: InstanceMeta) -> None:
         raise IdentityConflict(
             f"PatientID differs: StudyInstanceUID {meta.study_uid} is already stored for another PatientID than "
             f"this instance's (SeriesInstanceUID {meta.series_uid}): not stored (one study, one patient; "
-            "the sender re-used a StudyInstanceUID?)"
+            "the sender re-used a StudyInstanceUID?)",
+            "StudyInstanceUID already stored for another PatientID",
         )
 
 
@@ -765,7 +775,8 @@ def refuse_moving(db: Database, meta: InstanceMeta) -> None:
         raise IdentityConflict(
             f"SOP Instance UID {meta.sop_instance_uid} is already stored in another {_moved_what(moved)}; this "
             f"instance names SeriesInstanceUID {meta.series_uid} (StudyInstanceUID {meta.study_uid}): not stored "
-            "(a SOP Instance UID names one instance; the sender re-used it?)"
+            "(a SOP Instance UID names one instance; the sender re-used it?)",
+            "SOPInstanceUID already stored in another series or study",
         )
 
 

@@ -14,6 +14,7 @@ from pynetdicom.sop_class import MRImageStorage
 from sqlalchemy import func, select
 
 from dicom_node import status_codes
+from dicom_node.store_scp import error_comment
 from storage.instance_store import InstanceStore, sha256_file
 from storage.models import Instance, Job
 from tests.dicom_node.conftest import jobs_by_state, require_tool, storescu, wait_for
@@ -158,12 +159,16 @@ def test_pydicom_mr_files_in_each_transfer_syntax_stored_intact(start_node, name
 
 
 def send_one(port: int, path: Path) -> int:
+    return int(send_one_response(port, path).Status)
+
+
+def send_one_response(port: int, path: Path) -> pydicom.Dataset:
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(MRImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
-    status = assoc.send_c_store(pydicom.dcmread(path))
+    response = assoc.send_c_store(pydicom.dcmread(path))
     assoc.release()
-    return int(status.Status)
+    return response
 
 
 def test_storage_failure_returns_failure_and_leaves_no_file(start_node, mr_series, monkeypatch):
@@ -173,7 +178,9 @@ def test_storage_failure_returns_failure_and_leaves_no_file(start_node, mr_serie
         raise OSError(5, "Input/output error (simulated)")
 
     monkeypatch.setattr("storage.instance_store.os.fsync", broken_fsync)
-    assert send_one(node.address[1], mr_series[0]) == status_codes.OUT_OF_RESOURCES
+    response = send_one_response(node.address[1], mr_series[0])
+    assert response.Status == status_codes.OUT_OF_RESOURCES
+    assert response.ErrorComment == "node storage error; retry later"
     monkeypatch.undo()
 
     assert count(node, Instance) == 0
@@ -215,7 +222,11 @@ def test_invalid_uid_is_refused_and_never_becomes_a_path(start_node, mr_series, 
         ds.SeriesInstanceUID = bad
         path = tmp_path / "bad.dcm"
         ds.save_as(path)
-        assert send_one(node.address[1], path) == status_codes.CANNOT_UNDERSTAND
+        response = send_one_response(node.address[1], path)
+        assert response.Status == status_codes.CANNOT_UNDERSTAND
+        # The sender is told which UID, within what an Error Comment (LO) can carry.
+        assert response.ErrorComment.startswith("Series Instance UID ")
+        assert len(response.ErrorComment) <= 64 and "\\" not in response.ErrorComment
     assert count(node, Instance) == 0
     assert {p.name for p in node.store.root.iterdir()} <= {
         "instances",
@@ -249,3 +260,15 @@ def test_the_demo_sender_without_dcmtk_stores_through_pynetdicom(start_node, mr_
     assert counted == [1, 1, 1]
     with node.db.session() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "comment"),
+    [
+        ("short", "short"),
+        ("back\\slash and\ncontrol", "back?slash and?control"),
+        ("x" * 80, "x" * 61 + "..."),
+    ],
+)
+def test_an_error_comment_is_always_a_valid_lo(text, comment):
+    assert error_comment(text) == comment

@@ -198,18 +198,17 @@ def test_the_scp_answers_cannot_understand_for_a_reused_series_uid(tmp_path: Pat
         ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
         assert assoc.is_established
-        statuses = [
-            int(
-                assoc.send_c_store(
-                    pydicom.dcmread(mr_file(tmp_path / f"{k}.dcm", study, SERIES_A, sop, patient))
-                ).Status
-            )
+        responses = [
+            assoc.send_c_store(pydicom.dcmread(mr_file(tmp_path / f"{k}.dcm", study, SERIES_A, sop, patient)))
             for k, (study, sop, patient) in enumerate(
                 [(STUDY_A, f"{SERIES_A}.1", "PAT-A"), (STUDY_B, f"{STUDY_B}.9.1", "PAT-B")]
             )
         ]
         assoc.release()
-        assert statuses == [status_codes.SUCCESS, status_codes.CANNOT_UNDERSTAND]
+        assert [int(rsp.Status) for rsp in responses] == [status_codes.SUCCESS, status_codes.CANNOT_UNDERSTAND]
+        # The sender's operator is told why, without the UIDs (those are in the node's log).
+        assert "ErrorComment" not in responses[0]
+        assert responses[1].ErrorComment == "SeriesInstanceUID already stored in another study"
         with scp.db.session() as session:
             assert session.scalars(select(Instance.sop_instance_uid)).all() == [f"{SERIES_A}.1"]
             assert session.scalar(select(Series.instance_count)) == 1
