@@ -10,10 +10,14 @@ Decisions:
   pynetdicom picks, per context, the first of *our* list that the requestor
   proposed, so the order is the preference: Explicit VR Little Endian first
   (what DCMTK `storescp` picks, and the only syntax a DCMTK `storescu` can
-  decompress JPEG-LS/JPEG 2000/RLE to), then every compressed syntax a pydicom
-  pixel decoder is installed for (JPEG baseline/extended/lossless, JPEG-LS,
-  JPEG 2000, HTJ2K, RLE), then Implicit VR Little Endian and Explicit VR Big
-  Endian. Refused: Deflated Explicit VR Little Endian (pydicom inflates the
+  decompress JPEG-LS/JPEG 2000/RLE to), then every lossless compressed syntax a
+  pydicom pixel decoder is installed for (JPEG lossless, JPEG-LS lossless,
+  JPEG 2000 and HTJ2K lossless-only, RLE), then Implicit VR Little Endian and
+  Explicit VR Big Endian, and last the syntaxes that may be lossy (JPEG
+  baseline/extended, JPEG-LS near-lossless, JPEG 2000, HTJ2K;
+  `inference.imaging.compression`): a sender offering a lossy syntax and an
+  uncompressed one must not be asked to compress lossily on the fly (a series
+  that arrives lossy anyway is refused at screening). Refused: Deflated Explicit VR Little Endian (pydicom inflates the
   whole data set in memory without a bound: a 300 kB transfer became 300 MiB),
   and every syntax without a decoder (JPEG XL, MPEG-2/4, H.264, HEVC, JPIP,
   JPEG 2000 Part 2, SMPTE 2110, Deflated Image Frame).
@@ -30,6 +34,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import ALL_TRANSFER_SYNTAXES
+
+from inference.imaging.compression import MAY_BE_LOSSY
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 REFUSED_TRANSFER_SYNTAXES = frozenset({DeflatedExplicitVRLittleEndian})
@@ -49,7 +55,9 @@ def accepted_transfer_syntaxes() -> list[str]:
         for uid in map(UID, ALL_TRANSFER_SYNTAXES)
         if uid.is_compressed and uid not in REFUSED_TRANSFER_SYNTAXES and _decodable(uid)
     ]
-    return [str(ExplicitVRLittleEndian), *compressed, str(ImplicitVRLittleEndian), str(ExplicitVRBigEndian)]
+    lossless = [uid for uid in compressed if uid not in MAY_BE_LOSSY]
+    lossy = [uid for uid in compressed if uid in MAY_BE_LOSSY]
+    return [str(ExplicitVRLittleEndian), *lossless, str(ImplicitVRLittleEndian), str(ExplicitVRBigEndian), *lossy]
 
 
 def refused_transfer_syntaxes() -> list[str]:

@@ -19,8 +19,9 @@ Two kinds of refusal:
   PixelSpacing or SliceThickness, and the loader's own check of one
   orientation, matrix and pixel spacing). The job fails.
 - `SeriesRefused` (a `SeriesError`): the series is readable but not what the
-  model accepts (modality, contrast, spacing, slice count, field of view,
-  model-grid size, memory). The job is rejected, with every bound it breaks.
+  model accepts (modality, lossy-compressed images, contrast, spacing, slice
+  count, field of view, model-grid size, memory). The job is rejected, with
+  every bound it breaks.
 
 How "post-contrast T1" is recognised (decision). No single attribute is
 reliable: ContrastBolusAgent is often left empty by the console, names are
@@ -80,6 +81,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from inference.errors import SeriesError, SeriesRefused
+from inference.imaging.compression import lossy_evidence
 from inference.imaging.preprocess import NEAR_AXIAL_DEGREES
 from inference.imaging.volume_loader import SliceHeader, check_consistent, check_greyscale, check_single_frame
 from inference.model.accepts import ModelAccepts
@@ -205,6 +207,8 @@ def screen_series(
     for header in headers:  # before the slice count: a multi-frame object is not "one slice"
         check_single_frame(header.path, header.ds)
         check_greyscale(header.path, header.ds)
+    if not accepts.lossy_compressed:
+        _check_lossless(headers)
     geometry = _geometry(headers)
     evidence = "contrast not checked (the model accepts any)"
     if accepts.contrast == "T1-CE":
@@ -243,6 +247,17 @@ def _check_one_series(headers: list[_Header]) -> None:
         if keyword == "SeriesInstanceUID":  # worded as the loader words it
             raise SeriesError(f"files from {len(values)} series (one series per job): {listed}")
         raise SeriesError(f"mixed {keyword} in one series: {len(values)} different values: {listed}")
+
+
+def _check_lossless(headers: list[_Header]) -> None:
+    """`SeriesRefused` when any image is known to be lossy-compressed (`inference.imaging.compression`)."""
+    lossy = [(h.path.name, why) for h in headers if (why := lossy_evidence(h.path, h.ds))]
+    if lossy:
+        name, why = lossy[0]
+        raise SeriesRefused(
+            f"lossy-compressed images in {len(lossy)} of {len(headers)} files (e.g. {name}: {why}): the model "
+            "accepts images never compressed lossily; send the original, uncompressed or losslessly compressed"
+        )
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

@@ -28,6 +28,9 @@ Decisions:
     about 400); float32 that is 288 MiB per copy.
   - `max_memory_mib` 4096: the estimated peak working memory of one job (see
     the screening module) on a node with 8 GiB or more.
+  - `lossy_compressed` false: the demo was trained and evaluated on images never
+    compressed lossily, so an image known to be (`inference.imaging.compression`)
+    is refused; a package validated on lossy images may say true.
 - Bounds are checked here, when the package loads, so a package with an empty
   or inverted range fails at start-up, not at the first job.
 """
@@ -52,6 +55,7 @@ class ModelAccepts:
     field_of_view_mm: tuple[float, float] = (120.0, 500.0)
     max_model_grid_voxels: int = 384 * 384 * 512
     max_memory_mib: int = 4096
+    lossy_compressed: bool = False
 
     def __post_init__(self) -> None:
         if not self.modality or not all(isinstance(m, str) and m for m in self.modality):
@@ -89,6 +93,12 @@ class ModelAccepts:
             for name in ("max_model_grid_voxels", "max_memory_mib"):
                 if name in section:
                     values[name] = _integer(section[name], name)
+            if "lossy_compressed" in section:
+                if not isinstance(section["lossy_compressed"], bool):
+                    raise ValueError(
+                        f"accepts.lossy_compressed must be true or false, got {section['lossy_compressed']!r}"
+                    )
+                values["lossy_compressed"] = section["lossy_compressed"]
         except (TypeError, ValueError) as err:
             raise ValueError(str(err)) from None
         return cls(**values)

@@ -9,12 +9,15 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGLSLossless,
+    JPEGLSNearLossless,
     RLELossless,
 )
 from pynetdicom import AE
@@ -69,6 +72,22 @@ def test_explicit_vr_little_endian_is_preferred_over_big_endian_and_implicit(sta
         node.address[1], (MRImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
     ).values()
     assert chosen == ExplicitVRLittleEndian
+
+
+@pytest.mark.parametrize(
+    ("proposed", "expected"),
+    [
+        ([JPEGBaseline8Bit, ImplicitVRLittleEndian], ImplicitVRLittleEndian),
+        ([JPEG2000, JPEG2000Lossless], JPEG2000Lossless),
+        ([JPEGLSNearLossless, RLELossless, ExplicitVRBigEndian], RLELossless),
+        ([JPEGBaseline8Bit], JPEGBaseline8Bit),  # offered alone: accepted, and screening decides (lossy evidence)
+    ],
+)
+def test_a_syntax_that_may_be_lossy_is_chosen_only_when_nothing_lossless_is_offered(start_node, proposed, expected):
+    """A sender offering a lossy syntax and a lossless one must not be asked to compress lossily on the fly."""
+    node = start_node()
+    [(_, chosen)] = negotiate(node.address[1], (MRImageStorage, proposed)).values()
+    assert chosen == expected
 
 
 @pytest.mark.parametrize("syntax", [JPEGLSLossless, JPEG2000Lossless, RLELossless])

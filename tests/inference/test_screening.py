@@ -9,11 +9,21 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit
+from pydicom.uid import (
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from inference.errors import SeriesError, SeriesRefused
 from inference.imaging import preprocess
+from inference.imaging.compression import codestream_loss, lossy_evidence
 from inference.imaging.screening import NamePatterns, screen_series
 from inference.imaging.volume_loader import load_series
 from inference.model.accepts import ModelAccepts
@@ -197,7 +207,7 @@ def test_non_finite_geometry_fails_naming_attribute_and_file(series, edited_seri
 
 
 def _sagittal_16x16x8_with_1000mm_pixels(series: list[Path], out: Path) -> list[Path]:
-    """The review's example, with pixel data no decoder can read (JPEG syntax, raw garbage)."""
+    """The review's example, with pixel data no decoder can read (JPEG lossless syntax, raw garbage)."""
     out.mkdir()
     paths = []
     for k, source in enumerate(series[:8]):
@@ -208,7 +218,7 @@ def _sagittal_16x16x8_with_1000mm_pixels(series: list[Path], out: Path) -> list[
         ds.PixelSpacing = ["1000", "1000"]
         ds.SliceThickness = "1"
         ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG stream " * 30])
-        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
         paths.append(out / source.name)
         ds.save_as(paths[-1], enforce_file_format=False)
     return paths
@@ -325,3 +335,93 @@ def test_the_identity_of_every_file_is_checked_not_only_the_first(series, edited
     files = edited_series(series, indices=[5], PatientName="Doe^John\x1b\x00")
     with pytest.raises(SeriesError, match="PatientName contains control characters"):
         screen_series(files)
+
+
+# --- lossy compression (inference.imaging.compression) -----------------------------------------------
+
+
+def _compressed(files: list[Path], out: Path, syntax: str, **options: object) -> list[Path]:
+    """Copies of `files` encoded in `syntax` by pydicom's own encoders (a generator nobody here wrote);
+    pydicom leaves LossyImageCompression unset, as some senders do."""
+    out.mkdir()
+    paths = []
+    for source in files:
+        ds = pydicom.dcmread(source)
+        ds.compress(syntax, **options)
+        paths.append(out / source.name)
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("syntax", "options", "why"),
+    [
+        (JPEG2000, {"j2k_psnr": [60]}, r"JPEG 2000 Image Compression\) with the irreversible 9-7 wavelet"),
+        (JPEGLSNearLossless, {"jls_error": 2}, r"with NEAR 2 \(lossy\)"),
+    ],
+    ids=["jpeg2000-irreversible", "jpeg-ls-near-2"],
+)
+def test_a_series_encoded_lossily_without_saying_so_is_refused(series, tmp_path, syntax, options, why):
+    files = _compressed(series, tmp_path / "lossy", syntax, **options)
+    assert "LossyImageCompression" not in pydicom.dcmread(files[0], stop_before_pixels=True)
+    with pytest.raises(SeriesRefused, match=rf"lossy-compressed images in 20 of 20 files .*{why}"):
+        screen_series(files)
+    screen_series(files, ModelAccepts(lossy_compressed=True))  # a package validated on lossy images
+
+
+@pytest.mark.parametrize(
+    ("syntax", "options"),
+    [(JPEG2000Lossless, {}), (JPEGLSNearLossless, {"jls_error": 0}), (JPEGLSLossless, {}), (RLELossless, {})],
+    ids=["jpeg2000-lossless", "jpeg-ls-near-0", "jpeg-ls-lossless", "rle"],
+)
+def test_a_losslessly_compressed_series_is_accepted(series, tmp_path, syntax, options):
+    screen_series(_compressed(series, tmp_path / "lossless", syntax, **options))
+
+
+def test_an_image_once_compressed_lossily_is_refused_even_uncompressed(series, edited_series):
+    """A PACS that archived lossily sends the decompressed image: only LossyImageCompression says so."""
+    files = edited_series(
+        series,
+        indices=[7],
+        LossyImageCompression="01",
+        LossyImageCompressionRatio="12.5",
+        LossyImageCompressionMethod="ISO_15444_1",
+    )
+    with pytest.raises(SeriesRefused) as refused:
+        screen_series(files)
+    assert str(refused.value).startswith(
+        "lossy-compressed images in 1 of 20 files (e.g. IM_0008.dcm: LossyImageCompression 01 "
+        "(LossyImageCompressionMethod ISO_15444_1, LossyImageCompressionRatio 12.5))"
+    )
+    screen_series(edited_series(series, LossyImageCompression="00"))  # "00": never lossy
+
+
+def test_an_always_lossy_syntax_is_refused_from_the_header(series, tmp_path):
+    """JPEG baseline is lossy whatever the stream says: the header decides, no pixel is read."""
+    out = tmp_path / "baseline"
+    out.mkdir()
+    files = []
+    for source in series:
+        ds = pydicom.dcmread(source)
+        ds.PixelData = encapsulate([b"\xff\xd8 not read \xff\xd9"])
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        files.append(out / source.name)
+        ds.save_as(files[-1], enforce_file_format=False)
+    with pytest.raises(SeriesRefused, match=r"TransferSyntaxUID 1\.2\.840\.10008\.1\.2\.4\.50 \(JPEG Baseline"):
+        screen_series(files)
+
+
+def test_pydicoms_own_lossy_jpeg2000_file_is_evidence():
+    """pydicom's bundled JPEG2000.dcm (irreversible wavelet, LossyImageCompression 01) and its lossless
+    MR: the evidence read from files another toolkit wrote."""
+    lossy = Path(get_testdata_file("JPEG2000.dcm"))
+    assert lossy_evidence(lossy, pydicom.dcmread(lossy, stop_before_pixels=True)).startswith("LossyImageCompression 01")
+    assert codestream_loss(pydicom.dcmread(lossy)).endswith("with the irreversible 9-7 wavelet (lossy)")
+    lossless = Path(get_testdata_file("MR_small_jp2klossless.dcm"))
+    assert lossy_evidence(lossless, pydicom.dcmread(lossless, stop_before_pixels=True)) is None
+
+
+def test_a_manifest_says_lossy_compressed_with_a_boolean():
+    assert ModelAccepts.from_manifest({"lossy_compressed": True}).lossy_compressed
+    with pytest.raises(ValueError, match="accepts.lossy_compressed must be true or false"):
+        ModelAccepts.from_manifest({"lossy_compressed": "yes"})
