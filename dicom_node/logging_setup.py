@@ -23,6 +23,11 @@ Decisions recorded here:
   quoted value in a warning, or in a pydicom/highdicom log line, is masked.
 - Console tracebacks never show local variables: a frame's locals may hold a
   whole data set. JSON tracebacks never did.
+- pydicom logs every pixel-decoder plugin that fails as an ERROR with its
+  traceback, then raises one error naming them all, which the job's failure
+  reason quotes (`inference.imaging.volume_loader`). Those lines are kept at
+  DEBUG without the traceback (`_PluginFailureToDebug`): a bad image is the
+  sender's fault, stated once in its job, not a crash of the node.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ _PHI_KEYS = frozenset(
 # Loggers whose free-text messages may quote DICOM values: warnings and the DICOM libraries.
 _FREE_TEXT_LOGGERS = ("py.warnings", "pydicom", "highdicom")
 _QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+_PIXEL_DECODERS = "pydicom.pixels.decoders.base"
 _handler: logging.Handler | None = None
 
 
@@ -128,11 +134,25 @@ def configure_logging(settings: LoggingSettings, *, stream: TextIO | None = None
     _handler = handler
     for name in _NOISY_LIBRARIES:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    decoders = logging.getLogger(_PIXEL_DECODERS)
+    if not any(isinstance(f, _PluginFailureToDebug) for f in decoders.filters):
+        decoders.addFilter(_PluginFailureToDebug())
     # pynetdicom's "standard" event handlers format every PDU and DIMSE message for INFO/DEBUG
     # lines that the level above drops anyway: CPU on each C-STORE's path for nothing (issue #18).
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     logging.captureWarnings(False)  # re-install: someone (a test runner) may have replaced showwarning since
     logging.captureWarnings(True)
+
+
+class _PluginFailureToDebug(logging.Filter):
+    """A pixel-decoder plugin's failure, logged by pydicom with a traceback: one DEBUG line (module doc)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info:
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
 
 
 def _traceback_without_locals() -> Any:

@@ -160,3 +160,32 @@ def test_console_tracebacks_show_no_local_variables() -> None:
     text = stream.getvalue()
     assert "disk on fire" in text and "fail_with_a_dataset_in_scope" in text
     assert "Zyxwvutsky" not in text
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_an_undecodable_image_is_one_job_reason_not_decoder_tracebacks_in_the_log(tmp_path, level) -> None:
+    """pydicom logs each failing decoder plugin as an ERROR with a traceback; the loader's SeriesError
+    already names them all. Real pydicom decoding of a corrupt JPEG Lossless stream."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
+
+    from inference.errors import SeriesError
+    from inference.imaging.volume_loader import load_series
+
+    stream = io.StringIO()
+    configure_logging(LoggingSettings(format="json", level=level), stream=stream)
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.PixelData = encapsulate([b"\xff\xd8 not a JPEG stream " * 30])
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    paths = []
+    for k in range(8):
+        ds.SOPInstanceUID, ds.ImagePositionPatient = f"1.2.3.{k}", [0, 0, 5 * k]
+        paths.append(tmp_path / f"{k}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=False)
+    with pytest.raises(SeriesError, match=r"cannot be decoded: Unable to decode"):
+        load_series(paths)
+    records = [r for r in lines(stream) if r["logger"].startswith("pydicom")]
+    assert not [r for r in records if r["level"] in ("error", "critical") or "exception" in r]
+    assert bool(records) == (level == "DEBUG")  # kept, one line each, where debugging is asked for
