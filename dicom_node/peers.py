@@ -9,10 +9,12 @@ pynetdicom peer where DCMTK is not installed, and says which one it used.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +34,8 @@ def find_dcmtk(name: str) -> str | None:
 
 _PORT_BLOCKS = 32  # processes picking ports at once (test workers, the demo, a benchmark) each walk their own block
 _FALLBACK_EPHEMERAL_LOW = 32768
-_next_in_block = 0  # where this process's walk through its block goes on
+_port_lock = threading.Lock()
+_next_in_block: int | None = None  # where this process's walk through its block goes on
 
 
 def _ephemeral_low() -> int:
@@ -50,8 +53,9 @@ def free_port() -> int:
     outgoing connection of every process (an SCU's, a database client's) also draws from, so
     another process can take it between this call and the caller's bind ("Address already in
     use"). Instead the port comes from below the ephemeral range, in a block of its own for this
-    process (by PID), walked round so a port comes back only after the rest of the block, and
-    only once a bind without SO_REUSEADDR succeeds (so not while a connection on it is in TIME_WAIT).
+    process (by PID), walked round from a random start (two processes whose PIDs share a block
+    seldom meet), and only once a bind without SO_REUSEADDR succeeds (so not while a connection
+    on it is in TIME_WAIT). Thread-safe.
     """
     global _next_in_block
     high = _ephemeral_low()
@@ -60,11 +64,14 @@ def free_port() -> int:
     if block < 16:
         return _kernel_port()
     start = low + (os.getpid() % _PORT_BLOCKS) * block
-    for _ in range(block):
-        port = start + _next_in_block
-        _next_in_block = (_next_in_block + 1) % block
-        if _bindable(port):
-            return port
+    with _port_lock:
+        if _next_in_block is None:
+            _next_in_block = random.randrange(block)
+        for _ in range(block):
+            port = start + _next_in_block
+            _next_in_block = (_next_in_block + 1) % block
+            if _bindable(port):
+                return port
     return _kernel_port()
 
 

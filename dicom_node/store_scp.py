@@ -75,12 +75,12 @@ REFUSAL_NAMES = {
 
 
 _LO_MAX = 64
-_NOT_LO = re.compile(r"[\x00-\x1f\x7f\\]")
+_NOT_LO = re.compile(r"[^\x20-\x5b\x5d-\x7e]")  # the command set's default repertoire, less backslash
 
 
 def error_comment(text: str) -> str:
-    """`text` as an Error Comment (0000,0902) can carry it: LO, at most 64 characters, no backslash
-    or control character (a peer's bad UID is quoted in it)."""
+    """`text` as an Error Comment (0000,0902) can carry it: LO in the default repertoire (printable
+    ASCII, no backslash), at most 64 characters."""
     text = _NOT_LO.sub("?", text)
     return text if len(text) <= _LO_MAX else text[: _LO_MAX - 3] + "..."
 
@@ -188,7 +188,7 @@ class StoreSCP:
             meta = instance_meta(ds, event.context.transfer_syntax, calling_ae, event.assoc.requestor.address)
         except InvalidUIDError as exc:
             log.warning("store.rejected", reason=str(exc), calling_ae=calling_ae)
-            return self._refuse(status_codes.CANNOT_UNDERSTAND, str(exc))
+            return self._refuse(status_codes.CANNOT_UNDERSTAND, exc.summary)
         except Exception as exc:  # undecodable header from a peer: refuse, keep serving
             log.warning("store.rejected", reason=f"unreadable data set: {exc}", calling_ae=calling_ae)
             return self._refuse(status_codes.CANNOT_UNDERSTAND, "data set header unreadable")
@@ -212,7 +212,7 @@ class StoreSCP:
             outcome = store_instance(self.db, self.store, meta, incoming, self.conflict_policy)
         except InvalidUIDError as exc:
             bound.warning("store.rejected", reason=str(exc))
-            return self._refuse(status_codes.CANNOT_UNDERSTAND, str(exc))
+            return self._refuse(status_codes.CANNOT_UNDERSTAND, exc.summary)
         except IdentityConflict as exc:  # a sender's UID error: kept out of the stored series (storage.ingest)
             bound.warning("store.rejected", reason=str(exc), identity_conflict=True)
             return self._refuse(status_codes.CANNOT_UNDERSTAND, exc.summary)

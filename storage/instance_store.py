@@ -41,7 +41,15 @@ _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
 class InvalidUIDError(ValueError):
-    """A value used as a UID (and so as a path component) is not a valid UID."""
+    """A value used as a UID (and so as a path component) is not a valid UID.
+
+    `summary`: the message without the offending value, for the sender (a C-STORE's Error Comment
+    has 64 characters of the default repertoire); the message, with the value, is for the log.
+    """
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or message
 
 
 def validate_uid(value: object, what: str) -> str:
@@ -53,7 +61,9 @@ def validate_uid(value: object, what: str) -> str:
         raise InvalidUIDError(f"{what} is longer than 64 characters ({len(text)})")
     if not _UID_RE.match(text):
         shown = text if len(text) <= 64 else text[:61] + "..."
-        raise InvalidUIDError(f"{what} {shown!r} is not a valid UID (digits and dots only)")
+        raise InvalidUIDError(
+            f"{what} {shown!r} is not a valid UID (digits and dots only)", f"{what} is not a valid UID"
+        )
     return text
 
 

@@ -4,13 +4,14 @@ from the headers alone, each reason naming the DICOM attributes it rests on."""
 from __future__ import annotations
 
 import re
+import struct
 import warnings
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     JPEG2000,
     JPEG2000Lossless,
@@ -419,6 +420,60 @@ def test_pydicoms_own_lossy_jpeg2000_file_is_evidence():
     assert codestream_loss(pydicom.dcmread(lossy)).endswith("with the irreversible 9-7 wavelet (lossy)")
     lossless = Path(get_testdata_file("MR_small_jp2klossless.dcm"))
     assert lossy_evidence(lossless, pydicom.dcmread(lossless, stop_before_pixels=True)) is None
+
+
+def _with_stream(syntax: str, stream: bytes) -> pydicom.Dataset:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.PixelData = encapsulate([stream])
+    ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+def _first_frame(syntax: str, **options: object) -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.compress(syntax, **options)
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+def _box(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(payload)) + kind + payload
+
+
+def test_lossless_jpeg2000_under_the_syntax_that_may_be_lossy_is_not_refused():
+    """A reversible stream labelled 1.2.840.10008.1.2.4.91 (what many archives write): lossless."""
+    assert codestream_loss(_with_stream(JPEG2000, _first_frame(JPEG2000Lossless))) is None
+
+
+def test_an_irreversible_wavelet_is_found_wherever_the_stream_declares_it():
+    """An outside review's cases: the 9-7 wavelet in a JP2 wrapper (with FF 4F bytes in an earlier box),
+    in a per-component COC after a reversible COD, in a tile-part COD, and under the lossless-only syntax."""
+    lossless, lossy = _first_frame(JPEG2000Lossless), _first_frame(JPEG2000, j2k_cr=[10])
+    jp2 = _box(b"jP  ", b"\r\n\x87\n") + _box(b"xml ", b"<x>\xff\x4f\x00\x05</x>") + _box(b"jp2c", lossy)
+    first_tile = lossless.find(b"\xff\x90")
+    coc = b"\xff\x53" + struct.pack(">H", 9) + bytes([0, 0, 5, 4, 4, 0, 0])  # component 0, transform 0
+    cod = bytearray(lossless[lossless.find(b"\xff\x52") :][:14])
+    cod[13] = 0  # the tile's own COD: transform 0
+    start_of_data = lossless.find(b"\xff\x93")
+    for syntax, stream in [
+        (JPEG2000, jp2),
+        (JPEG2000, lossless[:first_tile] + coc + lossless[first_tile:]),
+        (JPEG2000, lossless[:start_of_data] + bytes(cod) + lossless[start_of_data:]),
+        (JPEG2000Lossless, lossy),  # a stream that breaks its syntax's promise
+    ]:
+        assert codestream_loss(_with_stream(syntax, stream)).endswith("with the irreversible 9-7 wavelet (lossy)")
+
+
+def test_a_jpeg_lossless_point_transform_is_lossy():
+    """pydicom's bundled JPEG lossless file, as written (Al 0), then with its scan's point transform set."""
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    assert codestream_loss(ds) is None
+    stream = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    sos = stream.find(b"\xff\xda")
+    components = stream[sos + 4]
+    stream[sos + 4 + 1 + 2 * components + 2] |= 0x02  # Ah:Al, Al = 2
+    assert codestream_loss(_with_stream(ds.file_meta.TransferSyntaxUID, bytes(stream))).endswith(
+        "with point transform 2 (low bits dropped: lossy)"
+    )
 
 
 def test_a_manifest_says_lossy_compressed_with_a_boolean():
