@@ -32,6 +32,18 @@ Decisions:
 - Pixel values are decoded with pydicom (with the pylibjpeg plugins for JPEG,
   JPEG-LS, JPEG 2000 and RLE) and RescaleSlope/RescaleIntercept are applied per
   slice (they may differ between slices), giving float32.
+- Intensities a header got wrong are refused, not modelled (`_check_intensities`;
+  an outside tester's series passed before):
+  - a signed image (PixelRepresentation 1) with stored values below minus half
+    its 99.5th percentile: a magnitude MR image is not negative, so these are
+    unsigned values past 32767 read as signed; they are the brightest pixels,
+    the enhancing lesions, turned dark;
+  - a RescaleSlope/RescaleIntercept that changes between neighbouring slices
+    whose stored values already agree (median ratio within 2x over the voxels
+    bright in both), so that the rescaled values jump more than 4x: a scanner
+    varies the rescale to compensate stored values, never to break them apart.
+    Neighbours with the same rescale are not compared: anatomy, coils and the
+    edge of the head change intensities legitimately.
 - Greyscale only: PhotometricInterpretation MONOCHROME2, or MONOCHROME1 (the
   two the MR Image IOD allows); anything else (PALETTE COLOR, RGB, missing) is
   refused, and so is a series that mixes them. A MONOCHROME1 volume (high values
@@ -238,8 +250,8 @@ def _slice_spacing(slices: list[SliceHeader], normal: np.ndarray) -> float:
     return spacing
 
 
-def _pixels(s: SliceHeader) -> np.ndarray:
-    """Decoded, rescaled pixel values (rows, cols) float32."""
+def _stored(s: SliceHeader) -> np.ndarray:
+    """Decoded stored pixel values (rows, cols), before the rescale."""
     ds = s.ds
     meta = getattr(ds, "file_meta", None)
     syntax = UID(str(meta.TransferSyntaxUID)) if meta is not None and "TransferSyntaxUID" in meta else None
@@ -258,10 +270,15 @@ def _pixels(s: SliceHeader) -> np.ndarray:
         raise SeriesError(f"{s.path.name}: pixel data in {name} cannot be decoded: {err}") from err
     if array.shape != (rows, cols):
         raise SeriesError(f"{s.path.name}: decoded pixel data has shape {array.shape}, expected ({rows}, {cols})")
+    return array
+
+
+def _rescale_of(s: SliceHeader) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept) of a slice, checked."""
     slope, intercept = _rescale(s, "RescaleSlope", 1.0), _rescale(s, "RescaleIntercept", 0.0)
     if slope == 0:
         raise SeriesError(f"{s.path.name}: RescaleSlope 0 maps every pixel to one value; no image left")
-    return (array.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+    return slope, intercept
 
 
 def _rescale(s: SliceHeader, keyword: str, default: float) -> float:
@@ -277,6 +294,48 @@ def _rescale(s: SliceHeader, keyword: str, default: float) -> float:
     if not math.isfinite(number):
         raise SeriesError(f"{s.path.name}: non-finite {keyword} {number} (NaN or infinity)")
     return number
+
+
+WRAP_FRACTION = 0.5  # stored values below -0.5 x the 99.5th percentile: wrapped (module doc)
+RESCALE_JUMP = 4.0  # rescaled neighbours further apart than this ...
+STORED_AGREE = 2.0  # ... while their stored values agree within this: a wrong rescale
+_SAMPLE = 4  # every 4th row and column: the checks read intensity levels, not detail
+
+
+def _check_intensities(slices: list[SliceHeader], stored: list[np.ndarray], rescale: list[tuple[float, float]]) -> None:
+    """`SeriesError` for intensities a header got wrong (module doc)."""
+    sampled = [a[::_SAMPLE, ::_SAMPLE].astype(np.float64) for a in stored]
+    signed = [k for k, s in enumerate(slices) if int(s.ds.get("PixelRepresentation", 0) or 0) == 1]
+    if signed:
+        level = float(np.percentile(np.concatenate([sampled[k].ravel() for k in signed]), 99.5))
+        worst = min(signed, key=lambda k: float(stored[k].min()))
+        low = float(stored[worst].min())
+        if level > 0 and low < -WRAP_FRACTION * level:
+            raise SeriesError(
+                f"{slices[worst].path.name}: stored values down to {low:g} where the series' 99.5th percentile is "
+                f"{level:g}: a magnitude MR image is not negative; PixelRepresentation 1 (signed) on unsigned "
+                f"values above 32767 (BitsStored {slices[worst].ds.get('BitsStored', '?')}) wraps the brightest "
+                "pixels, the enhancing ones, to dark"
+            )
+    for k in range(len(slices) - 1):
+        if rescale[k] == rescale[k + 1]:
+            continue
+        a, b = sampled[k], sampled[k + 1]
+        bright = (a > 0.1 * np.percentile(a, 99)) & (b > 0.1 * np.percentile(b, 99)) & (a > 0) & (b > 0)
+        if bright.sum() < max(16, 0.01 * a.size):
+            continue
+        stored_ratio = float(np.median(b[bright] / a[bright]))
+        (slope_a, intercept_a), (slope_b, intercept_b) = rescale[k], rescale[k + 1]
+        rescaled = np.median((b[bright] * slope_b + intercept_b) / np.maximum(a[bright] * slope_a + intercept_a, 1e-12))
+        rescaled_ratio = float(rescaled)
+        agree = 1 / STORED_AGREE <= stored_ratio <= STORED_AGREE
+        if agree and not (1 / RESCALE_JUMP <= rescaled_ratio <= RESCALE_JUMP):
+            raise SeriesError(
+                f"rescaled intensities jump {rescaled_ratio:.3g}x between {slices[k].path.name} and "
+                f"{slices[k + 1].path.name} (RescaleSlope {slope_a:g} -> {slope_b:g}, RescaleIntercept "
+                f"{intercept_a:g} -> {intercept_b:g}) while their stored values agree ({stored_ratio:.2f}x): "
+                "a rescale in the header is wrong"
+            )
 
 
 def _header(ds: pydicom.Dataset) -> pydicom.Dataset:
@@ -313,7 +372,13 @@ def load_series(files: Sequence[Path]) -> LoadedSeries:
     if len(photometric) > 1:
         listed = ", ".join(f"{value} ({n} files)" for value, n in photometric.most_common())
         raise SeriesError(f"mixed PhotometricInterpretation in one series: {listed}")
-    volume = np.stack([_pixels(s) for s in slices])
+    stored = [_stored(s) for s in slices]
+    rescale = [_rescale_of(s) for s in slices]
+    _check_intensities(slices, stored, rescale)
+    volume = np.empty((len(slices), *stored[0].shape), dtype=np.float32)
+    for k, (values, (slope, intercept)) in enumerate(zip(stored, rescale, strict=True)):
+        volume[k] = values.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    del stored
     if "MONOCHROME1" in photometric:  # high values shown dark: inverted within its range (module doc)
         volume = (volume.max() + volume.min() - volume).astype(np.float32)
     image = sitk.GetImageFromArray(volume)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +279,62 @@ def test_a_rescale_slope_of_zero_or_nan_is_refused(small_axial_series, copy_seri
     files = copy_series(small_axial_series.files)
     edit(files[4], RescaleSlope=slope)
     assert reason(files) == f"{files[4].name}: {why}" + ("; no image left" if slope == "0" else " (NaN or infinity)")
+
+
+# --- intensities a header got wrong (an outside tester's series) --------------------------------------
+
+
+@pytest.mark.parametrize("factor", [100.0, 0.01])
+def test_a_rescale_slope_that_breaks_agreeing_slices_apart_is_refused(small_axial_series, copy_series, factor):
+    """One slice's RescaleSlope 100x (or 1/100x) with its stored values unchanged: that slice's lesions
+    and brain were 100x brighter than their neighbours' and went to the model."""
+    files = copy_series(small_axial_series.files)
+    slope = float(pydicom.dcmread(files[9]).get("RescaleSlope", 1))
+    edit(files[9], RescaleSlope=f"{slope * factor:g}")
+    text = reason(files)
+    jump = re.match(rf"rescaled intensities jump ([\d.e-]+)x between {files[8].name} and {files[9].name} ", text)
+    assert jump and float(jump.group(1)) == pytest.approx(factor, rel=0.05)
+    assert f"RescaleSlope {slope:g} -> {slope * factor:g}" in text and "a rescale in the header is wrong" in text
+
+
+def test_a_rescale_that_compensates_its_stored_values_is_loaded(small_axial_series, copy_series):
+    """What scanners do (Philips-style per-slice scaling): stored values halved, slope doubled."""
+    files = copy_series(small_axial_series.files)
+    original = sitk.GetArrayFromImage(load_series(small_axial_series.files).image)
+    ds = pydicom.dcmread(files[9])
+    slope = float(ds.get("RescaleSlope", 1))
+    halved = ds.pixel_array // 2
+    ds.PixelData = halved.astype(ds.pixel_array.dtype).tobytes()
+    ds.RescaleSlope = f"{slope * 2:g}"
+    ds.save_as(files[9], enforce_file_format=False)
+    loaded = sitk.GetArrayFromImage(load_series(files).image)
+    np.testing.assert_allclose(loaded[9], halved * slope * 2)
+    np.testing.assert_array_equal(loaded[8], original[8])
+
+
+def test_unsigned_values_read_as_signed_are_refused(small_axial_series, copy_series):
+    """Stored values up to 60000 (unsigned) declared PixelRepresentation 1: the brightest pixels wrap
+    to negative, so enhancing lesions turn dark."""
+    files = copy_series(small_axial_series.files)
+    top = max(int(pydicom.dcmread(p).pixel_array.max()) for p in files)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        scaled = np.round(ds.pixel_array.astype(np.float64) * 60000 / top).astype(np.uint16)
+        ds.PixelData = scaled.tobytes()
+        ds.PixelRepresentation = 1
+        ds.save_as(path, enforce_file_format=False)
+    text = reason(files)
+    assert "a magnitude MR image is not negative; PixelRepresentation 1 (signed)" in text
+
+
+def test_a_genuinely_signed_series_with_small_negative_values_is_loaded(small_axial_series, copy_series):
+    """Signed storage (as some consoles write) with reconstruction noise a little below zero."""
+    files = copy_series(small_axial_series.files)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        values = ds.pixel_array.astype(np.int16)
+        values[0, :8] = -3  # a few small negatives at the edge of the field of view
+        ds.PixelData = values.tobytes()
+        ds.PixelRepresentation = 1
+        ds.save_as(path, enforce_file_format=False)
+    assert sitk.GetArrayFromImage(load_series(files).image).min() == -3
