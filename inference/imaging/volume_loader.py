@@ -211,16 +211,35 @@ def _fmt(values: np.ndarray) -> str:
     return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
 
 
+_TWICE_KEYWORDS = ("AcquisitionNumber", "EchoNumbers", "TemporalPositionIdentifier", "TriggerTime", "ImageType")
+
+
+def _why_twice(first: pydicom.Dataset, second: pydicom.Dataset) -> str:
+    """What tells two slices at one position apart (several acquisitions, echoes or time points in one
+    series), or that nothing does (one slice re-sent under a new SOP Instance UID)."""
+    differ = [
+        f"{keyword} {first.get(keyword)} and {second.get(keyword)}"
+        for keyword in _TWICE_KEYWORDS
+        if str(first.get(keyword, "")) != str(second.get(keyword, ""))
+    ]
+    if differ:
+        return f" (these two differ in {'; '.join(differ)}: several acquisitions in one series?)"
+    return " (the two differ in no acquisition attribute: one slice sent twice under two SOP Instance UIDs?)"
+
+
 def _slice_spacing(slices: list[SliceHeader], normal: np.ndarray) -> float:
     """Check the sorted slices form a uniform stack along `normal`; return the spacing in mm."""
     depth = np.array([s.position @ normal for s in slices])
     steps = np.diff(depth)
     names = [s.path.name for s in slices]
-    for k, step in enumerate(steps):
-        if step < DUPLICATE_TOLERANCE_MM:
-            raise SeriesError(
-                f"duplicated slice position {depth[k]:.3f} mm along the normal ({names[k]} and {names[k + 1]})"
-            )
+    duplicates = [k for k, step in enumerate(steps) if step < DUPLICATE_TOLERANCE_MM]
+    if duplicates:
+        k = duplicates[0]
+        raise SeriesError(
+            f"duplicated slice position {depth[k]:.3f} mm along the normal ({names[k]} and {names[k + 1]}); "
+            f"{len(slices)} files at {len(slices) - len(duplicates)} positions: one volume has one slice per "
+            f"position{_why_twice(slices[k].ds, slices[k + 1].ds)}"
+        )
     median = float(np.median(steps))
     for k, step in enumerate(steps):
         if step > GAP_FACTOR * median:

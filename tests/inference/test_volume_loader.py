@@ -192,6 +192,22 @@ def test_duplicated_slice_position(small_axial_series, copy_series):
     edit(duplicate, SOPInstanceUID=new_uid())
     text = reason(files + [duplicate])
     assert text.startswith("duplicated slice position") and "IM_dup.dcm" in text
+    assert "21 files at 20 positions" in text and "one slice sent twice under two SOP Instance UIDs?" in text
+
+
+def test_two_acquisitions_in_one_series_are_named_as_such(small_axial_series, copy_series):
+    """Every position twice, the second set with AcquisitionNumber 2: the reason says what differs."""
+    files = copy_series(small_axial_series.files)
+    second = []
+    for path in files:
+        copy = path.parent / f"second_{path.name}"
+        copy.write_bytes(path.read_bytes())
+        edit(copy, SOPInstanceUID=new_uid(), AcquisitionNumber=2)
+        edit(path, AcquisitionNumber=1)
+        second.append(copy)
+    text = reason(files + second)
+    assert "40 files at 20 positions" in text
+    assert "differ in AcquisitionNumber 1 and 2: several acquisitions in one series?" in text
 
 
 def test_duplicated_instance(small_axial_series):
