@@ -128,6 +128,7 @@ class IncomingFile:
         self._hash = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
+        self._early_sync: Future[None] | None = None  # `start_sync`: the fsync (and close) under way
         self.write(header)
 
     def write(self, chunk: bytes | memoryview) -> None:
@@ -152,6 +153,37 @@ class IncomingFile:
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
+    def start_sync(self) -> None:
+        """The bytes are all here: flush them and start their fsync now, on the fsync pool.
+
+        Why (issue #18): the handler's header parse and checks then overlap the
+        file's flush to disk instead of preceding it; `finish` and `place_syncing`
+        wait for it, so nothing is acknowledged earlier than before. Called by the
+        network thread when a data set's last fragment arrives; the handle then
+        belongs to the pool, which closes it."""
+        if self.error is not None or self._handle is None:
+            return
+        handle, self._handle = self._handle, None
+        try:
+            handle.flush()
+        except OSError as exc:
+            handle.close()
+            self.error = exc
+            self.discard()
+            return
+        self._early_sync = _FSYNCS.submit(_fsync_close, handle)
+
+    def _wait_early_sync(self) -> None:
+        """Wait for `start_sync`'s fsync; on its failure the file is dropped and the error raised."""
+        if self._early_sync is None:
+            return
+        error = self._early_sync.exception()
+        if error is not None:
+            self.error = error if isinstance(error, OSError) else OSError(str(error))
+            self._early_sync = None
+            self.discard()
+            raise self.error
+
     def complete(self) -> None:
         """Flush to the operating system (readable by path, not yet durable); raises a write error."""
         if self.error is not None:
@@ -170,6 +202,7 @@ class IncomingFile:
         Raises the storage error met while writing, if any."""
         if self.error is not None:
             raise self.error
+        self._wait_early_sync()
         if self._handle is not None:
             handle, self._handle = self._handle, None
             try:
@@ -207,8 +240,8 @@ class IncomingFile:
         os.replace(self.path, target)
         self.path = target
         handle, self._handle = self._handle, None
-        if handle is None:  # already fsync'd (`finish`): the directory only
-            return PendingSync(target, None, _FSYNCS.submit(_fsync_dir, target.parent))
+        if handle is None:  # fsync'd (`finish`) or being fsync'd (`start_sync`): the directory too
+            return PendingSync(target, self._early_sync, _FSYNCS.submit(_fsync_dir, target.parent))
         return PendingSync(target, _FSYNCS.submit(_fsync_close, handle), _FSYNCS.submit(_fsync_dir, target.parent))
 
     def discard(self) -> None:
