@@ -23,6 +23,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -129,6 +130,7 @@ class IncomingFile:
         self.size = 0
         self.error: OSError | None = None
         self._early_sync: Future[None] | None = None  # `start_sync`: the fsync (and close) under way
+        self._dropped = False  # `discard`ed: an fsync not yet begun is skipped
         self.write(header)
 
     def write(self, chunk: bytes | memoryview) -> None:
@@ -166,12 +168,19 @@ class IncomingFile:
         handle, self._handle = self._handle, None
         try:
             handle.flush()
-        except OSError as exc:
-            handle.close()
-            self.error = exc
+            self._early_sync = _FSYNCS.submit(self._fsync_close_unless_dropped, handle)
+        except Exception as exc:  # noqa: BLE001 - the network thread must not die of it (`write`)
+            with contextlib.suppress(OSError):
+                handle.close()
+            self.error = exc if isinstance(exc, OSError) else OSError(str(exc))
             self.discard()
-            return
-        self._early_sync = _FSYNCS.submit(_fsync_close, handle)
+
+    def _fsync_close_unless_dropped(self, handle: BinaryIO) -> None:
+        """The pool's half of `start_sync`: a file discarded meanwhile (a duplicate, a refusal) is only
+        closed, not flushed to disk for nothing."""
+        with handle:
+            if not self._dropped:
+                os.fsync(handle.fileno())
 
     def _wait_early_sync(self) -> None:
         """Wait for `start_sync`'s fsync; on its failure the file is dropped and the error raised."""
@@ -245,12 +254,18 @@ class IncomingFile:
         return PendingSync(target, _FSYNCS.submit(_fsync_close, handle), _FSYNCS.submit(_fsync_dir, target.parent))
 
     def discard(self) -> None:
-        """Drop a file that was not moved into place (duplicate, refused, or an aborted transfer)."""
+        """Drop a file that was not moved into place (duplicate, refused, or an aborted transfer).
+
+        Never raises for the close (disk full: the buffered bytes cannot be written, and need not be);
+        it runs in the network reader's thread too."""
+        if self.path.suffix != ".partial":
+            return  # placed: the file is the stored instance's now
+        self._dropped = True
         if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-        if self.path.suffix == ".partial":
-            self.path.unlink(missing_ok=True)
+            handle, self._handle = self._handle, None
+            with contextlib.suppress(OSError):
+                handle.close()
+        self.path.unlink(missing_ok=True)
 
 
 class InstanceStore:

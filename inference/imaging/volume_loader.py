@@ -34,16 +34,18 @@ Decisions:
   slice (they may differ between slices), giving float32.
 - Intensities a header got wrong are refused, not modelled (`_check_intensities`;
   an outside tester's series passed before):
-  - a signed image (PixelRepresentation 1) with stored values below minus half
-    its 99.5th percentile: a magnitude MR image is not negative, so these are
-    unsigned values past 32767 read as signed; they are the brightest pixels,
-    the enhancing lesions, turned dark;
-  - a RescaleSlope/RescaleIntercept that changes between neighbouring slices
-    whose stored values already agree (median ratio within 2x over the voxels
-    bright in both), so that the rescaled values jump more than 4x: a scanner
-    varies the rescale to compensate stored values, never to break them apart.
-    Neighbours with the same rescale are not compared: anatomy, coils and the
-    edge of the head change intensities legitimately.
+  - a signed image (PixelRepresentation 1) with at least 10 pixels of a slice
+    (padding excluded) rescaled below minus half the series' 99.5th percentile:
+    a magnitude MR image is not negative, so these are unsigned values past
+    2^(BitsStored-1)-1 read as signed; they are the brightest pixels, the
+    enhancing lesions, turned dark;
+  - a slice whose RescaleSlope/RescaleIntercept differs from its neighbours'
+    and whose rescaled values stand over 4x from both of them (median ratio
+    over the pixels bright in both), while the two neighbours agree within 2x:
+    a wrong rescale. A pair of slices alone is not judged (at the edge of the
+    head, or where a scanner scales each slice to its own range, 4x between
+    two slices is real), so a wrong rescale on the first or last slice, or on
+    a run of slices, passes.
 - Greyscale only: PhotometricInterpretation MONOCHROME2, or MONOCHROME1 (the
   two the MR Image IOD allows); anything else (PALETTE COLOR, RGB, missing) is
   refused, and so is a series that mixes them. A MONOCHROME1 volume (high values
@@ -211,20 +213,41 @@ def _fmt(values: np.ndarray) -> str:
     return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
 
 
-_TWICE_KEYWORDS = ("AcquisitionNumber", "EchoNumbers", "TemporalPositionIdentifier", "TriggerTime", "ImageType")
+_TWICE_KEYWORDS = (
+    "AcquisitionNumber",
+    "EchoNumbers",
+    "TemporalPositionIdentifier",
+    "TemporalPositionIndex",
+    "InStackPositionNumber",
+    "DiffusionBValue",
+    "TriggerTime",
+    "AcquisitionTime",
+    "ContentTime",
+    "ImageType",
+)
+
+
+def _same_value(a: object, b: object) -> bool:
+    """Equal as numbers where both are ("0" and "0.0"), else as text."""
+    try:
+        return float(str(a)) == float(str(b))
+    except ValueError:
+        return str(a) == str(b)
 
 
 def _why_twice(first: pydicom.Dataset, second: pydicom.Dataset) -> str:
-    """What tells two slices at one position apart (several acquisitions, echoes or time points in one
-    series), or that nothing does (one slice re-sent under a new SOP Instance UID)."""
+    """What tells two slices at one position apart (several acquisitions, echoes, b-values or time
+    points in one series), or, when their pixels are the same, that one slice was sent twice."""
     differ = [
         f"{keyword} {first.get(keyword)} and {second.get(keyword)}"
         for keyword in _TWICE_KEYWORDS
-        if str(first.get(keyword, "")) != str(second.get(keyword, ""))
+        if not _same_value(first.get(keyword, ""), second.get(keyword, ""))
     ]
     if differ:
         return f" (these two differ in {'; '.join(differ)}: several acquisitions in one series?)"
-    return " (the two differ in no acquisition attribute: one slice sent twice under two SOP Instance UIDs?)"
+    if first.get("PixelData") == second.get("PixelData"):
+        return " (the same image twice under two SOP Instance UIDs: one slice sent twice?)"
+    return " (two different images, told apart by no acquisition attribute)"
 
 
 def _slice_spacing(slices: list[SliceHeader], normal: np.ndarray) -> float:
@@ -315,45 +338,80 @@ def _rescale(s: SliceHeader, keyword: str, default: float) -> float:
     return number
 
 
-WRAP_FRACTION = 0.5  # stored values below -0.5 x the 99.5th percentile: wrapped (module doc)
-RESCALE_JUMP = 4.0  # rescaled neighbours further apart than this ...
-STORED_AGREE = 2.0  # ... while their stored values agree within this: a wrong rescale
+WRAP_FRACTION = 0.5  # rescaled values below -0.5 x the series' 99.5th percentile ...
+MIN_WRAPPED_PIXELS = 10  # ... in at least this many pixels of a slice: wrapped (module doc)
+RESCALE_JUMP = 4.0  # a slice this far from both neighbours ...
+NEIGHBOURS_AGREE = 2.0  # ... which agree within this: a wrong rescale (module doc)
 _SAMPLE = 4  # every 4th row and column: the checks read intensity levels, not detail
 
 
-def _check_intensities(slices: list[SliceHeader], stored: list[np.ndarray], rescale: list[tuple[float, float]]) -> None:
-    """`SeriesError` for intensities a header got wrong (module doc)."""
-    sampled = [a[::_SAMPLE, ::_SAMPLE].astype(np.float64) for a in stored]
+def _check_intensities(
+    slices: list[SliceHeader], stored: list[np.ndarray], rescale: list[tuple[float, float]], volume: np.ndarray
+) -> None:
+    """`SeriesError` for intensities a header got wrong (module doc); `volume` is rescaled."""
+    _check_wrapped(slices, stored, volume)
+    _check_rescale_outliers(slices, rescale, volume)
+
+
+def _padding(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
+    """Pixels marked as padding (PixelPaddingValue, up to PixelPaddingRangeLimit): not image."""
+    value = ds.get("PixelPaddingValue")
+    if value is None:
+        return np.zeros(stored.shape, dtype=bool)
+    limit = ds.get("PixelPaddingRangeLimit", value)
+    low, high = sorted((int(value), int(limit)))
+    return (stored >= low) & (stored <= high)
+
+
+def _check_wrapped(slices: list[SliceHeader], stored: list[np.ndarray], volume: np.ndarray) -> None:
     signed = [k for k, s in enumerate(slices) if int(s.ds.get("PixelRepresentation", 0) or 0) == 1]
-    if signed:
-        level = float(np.percentile(np.concatenate([sampled[k].ravel() for k in signed]), 99.5))
-        worst = min(signed, key=lambda k: float(stored[k].min()))
-        low = float(stored[worst].min())
-        if level > 0 and low < -WRAP_FRACTION * level:
+    if not signed:
+        return
+    level = float(np.percentile(np.concatenate([volume[k, ::_SAMPLE, ::_SAMPLE].ravel() for k in signed]), 99.5))
+    if level <= 0:
+        return
+    for k in signed:
+        wrapped = (volume[k] < -WRAP_FRACTION * level) & ~_padding(slices[k].ds, stored[k])
+        count = int(np.count_nonzero(wrapped))
+        if count >= MIN_WRAPPED_PIXELS:
+            bits = int(slices[k].ds.get("BitsStored", 16) or 16)
             raise SeriesError(
-                f"{slices[worst].path.name}: stored values down to {low:g} where the series' 99.5th percentile is "
-                f"{level:g}: a magnitude MR image is not negative; PixelRepresentation 1 (signed) on unsigned "
-                f"values above 32767 (BitsStored {slices[worst].ds.get('BitsStored', '?')}) wraps the brightest "
-                "pixels, the enhancing ones, to dark"
+                f"{slices[k].path.name}: {count} pixels down to {float(volume[k][wrapped].min()):g} where the "
+                f"series' 99.5th percentile is {level:g}: a magnitude MR image is not negative; stored values "
+                f"above {2 ** (bits - 1) - 1} declared signed (PixelRepresentation 1, BitsStored {bits}) wrap the "
+                "brightest pixels, the enhancing ones, to dark"
             )
-    for k in range(len(slices) - 1):
-        if rescale[k] == rescale[k + 1]:
+
+
+def _level_ratio(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Median of a / b over the pixels bright in both (above a tenth of each slice's 99th percentile),
+    or None when too few are."""
+    bright = (a > 0.1 * np.percentile(a, 99)) & (b > 0.1 * np.percentile(b, 99)) & (a > 0) & (b > 0)
+    if np.count_nonzero(bright) < max(16, 0.01 * a.size):
+        return None
+    return float(np.median(a[bright] / b[bright]))
+
+
+def _check_rescale_outliers(slices: list[SliceHeader], rescale: list[tuple[float, float]], volume: np.ndarray) -> None:
+    """A slice whose rescale differs from its neighbours', whose rescaled values stand over 4x apart from
+    both while they agree with each other. Neighbour pairs alone are not judged: at the edge of the
+    head, or where a scanner scales each slice to its own range, >4x between two slices is real."""
+    for k in range(1, len(slices) - 1):
+        if rescale[k] == rescale[k - 1] == rescale[k + 1]:
             continue
-        a, b = sampled[k], sampled[k + 1]
-        bright = (a > 0.1 * np.percentile(a, 99)) & (b > 0.1 * np.percentile(b, 99)) & (a > 0) & (b > 0)
-        if bright.sum() < max(16, 0.01 * a.size):
+        before, here, after = (volume[j, ::_SAMPLE, ::_SAMPLE].astype(np.float64) for j in (k - 1, k, k + 1))
+        ratios = [_level_ratio(here, before), _level_ratio(here, after), _level_ratio(after, before)]
+        if any(r is None for r in ratios):
             continue
-        stored_ratio = float(np.median(b[bright] / a[bright]))
-        (slope_a, intercept_a), (slope_b, intercept_b) = rescale[k], rescale[k + 1]
-        rescaled = np.median((b[bright] * slope_b + intercept_b) / np.maximum(a[bright] * slope_a + intercept_a, 1e-12))
-        rescaled_ratio = float(rescaled)
-        agree = 1 / STORED_AGREE <= stored_ratio <= STORED_AGREE
-        if agree and not (1 / RESCALE_JUMP <= rescaled_ratio <= RESCALE_JUMP):
+        to_before, to_after, neighbours = (float(r) for r in ratios if r is not None)
+        apart = min(to_before, to_after) > RESCALE_JUMP or max(to_before, to_after) < 1 / RESCALE_JUMP
+        if apart and 1 / NEIGHBOURS_AGREE <= neighbours <= NEIGHBOURS_AGREE:
+            (slope, intercept), (slope_n, intercept_n) = rescale[k], rescale[k - 1]
             raise SeriesError(
-                f"rescaled intensities jump {rescaled_ratio:.3g}x between {slices[k].path.name} and "
-                f"{slices[k + 1].path.name} (RescaleSlope {slope_a:g} -> {slope_b:g}, RescaleIntercept "
-                f"{intercept_a:g} -> {intercept_b:g}) while their stored values agree ({stored_ratio:.2f}x): "
-                "a rescale in the header is wrong"
+                f"{slices[k].path.name}: rescaled intensities {to_before:.3g}x those of {slices[k - 1].path.name} "
+                f"and {to_after:.3g}x those of {slices[k + 1].path.name}, which agree with each other "
+                f"(RescaleSlope {slope:g} against {slope_n:g}, RescaleIntercept {intercept:g} against "
+                f"{intercept_n:g}): a rescale in the header is wrong"
             )
 
 
@@ -393,10 +451,10 @@ def load_series(files: Sequence[Path]) -> LoadedSeries:
         raise SeriesError(f"mixed PhotometricInterpretation in one series: {listed}")
     stored = [_stored(s) for s in slices]
     rescale = [_rescale_of(s) for s in slices]
-    _check_intensities(slices, stored, rescale)
     volume = np.empty((len(slices), *stored[0].shape), dtype=np.float32)
     for k, (values, (slope, intercept)) in enumerate(zip(stored, rescale, strict=True)):
         volume[k] = values.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    _check_intensities(slices, stored, rescale, volume)
     del stored
     if "MONOCHROME1" in photometric:  # high values shown dark: inverted within its range (module doc)
         volume = (volume.max() + volume.min() - volume).astype(np.float32)

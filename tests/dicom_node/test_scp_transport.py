@@ -31,7 +31,7 @@ from sqlalchemy import func, select, update
 from dicom_node import status_codes
 from dicom_node.association import request_association, scu_ae
 from dicom_node.scp_transport import GuardedSocket, file_meta_bytes, store_response_command
-from storage.instance_store import IncomingFile, InstanceStore, InvalidUIDError, sha256_file
+from storage.instance_store import _FSYNCS, IncomingFile, InstanceStore, InvalidUIDError, sha256_file
 from storage.models import Instance, Job, JobState, Series, utcnow
 from tests.dicom_node.conftest import storescu
 
@@ -141,6 +141,57 @@ def test_an_fsync_started_on_arrival_that_fails_fails_the_placing(tmp_path, monk
     incoming.discard()
     assert not store.absolute("instances/1.2/1.2.3/1.2.3.4.dcm").exists()
     assert list(store.tmp_dir.iterdir()) == []
+
+
+class _DiskFullHandle:
+    """A file handle on a full disk: the buffered bytes cannot be flushed, so close fails too."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def write(self, chunk):
+        raise OSError(28, "No space left on device (simulated)")
+
+    def flush(self):
+        raise OSError(28, "No space left on device (simulated)")
+
+    def close(self):
+        self._handle.close()
+        raise OSError(28, "No space left on device (simulated)")
+
+
+@pytest.mark.parametrize("where", ["last-flush", "write"])
+def test_a_full_disk_in_the_network_thread_is_kept_for_the_handler_not_raised(tmp_path, where):
+    """An outside review: at the last fragment's flush (or a write), disk full escaped from the network
+    thread (close re-raised it), so the sender got no response and tmp/ kept the file."""
+    store = InstanceStore(tmp_path / "data")
+    incoming = store.incoming(b"header")
+    incoming._handle = _DiskFullHandle(incoming._handle)
+    if where == "write":
+        incoming.write(b"more")
+    incoming.start_sync()  # neither raises
+    assert isinstance(incoming.error, OSError) and incoming.error.errno == 28
+    with pytest.raises(OSError, match="No space left"):
+        incoming.complete()  # where the handler finds it, and answers Out of Resources
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_a_file_discarded_before_its_early_fsync_runs_is_not_flushed(tmp_path, monkeypatch):
+    """A duplicate or refused instance is dropped: its fsync, if not yet begun, is skipped."""
+    store = InstanceStore(tmp_path / "data")
+    synced = []
+    monkeypatch.setattr("storage.instance_store.os.fsync", synced.append)
+    gate = threading.Event()
+    blockers = [_FSYNCS.submit(gate.wait) for _ in range(_FSYNCS._max_workers)]  # every pool worker busy
+    incoming = store.incoming(b"header")
+    incoming.write(b"x" * 1000)
+    incoming.start_sync()
+    incoming.discard()
+    gate.set()
+    for blocker in blockers:
+        blocker.result()
+    incoming._early_sync.result()
+    assert synced == [] and list(store.tmp_dir.iterdir()) == []
 
 
 def test_the_scp_starts_each_files_fsync_when_its_last_fragment_arrives(start_node, mr_series, monkeypatch):
