@@ -10,7 +10,9 @@ Decisions:
 - A received instance is renamed into place first, then the file and its
   directory are fsync'd concurrently, while the caller commits its row
   (`place_syncing`): one storage flush round for all three instead of two or
-  three in a row. Success is reported only after all of them. A crash in
+  three in a row. The Store SCP starts the file's fsync earlier still, when
+  its last fragment arrives (`start_sync`), so it overlaps the header parse.
+  Success is reported only after all of them. A crash in
   between leaves a file without a row, which start-up removes
   (`remove_unreferenced`), or a committed row whose file a power cut left
   short: `storage.ingest` says how that is repaired and never used. Files no
