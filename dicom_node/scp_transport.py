@@ -191,7 +191,6 @@ class SpoolingDIMSE(DIMSEServiceProvider):
             if not data[0] & 1 and isinstance(message, C_STORE_RQ) and context is not None:
                 self._spool(message, context, memoryview(data)[1:])
                 if data[0] & 2 and self._current is not None:
-                    self._current.start_sync()  # its flush overlaps the handler's checks (IncomingFile)
                     self._done[int(message.command_set.MessageID)] = self._current
                     self._current = None
                 data = data[:1]  # the control header only: pynetdicom's data set stays empty

@@ -10,9 +10,7 @@ Decisions:
 - A received instance is renamed into place first, then the file and its
   directory are fsync'd concurrently, while the caller commits its row
   (`place_syncing`): one storage flush round for all three instead of two or
-  three in a row. The Store SCP starts the file's fsync earlier still, when
-  its last fragment arrives (`start_sync`), so it overlaps the header parse.
-  Success is reported only after all of them. A crash in
+  three in a row. Success is reported only after all of them. A crash in
   between leaves a file without a row, which start-up removes
   (`remove_unreferenced`), or a committed row whose file a power cut left
   short: `storage.ingest` says how that is repaired and never used. Files no
@@ -131,8 +129,6 @@ class IncomingFile:
         self._hash = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
-        self._early_sync: Future[None] | None = None  # `start_sync`: the fsync (and close) under way
-        self._dropped = False  # `discard`ed: an fsync not yet begun is skipped
         self.write(header)
 
     def write(self, chunk: bytes | memoryview) -> None:
@@ -157,44 +153,6 @@ class IncomingFile:
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
-    def start_sync(self) -> None:
-        """The bytes are all here: flush them and start their fsync now, on the fsync pool.
-
-        Why (issue #18): the handler's header parse and checks then overlap the
-        file's flush to disk instead of preceding it; `finish` and `place_syncing`
-        wait for it, so nothing is acknowledged earlier than before. Called by the
-        network thread when a data set's last fragment arrives; the handle then
-        belongs to the pool, which closes it."""
-        if self.error is not None or self._handle is None:
-            return
-        handle, self._handle = self._handle, None
-        try:
-            handle.flush()
-            self._early_sync = _FSYNCS.submit(self._fsync_close_unless_dropped, handle)
-        except Exception as exc:  # noqa: BLE001 - the network thread must not die of it (`write`)
-            with contextlib.suppress(OSError):
-                handle.close()
-            self.error = exc if isinstance(exc, OSError) else OSError(str(exc))
-            self.discard()
-
-    def _fsync_close_unless_dropped(self, handle: BinaryIO) -> None:
-        """The pool's half of `start_sync`: a file discarded meanwhile (a duplicate, a refusal) is only
-        closed, not flushed to disk for nothing."""
-        with handle:
-            if not self._dropped:
-                os.fsync(handle.fileno())
-
-    def _wait_early_sync(self) -> None:
-        """Wait for `start_sync`'s fsync; on its failure the file is dropped and the error raised."""
-        if self._early_sync is None:
-            return
-        error = self._early_sync.exception()
-        if error is not None:
-            self.error = error if isinstance(error, OSError) else OSError(str(error))
-            self._early_sync = None
-            self.discard()
-            raise self.error
-
     def complete(self) -> None:
         """Flush to the operating system (readable by path, not yet durable); raises a write error."""
         if self.error is not None:
@@ -213,7 +171,6 @@ class IncomingFile:
         Raises the storage error met while writing, if any."""
         if self.error is not None:
             raise self.error
-        self._wait_early_sync()
         if self._handle is not None:
             handle, self._handle = self._handle, None
             try:
@@ -251,23 +208,21 @@ class IncomingFile:
         os.replace(self.path, target)
         self.path = target
         handle, self._handle = self._handle, None
-        if handle is None:  # fsync'd (`finish`) or being fsync'd (`start_sync`): the directory too
-            return PendingSync(target, self._early_sync, _FSYNCS.submit(_fsync_dir, target.parent))
+        if handle is None:  # already fsync'd (`finish`): the directory only
+            return PendingSync(target, None, _FSYNCS.submit(_fsync_dir, target.parent))
         return PendingSync(target, _FSYNCS.submit(_fsync_close, handle), _FSYNCS.submit(_fsync_dir, target.parent))
 
     def discard(self) -> None:
         """Drop a file that was not moved into place (duplicate, refused, or an aborted transfer).
 
-        Never raises for the close (disk full: the buffered bytes cannot be written, and need not be);
-        it runs in the network reader's thread too."""
-        if self.path.suffix != ".partial":
-            return  # placed: the file is the stored instance's now
-        self._dropped = True
+        Never raises for the close (disk full: the buffered bytes cannot be written, and need not be):
+        `write` calls it in the network reader's thread, which must not die of it."""
         if self._handle is not None:
             handle, self._handle = self._handle, None
             with contextlib.suppress(OSError):
                 handle.close()
-        self.path.unlink(missing_ok=True)
+        if self.path.suffix == ".partial":
+            self.path.unlink(missing_ok=True)
 
 
 class InstanceStore:

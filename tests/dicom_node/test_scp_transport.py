@@ -3,8 +3,8 @@
 - `file_meta_bytes` writes what pynetdicom's encoder writes, and refuses non-UIDs;
 - `IncomingFile.place` (rename, then file and directory fsync'd together):
   the file is complete under its name, nothing is left in `tmp/`, and a
-  failure removes it from its target; the same when the fsync was started as
-  the last fragment arrived (`start_sync`);
+  failure removes it from its target, and disk full in the network thread is
+  kept for the handler;
 - a plain C-STORE-RSP is written on the socket by the association's thread
   (not queued to the DUL reactor), as the same PDU pynetdicom would send;
 - the fast insert path keeps the per-series count exact over parallel
@@ -31,7 +31,7 @@ from sqlalchemy import func, select, update
 from dicom_node import status_codes
 from dicom_node.association import request_association, scu_ae
 from dicom_node.scp_transport import GuardedSocket, file_meta_bytes, store_response_command
-from storage.instance_store import _FSYNCS, IncomingFile, InstanceStore, InvalidUIDError, sha256_file
+from storage.instance_store import InstanceStore, InvalidUIDError, sha256_file
 from storage.models import Instance, Job, JobState, Series, utcnow
 from tests.dicom_node.conftest import storescu
 
@@ -107,42 +107,6 @@ def test_place_makes_the_file_complete_under_its_name(tmp_path):
     assert target.exists()
 
 
-@pytest.mark.parametrize("early", [False, True], ids=["fsync-at-place", "fsync-started-on-arrival"])
-def test_a_file_whose_fsync_started_on_arrival_is_placed_whole_or_dropped(tmp_path, early):
-    """`start_sync` (the network thread, at a data set's last fragment) hands the flush to the pool;
-    placing it waits for that fsync, and discarding it leaves nothing in tmp/."""
-    store = InstanceStore(tmp_path / "data")
-    kept, dropped = store.incoming(b"header"), store.incoming(b"header")
-    for incoming in (kept, dropped):
-        incoming.write(os.urandom(300_000))
-        if early:
-            incoming.start_sync()
-            incoming.complete()  # still readable by path: the handler parses the header meanwhile
-            assert incoming.path.stat().st_size == len(b"header") + 300_000
-    digest = kept.sha256
-    store.place(kept, "instances/1.2/1.2.3/1.2.3.4.dcm")
-    assert sha256_file(store.absolute("instances/1.2/1.2.3/1.2.3.4.dcm")) == digest
-    dropped.discard()
-    assert list(store.tmp_dir.iterdir()) == []
-
-
-def test_an_fsync_started_on_arrival_that_fails_fails_the_placing(tmp_path, monkeypatch):
-    store = InstanceStore(tmp_path / "data")
-    incoming = store.incoming(b"x" * 100)
-
-    def broken_fsync(fd):
-        raise OSError(5, "Input/output error (simulated)")
-
-    monkeypatch.setattr("storage.instance_store.os.fsync", broken_fsync)
-    incoming.start_sync()
-    with pytest.raises(OSError, match="simulated"):
-        store.place(incoming, "instances/1.2/1.2.3/1.2.3.4.dcm")
-    monkeypatch.undo()
-    incoming.discard()
-    assert not store.absolute("instances/1.2/1.2.3/1.2.3.4.dcm").exists()
-    assert list(store.tmp_dir.iterdir()) == []
-
-
 class _DiskFullHandle:
     """A file handle on a full disk: the buffered bytes cannot be flushed, so close fails too."""
 
@@ -160,61 +124,17 @@ class _DiskFullHandle:
         raise OSError(28, "No space left on device (simulated)")
 
 
-@pytest.mark.parametrize("where", ["last-flush", "write"])
-def test_a_full_disk_in_the_network_thread_is_kept_for_the_handler_not_raised(tmp_path, where):
-    """An outside review: at the last fragment's flush (or a write), disk full escaped from the network
-    thread (close re-raised it), so the sender got no response and tmp/ kept the file."""
+def test_a_full_disk_in_the_network_thread_is_kept_for_the_handler_not_raised(tmp_path):
+    """An outside review: disk full at a write made the close in `discard` re-raise it in the network
+    thread, which died; the sender got no response and tmp/ kept the file."""
     store = InstanceStore(tmp_path / "data")
     incoming = store.incoming(b"header")
     incoming._handle = _DiskFullHandle(incoming._handle)
-    if where == "write":
-        incoming.write(b"more")
-    incoming.start_sync()  # neither raises
+    incoming.write(b"more")  # does not raise
     assert isinstance(incoming.error, OSError) and incoming.error.errno == 28
     with pytest.raises(OSError, match="No space left"):
         incoming.complete()  # where the handler finds it, and answers Out of Resources
     assert list(store.tmp_dir.iterdir()) == []
-
-
-def test_a_file_discarded_before_its_early_fsync_runs_is_not_flushed(tmp_path, monkeypatch):
-    """A duplicate or refused instance is dropped: its fsync, if not yet begun, is skipped."""
-    store = InstanceStore(tmp_path / "data")
-    synced = []
-    monkeypatch.setattr("storage.instance_store.os.fsync", synced.append)
-    gate = threading.Event()
-    blockers = [_FSYNCS.submit(gate.wait) for _ in range(_FSYNCS._max_workers)]  # every pool worker busy
-    incoming = store.incoming(b"header")
-    incoming.write(b"x" * 1000)
-    incoming.start_sync()
-    incoming.discard()
-    gate.set()
-    for blocker in blockers:
-        blocker.result()
-    incoming._early_sync.result()
-    assert synced == [] and list(store.tmp_dir.iterdir()) == []
-
-
-def test_the_scp_starts_each_files_fsync_when_its_last_fragment_arrives(start_node, mr_series, monkeypatch):
-    """Over a real association: every received file's fsync is started by the network reader when the
-    data set's last fragment arrives, and the instances are stored."""
-    node = start_node()
-    started = []
-    original = IncomingFile.start_sync
-
-    def recording(self):
-        started.append(threading.current_thread().name)
-        original(self)
-
-    monkeypatch.setattr(IncomingFile, "start_sync", recording)
-    ae = AE(ae_title="PYNETDICOM")
-    ae.add_requested_context(MRImageStorage)
-    assoc = ae.associate("127.0.0.1", node.address[1], ae_title="DICOMNODE")
-    statuses = [int(assoc.send_c_store(pydicom.dcmread(path)).Status) for path in mr_series[:5]]
-    assoc.release()
-    assert statuses == [0] * 5
-    assert len(started) == 5 and not any(name == threading.current_thread().name for name in started)
-    with node.db.session() as session:
-        assert session.scalar(select(func.count()).select_from(Instance)) == 5
 
 
 def test_place_that_fails_leaves_nothing_under_the_target(tmp_path):
