@@ -222,7 +222,8 @@ class IncomingFile:
             with contextlib.suppress(OSError):
                 handle.close()
         if self.path.suffix == ".partial":
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # what stays in tmp/ is removed at start-up
+                self.path.unlink(missing_ok=True)
 
 
 class InstanceStore:

@@ -34,11 +34,13 @@ Decisions:
   slice (they may differ between slices), giving float32.
 - Intensities a header got wrong are refused, not modelled (`_check_intensities`;
   an outside tester's series passed before):
-  - a signed image (PixelRepresentation 1) with at least 10 pixels of a slice
-    (padding excluded) rescaled below minus half the series' 99.5th percentile:
-    a magnitude MR image is not negative, so these are unsigned values past
+  - a signed image (PixelRepresentation 1) whose stored values reach a quarter
+    of the signed range or more, with any pixel (padding excluded) rescaled
+    below minus half the series' 99.5th percentile: unsigned values past
     2^(BitsStored-1)-1 read as signed; they are the brightest pixels, the
-    enhancing lesions, turned dark;
+    enhancing lesions, turned dark. Signed images that stay low (phase-sensitive
+    IR, phase, subtraction: negative by nature) are left to screening;
+  - rescaled values that are not finite (a slope that overflows float32);
   - a slice whose RescaleSlope/RescaleIntercept differs from its neighbours'
     and whose rescaled values stand over 4x from both of them (median ratio
     over the pixels bright in both), while the two neighbours agree within 2x:
@@ -245,9 +247,19 @@ def _why_twice(first: pydicom.Dataset, second: pydicom.Dataset) -> str:
     ]
     if differ:
         return f" (these two differ in {'; '.join(differ)}: several acquisitions in one series?)"
-    if first.get("PixelData") == second.get("PixelData"):
+    if _same_pixels(first, second):
         return " (the same image twice under two SOP Instance UIDs: one slice sent twice?)"
     return " (two different images, told apart by no acquisition attribute)"
+
+
+def _same_pixels(first: pydicom.Dataset, second: pydicom.Dataset) -> bool:
+    """The same bytes, or (compressed two ways) the same decoded values; False when either cannot be read."""
+    if first.get("PixelData") == second.get("PixelData"):
+        return True
+    try:
+        return bool(np.array_equal(first.pixel_array, second.pixel_array))
+    except Exception:  # noqa: BLE001 - undecodable: the loader names it later
+        return False
 
 
 def _slice_spacing(slices: list[SliceHeader], normal: np.ndarray) -> float:
@@ -339,7 +351,7 @@ def _rescale(s: SliceHeader, keyword: str, default: float) -> float:
 
 
 WRAP_FRACTION = 0.5  # rescaled values below -0.5 x the series' 99.5th percentile ...
-MIN_WRAPPED_PIXELS = 10  # ... in at least this many pixels of a slice: wrapped (module doc)
+MIN_WRAPPED_PIXELS = 1  # ... in this many pixels of a slice: wrapped (module doc; a small lesion is few)
 RESCALE_JUMP = 4.0  # a slice this far from both neighbours ...
 NEIGHBOURS_AGREE = 2.0  # ... which agree within this: a wrong rescale (module doc)
 _SAMPLE = 4  # every 4th row and column: the checks read intensity levels, not detail
@@ -353,19 +365,52 @@ def _check_intensities(
     _check_rescale_outliers(slices, rescale, volume)
 
 
+def _bits_stored(ds: pydicom.Dataset) -> int:
+    try:
+        bits = int(ds.get("BitsStored") or 16)
+    except (TypeError, ValueError):
+        return 16
+    return bits if 1 <= bits <= 32 else 16
+
+
+def _padding_value(ds: pydicom.Dataset, keyword: str) -> int | None:
+    """A padding attribute as the stored pixels hold it: its first value, sign-extended from
+    BitsStored when the pixels are signed (writers often give it VR US, so -32768 reads as 32768);
+    None when absent or not a number."""
+    value = ds.get(keyword)
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0] if value else None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        bits = _bits_stored(ds)
+        number &= (1 << bits) - 1
+        if number >= 1 << (bits - 1):
+            number -= 1 << bits
+    return number
+
+
 def _padding(ds: pydicom.Dataset, stored: np.ndarray) -> np.ndarray:
     """Pixels marked as padding (PixelPaddingValue, up to PixelPaddingRangeLimit): not image."""
-    value = ds.get("PixelPaddingValue")
+    value = _padding_value(ds, "PixelPaddingValue")
     if value is None:
         return np.zeros(stored.shape, dtype=bool)
-    limit = ds.get("PixelPaddingRangeLimit", value)
-    low, high = sorted((int(value), int(limit)))
+    limit = _padding_value(ds, "PixelPaddingRangeLimit")
+    low, high = sorted((value, value if limit is None else limit))
     return (stored >= low) & (stored <= high)
 
 
 def _check_wrapped(slices: list[SliceHeader], stored: list[np.ndarray], volume: np.ndarray) -> None:
+    """Wrapping has a shape: the stored values climb up to near the top of the signed range (at
+    least a quarter of it), and carry on as negative values. A signed image that never comes near
+    the top (phase-sensitive IR, phase, subtraction images are negative by nature) is not judged."""
     signed = [k for k, s in enumerate(slices) if int(s.ds.get("PixelRepresentation", 0) or 0) == 1]
     if not signed:
+        return
+    bits = _bits_stored(slices[signed[0]].ds)
+    if max(int(stored[k].max()) for k in signed) < 1 << (bits - 2):
         return
     level = float(np.percentile(np.concatenate([volume[k, ::_SAMPLE, ::_SAMPLE].ravel() for k in signed]), 99.5))
     if level <= 0:
@@ -374,12 +419,11 @@ def _check_wrapped(slices: list[SliceHeader], stored: list[np.ndarray], volume: 
         wrapped = (volume[k] < -WRAP_FRACTION * level) & ~_padding(slices[k].ds, stored[k])
         count = int(np.count_nonzero(wrapped))
         if count >= MIN_WRAPPED_PIXELS:
-            bits = int(slices[k].ds.get("BitsStored", 16) or 16)
             raise SeriesError(
-                f"{slices[k].path.name}: {count} pixels down to {float(volume[k][wrapped].min()):g} where the "
-                f"series' 99.5th percentile is {level:g}: a magnitude MR image is not negative; stored values "
-                f"above {2 ** (bits - 1) - 1} declared signed (PixelRepresentation 1, BitsStored {bits}) wrap the "
-                "brightest pixels, the enhancing ones, to dark"
+                f"{slices[k].path.name}: {count} pixel(s) down to {float(volume[k][wrapped].min()):g} where the "
+                f"series' 99.5th percentile is {level:g} and its stored values reach {1 << (bits - 2)} or more: a "
+                f"magnitude MR image is not negative; stored values above {2 ** (bits - 1) - 1} declared signed "
+                f"(PixelRepresentation 1, BitsStored {bits}) wrap the brightest pixels, the enhancing ones, to dark"
             )
 
 
@@ -452,8 +496,16 @@ def load_series(files: Sequence[Path]) -> LoadedSeries:
     stored = [_stored(s) for s in slices]
     rescale = [_rescale_of(s) for s in slices]
     volume = np.empty((len(slices), *stored[0].shape), dtype=np.float32)
-    for k, (values, (slope, intercept)) in enumerate(zip(stored, rescale, strict=True)):
-        volume[k] = values.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, by name
+        for k, (values, (slope, intercept)) in enumerate(zip(stored, rescale, strict=True)):
+            volume[k] = values.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    if not np.isfinite(volume).all():  # a slope like 1e36 overflows float32
+        worst = next(k for k in range(len(slices)) if not np.isfinite(volume[k]).all())
+        slope, intercept = rescale[worst]
+        raise SeriesError(
+            f"{slices[worst].path.name}: rescaled values are not finite (RescaleSlope {slope:g}, "
+            f"RescaleIntercept {intercept:g} overflow 32-bit floating point)"
+        )
     _check_intensities(slices, stored, rescale, volume)
     del stored
     if "MONOCHROME1" in photometric:  # high values shown dark: inverted within its range (module doc)

@@ -446,3 +446,69 @@ def test_a_genuinely_signed_series_with_small_negative_values_is_loaded(small_ax
         ds.PixelRepresentation = 1
         ds.save_as(path, enforce_file_format=False)
     assert sitk.GetArrayFromImage(load_series(files).image).min() == -3
+
+
+def _signed_copy(files: list[Path], out: Path, transform) -> list[Path]:
+    """Copies with PixelRepresentation 1 and int16 stored values `transform(k, values)`."""
+    out.mkdir()
+    copies = []
+    for k, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.PixelRepresentation = 1
+        ds.PixelData = transform(k, ds.pixel_array.astype(np.int32)).astype(np.int16).tobytes()
+        copies.append(out / path.name)
+        ds.save_as(copies[-1], enforce_file_format=False)
+    return copies
+
+
+def test_one_wrapped_pixel_is_enough_and_declared_padding_is_not_wrapping(small_axial_series, tmp_path):
+    """A third review: a wrapped enhancing spot of a few pixels on every slice loaded (10 were needed),
+    and padding declared as US 32768 for int16 pixels (meaning -32768) was refused as wrapping."""
+    files = sorted(small_axial_series.files)
+    top = max(int(pydicom.dcmread(p).pixel_array.max()) for p in files)
+
+    def bright_range(k, values):
+        values = values * 30000 // top  # up to the top of the signed range, as wrapped data is
+        values[40, 40] = -30000  # one wrapped pixel: a 49536 read as signed
+        return values
+
+    with pytest.raises(SeriesError, match=r"1 pixel\(s\) down to -30000"):
+        load_series(_signed_copy(files, tmp_path / "one", bright_range))
+
+    def padded(k, values):
+        values = values * 30000 // top
+        values[:8, :8] = -32768  # 64 padding pixels
+        return values
+
+    copies = _signed_copy(files, tmp_path / "padded", padded)
+    with pytest.raises(SeriesError, match="wrap the brightest"):
+        load_series(copies)  # undeclared, the padding looks like wrapping
+    for path in copies:
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x00280120, "US", 32768)  # what many writers put: the bit pattern of -32768
+        ds.add_new(0x00280121, "US", [])  # an empty range limit: ignored, not a crash
+        ds.save_as(path, enforce_file_format=False)
+    load_series(copies)
+
+
+def test_a_signed_series_that_stays_low_is_not_called_wrapped(small_axial_series, tmp_path):
+    """Phase-sensitive IR and subtraction images are negative by nature and stay far from the top of
+    the signed range: not wrapping (whether the model takes them is screening's call)."""
+    files = sorted(small_axial_series.files)
+    load_series(_signed_copy(files, tmp_path / "psir", lambda k, values: values - values.max() // 2))
+
+
+def test_a_slice_whose_neighbours_disagree_is_not_judged(small_axial_series, copy_series):
+    """Slice 9 over 4x brighter than both neighbours, but they differ 3x from each other: nothing says
+    which of the three is off, so nothing is refused."""
+    files = sorted(copy_series(small_axial_series.files))
+    for k, factor in ((8, 1), (9, 20), (10, 3)):
+        slope = float(pydicom.dcmread(files[k]).get("RescaleSlope", 1))
+        edit(files[k], RescaleSlope=f"{slope * factor:g}")
+    load_series(files)
+
+
+def test_a_rescale_that_overflows_is_refused(small_axial_series, copy_series):
+    files = copy_series(small_axial_series.files)
+    edit(files[5], RescaleSlope="1e36")
+    assert reason(files).startswith(f"{files[5].name}: rescaled values are not finite (RescaleSlope 1e+36")
