@@ -133,11 +133,14 @@ def n4_correct(image: sitk.Image, *, mask: sitk.Image | None = None) -> sitk.Ima
 def zscore(image: sitk.Image, mask: sitk.Image) -> sitk.Image:
     """(image - mean) / std with mean and std over the mask (float32)."""
     values = sitk.GetArrayViewFromImage(image)
-    inside = values[sitk.GetArrayViewFromImage(mask) > 0]
+    inside = values[sitk.GetArrayViewFromImage(mask) > 0].astype(np.float64)  # float32 sums overflow at 1e19
     if inside.size == 0:
         raise ValueError("zscore: empty mask")
     mean, std = float(inside.mean()), float(inside.std())
-    scaled = (sitk.GetArrayFromImage(image).astype(np.float32) - mean) / max(std, 1e-6)
+    if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
+        # A floor on std (1e-6 before) under-scaled an image rescaled by 1e-9 and the model saw no lesion.
+        raise SeriesError(f"the brain's intensities have mean {mean:g} and spread {std:g}: nothing to normalise")
+    scaled = ((sitk.GetArrayFromImage(image).astype(np.float64) - mean) / std).astype(np.float32)
     out = sitk.GetImageFromArray(scaled)
     out.CopyInformation(image)
     return out

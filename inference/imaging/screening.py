@@ -78,6 +78,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.charset import python_encoding
 from pydicom.errors import InvalidDicomError
 
 from inference.errors import SeriesError, SeriesRefused
@@ -92,6 +93,7 @@ MAX_T1_REPETITION_TIME_MS = 3000.0
 MAX_T1_SPIN_ECHO_REPETITION_TIME_MS = 1000.0
 MIN_FLAIR_INVERSION_TIME_MS = 1500.0
 MODEL_GRID_Z_SPACING_MM = (1.0, 2.0)  # as preprocess.model_grid
+MAX_POSITION_MM = 10_000.0  # ImagePositionPatient beyond 10 m of the origin: not a position in a scanner
 SOURCE_COPIES, MODEL_GRID_COPIES = 6, 3
 NAME_ATTRIBUTES = ("SeriesDescription", "ProtocolName")
 _GEOMETRY = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
@@ -264,6 +266,14 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_LO_CHARS = 64  # PatientID (LO), and each component group of PatientName (PN): PS3.5 6.2
 
 
+def _terms(value: object) -> list[str]:
+    """The defined terms of a SpecificCharacterSet value (one, several, or none)."""
+    if value in (None, ""):
+        return []
+    values = list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
+    return [str(term).strip() for term in values]
+
+
 def _check_identity(header: _Header) -> None:
     """The patient's identity the outputs will carry must be readable DICOM text; values never shown.
 
@@ -272,6 +282,12 @@ def _check_identity(header: _Header) -> None:
     outputs with a name altered by undecodable bytes (U+FFFD), control
     characters, a 5,000-character name, or no PatientID at all."""
     ds, name = header.ds, header.path.name
+    unknown = [term for term in _terms(ds.get("SpecificCharacterSet")) if term not in python_encoding]
+    if unknown:
+        raise SeriesError(
+            f"{name}: SpecificCharacterSet {', '.join(unknown)} is not a defined term: the patient's name "
+            "cannot be read as the sender wrote it"
+        )
     patient_id = _text(ds, "PatientID")
     if not patient_id:
         raise SeriesError(f"{name}: no PatientID: the outputs could not be matched to the patient")
@@ -428,6 +444,12 @@ def _geometry(headers: list[_Header]) -> _Geometry:
         if h.ds.get("SliceThickness") not in (None, ""):
             _floats(h, "SliceThickness", 1)
     check_consistent(slices)  # the loader's own check: one orientation, matrix and pixel spacing
+    far = max(slices, key=lambda s: float(np.abs(s.position).max()))
+    if float(np.abs(far.position).max()) > MAX_POSITION_MM:
+        raise SeriesError(
+            f"{far.path.name}: ImagePositionPatient {_fmt(far.position)} lies over {MAX_POSITION_MM / 1000:g} m from "
+            "the patient coordinate origin: no scanner's table reaches that far (a unit other than mm?)"
+        )
     first = slices[0]
     row_dir, col_dir = first.orientation[:3], first.orientation[3:]
     normal = np.cross(row_dir, col_dir)

@@ -119,6 +119,12 @@ def _no_pixel_data(path: Path, ds: pydicom.Dataset) -> SeriesError:
     """Say whether an image lost its pixel data (truncated) or the object is no image at all."""
     uid = str(ds.get("SOPClassUID", ""))
     name = UID(uid).name if uid else ""
+    floats = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
+    if floats:
+        return SeriesError(
+            f"{path.name}: {floats[0]} instead of Pixel Data: {name or 'this SOP class'} holds integer pixels; "
+            "floating-point pixels are for parametric maps, not MR images"
+        )
     if "Image" in name:
         return SeriesError(f"{path.name}: no pixel data ({name} without pixel data: a truncated or header-only file)")
     if name and name != uid:
