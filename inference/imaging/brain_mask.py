@@ -146,15 +146,15 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 def _brain_on_small(values: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The brain mask and the foreground (bool) on the ~2 mm array `values` (k, j, i) with `spacing`
     (k, j, i) in mm."""
-    data = values > 0
-    if np.ptp(values) <= 0 or (data.any() and np.ptp(values[data]) <= 0):
+    positive = values[values > 0]
+    if np.ptp(values) <= 0 or (positive.size and np.ptp(positive) <= 0):
         raise SeriesError("the image has no foreground (constant intensity): there is no brain to search")
-    if not data.any():
+    if not positive.size:
         raise SeriesError(
             "the image has no intensity above zero: there is no brain to search (a negative RescaleSlope or "
             "RescaleIntercept, or a wrong PixelRepresentation?)"
         )
-    foreground = values > _otsu(values[data])
+    foreground = values > _otsu(positive)
     candidate = _local_ratio(values, foreground, spacing) > _TISSUE_RATIO
     pad = int(np.ceil(max(_EROSION_MM, _CLOSING_MM) / spacing.min())) + 1
     candidate = np.pad(candidate, pad)

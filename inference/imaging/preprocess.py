@@ -140,7 +140,7 @@ def zscore(image: sitk.Image, mask: sitk.Image) -> sitk.Image:
     if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
         # A floor on std (1e-6 before) under-scaled an image rescaled by 1e-9 and the model saw no lesion.
         raise SeriesError(f"the brain's intensities have mean {mean:g} and spread {std:g}: nothing to normalise")
-    scaled = ((sitk.GetArrayFromImage(image).astype(np.float64) - mean) / std).astype(np.float32)
+    scaled = (sitk.GetArrayFromImage(image).astype(np.float32) - np.float32(mean)) / np.float32(std)
     out = sitk.GetImageFromArray(scaled)
     out.CopyInformation(image)
     return out
